@@ -1,0 +1,15 @@
+//! herald: low-latency delivery of personal messages from a backend to
+//! tens of thousands of connected clients.
+//!
+//! # Layout
+//! - [`protocol`]: the wire protocol, sans-IO (frames, codec, tokens, signatures).
+//!   `protocol.md` is its normative specification.
+//! - [`cli`]: helpers shared by the command-line tools (secrets, durations).
+//!
+//! The `herald` binary (`src/bin/herald.rs`) is a thin command-line front end
+//! over this library.
+
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod protocol;
