@@ -21,11 +21,9 @@ impl fmt::Display for SecretError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SecretError::Io(p, e) => write!(f, "cannot read secret file {}: {e}", p.display()),
-            SecretError::TooShort(p, n) => write!(
-                f,
-                "secret in {} is {n} bytes; at least {MIN_SECRET_LEN} are required",
-                p.display()
-            ),
+            SecretError::TooShort(p, n) => {
+                write!(f, "secret in {} is {n} bytes; at least {MIN_SECRET_LEN} are required", p.display())
+            }
         }
     }
 }

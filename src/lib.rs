@@ -4,6 +4,8 @@
 //! # Layout
 //! - [`protocol`]: the wire protocol, sans-IO (frames, codec, tokens, signatures).
 //!   `protocol.md` is its normative specification.
+//! - [`node`]: the node's event loop, connections, registry, retention, metrics.
+//! - [`client`]: the reference client and the publisher library.
 //! - [`cli`]: helpers shared by the command-line tools (secrets, durations).
 //!
 //! The `herald` binary (`src/bin/herald.rs`) is a thin command-line front end
@@ -12,4 +14,6 @@
 #![deny(missing_docs)]
 
 pub mod cli;
+pub mod client;
+pub mod node;
 pub mod protocol;

@@ -8,6 +8,79 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand};
 
 use herald::cli::{parse_duration, read_secret};
+use herald::client::{Client, ClientConfig, Event, Publisher};
+use herald::node::{Config, Node, SlowPolicy};
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn run_node(a: NodeArgs) -> ExitCode {
+    let secrets = read_secret(&a.secret_file).and_then(|c| Ok((c, read_secret(&a.publisher_secret_file)?)));
+    let (client_secret, publisher_secret) = match secrets {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herald node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let slow_policy = match a.slow_policy.as_str() {
+        "disconnect" => SlowPolicy::Disconnect,
+        "drop" => SlowPolicy::Drop,
+        other => {
+            eprintln!("herald node: --slow-policy must be disconnect or drop, not {other}");
+            return ExitCode::from(2);
+        }
+    };
+    let defaults = Config::default();
+    let cfg = Config {
+        node_id: a.id,
+        listen: a.listen,
+        ingest: a.ingest,
+        metrics: a.metrics,
+        advertise: a.advertise,
+        capacity: a.capacity.unwrap_or(defaults.capacity),
+        client_secret,
+        publisher_secret,
+        heartbeat: a.heartbeat,
+        queue_bytes: a.queue_bytes,
+        slow_policy,
+        grace: a.grace,
+        retain_count: a.retain_count,
+        retain_bytes: a.retain_bytes,
+        retain_total: a.retain_total,
+        drain_window: a.drain_window,
+        log_every: a.log_every,
+        ..defaults
+    };
+    let node = match Node::bind(cfg.clone()) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("herald node: cannot bind: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let h = node.shutdown_handle();
+    if let Err(e) = ctrlc::set_handler(move || h.trigger()) {
+        eprintln!("herald node: cannot install signal handler: {e}");
+        return ExitCode::from(1);
+    }
+    eprintln!(
+        "herald node {}: clients on {}, ingest on {}, capacity {}{}",
+        cfg.node_id,
+        node.client_addr(),
+        node.ingest_addr(),
+        cfg.capacity,
+        node.metrics_addr().map(|a| format!(", metrics on http://{a}/metrics")).unwrap_or_default()
+    );
+    match node.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald node: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
 
 #[derive(Parser)]
 #[command(name = "herald", version, about = "Low-latency personal push messaging")]
@@ -30,8 +103,101 @@ enum Cmd {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: std::time::Duration,
     },
+    /// Run a node: accept clients, take messages from publishers, deliver.
+    Node(Box<NodeArgs>),
+    /// Connect as a client and print every message that arrives.
+    Subscribe {
+        /// Node client endpoint, host:port (several allowed, tried in order).
+        #[arg(long, required = true, value_delimiter = ',')]
+        node: Vec<String>,
+        /// The user id (informational; the token decides).
+        #[arg(long)]
+        user: Option<String>,
+        /// The client token (see `herald token`).
+        #[arg(long)]
+        token: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Publish a message to a user through a node's ingest endpoint.
+    Publish {
+        /// Node ingest endpoint, host:port.
+        #[arg(long)]
+        node: String,
+        /// Recipient user id.
+        #[arg(long)]
+        user: String,
+        /// The message text.
+        #[arg(long)]
+        message: String,
+        /// Publisher credential (a token minted with the publisher secret).
+        #[arg(long, conflicts_with = "publisher_secret_file")]
+        credential: Option<String>,
+        /// Mint the credential from this publisher secret file instead.
+        #[arg(long)]
+        publisher_secret_file: Option<PathBuf>,
+        /// Ask the node for a result and print it.
+        #[arg(long)]
+        confirm: bool,
+    },
     /// Print the herald and protocol versions.
     Version,
+}
+
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// This node's id, unique in the cluster.
+    #[arg(long, default_value = "node-1")]
+    id: String,
+    /// Client endpoint.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: std::net::SocketAddr,
+    /// Publisher and mesh endpoint.
+    #[arg(long, default_value = "127.0.0.1:7401")]
+    ingest: std::net::SocketAddr,
+    /// Address clients are told to use (default: the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Maximum client sessions (default: 95% of the open-file limit).
+    #[arg(long)]
+    capacity: Option<usize>,
+    /// File holding the client-token secret.
+    #[arg(long)]
+    secret_file: PathBuf,
+    /// File holding the publisher secret.
+    #[arg(long)]
+    publisher_secret_file: PathBuf,
+    /// Serve GET /metrics (Prometheus) and /healthz here.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+    /// Keepalive interval: ping a silent client after this, close it after 3x.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    heartbeat: std::time::Duration,
+    /// Per-client bound on pending output, bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    queue_bytes: usize,
+    /// What to do with a client whose queue is full: disconnect or drop.
+    #[arg(long, default_value = "disconnect")]
+    slow_policy: String,
+    /// How long a disconnected user's stream is kept for resume.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    grace: std::time::Duration,
+    /// Retained messages per user.
+    #[arg(long, default_value_t = 1024)]
+    retain_count: usize,
+    /// Retained bytes per user.
+    #[arg(long, default_value_t = 256 * 1024)]
+    retain_bytes: usize,
+    /// Retained bytes in total.
+    #[arg(long, default_value_t = 128 << 20)]
+    retain_total: usize,
+    /// Spread drain goodbyes over this window.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    drain_window: std::time::Duration,
+    /// Log a one-line summary this often (0 disables).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    log_every: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -45,7 +211,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            let now = unix_now();
             match herald::protocol::token::mint(&secret, user.as_bytes(), now + ttl.as_secs()) {
                 Some(t) => {
                     println!("{t}");
@@ -54,6 +220,79 @@ fn main() -> ExitCode {
                 None => {
                     eprintln!("herald token: the user id must be 1 to 64 bytes");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Node(a) => run_node(*a),
+        Cmd::Subscribe { node, user: _, token, count } => {
+            let mut client = match Client::connect(ClientConfig {
+                nodes: node.clone(),
+                ..ClientConfig::new(node[0].clone(), token)
+            }) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("herald subscribe: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let mut seen = 0u64;
+            let r = client.run(|ev| {
+                match ev {
+                    Event::Message(m) => {
+                        seen += 1;
+                        println!(
+                            "{}:{} {}",
+                            m.position.epoch,
+                            m.position.seq,
+                            String::from_utf8_lossy(&m.payload)
+                        );
+                    }
+                    other => eprintln!("{other:?}"),
+                }
+                count.is_none_or(|c| seen < c)
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald subscribe: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Cmd::Publish { node, user, message, credential, publisher_secret_file, confirm } => {
+            let cred = match (credential, publisher_secret_file) {
+                (Some(c), _) => c,
+                (None, Some(f)) => match read_secret(&f) {
+                    Ok(s) => herald::protocol::token::mint(&s, b"herald-cli", unix_now() + 300)
+                        .expect("valid name"),
+                    Err(e) => {
+                        eprintln!("herald publish: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+                (None, None) => {
+                    eprintln!("herald publish: give --credential or --publisher-secret-file");
+                    return ExitCode::from(2);
+                }
+            };
+            let r = Publisher::connect(&node, &cred).and_then(|mut p| {
+                if confirm {
+                    let r = p.publish_confirmed(user.as_bytes(), message.as_bytes())?;
+                    println!(
+                        "accepted={} local={} forwarded={} no_route={}",
+                        r.accepted, r.local, r.forwarded, r.no_route
+                    );
+                } else {
+                    p.publish(user.as_bytes(), message.as_bytes())?;
+                    p.flush()?;
+                }
+                Ok(())
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald publish: {e}");
+                    ExitCode::from(1)
                 }
             }
         }

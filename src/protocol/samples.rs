@@ -91,7 +91,11 @@ pub fn all() -> Vec<Sample> {
             target: b"10.0.0.2:7400",
         }),
     );
-    add("error", Channel::ToClient, Frame::Error(ErrorFrame { code: Code::AuthFailed, message: b"bad token" }));
+    add(
+        "error",
+        Channel::ToClient,
+        Frame::Error(ErrorFrame { code: Code::AuthFailed, message: b"bad token" }),
+    );
     add(
         "pub-hello",
         Channel::Ingest,

@@ -28,7 +28,9 @@ fn every_frame_type_has_a_sample() {
     let mut types: Vec<u8> = samples::all().iter().map(|s| s.bytes[4]).collect();
     types.sort();
     types.dedup();
-    let all: Vec<u8> = (0..=255u8).filter(|&t| decode(&[0, 0, 0, 1, t], Channel::ToNode) != Err(DecodeError::UnknownType(t))).collect();
+    let all: Vec<u8> = (0..=255u8)
+        .filter(|&t| decode(&[0, 0, 0, 1, t], Channel::ToNode) != Err(DecodeError::UnknownType(t)))
+        .collect();
     assert_eq!(types, all, "every known type needs a sample (and a vector in protocol.md)");
     assert_eq!(all.len(), 26);
 }
@@ -145,35 +147,115 @@ fn malformed_inputs_give_the_expected_error() {
         ("zero length", hx("00000000"), Channel::ToNode, EmptyFrame),
         ("over the client limit", hx("00000801"), Channel::ToNode, FrameTooLarge { len: 2049, max: 2048 }),
         ("4 GiB declared", hx("ffffffff"), Channel::Ingest, FrameTooLarge { len: u32::MAX, max: 1 << 20 }),
-        ("http on the port", b"GET / HTTP/1.1\r\n".to_vec(), Channel::ToNode, FrameTooLarge { len: 0x47455420, max: 2048 }),
+        (
+            "http on the port",
+            b"GET / HTTP/1.1\r\n".to_vec(),
+            Channel::ToNode,
+            FrameTooLarge { len: 0x47455420, max: 2048 },
+        ),
         ("unknown type", fr("7e"), Channel::ToNode, UnknownType(0x7e)),
-        ("deliver sent to a node", fr("82"), Channel::ToNode, UnexpectedType { ty: 0x82, channel: Channel::ToNode }),
-        ("publish on the client port", fr("11"), Channel::ToNode, UnexpectedType { ty: 0x11, channel: Channel::ToNode }),
+        (
+            "deliver sent to a node",
+            fr("82"),
+            Channel::ToNode,
+            UnexpectedType { ty: 0x82, channel: Channel::ToNode },
+        ),
+        (
+            "publish on the client port",
+            fr("11"),
+            Channel::ToNode,
+            UnexpectedType { ty: 0x11, channel: Channel::ToNode },
+        ),
         ("bad magic", fr("01 48524c45 01 01 00 0001 41 00"), Channel::ToNode, BadMagic(0x48524c45)),
         ("ping body short", fr("02 00000000"), Channel::ToNode, Truncated { field: "nonce" }),
         ("ping body long", fr("02 0000000000000000 00"), Channel::ToNode, TrailingBytes { extra: 1 }),
-        ("empty token", fr("01 48524c44 01 01 00 0000 00 0000000000000000 0000000000000000"), Channel::ToNode, BadLength { field: "token", len: 0 }),
-        ("hello cut in resume", fr("01 48524c44 01 01 00 0001 41 00 00000000"), Channel::ToNode, Truncated { field: "resume_epoch" }),
-        ("welcome resume 9", fr("81 01 09 00002710 0000000000000007 1122334455667788 000000000000002a 01 41"), Channel::ToClient, BadValue { field: "resume", value: 9 }),
-        ("goodbye action 7", fr("84 000d 07 00000000 00"), Channel::ToClient, BadValue { field: "action", value: 7 }),
+        (
+            "empty token",
+            fr("01 48524c44 01 01 00 0000 00 0000000000000000 0000000000000000"),
+            Channel::ToNode,
+            BadLength { field: "token", len: 0 },
+        ),
+        (
+            "hello cut in resume",
+            fr("01 48524c44 01 01 00 0001 41 00 00000000"),
+            Channel::ToNode,
+            Truncated { field: "resume_epoch" },
+        ),
+        (
+            "welcome resume 9",
+            fr("81 01 09 00002710 0000000000000007 1122334455667788 000000000000002a 01 41"),
+            Channel::ToClient,
+            BadValue { field: "resume", value: 9 },
+        ),
+        (
+            "goodbye action 7",
+            fr("84 000d 07 00000000 00"),
+            Channel::ToClient,
+            BadValue { field: "action", value: 7 },
+        ),
         ("user id of 65 bytes", long_user, Channel::Ingest, BadLength { field: "user", len: 65 }),
-        ("payload over 64 KiB", big_publish, Channel::Ingest, BadLength { field: "payload", len: limits::MAX_PAYLOAD + 1 }),
-        ("empty user id", fr("11 00 00000001 00 00 41"), Channel::Ingest, BadLength { field: "user", len: 0 }),
+        (
+            "payload over 64 KiB",
+            big_publish,
+            Channel::Ingest,
+            BadLength { field: "payload", len: limits::MAX_PAYLOAD + 1 },
+        ),
+        (
+            "empty user id",
+            fr("11 00 00000001 00 00 41"),
+            Channel::Ingest,
+            BadLength { field: "user", len: 0 },
+        ),
         ("batch of 0", fr("12 00 00000001 0000"), Channel::Ingest, BadLength { field: "entries", len: 0 }),
-        ("batch count over the entries", fr("12 00 00000001 0002 01 41 00 00000000"), Channel::Ingest, Truncated { field: "user" }),
-        ("batch payload length lies", fr("12 00 00000001 0001 01 41 00 00000009"), Channel::Ingest, Truncated { field: "payload" }),
+        (
+            "batch count over the entries",
+            fr("12 00 00000001 0002 01 41 00 00000000"),
+            Channel::Ingest,
+            Truncated { field: "user" },
+        ),
+        (
+            "batch payload length lies",
+            fr("12 00 00000001 0001 01 41 00 00000009"),
+            Channel::Ingest,
+            Truncated { field: "payload" },
+        ),
         ("presence op 5", fr("22 00 00000001 05 01 41"), Channel::Ingest, BadValue { field: "op", value: 5 }),
-        ("assign asks for 0", fr("30 48524c44 01 00 00"), Channel::ToDecision, BadValue { field: "max_results", value: 0 }),
-        ("assign asks for 9", fr("30 48524c44 01 00 09"), Channel::ToDecision, BadValue { field: "max_results", value: 9 }),
-        ("admin op 0", fr("32 48524c44 01 0000000000000000 0000000000000000 00 00 00000000"), Channel::ToDecision, BadValue { field: "op", value: 0 }),
-        ("heartbeat without tag", {
-            let mut v = samples::all().into_iter().find(|s| s.name == "heartbeat").unwrap().bytes;
-            v.truncate(v.len() - 32);
-            let n = (v.len() - 4) as u32;
-            v[..4].copy_from_slice(&n.to_be_bytes());
-            v
-        }, Channel::Heartbeat, Truncated { field: "tag" }),
-        ("heartbeat on tcp", fr("40"), Channel::ToDecision, UnexpectedType { ty: 0x40, channel: Channel::ToDecision }),
+        (
+            "assign asks for 0",
+            fr("30 48524c44 01 00 00"),
+            Channel::ToDecision,
+            BadValue { field: "max_results", value: 0 },
+        ),
+        (
+            "assign asks for 9",
+            fr("30 48524c44 01 00 09"),
+            Channel::ToDecision,
+            BadValue { field: "max_results", value: 9 },
+        ),
+        (
+            "admin op 0",
+            fr("32 48524c44 01 0000000000000000 0000000000000000 00 00 00000000"),
+            Channel::ToDecision,
+            BadValue { field: "op", value: 0 },
+        ),
+        (
+            "heartbeat without tag",
+            {
+                let mut v = samples::all().into_iter().find(|s| s.name == "heartbeat").unwrap().bytes;
+                v.truncate(v.len() - 32);
+                let n = (v.len() - 4) as u32;
+                v[..4].copy_from_slice(&n.to_be_bytes());
+                v
+            },
+            Channel::Heartbeat,
+            Truncated { field: "tag" },
+        ),
+        (
+            "heartbeat on tcp",
+            fr("40"),
+            Channel::ToDecision,
+            UnexpectedType { ty: 0x40, channel: Channel::ToDecision },
+        ),
     ];
     for (name, bytes, ch, want) in cases {
         assert_eq!(decode(&bytes, ch), Err(want), "{name}");
@@ -244,7 +326,9 @@ fn batch_writer_builds_the_sample_and_respects_limits() {
     }
     assert_eq!(n, limits::MAX_BATCH);
     w.finish(&mut v);
-    assert!(matches!(decode(&v, Channel::Ingest), Ok(Decoded::Frame(Frame::PublishBatch(b), _)) if b.entries.len() == limits::MAX_BATCH));
+    assert!(
+        matches!(decode(&v, Channel::Ingest), Ok(Decoded::Frame(Frame::PublishBatch(b), _)) if b.entries.len() == limits::MAX_BATCH)
+    );
 
     let mut v = Vec::new();
     let mut w = BatchWriter::start(&mut v, 0, 1);

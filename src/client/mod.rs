@@ -1,0 +1,717 @@
+//! The reference client and publisher libraries (blocking, std::net).
+//!
+//! [`Client`] connects to a node, performs the handshake, hands messages to
+//! the application as [`Event`]s (an iterator, or a callback with
+//! [`Client::run`]), answers keepalives, and on any disconnect reconnects with
+//! jittered exponential backoff and resumes from the last position it
+//! delivered. Every loss the protocol can reveal is reported as an event;
+//! nothing is skipped silently.
+//!
+//! [`Publisher`] sends messages to users, one at a time or in batches, with
+//! blocking writes so that a node's TCP back-pressure slows it down instead
+//! of growing a buffer.
+
+use std::fmt;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::protocol::frame::{self as f, BatchWriter, Frame, PUBLISH_WANT_RESULT};
+use crate::protocol::{self, limits, Channel, Code, Decoded, GoodbyeAction, Position, ResumeResult, VERSION};
+
+/// Client library errors.
+#[derive(Debug)]
+pub enum ClientError {
+    /// A socket operation failed.
+    Io(io::Error),
+    /// The node refused us with an ERROR that retrying cannot fix
+    /// (bad or expired token, unsupported version).
+    Rejected {
+        /// The code.
+        code: Code,
+        /// The node's message.
+        message: String,
+    },
+    /// The node sent bytes that are not valid protocol.
+    Protocol(protocol::DecodeError),
+    /// No node address is configured or resolvable.
+    NoNode,
+    /// The connection closed.
+    Closed,
+}
+
+impl fmt::Display for ClientError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ClientError::Io(e) => write!(f, "i/o error: {e}"),
+            ClientError::Rejected { code, message } => write!(f, "rejected by node: {code}: {message}"),
+            ClientError::Protocol(e) => write!(f, "protocol error from node: {e}"),
+            ClientError::NoNode => write!(f, "no node address to connect to"),
+            ClientError::Closed => write!(f, "connection closed"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<io::Error> for ClientError {
+    fn from(e: io::Error) -> Self {
+        ClientError::Io(e)
+    }
+}
+
+/// A message delivered to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Stream position of this message.
+    pub position: Position,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// What the client reports to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A session was established (first connect or reconnect).
+    Connected {
+        /// The node's id.
+        node_id: String,
+        /// The node address.
+        addr: SocketAddr,
+        /// What happened to the resume request.
+        resume: ResumeResult,
+        /// Messages known to be lost (GAP), if any.
+        lost: u64,
+    },
+    /// A message.
+    Message(Message),
+    /// Messages were lost: `expected` was the next seq, `got` arrived.
+    /// Also reported when the stream restarted (`expected` is then 0).
+    Gap {
+        /// The seq the client expected.
+        expected: u64,
+        /// The seq that arrived (or the new stream's next seq).
+        got: u64,
+    },
+    /// The session ended; the client will reconnect.
+    Disconnected {
+        /// The node's reason, if it sent one.
+        code: Option<Code>,
+        /// Detail.
+        reason: String,
+    },
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Node addresses (`host:port`), tried in order.
+    pub nodes: Vec<String>,
+    /// The client token (protocol.md §9).
+    pub token: String,
+    /// Agent string sent in HELLO.
+    pub agent: String,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl ClientConfig {
+    /// Settings for one node address and a token, with default timings.
+    pub fn new(node: impl Into<String>, token: impl Into<String>) -> ClientConfig {
+        ClientConfig {
+            nodes: vec![node.into()],
+            token: token.into(),
+            agent: format!("herald-rs/{}", env!("CARGO_PKG_VERSION")),
+            connect_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Small PRNG for backoff jitter.
+pub(crate) struct Jitter(u64);
+
+impl Jitter {
+    pub(crate) fn new() -> Jitter {
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+        Jitter(t ^ ((std::process::id() as u64) << 17) | 1)
+    }
+    pub(crate) fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A duration uniformly in [d/2, d].
+    pub(crate) fn spread(&mut self, d: Duration) -> Duration {
+        let ms = d.as_millis().max(1) as u64;
+        Duration::from_millis(ms / 2 + self.next() % (ms / 2 + 1))
+    }
+}
+
+struct Session {
+    sock: TcpStream,
+    addr: SocketAddr,
+    epoch: u64,
+    heartbeat: Duration,
+}
+
+/// The reference client. See the module docs.
+pub struct Client {
+    cfg: ClientConfig,
+    session: Option<Session>,
+    /// Position of the last message handed to the application.
+    last: Option<Position>,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    node_index: usize,
+    redirect: Option<String>,
+    wait_until: Option<Instant>,
+    backoff: Duration,
+    jitter: Jitter,
+    queued: std::collections::VecDeque<Event>,
+    reconnects: u64,
+    connected_once: bool,
+}
+
+impl Client {
+    /// Creates a client and performs the first connection. Authentication
+    /// failures are returned here; network failures are retried by
+    /// [`Client::next_event`].
+    pub fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        if cfg.nodes.is_empty() {
+            return Err(ClientError::NoNode);
+        }
+        let mut c = Client {
+            backoff: cfg.backoff_min,
+            cfg,
+            session: None,
+            last: None,
+            rbuf: Vec::with_capacity(64 * 1024),
+            wbuf: Vec::with_capacity(64),
+            node_index: 0,
+            redirect: None,
+            wait_until: None,
+            jitter: Jitter::new(),
+            queued: Default::default(),
+            reconnects: 0,
+            connected_once: false,
+        };
+        c.establish()?;
+        Ok(c)
+    }
+
+    /// The position of the last message delivered to the application.
+    pub fn position(&self) -> Option<Position> {
+        self.last
+    }
+
+    /// How many times the client has reconnected.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// The address of the node currently connected, if any.
+    pub fn node_addr(&self) -> Option<SocketAddr> {
+        self.session.as_ref().map(|s| s.addr)
+    }
+
+    /// Replaces the token (e.g. after TOKEN_EXPIRED) for the next connection.
+    pub fn set_token(&mut self, token: String) {
+        self.cfg.token = token;
+    }
+
+    /// Calls `f` for each event until it returns false or a fatal error occurs.
+    pub fn run(&mut self, mut f: impl FnMut(Event) -> bool) -> Result<(), ClientError> {
+        loop {
+            if !f(self.next_event()?) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Blocks for the next event, reconnecting as needed. Returns an error
+    /// only for failures that retrying cannot fix.
+    pub fn next_event(&mut self) -> Result<Event, ClientError> {
+        loop {
+            if let Some(e) = self.next_event_timeout(Duration::from_secs(3600))? {
+                return Ok(e);
+            }
+        }
+    }
+
+    /// Like [`Client::next_event`] but returns `Ok(None)` after `timeout`.
+    pub fn next_event_timeout(&mut self, timeout: Duration) -> Result<Option<Event>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.queued.pop_front() {
+                return Ok(Some(e));
+            }
+            if self.session.is_none() {
+                if let Some(t) = self.wait_until {
+                    let now = Instant::now();
+                    if now < t {
+                        if now >= deadline {
+                            return Ok(None);
+                        }
+                        std::thread::sleep((t - now).min(deadline - now));
+                        continue;
+                    }
+                }
+                self.wait_until = None;
+                match self.establish() {
+                    Ok(()) => continue,
+                    Err(e @ ClientError::Rejected { .. }) => return Err(e),
+                    Err(e) => {
+                        self.schedule_retry(None, &e.to_string());
+                        continue;
+                    }
+                }
+            }
+            // Parse what is buffered before reading more.
+            match self.parse_one() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.drop_session(None, &e.to_string());
+                    continue;
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let s = self.session.as_mut().expect("session");
+            let wait = (deadline - now).min(s.heartbeat * 3);
+            s.sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+            let mut chunk = [0u8; 16 * 1024];
+            match s.sock.read(&mut chunk) {
+                Ok(0) => self.drop_session(None, "node closed the connection"),
+                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
+                    if wait >= s.heartbeat * 3 {
+                        self.drop_session(Some(Code::IdleTimeout), "node silent for 3 heartbeats");
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => self.drop_session(None, &e.to_string()),
+            }
+        }
+    }
+
+    /// Decodes one buffered frame. Ok(true) if something was consumed.
+    fn parse_one(&mut self) -> Result<bool, ClientError> {
+        let mut rbuf = std::mem::take(&mut self.rbuf);
+        let r = match protocol::decode(&rbuf, Channel::ToClient) {
+            Ok(Decoded::Incomplete(_)) => Ok(None),
+            Err(e) => Err(ClientError::Protocol(e)),
+            Ok(Decoded::Frame(frame, n)) => Ok(Some((n, self.on_frame(frame)))),
+        };
+        if let Ok(Some((n, _))) = &r {
+            rbuf.drain(..*n);
+        }
+        self.rbuf = rbuf;
+        let Some((_, action)) = r? else { return Ok(false) };
+        match action {
+            After::Nothing => {}
+            After::Reply => {
+                if let Some(s) = self.session.as_mut() {
+                    if s.sock.write_all(&self.wbuf).is_err() {
+                        self.wbuf.clear();
+                        self.drop_session(None, "write failed");
+                        return Ok(true);
+                    }
+                }
+                self.wbuf.clear();
+            }
+            After::Close(code, reason, delay) => {
+                self.drop_session(Some(code), &reason);
+                if let Some(d) = delay {
+                    self.wait_until = Some(Instant::now() + d);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn on_frame(&mut self, frame: Frame<'_>) -> After {
+        match frame {
+            Frame::Deliver(d) => {
+                let epoch = self.session.as_ref().map_or(0, |s| s.epoch);
+                if d.epoch != epoch {
+                    return After::Close(Code::ProtocolError, "DELIVER for another stream".into(), None);
+                }
+                if let Some(last) = self.last.filter(|p| p.epoch == d.epoch) {
+                    if d.seq <= last.seq {
+                        return After::Nothing; // already delivered (cannot happen with a correct node)
+                    }
+                    if d.seq != last.seq + 1 {
+                        self.queued.push_back(Event::Gap { expected: last.seq + 1, got: d.seq });
+                    }
+                }
+                let position = Position { epoch: d.epoch, seq: d.seq };
+                self.last = Some(position);
+                self.queued.push_back(Event::Message(Message { position, payload: d.payload.to_vec() }));
+                After::Nothing
+            }
+            Frame::Ping(n) => {
+                Frame::Pong(n).encode(&mut self.wbuf);
+                After::Reply
+            }
+            Frame::Pong(_) => After::Nothing,
+            Frame::Goodbye(g) => {
+                let delay = Duration::from_millis(g.delay_ms as u64);
+                match g.action {
+                    GoodbyeAction::GoToNode => {
+                        self.redirect = Some(String::from_utf8_lossy(g.target).into_owned())
+                    }
+                    GoodbyeAction::AskDecision => {
+                        self.node_index += 1;
+                    }
+                    GoodbyeAction::RetryAfter => {}
+                }
+                self.backoff = self.cfg.backoff_min;
+                After::Close(g.reason, format!("goodbye: {}", g.reason), Some(delay))
+            }
+            Frame::Error(e) => After::Close(e.code, String::from_utf8_lossy(e.message).into_owned(), None),
+            other => After::Close(
+                Code::UnexpectedFrame,
+                format!("unexpected frame 0x{:02x}", other.frame_type()),
+                None,
+            ),
+        }
+    }
+
+    fn drop_session(&mut self, code: Option<Code>, reason: &str) {
+        if self.session.take().is_some() {
+            self.rbuf.clear();
+            self.queued.push_back(Event::Disconnected { code, reason: reason.to_owned() });
+            self.schedule_retry(code, reason);
+        }
+    }
+
+    fn schedule_retry(&mut self, _code: Option<Code>, _reason: &str) {
+        if self.wait_until.is_none() {
+            let d = self.jitter.spread(self.backoff);
+            self.wait_until = Some(Instant::now() + d);
+            self.backoff = (self.backoff * 2).min(self.cfg.backoff_max);
+        }
+    }
+
+    fn target(&mut self) -> Result<SocketAddr, ClientError> {
+        let name = match self.redirect.take() {
+            Some(r) => r,
+            None => self.cfg.nodes[self.node_index % self.cfg.nodes.len()].clone(),
+        };
+        name.to_socket_addrs()?.next().ok_or(ClientError::NoNode)
+    }
+
+    /// Connects, sends HELLO (resuming if we have a position), reads WELCOME.
+    fn establish(&mut self) -> Result<(), ClientError> {
+        let addr = self.target()?;
+        let r = self.handshake(addr);
+        if r.is_err() {
+            // Try the next configured node next time.
+            self.node_index += 1;
+        }
+        r
+    }
+
+    fn handshake(&mut self, addr: SocketAddr) -> Result<(), ClientError> {
+        let mut sock = TcpStream::connect_timeout(&addr, self.cfg.connect_timeout)?;
+        sock.set_nodelay(true)?;
+        let mut out = Vec::with_capacity(256);
+        Frame::Hello(f::Hello {
+            min_version: VERSION,
+            max_version: VERSION,
+            token: self.cfg.token.as_bytes(),
+            agent: self.cfg.agent.as_bytes(),
+            resume: self.last,
+        })
+        .encode(&mut out);
+        sock.write_all(&out)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        self.rbuf.clear();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            let rbuf = std::mem::take(&mut self.rbuf);
+            let decoded = protocol::decode(&rbuf, Channel::ToClient);
+            match decoded {
+                Ok(Decoded::Frame(Frame::Welcome(w), n)) => {
+                    let node_id = String::from_utf8_lossy(w.node_id).into_owned();
+                    let lost = match (w.resume, self.last) {
+                        (ResumeResult::Gap, Some(p)) => w.next_seq.saturating_sub(p.seq + 1),
+                        _ => 0,
+                    };
+                    if w.resume == ResumeResult::Restarted {
+                        self.queued.push_back(Event::Gap { expected: 0, got: w.next_seq });
+                    } else if w.resume == ResumeResult::Gap {
+                        let expected = self.last.map_or(0, |p| p.seq + 1);
+                        self.queued.push_back(Event::Gap { expected, got: w.next_seq });
+                    }
+                    if w.resume != ResumeResult::Resumed {
+                        // New stream (or a gap): positions restart from the welcome.
+                        self.last = Some(Position { epoch: w.epoch, seq: w.next_seq.saturating_sub(1) });
+                    }
+                    self.queued.push_front(Event::Connected { node_id, addr, resume: w.resume, lost });
+                    self.rbuf = rbuf[n..].to_vec();
+                    if self.connected_once {
+                        self.reconnects += 1;
+                    }
+                    self.connected_once = true;
+                    self.session = Some(Session {
+                        sock,
+                        addr,
+                        epoch: w.epoch,
+                        heartbeat: Duration::from_millis(w.heartbeat_ms.max(100) as u64),
+                    });
+                    self.backoff = self.cfg.backoff_min;
+                    return Ok(());
+                }
+                Ok(Decoded::Frame(Frame::Error(e), _)) => {
+                    let message = String::from_utf8_lossy(e.message).into_owned();
+                    return Err(match e.code {
+                        Code::AuthFailed | Code::TokenExpired | Code::UnsupportedVersion => {
+                            ClientError::Rejected { code: e.code, message }
+                        }
+                        _ => ClientError::Io(io::Error::other(format!("{}: {message}", e.code))),
+                    });
+                }
+                Ok(Decoded::Frame(other, _)) => {
+                    return Err(ClientError::Io(io::Error::other(format!(
+                        "expected WELCOME, got frame 0x{:02x}",
+                        other.frame_type()
+                    ))))
+                }
+                Ok(Decoded::Incomplete(_)) => {}
+                Err(e) => return Err(ClientError::Protocol(e)),
+            }
+            self.rbuf = rbuf;
+            let n = sock.read(&mut chunk)?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+impl Iterator for Client {
+    type Item = Result<Event, ClientError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        Some(self.next_event())
+    }
+}
+
+enum After {
+    Nothing,
+    Reply,
+    Close(Code, String, Option<Duration>),
+}
+
+// ---------------------------------------------------------------- publisher
+
+/// A publisher connection to one node (protocol.md §5).
+pub struct Publisher {
+    sock: TcpStream,
+    wbuf: Vec<u8>,
+    rbuf: Vec<u8>,
+    node_id: String,
+    next_request: u32,
+    last_poll: Instant,
+}
+
+/// Buffered output is written once it reaches this size.
+const PUB_FLUSH_AT: usize = 64 * 1024;
+
+impl Publisher {
+    /// Connects to a node's ingest endpoint and authenticates with a
+    /// credential minted with the publisher secret.
+    pub fn connect(addr: &str, credential: &str) -> Result<Publisher, ClientError> {
+        let a = addr.to_socket_addrs()?.next().ok_or(ClientError::NoNode)?;
+        let mut sock = TcpStream::connect_timeout(&a, Duration::from_secs(2))?;
+        sock.set_nodelay(true)?;
+        let hello = Frame::PubHello(f::PubHello {
+            min_version: VERSION,
+            max_version: VERSION,
+            credential: credential.as_bytes(),
+            agent: b"herald-rs-publisher",
+        })
+        .to_vec();
+        sock.write_all(&hello)?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut p = Publisher {
+            sock,
+            wbuf: Vec::with_capacity(PUB_FLUSH_AT + 1024),
+            rbuf: Vec::new(),
+            node_id: String::new(),
+            next_request: 1,
+            last_poll: Instant::now(),
+        };
+        p.node_id = p.read_frame(|f| match f {
+            Frame::PubWelcome(w) => Ok(Some(String::from_utf8_lossy(w.node_id).into_owned())),
+            _ => Ok(None),
+        })?;
+        Ok(p)
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Queues one message; written when the buffer fills or on [`Publisher::flush`].
+    pub fn publish(&mut self, user: &[u8], payload: &[u8]) -> Result<(), ClientError> {
+        check_user(user, payload)?;
+        f::encode_publish(&mut self.wbuf, 0, 0, user, b"", payload);
+        if self.wbuf.len() >= PUB_FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Queues many messages as PUBLISH_BATCH frames.
+    pub fn publish_batch<'a>(
+        &mut self,
+        msgs: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<(), ClientError> {
+        let mut w = BatchWriter::start(&mut self.wbuf, 0, 0);
+        for (user, payload) in msgs {
+            check_user(user, payload)?;
+            if !w.push(&mut self.wbuf, user, b"", payload) {
+                w.finish(&mut self.wbuf);
+                if self.wbuf.len() >= PUB_FLUSH_AT {
+                    self.flush()?;
+                }
+                w = BatchWriter::start(&mut self.wbuf, 0, 0);
+                w.push(&mut self.wbuf, user, b"", payload);
+            }
+        }
+        if w.count() == 0 {
+            // Drop the empty frame header.
+            let empty = f::HEADER_LEN + 1 + 4 + 2;
+            let n = self.wbuf.len() - empty;
+            self.wbuf.truncate(n);
+        } else {
+            w.finish(&mut self.wbuf);
+        }
+        if self.wbuf.len() >= PUB_FLUSH_AT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Publishes one message and waits for the node's PUB_RESULT.
+    pub fn publish_confirmed(&mut self, user: &[u8], payload: &[u8]) -> Result<f::PubResult, ClientError> {
+        check_user(user, payload)?;
+        let id = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1).max(1);
+        f::encode_publish(&mut self.wbuf, PUBLISH_WANT_RESULT, id, user, b"", payload);
+        self.flush()?;
+        self.read_frame(|f| match f {
+            Frame::PubResult(r) if r.request_id == id => Ok(Some(r)),
+            _ => Ok(None),
+        })
+    }
+
+    /// Writes everything buffered. Blocks while the node applies back-pressure.
+    pub fn flush(&mut self) -> Result<(), ClientError> {
+        if !self.wbuf.is_empty() {
+            self.sock.write_all(&self.wbuf)?;
+            self.wbuf.clear();
+        }
+        if self.last_poll.elapsed() >= Duration::from_secs(1) {
+            self.poll_incoming()?;
+        }
+        Ok(())
+    }
+
+    /// Answers keepalives and notices GOODBYE/ERROR without blocking.
+    fn poll_incoming(&mut self) -> Result<(), ClientError> {
+        self.last_poll = Instant::now();
+        self.sock.set_nonblocking(true)?;
+        let mut chunk = [0u8; 4096];
+        let r = loop {
+            match self.sock.read(&mut chunk) {
+                Ok(0) => break Err(ClientError::Closed),
+                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e.into()),
+            }
+        };
+        self.sock.set_nonblocking(false)?;
+        r?;
+        while let Decoded::Frame(frame, n) =
+            protocol::decode(&self.rbuf, Channel::FromIngest).map_err(ClientError::Protocol)?
+        {
+            let reply = Self::on_control(frame)?;
+            self.rbuf.drain(..n);
+            if let Some(r) = reply {
+                self.sock.write_all(&r)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn on_control(frame: Frame<'_>) -> Result<Option<Vec<u8>>, ClientError> {
+        match frame {
+            Frame::Ping(n) => Ok(Some(Frame::Pong(n).to_vec())),
+            Frame::Error(e) => Err(ClientError::Rejected {
+                code: e.code,
+                message: String::from_utf8_lossy(e.message).into_owned(),
+            }),
+            Frame::Goodbye(g) => {
+                Err(ClientError::Rejected { code: g.reason, message: "node said goodbye".into() })
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Reads frames until `pick` returns a value, answering PINGs.
+    fn read_frame<T>(
+        &mut self,
+        mut pick: impl FnMut(Frame<'_>) -> Result<Option<T>, ClientError>,
+    ) -> Result<T, ClientError> {
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Decoded::Frame(frame, n) =
+                protocol::decode(&self.rbuf, Channel::FromIngest).map_err(ClientError::Protocol)?
+            {
+                let picked = match frame {
+                    Frame::Ping(_) | Frame::Error(_) | Frame::Goodbye(_) => {
+                        if let Some(r) = Self::on_control(frame)? {
+                            self.sock.write_all(&r)?;
+                        }
+                        None
+                    }
+                    other => pick(other)?,
+                };
+                self.rbuf.drain(..n);
+                if let Some(t) = picked {
+                    return Ok(t);
+                }
+            }
+            let n = self.sock.read(&mut chunk)?;
+            if n == 0 {
+                return Err(ClientError::Closed);
+            }
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn check_user(user: &[u8], payload: &[u8]) -> Result<(), ClientError> {
+    if user.is_empty() || user.len() > limits::MAX_USER_LEN || payload.len() > limits::MAX_PAYLOAD {
+        return Err(ClientError::Io(io::Error::new(
+            ErrorKind::InvalidInput,
+            "user id must be 1..=64 bytes and payload at most 65,536 bytes",
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! One connection's state and buffers, owned by the event loop.
+//!
+//! Buffers are allocated lazily: an idle established client holds no read
+//! buffer (frames are parsed straight out of the loop's scratch buffer, and
+//! only a partial frame is copied here) and no write buffer once its output
+//! has been flushed. That is what keeps an idle connection under 1 KiB.
+
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use super::registry::UserIdx;
+
+/// What a connection is, and where it is in its life (protocol.md §3.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Client port: waiting for HELLO until the deadline.
+    ClientHandshake,
+    /// Client port: session established for a user.
+    Client {
+        /// The user.
+        user: UserIdx,
+    },
+    /// Ingest port: waiting for PUB_HELLO (or, later, PEER_HELLO).
+    IngestHandshake,
+    /// Ingest port: an authenticated publisher.
+    Publisher,
+    /// Metrics port: reading an HTTP request.
+    Http,
+    /// An ERROR or GOODBYE was queued; write it, stop reading meaningfully,
+    /// and close at EOF or the deadline.
+    Closing {
+        /// Close no later than this.
+        deadline: Instant,
+    },
+}
+
+/// One connection.
+pub struct Conn {
+    /// The socket.
+    pub sock: TcpStream,
+    /// Life-cycle state.
+    pub state: State,
+    /// Bytes of a partial frame carried over between reads.
+    pub rbuf: Vec<u8>,
+    /// Pending output; `wbuf[wpos..]` is not yet written.
+    pub wbuf: Vec<u8>,
+    /// Start of unwritten output in `wbuf`.
+    pub wpos: usize,
+    /// When anything was last read from the peer.
+    pub last_rx: Instant,
+    /// When the connection was accepted (handshake deadline base).
+    pub opened: Instant,
+    /// Whether a PING is outstanding.
+    pub pinged: bool,
+    /// Whether WRITABLE interest is registered.
+    pub want_write: bool,
+    /// Whether the connection is in the loop's dirty list.
+    pub dirty: bool,
+    /// Session id (client) or 0.
+    pub session: u64,
+}
+
+impl Conn {
+    /// A new connection in `state`.
+    pub fn new(sock: TcpStream, state: State, now: Instant) -> Conn {
+        Conn {
+            sock,
+            state,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            wpos: 0,
+            last_rx: now,
+            opened: now,
+            pinged: false,
+            want_write: false,
+            dirty: false,
+            session: 0,
+        }
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn pending(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Whether the connection is on its way out.
+    pub fn closing(&self) -> bool {
+        matches!(self.state, State::Closing { .. })
+    }
+}

@@ -1,0 +1,235 @@
+//! Node counters and the internal-latency histogram, rendered as Prometheus
+//! text for `GET /metrics` and as a one-line log summary.
+//!
+//! The event loop owns these values outright (it is single-threaded), so
+//! counting is a plain add: no atomics, no locks on the delivery path.
+
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+
+use crate::protocol::Code;
+
+/// Close reasons counted by the node, one label value each.
+pub const CLOSE_REASONS: &[&str] = &[
+    "peer_closed",
+    "io_error",
+    "protocol_error",
+    "auth_failed",
+    "token_expired",
+    "unsupported_version",
+    "handshake_timeout",
+    "idle_timeout",
+    "slow_consumer",
+    "server_full",
+    "draining",
+    "other",
+];
+
+/// Index into [`CLOSE_REASONS`] for a wire code.
+pub fn reason_index(code: Code) -> usize {
+    match code {
+        Code::ProtocolError
+        | Code::BadMagic
+        | Code::FrameTooLarge
+        | Code::UnknownFrameType
+        | Code::UnexpectedFrame => 2,
+        Code::AuthFailed => 3,
+        Code::TokenExpired => 4,
+        Code::UnsupportedVersion => 5,
+        Code::HandshakeTimeout => 6,
+        Code::IdleTimeout => 7,
+        Code::SlowConsumer => 8,
+        Code::ServerFull => 9,
+        Code::Draining => 10,
+        _ => 11,
+    }
+}
+
+/// Everything the node counts.
+pub struct Metrics {
+    /// Client sessions established now.
+    pub clients: u64,
+    /// Connections open now, of every kind.
+    pub connections: u64,
+    /// Client connections accepted.
+    pub accepts: u64,
+    /// Connections refused at accept because the node is full.
+    pub rejects_full: u64,
+    /// Accept failures for lack of file descriptors (EMFILE/ENFILE).
+    pub accept_emfile: u64,
+    /// Closes by reason (index into [`CLOSE_REASONS`]).
+    pub closes: [u64; 12],
+    /// Messages received from publishers and peers.
+    pub msgs_in: u64,
+    /// DELIVER frames queued to client sessions.
+    pub msgs_out: u64,
+    /// Messages whose user had no session or stream here.
+    pub no_route: u64,
+    /// Messages dropped for a full client queue (drop policy).
+    pub dropped: u64,
+    /// Messages replayed on resume.
+    pub replayed: u64,
+    /// Bytes read from sockets.
+    pub bytes_in: u64,
+    /// Bytes written to sockets.
+    pub bytes_out: u64,
+    /// Write syscalls.
+    pub writes: u64,
+    /// Ingest-to-socket-write latency, microseconds.
+    pub latency_us: Histogram<u64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            clients: 0,
+            connections: 0,
+            accepts: 0,
+            rejects_full: 0,
+            accept_emfile: 0,
+            closes: [0; 12],
+            msgs_in: 0,
+            msgs_out: 0,
+            no_route: 0,
+            dropped: 0,
+            replayed: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            writes: 0,
+            latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        }
+    }
+}
+
+/// Queue-depth figures over client sessions, computed on demand.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QueueDepth {
+    /// Largest pending output of any client, bytes.
+    pub max: u64,
+    /// Median pending bytes.
+    pub p50: u64,
+    /// 99th percentile of pending bytes.
+    pub p99: u64,
+}
+
+impl QueueDepth {
+    /// Computes the figures from per-client pending byte counts.
+    pub fn from_depths(mut d: Vec<u64>) -> QueueDepth {
+        if d.is_empty() {
+            return QueueDepth::default();
+        }
+        d.sort_unstable();
+        let at = |q: f64| d[((d.len() - 1) as f64 * q).round() as usize];
+        QueueDepth { max: d[d.len() - 1], p50: at(0.5), p99: at(0.99) }
+    }
+}
+
+impl Metrics {
+    /// Counts a close.
+    pub fn close(&mut self, reason: usize) {
+        self.closes[reason.min(self.closes.len() - 1)] += 1;
+    }
+
+    /// Records `n` messages that spent `us` microseconds from ingest to write.
+    pub fn record_latency(&mut self, us: u64, n: u64) {
+        let _ = self.latency_us.record_n(us.max(1), n);
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render(&self, node_id: &str, q: QueueDepth, users: usize) -> String {
+        let mut s = String::with_capacity(4096);
+        let mut g = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(s, "# HELP herald_{name} {help}\n# TYPE herald_{name} {kind}\nherald_{name}{{node=\"{node_id}\"}} {v}");
+        };
+        g("clients", "gauge", "Client sessions established.", self.clients);
+        g("connections", "gauge", "Open connections of every kind.", self.connections);
+        g("users", "gauge", "Users known (online or within the resume grace period).", users as u64);
+        g("accepts_total", "counter", "Client connections accepted.", self.accepts);
+        g(
+            "rejects_server_full_total",
+            "counter",
+            "Connections refused because the node is full.",
+            self.rejects_full,
+        );
+        g(
+            "accept_emfile_total",
+            "counter",
+            "Accepts failed for lack of file descriptors.",
+            self.accept_emfile,
+        );
+        g("messages_in_total", "counter", "Messages received from publishers and peers.", self.msgs_in);
+        g("messages_out_total", "counter", "DELIVER frames queued to client sessions.", self.msgs_out);
+        g("messages_no_route_total", "counter", "Messages for users with no session here.", self.no_route);
+        g("messages_dropped_total", "counter", "Messages dropped for a full client queue.", self.dropped);
+        g("messages_replayed_total", "counter", "Messages replayed on resume.", self.replayed);
+        g("bytes_in_total", "counter", "Bytes read from sockets.", self.bytes_in);
+        g("bytes_out_total", "counter", "Bytes written to sockets.", self.bytes_out);
+        g("writes_total", "counter", "Write syscalls.", self.writes);
+        g("slow_consumer_disconnects_total", "counter", "Clients closed for a full queue.", self.closes[8]);
+        g("queue_depth_max_bytes", "gauge", "Largest pending output of one client.", q.max);
+        g("queue_depth_p50_bytes", "gauge", "Median pending output per client.", q.p50);
+        g("queue_depth_p99_bytes", "gauge", "99th percentile pending output per client.", q.p99);
+        let _ = writeln!(
+            s,
+            "# HELP herald_closes_total Connections closed, by reason.\n# TYPE herald_closes_total counter"
+        );
+        for (i, r) in CLOSE_REASONS.iter().enumerate() {
+            let _ =
+                writeln!(s, "herald_closes_total{{node=\"{node_id}\",reason=\"{r}\"}} {}", self.closes[i]);
+        }
+        let h = &self.latency_us;
+        let _ = writeln!(
+            s,
+            "# HELP herald_internal_latency_us Ingest to socket write, microseconds.\n# TYPE herald_internal_latency_us summary"
+        );
+        for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+            let _ = writeln!(
+                s,
+                "herald_internal_latency_us{{node=\"{node_id}\",quantile=\"{q}\"}} {}",
+                h.value_at_quantile(q)
+            );
+        }
+        let _ = writeln!(s, "herald_internal_latency_us_count{{node=\"{node_id}\"}} {}", h.len());
+        s
+    }
+
+    /// One line for the periodic log.
+    pub fn summary(&self, q: QueueDepth) -> String {
+        let h = &self.latency_us;
+        format!(
+            "clients={} in={} out={} no_route={} dropped={} slow={} q_max={}B lat_us p50={} p99={} p999={} max={}",
+            self.clients,
+            self.msgs_in,
+            self.msgs_out,
+            self.no_route,
+            self.dropped,
+            self.closes[8],
+            q.max,
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_quantiles() {
+        let mut m = Metrics { msgs_in: 5, ..Default::default() };
+        m.close(reason_index(Code::SlowConsumer));
+        m.record_latency(40, 10);
+        let q = QueueDepth::from_depths(vec![0, 10, 300]);
+        assert_eq!(q.max, 300);
+        let t = m.render("n1", q, 3);
+        assert!(t.contains("herald_messages_in_total{node=\"n1\"} 5"));
+        assert!(t.contains("herald_slow_consumer_disconnects_total{node=\"n1\"} 1"));
+        assert!(t.contains("herald_closes_total{node=\"n1\",reason=\"slow_consumer\"} 1"));
+        assert!(t.contains("herald_internal_latency_us_count{node=\"n1\"} 10"));
+        assert!(t.contains("herald_queue_depth_max_bytes{node=\"n1\"} 300"));
+    }
+}

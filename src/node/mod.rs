@@ -1,0 +1,988 @@
+//! The node: a single-threaded mio + slab event loop that authenticates
+//! clients, takes messages from publishers and writes each one to the
+//! sessions of exactly one user.
+//!
+//! Layout of one loop turn (the nats-server shape):
+//! 1. poll; take `now` once;
+//! 2. for each ready socket, read until `WouldBlock` or the per-turn budget,
+//!    parse every complete frame, and *append* outgoing frames to the
+//!    destination connections' buffers, marking them dirty;
+//! 3. flush every dirty connection with one `write` each;
+//! 4. run timers (handshake deadlines, keepalive, grace expiry, drain, logs).
+//!
+//! The per-client "queue" is the connection's own output buffer, owned by
+//! the loop: no lock, no cross-thread hand-off and no wakeup on the delivery
+//! path, and the bound is in bytes (protocol frames), which is what a slow
+//! reader actually costs.
+//!
+//! Submodules: [`conn`] (per-connection state and buffers), [`registry`]
+//! (users, sessions, streams, resume decisions), [`retention`] (bounded
+//! message ring), [`metrics`] (counters, Prometheus text).
+
+pub mod conn;
+pub mod metrics;
+pub mod registry;
+pub mod retention;
+
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+
+use crate::protocol::frame::{self as f, Frame, PUBLISH_WANT_RESULT};
+use crate::protocol::{self, limits, token, Channel, Code, Decoded, GoodbyeAction};
+use conn::{Conn, State};
+use metrics::{reason_index, Metrics, QueueDepth};
+use registry::{Registry, RegistryConfig};
+use retention::LogLimits;
+
+const CLIENT_LISTENER: Token = Token(0);
+const INGEST_LISTENER: Token = Token(1);
+const METRICS_LISTENER: Token = Token(2);
+const WAKER: Token = Token(3);
+/// Connection tokens are slab keys offset by this.
+const FIRST_CONN: usize = 16;
+
+/// What to do with a client whose queue bound is hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowPolicy {
+    /// Close it with SLOW_CONSUMER; its messages stay retained for resume.
+    Disconnect,
+    /// Keep it, drop the messages that do not fit; the client sees a seq gap.
+    Drop,
+}
+
+/// Node configuration. `Default` gives the CLI defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id (unique in the cluster).
+    pub node_id: String,
+    /// Client endpoint.
+    pub listen: SocketAddr,
+    /// Publisher and mesh endpoint.
+    pub ingest: SocketAddr,
+    /// `/metrics` and `/healthz` endpoint, if any.
+    pub metrics: Option<SocketAddr>,
+    /// Address clients are told to use (defaults to the bound client address).
+    pub advertise: Option<String>,
+    /// Maximum client sessions.
+    pub capacity: usize,
+    /// Client-token secret.
+    pub client_secret: Vec<u8>,
+    /// Publisher-credential secret.
+    pub publisher_secret: Vec<u8>,
+    /// Ping a client silent for this long; close it after 3×.
+    pub heartbeat: Duration,
+    /// A client must complete its HELLO within this.
+    pub handshake_timeout: Duration,
+    /// Per-client bound on pending output, bytes.
+    pub queue_bytes: usize,
+    /// What to do when the bound is hit.
+    pub slow_policy: SlowPolicy,
+    /// How long a user without sessions keeps its stream for resume.
+    pub grace: Duration,
+    /// Retained messages per user.
+    pub retain_count: usize,
+    /// Retained bytes per user.
+    pub retain_bytes: usize,
+    /// Retained bytes in total.
+    pub retain_total: usize,
+    /// Spread drain goodbyes over this window.
+    pub drain_window: Duration,
+    /// Log a summary line this often (zero: never).
+    pub log_every: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "node-1".into(),
+            listen: "0.0.0.0:7400".parse().expect("valid"),
+            ingest: "127.0.0.1:7401".parse().expect("valid"),
+            metrics: None,
+            advertise: None,
+            capacity: default_capacity(),
+            client_secret: Vec::new(),
+            publisher_secret: Vec::new(),
+            heartbeat: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            queue_bytes: 256 * 1024,
+            slow_policy: SlowPolicy::Disconnect,
+            grace: Duration::from_secs(30),
+            retain_count: 1024,
+            retain_bytes: 256 * 1024,
+            retain_total: 128 << 20,
+            drain_window: Duration::from_secs(10),
+            log_every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Capacity from the open-file limit: 95 % of it, keeping the rest for
+/// listeners, publishers, peers and metrics.
+pub fn default_capacity() -> usize {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass and has no other effect.
+    let n = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
+        rl.rlim_cur as usize
+    } else {
+        1024
+    };
+    n.saturating_sub((n / 20).max(32)).max(1)
+}
+
+/// Asks a running node to drain and stop; cloneable, usable from any thread
+/// (the ctrl-c handler only calls [`ShutdownHandle::trigger`]).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Starts the drain: stop accepting, send goodbyes, flush, return.
+    pub fn trigger(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
+}
+
+/// A bound node, ready to [`Node::run`].
+pub struct Node {
+    poll: Poll,
+    client_l: TcpListener,
+    ingest_l: TcpListener,
+    metrics_l: Option<TcpListener>,
+    handle: ShutdownHandle,
+    cfg: Config,
+}
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    // A connect storm of thousands of clients must not overflow the backlog.
+    s.listen(4096)?;
+    Ok(TcpListener::from_std(s.into()))
+}
+
+impl Node {
+    /// Binds the listeners. Port 0 picks a free port (see the `*_addr` methods).
+    pub fn bind(cfg: Config) -> io::Result<Node> {
+        let poll = Poll::new()?;
+        let mut client_l = listen(cfg.listen)?;
+        let mut ingest_l = listen(cfg.ingest)?;
+        let mut metrics_l = cfg.metrics.map(listen).transpose()?;
+        poll.registry().register(&mut client_l, CLIENT_LISTENER, Interest::READABLE)?;
+        poll.registry().register(&mut ingest_l, INGEST_LISTENER, Interest::READABLE)?;
+        if let Some(l) = metrics_l.as_mut() {
+            poll.registry().register(l, METRICS_LISTENER, Interest::READABLE)?;
+        }
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let handle = ShutdownHandle { stop: Arc::new(AtomicBool::new(false)), waker };
+        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, cfg })
+    }
+
+    /// The bound client address.
+    pub fn client_addr(&self) -> SocketAddr {
+        self.client_l.local_addr().expect("bound")
+    }
+    /// The bound ingest address.
+    pub fn ingest_addr(&self) -> SocketAddr {
+        self.ingest_l.local_addr().expect("bound")
+    }
+    /// The bound metrics address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_l.as_ref().map(|l| l.local_addr().expect("bound"))
+    }
+    /// A handle that makes [`Node::run`] drain and return.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// Runs the event loop until a shutdown is triggered and the drain is done.
+    pub fn run(self) -> io::Result<()> {
+        let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+            ^ (std::process::id() as u64) << 32;
+        let reg = Registry::new(
+            RegistryConfig {
+                log: LogLimits { max_count: self.cfg.retain_count, max_bytes: self.cfg.retain_bytes },
+                ring_bytes: self.cfg.retain_total,
+                grace: self.cfg.grace,
+            },
+            seed,
+        );
+        let now = Instant::now();
+        let mut l = Loop {
+            poll: self.poll,
+            client_l: self.client_l,
+            ingest_l: self.ingest_l,
+            metrics_l: self.metrics_l,
+            stop: self.handle.stop,
+            conns: Slab::with_capacity(1024),
+            reg,
+            m: Metrics::default(),
+            dirty: Vec::new(),
+            retry_read: Vec::new(),
+            to_close: Vec::new(),
+            scratch: vec![0u8; 64 * 1024],
+            next_session: 1,
+            turn_msgs: 0,
+            accept_paused_until: None,
+            drain: None,
+            next_sweep: now,
+            next_log: now + self.cfg.log_every,
+            cfg: self.cfg,
+            started: now,
+        };
+        l.run()
+    }
+}
+
+struct Drain {
+    started: Instant,
+    total: usize,
+    sent: usize,
+}
+
+struct Loop {
+    poll: Poll,
+    client_l: TcpListener,
+    ingest_l: TcpListener,
+    metrics_l: Option<TcpListener>,
+    stop: Arc<AtomicBool>,
+    conns: Slab<Conn>,
+    reg: Registry,
+    m: Metrics,
+    /// Connections with output appended this turn.
+    dirty: Vec<usize>,
+    /// Connections that hit the read budget and still have input.
+    retry_read: Vec<usize>,
+    /// Connections to close once the current borrow ends.
+    to_close: Vec<(usize, Code)>,
+    scratch: Vec<u8>,
+    next_session: u64,
+    /// Messages ingested this turn (for the latency histogram).
+    turn_msgs: u64,
+    accept_paused_until: Option<Instant>,
+    drain: Option<Drain>,
+    next_sweep: Instant,
+    next_log: Instant,
+    cfg: Config,
+    started: Instant,
+}
+
+/// Bytes read from one connection per turn before yielding to the others.
+const READ_BUDGET: usize = 256 * 1024;
+/// Output capacity kept after a flush; larger buffers are released.
+const KEEP_WBUF: usize = 16 * 1024;
+/// How long a closing connection may linger to flush its last frame.
+const LINGER: Duration = Duration::from_millis(500);
+/// Timer granularity.
+const TICK: Duration = Duration::from_millis(100);
+
+impl Loop {
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            let timeout = if !self.retry_read.is_empty() {
+                Duration::ZERO
+            } else {
+                self.next_sweep.saturating_duration_since(now).min(TICK)
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let turn_start = Instant::now();
+            self.turn_msgs = 0;
+            for ev in events.iter() {
+                match ev.token() {
+                    CLIENT_LISTENER => self.accept(CLIENT_LISTENER, turn_start),
+                    INGEST_LISTENER => self.accept(INGEST_LISTENER, turn_start),
+                    METRICS_LISTENER => self.accept(METRICS_LISTENER, turn_start),
+                    WAKER => {}
+                    Token(t) => {
+                        let key = t - FIRST_CONN;
+                        if !self.conns.contains(key) {
+                            continue; // sporadic events happen
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.read(key, turn_start);
+                        }
+                        if ev.is_writable() {
+                            self.mark_dirty(key);
+                        }
+                    }
+                }
+                self.close_pending(turn_start);
+            }
+            for key in std::mem::take(&mut self.retry_read) {
+                if self.conns.contains(key) {
+                    self.read(key, turn_start);
+                    self.close_pending(turn_start);
+                }
+            }
+            self.flush_dirty(turn_start);
+            if self.turn_msgs > 0 {
+                let us = turn_start.elapsed().as_micros() as u64;
+                self.m.record_latency(us, self.turn_msgs);
+            }
+            let now = Instant::now();
+            if now >= self.next_sweep {
+                self.next_sweep = now + TICK;
+                if self.timers(now) {
+                    return Ok(());
+                }
+                self.flush_dirty(now);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ accept
+
+    fn accept(&mut self, which: Token, now: Instant) {
+        if self.drain.is_some() {
+            return;
+        }
+        if let Some(until) = self.accept_paused_until {
+            if now < until {
+                return;
+            }
+            self.accept_paused_until = None;
+        }
+        loop {
+            let r = match which {
+                CLIENT_LISTENER => self.client_l.accept(),
+                INGEST_LISTENER => self.ingest_l.accept(),
+                _ => match self.metrics_l.as_ref() {
+                    Some(l) => l.accept(),
+                    None => return,
+                },
+            };
+            match r {
+                Ok((sock, _)) => self.admit(which, sock, now),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) => {
+                    // Out of descriptors: stop accepting for a moment, keep
+                    // serving. The timer re-tries; no busy loop.
+                    self.m.accept_emfile += 1;
+                    self.accept_paused_until = Some(now + Duration::from_millis(100));
+                    return;
+                }
+                Err(_) => return, // ECONNABORTED and friends: the peer gave up.
+            }
+        }
+    }
+
+    fn admit(&mut self, which: Token, mut sock: TcpStream, now: Instant) {
+        let _ = sock.set_nodelay(true);
+        let state = match which {
+            CLIENT_LISTENER => {
+                self.m.accepts += 1;
+                if self.m.clients as usize + self.handshaking() >= self.cfg.capacity {
+                    self.m.rejects_full += 1;
+                    self.m.close(reason_index(Code::ServerFull));
+                    let mut out = Vec::with_capacity(64);
+                    error_frame(&mut out, Code::ServerFull, "node is full; ask the decision server again");
+                    let _ = sock.write(&out);
+                    return;
+                }
+                State::ClientHandshake
+            }
+            INGEST_LISTENER => State::IngestHandshake,
+            _ => State::Http,
+        };
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if self.poll.registry().register(&mut sock, Token(key + FIRST_CONN), Interest::READABLE).is_err() {
+            return;
+        }
+        entry.insert(Conn::new(sock, state, now));
+        self.m.connections += 1;
+        // Data may already be waiting (the HELLO often arrives with the SYN's ACK).
+        self.read(key, now);
+        self.close_pending(now);
+    }
+
+    fn handshaking(&self) -> usize {
+        // Counted lazily only when near capacity would matter; the slab
+        // holds every connection kind, so subtract the known others.
+        (self.conns.len() as u64).saturating_sub(self.m.clients) as usize
+    }
+
+    // ------------------------------------------------------------ read
+
+    fn read(&mut self, key: usize, now: Instant) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut budget = READ_BUDGET;
+        while let Some(c) = self.conns.get_mut(key) {
+            let r = c.sock.read(&mut scratch);
+            match r {
+                Ok(0) => {
+                    self.to_close.push((key, Code::Other(0)));
+                    break;
+                }
+                Ok(n) => {
+                    self.m.bytes_in += n as u64;
+                    c.last_rx = now;
+                    c.pinged = false;
+                    // While lingering, input is read and discarded.
+                    if !c.closing() && !self.input(key, &scratch[..n], now) {
+                        break;
+                    }
+                    if n >= budget {
+                        self.retry_read.push(key);
+                        break;
+                    }
+                    budget -= n;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.to_close.push((key, Code::Other(1)));
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Feeds freshly read bytes to a connection. Returns false if the
+    /// connection is closing and reading should stop.
+    fn input(&mut self, key: usize, data: &[u8], now: Instant) -> bool {
+        let channel = match self.conns[key].state {
+            State::ClientHandshake | State::Client { .. } => Channel::ToNode,
+            State::IngestHandshake | State::Publisher => Channel::Ingest,
+            State::Http => return self.http_input(key, data, now),
+            State::Closing { .. } => return false,
+        };
+        // Parse straight from the read if nothing is carried over; copy only
+        // a trailing partial frame.
+        let mut carried = std::mem::take(&mut self.conns[key].rbuf);
+        let buf: &[u8] = if carried.is_empty() {
+            data
+        } else {
+            carried.extend_from_slice(data);
+            &carried
+        };
+        let mut at = 0;
+        let mut ok = true;
+        while at < buf.len() {
+            match protocol::decode(&buf[at..], channel) {
+                Ok(Decoded::Frame(frame, n)) => {
+                    at += n;
+                    if !self.frame(key, frame, now) {
+                        ok = false;
+                        break;
+                    }
+                }
+                Ok(Decoded::Incomplete(_)) => break,
+                Err(e) => {
+                    self.fail(key, e.code(), &e.to_string(), now);
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok && at < buf.len() {
+            let rest = buf[at..].to_vec();
+            if let Some(c) = self.conns.get_mut(key) {
+                c.rbuf = rest;
+            }
+        }
+        ok
+    }
+
+    /// Handles one frame. Returns false if the connection is now closing.
+    fn frame(&mut self, key: usize, frame: Frame<'_>, now: Instant) -> bool {
+        let state = self.conns[key].state;
+        match (state, frame) {
+            (_, Frame::Ping(n)) => {
+                let c = &mut self.conns[key];
+                Frame::Pong(n).encode(&mut c.wbuf);
+                self.mark_dirty(key);
+                true
+            }
+            (_, Frame::Pong(_)) => true,
+            (_, Frame::Error(_)) => {
+                self.to_close.push((key, Code::Other(0)));
+                false
+            }
+            (State::ClientHandshake, Frame::Hello(h)) => self.hello(key, h, now),
+            (State::IngestHandshake, Frame::PubHello(h)) => self.pub_hello(key, h, now),
+            (State::Publisher, Frame::Publish(p)) => {
+                let delivered = self.deliver(p.user, p.payload);
+                if p.flags & PUBLISH_WANT_RESULT != 0 {
+                    let r = f::PubResult {
+                        request_id: p.request_id,
+                        accepted: 1,
+                        local: delivered as u16,
+                        forwarded: 0,
+                        no_route: !delivered as u16,
+                    };
+                    Frame::PubResult(r).encode(&mut self.conns[key].wbuf);
+                    self.mark_dirty(key);
+                }
+                true
+            }
+            (State::Publisher, Frame::PublishBatch(b)) => {
+                let (mut local, mut none) = (0u16, 0u16);
+                for e in b.entries.iter() {
+                    if self.deliver(e.user, e.payload) {
+                        local += 1;
+                    } else {
+                        none += 1;
+                    }
+                }
+                if b.flags & PUBLISH_WANT_RESULT != 0 {
+                    let r = f::PubResult {
+                        request_id: b.request_id,
+                        accepted: b.entries.len() as u16,
+                        local,
+                        forwarded: 0,
+                        no_route: none,
+                    };
+                    Frame::PubResult(r).encode(&mut self.conns[key].wbuf);
+                    self.mark_dirty(key);
+                }
+                true
+            }
+            (_, other) => {
+                let msg = format!("frame type 0x{:02x} is not allowed now", other.frame_type());
+                self.fail(key, Code::UnexpectedFrame, &msg, now);
+                false
+            }
+        }
+    }
+
+    fn hello(&mut self, key: usize, h: f::Hello<'_>, now: Instant) -> bool {
+        let Some(version) = f::negotiate(h.min_version, h.max_version) else {
+            self.fail(key, Code::UnsupportedVersion, "this node speaks protocol version 1", now);
+            return false;
+        };
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let claims = match token::verify(h.token, &self.cfg.client_secret, unix) {
+            Ok(c) => c,
+            Err(token::TokenError::Expired) => {
+                self.fail(key, Code::TokenExpired, "token expired", now);
+                return false;
+            }
+            Err(e) => {
+                self.fail(key, Code::AuthFailed, &e.to_string(), now);
+                return false;
+            }
+        };
+        if self.drain.is_some() {
+            self.fail(key, Code::Draining, "node is draining", now);
+            return false;
+        }
+        let a = self.reg.attach(&claims.user, key, h.resume);
+        let session = self.next_session;
+        self.next_session += 1;
+        let c = &mut self.conns[key];
+        c.state = State::Client { user: a.user };
+        c.session = session;
+        Frame::Welcome(f::Welcome {
+            version,
+            resume: a.result,
+            heartbeat_ms: self.cfg.heartbeat.as_millis() as u32,
+            session_id: session,
+            epoch: a.epoch,
+            next_seq: a.next_seq,
+            node_id: self.cfg.node_id.as_bytes(),
+        })
+        .encode(&mut c.wbuf);
+        if let Some(from) = a.replay_from {
+            let n = self.reg.replay(a.user, from, &mut c.wbuf);
+            self.m.replayed += n as u64;
+        }
+        self.m.clients += 1;
+        self.mark_dirty(key);
+        true
+    }
+
+    fn pub_hello(&mut self, key: usize, h: f::PubHello<'_>, now: Instant) -> bool {
+        let Some(version) = f::negotiate(h.min_version, h.max_version) else {
+            self.fail(key, Code::UnsupportedVersion, "this node speaks protocol version 1", now);
+            return false;
+        };
+        let unix = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        match token::verify(h.credential, &self.cfg.publisher_secret, unix) {
+            Ok(_) => {}
+            Err(token::TokenError::Expired) => {
+                self.fail(key, Code::TokenExpired, "publisher credential expired", now);
+                return false;
+            }
+            Err(e) => {
+                self.fail(key, Code::AuthFailed, &e.to_string(), now);
+                return false;
+            }
+        }
+        let c = &mut self.conns[key];
+        c.state = State::Publisher;
+        Frame::PubWelcome(f::PubWelcome {
+            version,
+            max_frame: limits::MAX_INGEST,
+            node_id: self.cfg.node_id.as_bytes(),
+        })
+        .encode(&mut c.wbuf);
+        self.mark_dirty(key);
+        true
+    }
+
+    /// Delivers one message to every local session of `user`. Returns
+    /// whether the user has a stream here (online or within grace).
+    fn deliver(&mut self, user: &[u8], payload: &[u8]) -> bool {
+        self.m.msgs_in += 1;
+        self.turn_msgs += 1;
+        let Some(u) = self.reg.find(user) else {
+            self.m.no_route += 1;
+            return false;
+        };
+        let Some((frame, sessions)) = self.reg.publish(u, payload) else { return false };
+        for &s in sessions {
+            let Some(c) = self.conns.get_mut(s) else { continue };
+            if c.pending() + frame.len() > self.cfg.queue_bytes {
+                match self.cfg.slow_policy {
+                    SlowPolicy::Disconnect => {
+                        if !c.closing() {
+                            self.to_close.push((s, Code::SlowConsumer));
+                        }
+                    }
+                    SlowPolicy::Drop => self.m.dropped += 1,
+                }
+                continue;
+            }
+            c.wbuf.extend_from_slice(frame);
+            self.m.msgs_out += 1;
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(s);
+            }
+        }
+        true
+    }
+
+    fn http_input(&mut self, key: usize, data: &[u8], now: Instant) -> bool {
+        let c = &mut self.conns[key];
+        if c.rbuf.len() + data.len() > 8192 {
+            self.to_close.push((key, Code::Other(0)));
+            return false;
+        }
+        c.rbuf.extend_from_slice(data);
+        let Some(end) = c.rbuf.windows(4).position(|w| w == b"\r\n\r\n") else { return true };
+        let head = String::from_utf8_lossy(&c.rbuf[..end]).into_owned();
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        let (status, body) = match path.as_str() {
+            "/metrics" => {
+                let q = self.queue_depth();
+                ("200 OK", self.m.render(&self.cfg.node_id, q, self.reg.users()))
+            }
+            "/healthz" => {
+                if self.drain.is_some() {
+                    ("503 Service Unavailable", "draining\n".to_owned())
+                } else {
+                    ("200 OK", "ok\n".to_owned())
+                }
+            }
+            _ => ("404 Not Found", "not found\n".to_owned()),
+        };
+        let c = &mut self.conns[key];
+        let _ = write!(
+            c.wbuf,
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        c.rbuf = Vec::new();
+        c.state = State::Closing { deadline: now + LINGER };
+        self.mark_dirty(key);
+        false
+    }
+
+    fn queue_depth(&self) -> QueueDepth {
+        QueueDepth::from_depths(
+            self.conns
+                .iter()
+                .filter(|(_, c)| matches!(c.state, State::Client { .. }))
+                .map(|(_, c)| c.pending() as u64)
+                .collect(),
+        )
+    }
+
+    // ------------------------------------------------------------ write
+
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    fn flush_dirty(&mut self, now: Instant) {
+        // Closing connections may add to the dirty list; loop until stable.
+        while !self.dirty.is_empty() {
+            for key in std::mem::take(&mut self.dirty) {
+                self.flush(key);
+            }
+            self.close_pending(now);
+        }
+    }
+
+    /// One write per dirty connection per turn.
+    fn flush(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        c.dirty = false;
+        if c.pending() > 0 {
+            self.m.writes += 1;
+            match c.sock.write(&c.wbuf[c.wpos..]) {
+                Ok(n) => {
+                    self.m.bytes_out += n as u64;
+                    c.wpos += n;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.to_close.push((key, Code::Other(1)));
+                    return;
+                }
+            }
+        }
+        if c.pending() == 0 {
+            c.wpos = 0;
+            if c.wbuf.capacity() > KEEP_WBUF || matches!(c.state, State::Closing { .. }) {
+                c.wbuf = Vec::new();
+            } else {
+                c.wbuf.clear();
+            }
+            if c.want_write {
+                c.want_write = false;
+                let _ =
+                    self.poll.registry().reregister(&mut c.sock, Token(key + FIRST_CONN), Interest::READABLE);
+            }
+            if let State::Closing { .. } = c.state {
+                // Everything is out: half-close so the peer reads our last
+                // frame and then EOF; the linger timer or its EOF reaps us.
+                let _ = c.sock.shutdown(std::net::Shutdown::Write);
+            }
+        } else {
+            if c.wpos > c.wbuf.len() / 2 {
+                c.wbuf.drain(..c.wpos);
+                c.wpos = 0;
+            }
+            if !c.want_write {
+                c.want_write = true;
+                let _ = self.poll.registry().reregister(
+                    &mut c.sock,
+                    Token(key + FIRST_CONN),
+                    Interest::READABLE | Interest::WRITABLE,
+                );
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ close
+
+    /// Sends ERROR with `code` and closes after it is flushed.
+    fn fail(&mut self, key: usize, code: Code, msg: &str, now: Instant) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if c.closing() {
+            return;
+        }
+        error_frame(&mut c.wbuf, code, msg);
+        self.begin_close(key, code, now);
+    }
+
+    /// Sends GOODBYE and closes after it is flushed.
+    fn goodbye(&mut self, key: usize, reason: Code, action: GoodbyeAction, delay_ms: u32, now: Instant) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        if c.closing() {
+            return;
+        }
+        Frame::Goodbye(f::Goodbye { reason, action, delay_ms, target: b"" }).encode(&mut c.wbuf);
+        self.begin_close(key, reason, now);
+    }
+
+    fn begin_close(&mut self, key: usize, code: Code, now: Instant) {
+        let c = &mut self.conns[key];
+        if let State::Client { user } = c.state {
+            self.reg.detach(user, key, now);
+            self.m.clients -= 1;
+        }
+        c.state = State::Closing { deadline: now + LINGER };
+        c.rbuf = Vec::new();
+        self.m.close(reason_index(code));
+        self.mark_dirty(key);
+    }
+
+    fn close_pending(&mut self, now: Instant) {
+        while let Some((key, code)) = self.to_close.pop() {
+            let Some(c) = self.conns.get(key) else { continue };
+            match code {
+                Code::SlowConsumer => {
+                    // Its queue is full; the GOODBYE may not get through, but
+                    // the retained messages let it resume.
+                    self.goodbye(key, Code::SlowConsumer, GoodbyeAction::RetryAfter, 100, now);
+                    self.flush(key);
+                    self.remove(key, None);
+                }
+                Code::Other(n) => {
+                    let was_closing = c.closing();
+                    self.remove(key, (!was_closing).then_some(if n == 0 { 0 } else { 1 }));
+                }
+                other => {
+                    self.fail(key, other, other.name(), now);
+                }
+            }
+        }
+    }
+
+    /// Drops the connection now. `count` is the close-reason index to count
+    /// (None if already counted).
+    fn remove(&mut self, key: usize, count: Option<usize>) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut c = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut c.sock);
+        if let State::Client { user } = c.state {
+            self.reg.detach(user, key, Instant::now());
+            self.m.clients -= 1;
+        }
+        if let Some(i) = count {
+            self.m.close(i);
+        }
+        self.m.connections -= 1;
+    }
+
+    // ------------------------------------------------------------ timers
+
+    /// Returns true when the node should exit.
+    fn timers(&mut self, now: Instant) -> bool {
+        if self.accept_paused_until.is_some_and(|t| now >= t) {
+            self.accept(CLIENT_LISTENER, now);
+            self.accept(INGEST_LISTENER, now);
+        }
+        let hb = self.cfg.heartbeat;
+        let hs = self.cfg.handshake_timeout;
+        let mut expired = Vec::new();
+        let mut ping = Vec::new();
+        for (key, c) in self.conns.iter() {
+            match c.state {
+                State::Closing { deadline } if now >= deadline => expired.push((key, None)),
+                State::Closing { .. } => {}
+                State::ClientHandshake | State::IngestHandshake | State::Http => {
+                    if now.saturating_duration_since(c.opened) >= hs {
+                        expired.push((key, Some(Code::HandshakeTimeout)));
+                    }
+                }
+                State::Client { .. } | State::Publisher => {
+                    let idle = now.saturating_duration_since(c.last_rx);
+                    if idle >= hb * 3 {
+                        expired.push((key, Some(Code::IdleTimeout)));
+                    } else if idle >= hb && !c.pinged {
+                        ping.push(key);
+                    }
+                }
+            }
+        }
+        for (key, code) in expired {
+            match code {
+                None => self.remove(key, None),
+                Some(code) => self.fail(key, code, code.name(), now),
+            }
+        }
+        for key in ping {
+            let c = &mut self.conns[key];
+            c.pinged = true;
+            Frame::Ping(now.duration_since(self.started).as_millis() as u64).encode(&mut c.wbuf);
+            self.mark_dirty(key);
+        }
+        self.reg.sweep(now);
+        if !self.cfg.log_every.is_zero() && now >= self.next_log {
+            self.next_log = now + self.cfg.log_every;
+            eprintln!("herald node {}: {}", self.cfg.node_id, self.m.summary(self.queue_depth()));
+        }
+        self.drain_step(now)
+    }
+
+    fn drain_step(&mut self, now: Instant) -> bool {
+        if self.drain.is_none() && self.stop.load(Ordering::SeqCst) {
+            let _ = self.poll.registry().deregister(&mut self.client_l);
+            let _ = self.poll.registry().deregister(&mut self.ingest_l);
+            let total = self.m.clients as usize;
+            eprintln!(
+                "herald node {}: draining {total} clients over {:?}",
+                self.cfg.node_id, self.cfg.drain_window
+            );
+            self.drain = Some(Drain { started: now, total, sent: 0 });
+        }
+        let Some(d) = self.drain.as_ref() else { return false };
+        let window = self.cfg.drain_window.as_secs_f64().max(0.001);
+        let frac = (now.saturating_duration_since(d.started).as_secs_f64() / window).min(1.0);
+        let due = ((d.total as f64 * frac).ceil() as usize).saturating_sub(d.sent);
+        let (started, total) = (d.started, d.total);
+        if due > 0 {
+            let keys: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.state, State::Client { .. }))
+                .map(|(k, _)| k)
+                .take(due)
+                .collect();
+            for &k in &keys {
+                self.goodbye(k, Code::Draining, GoodbyeAction::AskDecision, 0, now);
+            }
+            if let Some(d) = self.drain.as_mut() {
+                d.sent += keys.len();
+            }
+        }
+        let clients_left = self.m.clients;
+        let window_over = now.saturating_duration_since(started) >= self.cfg.drain_window;
+        if clients_left == 0 && (window_over || total == 0 || frac >= 1.0 || self.all_flushed()) {
+            // Tell publishers too, flush, and leave.
+            let pubs: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| matches!(c.state, State::Publisher | State::IngestHandshake))
+                .map(|(k, _)| k)
+                .collect();
+            for k in pubs {
+                self.goodbye(k, Code::Draining, GoodbyeAction::AskDecision, 0, now);
+            }
+            self.flush_dirty(now);
+            if self.conns.iter().all(|(_, c)| c.pending() == 0 || !c.closing())
+                || now.saturating_duration_since(started) >= self.cfg.drain_window + Duration::from_secs(2)
+            {
+                eprintln!(
+                    "herald node {}: drained; {}",
+                    self.cfg.node_id,
+                    self.m.summary(QueueDepth::default())
+                );
+                return true;
+            }
+        }
+        false
+    }
+
+    fn all_flushed(&self) -> bool {
+        self.conns.iter().all(|(_, c)| c.pending() == 0)
+    }
+}
+
+/// Appends an ERROR frame.
+fn error_frame(out: &mut Vec<u8>, code: Code, msg: &str) {
+    Frame::Error(f::ErrorFrame { code, message: msg.as_bytes() }).encode(out);
+}
