@@ -120,6 +120,10 @@ fn bad_input_closes_only_that_connection() {
     let (mut r, _) = raw_client(&node, "twice", None);
     r.send(&hello(&token_for("twice")));
     expect_error_then_eof(&mut r, Code::UnexpectedFrame);
+    // Anything but HELLO first.
+    let mut r = Raw::connect(node.client, Channel::ToClient);
+    r.send_frame(Frame::Ping(1));
+    expect_error_then_eof(&mut r, Code::UnexpectedFrame);
     // A silent client is closed at the handshake deadline.
     let mut r = Raw::connect(node.client, Channel::ToClient);
     let t0 = Instant::now();
@@ -145,7 +149,7 @@ fn bad_input_closes_only_that_connection() {
     assert_eq!(read_delivers(&mut healthy, 1), vec![(1, b"still here".to_vec())]);
     assert_eq!(node.closes("auth_failed"), 3, "wrong secret, garbage token, publisher with a client token");
     assert_eq!(node.closes("token_expired"), 1);
-    assert_eq!(node.closes("protocol_error"), 4, "too large, http, unknown type, unexpected");
+    assert_eq!(node.closes("protocol_error"), 5, "too large, http, unknown type, 2 unexpected");
     assert_eq!(node.closes("unsupported_version"), 1);
     assert_eq!(node.closes("handshake_timeout"), 1);
 }
@@ -192,7 +196,7 @@ fn resume_returns_exactly_the_missed_messages_in_order() {
     std::thread::sleep(Duration::from_millis(100));
     for i in 4..=9 {
         let r = p.publish_confirmed(b"alice", format!("m{i}").as_bytes()).unwrap();
-        assert_eq!(r.no_route, 0, "within grace the stream is retained");
+        assert_eq!((r.local, r.no_route), (0, 1), "no session, but retained within grace");
     }
     let (mut c, w2) = raw_client(&node, "alice", Some(Position { epoch: w.epoch, seq: 3 }));
     assert_eq!((w2.resume, w2.epoch, w2.next_seq), (ResumeResult::Resumed, w.epoch, 4));

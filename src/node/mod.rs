@@ -509,6 +509,10 @@ impl Loop {
     fn frame(&mut self, key: usize, frame: Frame<'_>, now: Instant) -> bool {
         let state = self.conns[key].state;
         match (state, frame) {
+            (State::ClientHandshake | State::IngestHandshake, Frame::Ping(_) | Frame::Pong(_)) => {
+                self.fail(key, Code::UnexpectedFrame, "the first frame must be a HELLO", now);
+                false
+            }
             (_, Frame::Ping(n)) => {
                 let c = &mut self.conns[key];
                 Frame::Pong(n).encode(&mut c.wbuf);
@@ -642,8 +646,9 @@ impl Loop {
         true
     }
 
-    /// Delivers one message to every local session of `user`. Returns
-    /// whether the user has a stream here (online or within grace).
+    /// Delivers one message to every local session of `user`, and retains
+    /// it for resume if the user has a stream here (online or within grace).
+    /// Returns whether it was queued to at least one session.
     fn deliver(&mut self, user: &[u8], payload: &[u8]) -> bool {
         self.m.msgs_in += 1;
         self.turn_msgs += 1;
@@ -652,6 +657,10 @@ impl Loop {
             return false;
         };
         let Some((frame, sessions)) = self.reg.publish(u, payload) else { return false };
+        if sessions.is_empty() {
+            self.m.no_route += 1;
+            return false;
+        }
         for &s in sessions {
             let Some(c) = self.conns.get_mut(s) else { continue };
             if c.pending() + frame.len() > self.cfg.queue_bytes {
