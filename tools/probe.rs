@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -203,12 +203,20 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
             }
         }
     };
+    // stdin: "START <record_after_ns>" then "STOP" (or EOF).
     let stop = Arc::new(AtomicBool::new(false));
+    let record_from = Arc::new(AtomicU64::new(if record_after == 0 { u64::MAX } else { record_after }));
     {
-        let stop = stop.clone();
+        let (stop, record_from) = (stop.clone(), record_from.clone());
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::stdin().read_line(&mut s);
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if let Some(ns) = line.strip_prefix("START ") {
+                    record_from.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
+                } else {
+                    break;
+                }
+            }
             stop.store(true, Ordering::SeqCst);
         });
     }
@@ -268,6 +276,7 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
         if poll.poll(&mut events, Some(Duration::from_millis(50))).is_err() {
             continue;
         }
+        let record_after = record_from.load(Ordering::Relaxed);
         for ev in events.iter() {
             let i = ev.token().0;
             loop {
@@ -368,6 +377,13 @@ struct LoadArgs {
     slo_p99: Option<u64>,
 }
 
+/// Resident set size of a process, KiB.
+fn proc_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let l = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    l.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// utime + stime of a process, in seconds.
 fn proc_cpu(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -393,6 +409,7 @@ fn load(a: LoadArgs) -> i32 {
     let per = a.clients.div_ceil(nworkers);
     let warm_ns = a.warmup * 1_000_000_000;
     let t_connect = Instant::now();
+    let rss0: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_rss_kib(p)).collect();
     // Publishing starts after every worker is READY; the recording threshold
     // is fixed now and passed down, so it must be in the future of READY.
     let mut children = Vec::new();
@@ -449,6 +466,15 @@ fn load(a: LoadArgs) -> i32 {
         readers.len()
     );
 
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, pid) in a.node_pid.iter().enumerate() {
+        if let (Some(r0), Some(r1)) = (rss0[i], proc_rss_kib(*pid)) {
+            println!(
+                "node pid {pid}   rss {r0} KiB before clients, {r1} KiB after: {:.0} bytes per connection",
+                (r1 as f64 - r0 as f64) * 1024.0 / a.clients.max(1) as f64
+            );
+        }
+    }
     // Publisher connections.
     let pub_secret = if a.common.plain {
         Vec::new()
@@ -513,11 +539,16 @@ fn load(a: LoadArgs) -> i32 {
         });
     }
 
-    let cpu0: Vec<Option<f64>> = a.node_pid.iter().map(|&p| proc_cpu(p)).collect();
-    let self0 = self_cpu(libc::RUSAGE_SELF);
-    let start_ns = mono_ns();
+    let start_ns = mono_ns() + 5_000_000;
     let record_after = start_ns + warm_ns;
+    for c in children.iter_mut() {
+        if let Some(s) = c.stdin.as_mut() {
+            let _ = writeln!(s, "START {record_after}");
+            let _ = s.flush();
+        }
+    }
     let total_ns = (a.warmup + a.duration) * 1_000_000_000;
+    let names: Vec<String> = (0..a.clients).map(user_name).collect();
     let mut next_msg = vec![0u32; a.clients];
     let mut sent: u64 = 0;
     let mut sent_recorded: u64 = 0;
@@ -555,7 +586,7 @@ fn load(a: LoadArgs) -> i32 {
             payload[8..12].copy_from_slice(&(u as u32).to_be_bytes());
             payload[12..16].copy_from_slice(&next_msg[u].to_be_bytes());
             next_msg[u] += 1;
-            let name = user_name(u);
+            let name = &names[u];
             let b = &mut bufs[p];
             let w = writers[p].get_or_insert_with(|| BatchWriter::start(b, 0, 0));
             if !w.push(b, name.as_bytes(), b"", &payload) {
@@ -661,14 +692,30 @@ fn load(a: LoadArgs) -> i32 {
                 );
             }
         }
-        let _ = cpu0;
-        let _ = self0;
         println!(
             "probe          publisher cpu {:.2}s, workers cpu {:.2}s (whole run incl. connect)",
             self1 - s0,
             children_cpu
         );
     }
+    let node_cpu_us = cpu_rec0.as_ref().and_then(|(c0, _)| {
+        let tot: f64 = a.node_pid.iter().enumerate().filter_map(|(i, _)| Some(cpu1[i]? - c0[i]?)).sum();
+        (!a.node_pid.is_empty()).then(|| tot / sent_recorded.max(1) as f64 * 1e6)
+    });
+    println!(
+        "SUMMARY clients={} rate={} sent={sent} received={} loss={loss} wrong={} p50={:.1} p90={:.1} p99={:.1} p999={:.1} p9999={:.1} max={:.1} node_cpu_us_per_msg={:.3}",
+        a.clients,
+        a.rate,
+        t.received,
+        t.wrong_user,
+        us(0.5),
+        us(0.9),
+        us(0.99),
+        us(0.999),
+        us(0.9999),
+        hist.max() as f64 / 1000.0,
+        node_cpu_us.unwrap_or(f64::NAN)
+    );
     let mut code = 0;
     if loss != 0 || t.wrong_user != 0 || t.dups != 0 || t.gaps != 0 {
         eprintln!("probe: FAIL: loss, duplicates, gaps or misrouted messages");

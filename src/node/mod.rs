@@ -234,6 +234,7 @@ impl Node {
             to_close: Vec::new(),
             scratch: vec![0u8; 64 * 1024],
             next_session: 1,
+            handshakes: 0,
             turn_msgs: 0,
             accept_paused_until: None,
             drain: None,
@@ -269,6 +270,8 @@ struct Loop {
     to_close: Vec<(usize, Code)>,
     scratch: Vec<u8>,
     next_session: u64,
+    /// Client connections that have not completed the handshake.
+    handshakes: usize,
     /// Messages ingested this turn (for the latency histogram).
     turn_msgs: u64,
     accept_paused_until: Option<Instant>,
@@ -391,7 +394,7 @@ impl Loop {
         let state = match which {
             CLIENT_LISTENER => {
                 self.m.accepts += 1;
-                if self.m.clients as usize + self.handshaking() >= self.cfg.capacity {
+                if self.m.clients as usize + self.handshakes >= self.cfg.capacity {
                     self.m.rejects_full += 1;
                     self.m.close(reason_index(Code::ServerFull));
                     let mut out = Vec::with_capacity(64);
@@ -411,15 +414,12 @@ impl Loop {
         }
         entry.insert(Conn::new(sock, state, now));
         self.m.connections += 1;
+        if state == State::ClientHandshake {
+            self.handshakes += 1;
+        }
         // Data may already be waiting (the HELLO often arrives with the SYN's ACK).
         self.read(key, now);
         self.close_pending(now);
-    }
-
-    fn handshaking(&self) -> usize {
-        // Counted lazily only when near capacity would matter; the slab
-        // holds every connection kind, so subtract the known others.
-        (self.conns.len() as u64).saturating_sub(self.m.clients) as usize
     }
 
     // ------------------------------------------------------------ read
@@ -597,6 +597,7 @@ impl Loop {
         self.next_session += 1;
         let c = &mut self.conns[key];
         c.state = State::Client { user: a.user };
+        self.handshakes -= 1;
         c.session = session;
         Frame::Welcome(f::Welcome {
             version,
@@ -826,9 +827,13 @@ impl Loop {
 
     fn begin_close(&mut self, key: usize, code: Code, now: Instant) {
         let c = &mut self.conns[key];
-        if let State::Client { user } = c.state {
-            self.reg.detach(user, key, now);
-            self.m.clients -= 1;
+        match c.state {
+            State::Client { user } => {
+                self.reg.detach(user, key, now);
+                self.m.clients -= 1;
+            }
+            State::ClientHandshake => self.handshakes -= 1,
+            _ => {}
         }
         c.state = State::Closing { deadline: now + LINGER };
         c.rbuf = Vec::new();
@@ -866,9 +871,13 @@ impl Loop {
         }
         let mut c = self.conns.remove(key);
         let _ = self.poll.registry().deregister(&mut c.sock);
-        if let State::Client { user } = c.state {
-            self.reg.detach(user, key, Instant::now());
-            self.m.clients -= 1;
+        match c.state {
+            State::Client { user } => {
+                self.reg.detach(user, key, Instant::now());
+                self.m.clients -= 1;
+            }
+            State::ClientHandshake => self.handshakes -= 1,
+            _ => {}
         }
         if let Some(i) = count {
             self.m.close(i);

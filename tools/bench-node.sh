@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Node benchmarks (issue: the node), herald against the minimal forwarder in
+# the same run, alternating, 3 repetitions each; prints every run and a
+# table of medians. Usage: tools/bench-node.sh [A B C D]   (default: all)
+#   A: 10,000 clients, 80,000 msg/s, 100 B payload, 1 ms ticks
+#   B: 10,000 clients, 20,000 msg/s
+#   C: 1,000 clients, rising rate until p99 > 10 ms or loss
+#   D: 19,000 idle authenticated connections: node RSS per connection
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --bins -q
+R=target/release
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"; pkill -f "herald-forwarder --listen 127.0.0.1:17500" || true; pkill -f "herald node --id bench" || true' EXIT
+echo client-secret-for-benchmarks >"$dir/cs"
+echo publisher-secret-for-benchmarks >"$dir/ps"
+REPS=${REPS:-3}
+DUR=${DUR:-20}
+scenarios=${*:-A B C D}
+
+start() { # herald|forwarder
+  if [ "$1" = herald ]; then
+    $R/herald node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
+      --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s 2>>"$dir/node.log" &
+  else
+    $R/herald-forwarder --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 2>>"$dir/node.log" &
+  fi
+  PID=$!
+  sleep 0.5
+}
+stop() { kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; sleep 0.5; }
+probe() { # target args...
+  local t=$1; shift
+  local plain=""; [ "$t" = forwarder ] && plain="--plain"
+  $R/herald-probe load --node 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
+    --publisher-secret-file "$dir/ps" --node-pid "$PID" $plain "$@" 2>/dev/null || true
+}
+run() { # scenario target args...
+  local s=$1 t=$2; shift 2
+  start "$t"
+  echo "### $s $t: herald-probe load $*"
+  probe "$t" "$@" | tee -a "$dir/out" | sed "s/^SUMMARY /SUMMARY scenario=$s target=$t /" | tee -a "$dir/summary" | grep -v '^SUMMARY' || true
+  grep '^SUMMARY' "$dir/summary" | tail -1
+  stop
+}
+
+for s in $scenarios; do
+  case $s in
+    A) for i in $(seq "$REPS"); do for t in forwarder herald; do run A $t --clients 10000 --rate 80000 --duration "$DUR" --warmup 2; done; done ;;
+    B) for i in $(seq "$REPS"); do for t in forwarder herald; do run B $t --clients 10000 --rate 20000 --duration "$DUR" --warmup 2; done; done ;;
+    C) for rate in 100000 200000 400000 600000 800000 1000000 1200000 1500000; do
+         for t in forwarder herald; do run "C@$rate" $t --clients 1000 --rate $rate --duration 5 --warmup 1; done
+       done ;;
+    D) for t in forwarder herald; do
+         start "$t"
+         echo "### D $t: 19000 idle connections"
+         probe "$t" --clients 19000 --rate 0 --duration 2 --warmup 0 | grep -E 'rss|clients'
+         stop
+       done ;;
+  esac
+done
+
+echo
+echo "## medians (scenario target: p50 p99 p99.9 max µs, node µs CPU per msg, loss)"
+python3 - "$dir/summary" <<'PY'
+import sys, statistics, collections
+rows = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    kv = dict(p.split('=', 1) for p in line.split()[1:])
+    rows[(kv['scenario'], kv['target'])].append(kv)
+for (s, t), rs in rows.items():
+    med = lambda k: statistics.median(float(r[k]) for r in rs)
+    loss = sum(int(r['loss']) for r in rs)
+    print(f"{s:10} {t:9} p50 {med('p50'):8.1f} p99 {med('p99'):8.1f} p99.9 {med('p999'):8.1f} max {med('max'):8.1f} cpu/msg {med('node_cpu_us_per_msg'):6.2f} loss {loss} (n={len(rs)})")
+PY
