@@ -66,6 +66,8 @@ python3 - "$dir/summary" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
 for line in open(sys.argv[1]):
+    if not line.startswith('SUMMARY'):
+        continue
     kv = dict(p.split('=', 1) for p in line.split()[1:])
     rows[(kv['scenario'], kv['target'])].append(kv)
 for (s, t), rs in rows.items():
