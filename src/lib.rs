@@ -6,6 +6,7 @@
 //!   `protocol.md` is its normative specification.
 //! - [`node`]: the node's event loop, connections, registry, retention, metrics.
 //! - [`client`]: the reference client and the publisher library.
+//! - [`decision`]: the decision server (heartbeat table, assignment, admin) and its client helpers.
 //! - [`cli`]: helpers shared by the command-line tools (secrets, durations).
 //!
 //! The `herald` binary (`src/bin/herald.rs`) is a thin command-line front end
@@ -15,5 +16,6 @@
 
 pub mod cli;
 pub mod client;
+pub mod decision;
 pub mod node;
 pub mod protocol;

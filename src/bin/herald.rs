@@ -141,6 +141,10 @@ enum Cmd {
         #[arg(long)]
         confirm: bool,
     },
+    /// Run a decision server: tell clients which node to use.
+    Decision(herald::decision::cli::DecisionArgs),
+    /// Show or change the settings of decision servers (ceiling, capacity, drain).
+    Admin(herald::decision::cli::AdminArgs),
     /// Print the herald and protocol versions.
     Version,
 }
@@ -296,6 +300,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Decision(a) => herald::decision::cli::run_decision(a),
+        Cmd::Admin(a) => herald::decision::cli::run_admin(a),
         Cmd::Version => {
             println!("herald {} (protocol version {})", env!("CARGO_PKG_VERSION"), herald::protocol::VERSION);
             ExitCode::SUCCESS

@@ -1,0 +1,24 @@
+//! The decision server: tells clients which node to use, from the load the
+//! nodes report in signed UDP heartbeats and the ceiling an admin sets
+//! (protocol.md §7, §8).
+//!
+//! A decision server keeps only soft state: every node heartbeats every
+//! decision server once a second, so a restarted one is complete again after
+//! one interval, and running two or more removes the single point of
+//! failure (clients try them in order). The only state that must survive a
+//! restart, what an admin set, is kept in a small state file.
+//!
+//! - [`table`]: the heartbeat table, assignment policy and admin operations,
+//!   sans-IO (no sockets, no clock; `now` is passed in).
+//! - [`state`]: the admin settings and their state file.
+//! - [`server`]: the mio event loop around the table (TCP requests, UDP heartbeats).
+//! - [`client`]: blocking helpers for clients, nodes, publishers and tools.
+//! - [`cli`]: `herald decision` and `herald admin`.
+
+pub mod cli;
+pub mod client;
+pub mod server;
+pub mod state;
+pub mod table;
+
+pub use server::{Config, DecisionServer, ShutdownHandle, Stats};
