@@ -7,6 +7,7 @@
 //! - [`node`]: the node's event loop, connections, registry, retention, metrics.
 //! - [`client`]: the reference client and the publisher library.
 //! - [`decision`]: the decision server (heartbeat table, assignment, admin) and its client helpers.
+//! - [`swarm`]: thousands of simulated clients on one loop (demo and probe).
 //! - [`cli`]: helpers shared by the command-line tools (secrets, durations).
 //!
 //! The `herald` binary (`src/bin/herald.rs`) is a thin command-line front end
@@ -19,3 +20,4 @@ pub mod client;
 pub mod decision;
 pub mod node;
 pub mod protocol;
+pub mod swarm;

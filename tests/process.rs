@@ -85,3 +85,100 @@ fn sigterm_drains_and_exits_zero() {
 fn sigint_drains_and_exits_zero() {
     drain_on(libc::SIGINT);
 }
+
+/// utime + stime of a process in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &s[s.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+#[test]
+fn out_of_file_descriptors_pauses_accept_without_spinning() {
+    let dir = std::env::temp_dir().join(format!("herald-emfile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cs = write_secret(&dir, "c", CLIENT_SECRET);
+    let ps = write_secret(&dir, "p", PUBLISHER_SECRET);
+    // A node limited to 64 descriptors but told it may hold 1000 clients.
+    let script = format!(
+        "ulimit -n 64 && exec {} node --listen 127.0.0.1:0 --ingest 127.0.0.1:0 --metrics 127.0.0.1:0 \
+         --capacity 1000 --secret-file {} --publisher-secret-file {} --drain-window 200ms --log-every 0",
+        env!("CARGO_BIN_EXE_herald"),
+        cs.display(),
+        ps.display()
+    );
+    let mut child = Command::new("sh").arg("-c").arg(&script).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let field = |m: &str| -> std::net::SocketAddr {
+        line.split(m).nth(1).unwrap().split([',', '\n']).next().unwrap().trim().parse().unwrap()
+    };
+    let (client, ingest) = (field("clients on "), field("ingest on "));
+    let metrics: std::net::SocketAddr =
+        line.split("http://").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+    // One healthy client, and a publisher, before descriptors run out.
+    let mut healthy = Raw::connect(client, Channel::ToClient);
+    let t = token_for("healthy");
+    healthy.send_frame(Frame::Hello(f::Hello {
+        min_version: 1,
+        max_version: 1,
+        token: t.as_bytes(),
+        agent: b"",
+        resume: None,
+    }));
+    assert!(matches!(frame(&healthy.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
+    let mut p = herald::client::Publisher::connect(&ingest.to_string(), &pub_credential()).unwrap();
+    let metric = |name: &str| -> u64 {
+        let body = http_get(metrics, "/metrics");
+        body.lines().find(|l| l.starts_with(name)).unwrap().rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // Now flood it with connections: far more than 64 descriptors.
+    let flood: Vec<std::net::TcpStream> =
+        (0..120).filter_map(|_| std::net::TcpStream::connect(client).ok()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = cpu_seconds(child.id());
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu = cpu_seconds(child.id()) - cpu0;
+    assert!(cpu < 0.3, "the node burned {cpu:.2}s of CPU in 1s while out of descriptors");
+    drop(flood);
+    // It kept serving the established client throughout.
+    p.publish(b"healthy", b"still served").unwrap();
+    p.flush().unwrap();
+    match frame(&healthy.expect(Duration::from_secs(5)), Channel::ToClient) {
+        Frame::Deliver(d) => assert_eq!(d.payload, b"still served"),
+        other => panic!("{other:?}"),
+    }
+    // The /metrics connection itself may have to wait for a descriptor; retry.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut emfile = 0;
+    while emfile == 0 && std::time::Instant::now() < deadline {
+        emfile = metric("herald_accept_emfile_total");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(emfile > 0, "the node never ran out of descriptors: the test proved nothing");
+    // Once descriptors are free again, new clients get in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut r = Raw::connect(client, Channel::ToClient);
+        let t = token_for("later");
+        r.send_frame(Frame::Hello(f::Hello {
+            min_version: 1,
+            max_version: 1,
+            token: t.as_bytes(),
+            agent: b"",
+            resume: None,
+        }));
+        if let Got::Frame(b) = r.next(Duration::from_secs(2)) {
+            if matches!(frame(&b, Channel::ToClient), Frame::Welcome(_)) {
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "accepting never resumed");
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

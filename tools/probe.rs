@@ -22,6 +22,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+mod plot;
 use hdrhistogram::Histogram;
 
 use herald::cli::read_secret;
@@ -90,6 +92,26 @@ enum Cmd {
         /// Exit non-zero if p99 (µs) is over this.
         #[arg(long)]
         slo_p99: Option<u64>,
+        /// Write the percentile distribution here (HdrHistogram .hgrm, µs).
+        #[arg(long)]
+        hgrm: Option<PathBuf>,
+        /// Write a latency-by-percentile SVG plot here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// Title for the plot.
+        #[arg(long, default_value = "herald end-to-end latency")]
+        title: String,
+    },
+    /// Overlay several .hgrm files in one SVG: `plot --out x.svg herald=a.hgrm floor=b.hgrm`.
+    Plot {
+        /// Output SVG path.
+        #[arg(long)]
+        out: PathBuf,
+        /// Plot title.
+        #[arg(long, default_value = "latency by percentile")]
+        title: String,
+        /// NAME=FILE.hgrm pairs.
+        inputs: Vec<String>,
     },
     /// Internal: one worker process holding a share of the clients.
     Worker {
@@ -136,6 +158,9 @@ fn main() {
             workers,
             node_pid,
             slo_p99,
+            hgrm,
+            svg,
+            title,
         } => load(LoadArgs {
             common,
             ingest,
@@ -149,7 +174,33 @@ fn main() {
             workers,
             node_pid,
             slo_p99,
+            hgrm,
+            svg,
+            title,
         }),
+        Cmd::Plot { out, title, inputs } => {
+            let mut series = Vec::new();
+            for i in inputs {
+                let Some((name, path)) = i.split_once('=') else {
+                    eprintln!("probe plot: inputs are NAME=FILE.hgrm, not {i}");
+                    std::process::exit(2);
+                };
+                match std::fs::read_to_string(path) {
+                    Ok(t) => series.push((name.to_owned(), plot::parse_hgrm(&t))),
+                    Err(e) => {
+                        eprintln!("probe plot: {path}: {e}");
+                        std::process::exit(2);
+                    }
+                }
+            }
+            match std::fs::write(&out, plot::svg(&title, &series)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("probe plot: {}: {e}", out.display());
+                    2
+                }
+            }
+        }
     };
     std::process::exit(code);
 }
@@ -375,6 +426,9 @@ struct LoadArgs {
     workers: Option<usize>,
     node_pid: Vec<u32>,
     slo_p99: Option<u64>,
+    hgrm: Option<PathBuf>,
+    svg: Option<PathBuf>,
+    title: String,
 }
 
 /// Resident set size of a process, KiB.
@@ -697,6 +751,17 @@ fn load(a: LoadArgs) -> i32 {
             self1 - s0,
             children_cpu
         );
+    }
+    if let Some(p) = &a.hgrm {
+        if let Err(e) = std::fs::write(p, plot::hgrm(&hist)) {
+            eprintln!("probe: {}: {e}", p.display());
+        }
+    }
+    if let Some(p) = &a.svg {
+        let name = format!("{} clients, {} msg/s", a.clients, a.rate);
+        if let Err(e) = std::fs::write(p, plot::svg(&a.title, &[(name, plot::series(&hist))])) {
+            eprintln!("probe: {}: {e}", p.display());
+        }
     }
     let node_cpu_us = cpu_rec0.as_ref().and_then(|(c0, _)| {
         let tot: f64 = a.node_pid.iter().enumerate().filter_map(|(i, _)| Some(cpu1[i]? - c0[i]?)).sum();

@@ -24,6 +24,24 @@ fn run_node(a: NodeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let cluster_secret = match a.cluster_secret_file.as_deref().map(read_secret).transpose() {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("herald node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !a.decision.is_empty() && cluster_secret.is_empty() {
+        eprintln!("herald node: --decision needs --cluster-secret-file");
+        return ExitCode::from(2);
+    }
+    if a.threads != 1 {
+        eprintln!(
+            "herald node: --threads {} is not supported yet; this release runs one event loop",
+            a.threads
+        );
+        return ExitCode::from(2);
+    }
     let slow_policy = match a.slow_policy.as_str() {
         "disconnect" => SlowPolicy::Disconnect,
         "drop" => SlowPolicy::Drop,
@@ -51,6 +69,10 @@ fn run_node(a: NodeArgs) -> ExitCode {
         retain_total: a.retain_total,
         drain_window: a.drain_window,
         log_every: a.log_every,
+        decision: a.decision,
+        cluster_secret,
+        advertise_ingest: a.advertise_ingest,
+        heartbeat_interval: a.heartbeat_interval,
         ..defaults
     };
     let node = match Node::bind(cfg.clone()) {
@@ -202,6 +224,22 @@ struct NodeArgs {
     /// Log a one-line summary this often (0 disables).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     log_every: std::time::Duration,
+    /// Decision servers, host:port (heartbeats go to the same port over UDP;
+    /// host:tcp/udp names both). Without it the node runs standalone.
+    #[arg(long, value_delimiter = ',')]
+    decision: Vec<String>,
+    /// File holding the cluster secret (heartbeats and mesh links).
+    #[arg(long)]
+    cluster_secret_file: Option<PathBuf>,
+    /// Ingest address other nodes are told to use (default: the --ingest address).
+    #[arg(long)]
+    advertise_ingest: Option<String>,
+    /// How often to heartbeat and refresh the node list.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    heartbeat_interval: std::time::Duration,
+    /// Event-loop threads. This release runs one loop (see README).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 fn main() -> ExitCode {

@@ -38,6 +38,8 @@ pub enum ClientError {
     NoNode,
     /// The connection closed.
     Closed,
+    /// The decision servers have no capacity; ask again after this long.
+    NoCapacity(Duration),
 }
 
 impl fmt::Display for ClientError {
@@ -48,6 +50,7 @@ impl fmt::Display for ClientError {
             ClientError::Protocol(e) => write!(f, "protocol error from node: {e}"),
             ClientError::NoNode => write!(f, "no node address to connect to"),
             ClientError::Closed => write!(f, "connection closed"),
+            ClientError::NoCapacity(d) => write!(f, "no node has capacity; retry after {d:?}"),
         }
     }
 }
@@ -117,6 +120,11 @@ pub struct ClientConfig {
     pub backoff_min: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Decision servers (`host:port`), tried in order. When set, the client
+    /// asks them for a node instead of using `nodes`.
+    pub decision: Vec<String>,
+    /// The user id, sent to the decision servers (informational).
+    pub user: Option<String>,
 }
 
 impl ClientConfig {
@@ -129,9 +137,21 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
+            decision: Vec::new(),
+            user: None,
         }
     }
+
+    /// Settings that ask `decision` servers which node to use.
+    pub fn with_decision(decision: Vec<String>, token: impl Into<String>) -> ClientConfig {
+        ClientConfig { nodes: Vec::new(), decision, ..ClientConfig::new(String::new(), token) }
+    }
 }
+
+/// How many times the cached node is retried before asking the decision servers again.
+const CACHED_TRIES: u32 = 2;
+/// Per-decision-server timeout.
+const DECISION_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Small PRNG for backoff jitter.
 pub(crate) struct Jitter(u64);
@@ -177,6 +197,8 @@ pub struct Client {
     queued: std::collections::VecDeque<Event>,
     reconnects: u64,
     connected_once: bool,
+    cached: Option<String>,
+    cached_failures: u32,
 }
 
 impl Client {
@@ -184,7 +206,7 @@ impl Client {
     /// failures are returned here; network failures are retried by
     /// [`Client::next_event`].
     pub fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
-        if cfg.nodes.is_empty() {
+        if cfg.nodes.is_empty() && cfg.decision.is_empty() {
             return Err(ClientError::NoNode);
         }
         let mut c = Client {
@@ -201,6 +223,8 @@ impl Client {
             queued: Default::default(),
             reconnects: 0,
             connected_once: false,
+            cached: None,
+            cached_failures: 0,
         };
         c.establish()?;
         Ok(c)
@@ -219,6 +243,11 @@ impl Client {
     /// The address of the node currently connected, if any.
     pub fn node_addr(&self) -> Option<SocketAddr> {
         self.session.as_ref().map(|s| s.addr)
+    }
+
+    /// Sets the decision servers to ask from the next (re)connection on.
+    pub fn set_decision(&mut self, servers: Vec<String>) {
+        self.cfg.decision = servers;
     }
 
     /// Replaces the token (e.g. after TOKEN_EXPIRED) for the next connection.
@@ -267,6 +296,11 @@ impl Client {
                 match self.establish() {
                     Ok(()) => continue,
                     Err(e @ ClientError::Rejected { .. }) => return Err(e),
+                    Err(ClientError::NoCapacity(d)) => {
+                        let d = self.jitter.spread(d * 2).max(d);
+                        self.wait_until = Some(Instant::now() + d);
+                        continue;
+                    }
                     Err(e) => {
                         self.schedule_retry(None, &e.to_string());
                         continue;
@@ -372,6 +406,7 @@ impl Client {
                     }
                     GoodbyeAction::AskDecision => {
                         self.node_index += 1;
+                        self.cached = None;
                     }
                     GoodbyeAction::RetryAfter => {}
                 }
@@ -403,23 +438,73 @@ impl Client {
         }
     }
 
-    fn target(&mut self) -> Result<SocketAddr, ClientError> {
-        let name = match self.redirect.take() {
-            Some(r) => r,
-            None => self.cfg.nodes[self.node_index % self.cfg.nodes.len()].clone(),
-        };
-        name.to_socket_addrs()?.next().ok_or(ClientError::NoNode)
+    /// The nodes to try for the next connection, in order: a GOODBYE's
+    /// redirect; else the cached node while it keeps answering (as the
+    /// seed's clients do); else a fresh answer from the decision servers;
+    /// else the static node list.
+    fn candidates(&mut self) -> Result<Vec<String>, ClientError> {
+        if let Some(r) = self.redirect.take() {
+            return Ok(vec![r]);
+        }
+        if let Some(c) = self.cached.clone() {
+            if self.cached_failures < CACHED_TRIES || self.cfg.decision.is_empty() {
+                return Ok(vec![c]);
+            }
+            self.cached = None;
+        }
+        if !self.cfg.decision.is_empty() {
+            let user = self.cfg.user.clone().unwrap_or_default();
+            return match crate::decision::client::assign(
+                &self.cfg.decision,
+                user.as_bytes(),
+                3,
+                DECISION_TIMEOUT,
+            ) {
+                Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
+                    Ok(n.into_iter().map(|a| a.endpoint).collect())
+                }
+                Ok(crate::decision::client::AssignOutcome::NoCapacity { retry_after }) => {
+                    Err(ClientError::NoCapacity(retry_after))
+                }
+                Err(e) => Err(ClientError::Io(io::Error::other(format!("no decision server answered: {e}")))),
+            };
+        }
+        if self.cfg.nodes.is_empty() {
+            return Err(ClientError::NoNode);
+        }
+        Ok(vec![self.cfg.nodes[self.node_index % self.cfg.nodes.len()].clone()])
     }
 
     /// Connects, sends HELLO (resuming if we have a position), reads WELCOME.
     fn establish(&mut self) -> Result<(), ClientError> {
-        let addr = self.target()?;
-        let r = self.handshake(addr);
-        if r.is_err() {
-            // Try the next configured node next time.
-            self.node_index += 1;
+        let mut last = ClientError::NoNode;
+        for name in self.candidates()? {
+            let addr = match name.to_socket_addrs().map(|mut a| a.next()) {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(e) => {
+                    last = e.into();
+                    continue;
+                }
+            };
+            match self.handshake(addr) {
+                Ok(()) => {
+                    self.cached = Some(name);
+                    self.cached_failures = 0;
+                    return Ok(());
+                }
+                Err(e @ ClientError::Rejected { .. }) => return Err(e),
+                Err(e) => {
+                    if self.cached.as_deref() == Some(name.as_str()) {
+                        self.cached_failures += 1;
+                    }
+                    last = e;
+                }
+            }
         }
-        r
+        // Next time, try the next static node.
+        self.node_index += 1;
+        Err(last)
     }
 
     fn handshake(&mut self, addr: SocketAddr) -> Result<(), ClientError> {
@@ -517,6 +602,13 @@ enum After {
 // ---------------------------------------------------------------- publisher
 
 /// A publisher connection to one node (protocol.md §5).
+///
+/// Given several nodes ([`Publisher::connect_any`]) it fails over: when a
+/// write fails it connects to the next node and writes the unsent buffer
+/// again, so a buffer partly taken by the failed node may be delivered twice.
+/// Bytes the kernel accepted just before a node died cannot be seen from a
+/// plain write; where that matters use [`Publisher::publish_confirmed`],
+/// which waits for the node's PUB_RESULT.
 pub struct Publisher {
     sock: TcpStream,
     wbuf: Vec<u8>,
@@ -524,6 +616,12 @@ pub struct Publisher {
     node_id: String,
     next_request: u32,
     last_poll: Instant,
+    nodes: Vec<String>,
+    current: usize,
+    credential: String,
+    failovers: u64,
+    /// PUB_RESULTs read before anyone waited for them.
+    results: std::collections::VecDeque<f::PubResult>,
 }
 
 /// Buffered output is written once it reaches this size.
@@ -533,6 +631,55 @@ impl Publisher {
     /// Connects to a node's ingest endpoint and authenticates with a
     /// credential minted with the publisher secret.
     pub fn connect(addr: &str, credential: &str) -> Result<Publisher, ClientError> {
+        Publisher::connect_any(&[addr.to_owned()], credential)
+    }
+
+    /// Connects to the first node of `nodes` that accepts, and fails over
+    /// between them afterwards.
+    pub fn connect_any(nodes: &[String], credential: &str) -> Result<Publisher, ClientError> {
+        let mut last = ClientError::NoNode;
+        for (i, n) in nodes.iter().enumerate() {
+            match Publisher::open(n, credential) {
+                Ok(mut p) => {
+                    p.nodes = nodes.to_vec();
+                    p.current = i;
+                    return Ok(p);
+                }
+                Err(e @ ClientError::Rejected { .. }) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// How many times this publisher has failed over to another node.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    /// Moves to the next node that accepts, keeping the unsent buffer.
+    fn failover(&mut self) -> Result<(), ClientError> {
+        let n = self.nodes.len();
+        let mut last = ClientError::NoNode;
+        for step in 1..=n.max(1) {
+            let i = (self.current + step) % n.max(1);
+            let Some(addr) = self.nodes.get(i) else { break };
+            match Publisher::open(addr, &self.credential) {
+                Ok(p) => {
+                    self.sock = p.sock;
+                    self.rbuf = p.rbuf;
+                    self.node_id = p.node_id;
+                    self.current = i;
+                    self.failovers += 1;
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    fn open(addr: &str, credential: &str) -> Result<Publisher, ClientError> {
         let a = addr.to_socket_addrs()?.next().ok_or(ClientError::NoNode)?;
         let mut sock = TcpStream::connect_timeout(&a, Duration::from_secs(2))?;
         sock.set_nodelay(true)?;
@@ -552,6 +699,11 @@ impl Publisher {
             node_id: String::new(),
             next_request: 1,
             last_poll: Instant::now(),
+            nodes: vec![addr.to_owned()],
+            current: 0,
+            credential: credential.to_owned(),
+            failovers: 0,
+            results: Default::default(),
         };
         p.node_id = p.read_frame(|f| match f {
             Frame::PubWelcome(w) => Ok(Some(String::from_utf8_lossy(w.node_id).into_owned())),
@@ -613,16 +765,25 @@ impl Publisher {
         self.next_request = self.next_request.wrapping_add(1).max(1);
         f::encode_publish(&mut self.wbuf, PUBLISH_WANT_RESULT, id, user, b"", payload);
         self.flush()?;
-        self.read_frame(|f| match f {
-            Frame::PubResult(r) if r.request_id == id => Ok(Some(r)),
-            _ => Ok(None),
-        })
+        loop {
+            if let Some(i) = self.results.iter().position(|r| r.request_id == id) {
+                return Ok(self.results.remove(i).expect("index from position"));
+            }
+            let r = self.read_frame(|f| match f {
+                Frame::PubResult(r) => Ok(Some(r)),
+                _ => Ok(None),
+            })?;
+            self.results.push_back(r);
+        }
     }
 
     /// Writes everything buffered. Blocks while the node applies back-pressure.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         if !self.wbuf.is_empty() {
-            self.sock.write_all(&self.wbuf)?;
+            if self.sock.write_all(&self.wbuf).is_err() {
+                self.failover()?;
+                self.sock.write_all(&self.wbuf)?;
+            }
             self.wbuf.clear();
         }
         if self.last_poll.elapsed() >= Duration::from_secs(1) {
@@ -650,6 +811,13 @@ impl Publisher {
         while let Decoded::Frame(frame, n) =
             protocol::decode(&self.rbuf, Channel::FromIngest).map_err(ClientError::Protocol)?
         {
+            if let Frame::PubResult(r) = frame {
+                // A result that arrived early: keep it for publish_confirmed.
+                if self.results.len() >= 1024 {
+                    self.results.pop_front();
+                }
+                self.results.push_back(r);
+            }
             let reply = Self::on_control(frame)?;
             self.rbuf.drain(..n);
             if let Some(r) = reply {

@@ -25,6 +25,15 @@ pub enum State {
     IngestHandshake,
     /// Ingest port: an authenticated publisher.
     Publisher,
+    /// Mesh link we dialled: PEER_HELLO sent, waiting for PEER_WELCOME.
+    PeerDialing,
+    /// Mesh link we accepted: PEER_WELCOME sent, waiting for PEER_AUTH.
+    PeerAccepting,
+    /// An authenticated mesh link.
+    Peer {
+        /// Whether we dialled it (decides which channel we read).
+        initiator: bool,
+    },
     /// Metrics port: reading an HTTP request.
     Http,
     /// An ERROR or GOODBYE was queued; write it, stop reading meaningfully,

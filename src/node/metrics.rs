@@ -64,6 +64,8 @@ pub struct Metrics {
     pub msgs_in: u64,
     /// DELIVER frames queued to client sessions.
     pub msgs_out: u64,
+    /// FORWARD frames queued to peers.
+    pub forwarded: u64,
     /// Messages whose user had no session or stream here.
     pub no_route: u64,
     /// Messages dropped for a full client queue (drop policy).
@@ -91,6 +93,7 @@ impl Default for Metrics {
             closes: [0; 12],
             msgs_in: 0,
             msgs_out: 0,
+            forwarded: 0,
             no_route: 0,
             dropped: 0,
             replayed: 0,
@@ -160,7 +163,13 @@ impl Metrics {
         );
         g("messages_in_total", "counter", "Messages received from publishers and peers.", self.msgs_in);
         g("messages_out_total", "counter", "DELIVER frames queued to client sessions.", self.msgs_out);
-        g("messages_no_route_total", "counter", "Messages for users with no session here.", self.no_route);
+        g("messages_forwarded_total", "counter", "Messages forwarded to peer nodes.", self.forwarded);
+        g(
+            "messages_no_route_total",
+            "counter",
+            "Messages for users with no session anywhere.",
+            self.no_route,
+        );
         g("messages_dropped_total", "counter", "Messages dropped for a full client queue.", self.dropped);
         g("messages_replayed_total", "counter", "Messages replayed on resume.", self.replayed);
         g("bytes_in_total", "counter", "Bytes read from sockets.", self.bytes_in);

@@ -17,9 +17,17 @@
 //!
 //! Submodules: [`conn`] (per-connection state and buffers), [`registry`]
 //! (users, sessions, streams, resume decisions), [`retention`] (bounded
-//! message ring), [`metrics`] (counters, Prometheus text).
+//! message ring), [`mesh`] (presence of users on other nodes), [`metrics`]
+//! (counters, Prometheus text).
+//!
+//! Cluster duties run beside the loop: a discovery thread asks the decision
+//! servers for the node list every second and hands it over through a
+//! channel plus one wake; the loop dials missing peers (on short-lived
+//! threads, so a dead peer never blocks it), sends UDP heartbeats, and drains
+//! itself when an admin marks it draining.
 
 pub mod conn;
+pub mod mesh;
 pub mod metrics;
 pub mod registry;
 pub mod retention;
@@ -35,11 +43,13 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use slab::Slab;
 
 use crate::protocol::frame::{self as f, Frame, PUBLISH_WANT_RESULT};
-use crate::protocol::{self, limits, token, Channel, Code, Decoded, GoodbyeAction};
+use crate::protocol::{self, limits, sign, token, Channel, Code, Decoded, GoodbyeAction, PresenceOp};
 use conn::{Conn, State};
+use crossbeam_channel::{Receiver, Sender};
 use metrics::{reason_index, Metrics, QueueDepth};
 use registry::{Registry, RegistryConfig};
 use retention::LogLimits;
+use std::collections::HashMap;
 
 const CLIENT_LISTENER: Token = Token(0);
 const INGEST_LISTENER: Token = Token(1);
@@ -96,6 +106,17 @@ pub struct Config {
     pub drain_window: Duration,
     /// Log a summary line this often (zero: never).
     pub log_every: Duration,
+    /// Decision servers (`host:port`; heartbeats go to the same port over
+    /// UDP, or `host:tcp/udp` to name both). Empty: standalone.
+    pub decision: Vec<String>,
+    /// Cluster secret: signs heartbeats and authenticates mesh links.
+    pub cluster_secret: Vec<u8>,
+    /// Ingest address peers are told to use (default: the bound ingest address).
+    pub advertise_ingest: Option<String>,
+    /// How often to send heartbeats and poll the node list.
+    pub heartbeat_interval: Duration,
+    /// Stop reading publishers while a mesh link has this much pending output.
+    pub peer_backlog: usize,
 }
 
 impl Default for Config {
@@ -119,6 +140,11 @@ impl Default for Config {
             retain_total: 128 << 20,
             drain_window: Duration::from_secs(10),
             log_every: Duration::from_secs(10),
+            decision: Vec::new(),
+            cluster_secret: Vec::new(),
+            advertise_ingest: None,
+            heartbeat_interval: Duration::from_secs(1),
+            peer_backlog: 8 << 20,
         }
     }
 }
@@ -220,6 +246,28 @@ impl Node {
             seed,
         );
         let now = Instant::now();
+        let incarnation = unix_ms();
+        let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+        if !self.cfg.decision.is_empty() {
+            spawn_discovery(
+                self.cfg.decision.clone(),
+                self.cfg.heartbeat_interval,
+                self.handle.stop.clone(),
+                self.handle.waker.clone(),
+                ctl_tx.clone(),
+            );
+        }
+        let advertise = self
+            .cfg
+            .advertise
+            .clone()
+            .unwrap_or_else(|| self.client_l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        let advertise_ingest = self
+            .cfg
+            .advertise_ingest
+            .clone()
+            .unwrap_or_else(|| self.ingest_l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+        let hb = Heartbeater::new(&self.cfg.decision, advertise, advertise_ingest, incarnation);
         let mut l = Loop {
             poll: self.poll,
             client_l: self.client_l,
@@ -242,6 +290,17 @@ impl Node {
             next_log: now + self.cfg.log_every,
             cfg: self.cfg,
             started: now,
+            waker: self.handle.waker,
+            ctl_tx,
+            ctl_rx,
+            presence: mesh::Presence::default(),
+            links: HashMap::new(),
+            presence_out: Vec::new(),
+            parked: Vec::new(),
+            last_dial: HashMap::new(),
+            admin_drain: None,
+            hb,
+            incarnation,
         };
         l.run()
     }
@@ -280,6 +339,40 @@ struct Loop {
     next_log: Instant,
     cfg: Config,
     started: Instant,
+    waker: Arc<Waker>,
+    /// Control messages from the discovery and dial threads.
+    ctl_tx: Sender<Ctl>,
+    ctl_rx: Receiver<Ctl>,
+    /// Users online on other nodes.
+    presence: mesh::Presence,
+    /// Mesh links by connection key.
+    links: HashMap<usize, Link>,
+    /// Local presence changes to send to peers at the end of the turn.
+    presence_out: Vec<(PresenceOp, Box<[u8]>)>,
+    /// Publishers not read while a mesh link is backlogged.
+    parked: Vec<usize>,
+    /// When each peer was last dialled.
+    last_dial: HashMap<String, Instant>,
+    /// Set while an admin drain is moving clients away: (start, clients then).
+    admin_drain: Option<(Instant, usize)>,
+    hb: Heartbeater,
+    incarnation: u64,
+}
+
+/// A mesh link's identity and handshake material.
+struct Link {
+    peer_id: String,
+    nonce_i: [u8; 16],
+    nonce_a: [u8; 16],
+    established: bool,
+}
+
+/// Messages from helper threads to the loop (each followed by one wake).
+enum Ctl {
+    /// The live node list from a decision server.
+    Nodes(Vec<crate::decision::client::NodeInfo>),
+    /// A dial to a peer finished.
+    Dialed(String, io::Result<std::net::TcpStream>),
 }
 
 /// Bytes read from one connection per turn before yielding to the others.
@@ -314,7 +407,7 @@ impl Loop {
                     CLIENT_LISTENER => self.accept(CLIENT_LISTENER, turn_start),
                     INGEST_LISTENER => self.accept(INGEST_LISTENER, turn_start),
                     METRICS_LISTENER => self.accept(METRICS_LISTENER, turn_start),
-                    WAKER => {}
+                    WAKER => self.control(turn_start),
                     Token(t) => {
                         let key = t - FIRST_CONN;
                         if !self.conns.contains(key) {
@@ -336,7 +429,11 @@ impl Loop {
                     self.close_pending(turn_start);
                 }
             }
+            self.send_presence();
             self.flush_dirty(turn_start);
+            if !self.parked.is_empty() && !self.mesh_backlogged() {
+                self.retry_read.append(&mut self.parked);
+            }
             if self.turn_msgs > 0 {
                 let us = turn_start.elapsed().as_micros() as u64;
                 self.m.record_latency(us, self.turn_msgs);
@@ -425,6 +522,13 @@ impl Loop {
     // ------------------------------------------------------------ read
 
     fn read(&mut self, key: usize, now: Instant) {
+        if self.conns.get(key).is_some_and(|c| c.state == State::Publisher) && self.mesh_backlogged() {
+            // Back-pressure: leave its bytes in the kernel until the mesh drains.
+            if !self.parked.contains(&key) {
+                self.parked.push(key);
+            }
+            return;
+        }
         let mut scratch = std::mem::take(&mut self.scratch);
         let mut budget = READ_BUDGET;
         while let Some(c) = self.conns.get_mut(key) {
@@ -464,7 +568,9 @@ impl Loop {
     fn input(&mut self, key: usize, data: &[u8], now: Instant) -> bool {
         let channel = match self.conns[key].state {
             State::ClientHandshake | State::Client { .. } => Channel::ToNode,
-            State::IngestHandshake | State::Publisher => Channel::Ingest,
+            State::IngestHandshake | State::Publisher | State::PeerAccepting => Channel::Ingest,
+            State::Peer { initiator: false } => Channel::Ingest,
+            State::PeerDialing | State::Peer { initiator: true } => Channel::FromIngest,
             State::Http => return self.http_input(key, data, now),
             State::Closing { .. } => return false,
         };
@@ -526,15 +632,30 @@ impl Loop {
             }
             (State::ClientHandshake, Frame::Hello(h)) => self.hello(key, h, now),
             (State::IngestHandshake, Frame::PubHello(h)) => self.pub_hello(key, h, now),
+            (State::IngestHandshake, Frame::PeerHello(h)) => self.peer_hello(key, h, now),
+            (State::PeerDialing, Frame::PeerWelcome(w)) => self.peer_welcome(key, w, now),
+            (State::PeerAccepting, Frame::PeerAuth(a)) => self.peer_auth(key, a, now),
+            (State::Peer { .. }, Frame::Presence(p)) => {
+                self.presence.apply(key, p.flags, &p.entries);
+                true
+            }
+            (State::Peer { .. }, Frame::Forward(fw)) => {
+                self.deliver(fw.user, fw.payload, false);
+                true
+            }
+            (State::Peer { .. } | State::PeerDialing, Frame::Goodbye(_)) => {
+                self.to_close.push((key, Code::Other(0)));
+                false
+            }
             (State::Publisher, Frame::Publish(p)) => {
-                let delivered = self.deliver(p.user, p.payload);
+                let (local, fwd) = self.deliver(p.user, p.payload, true);
                 if p.flags & PUBLISH_WANT_RESULT != 0 {
                     let r = f::PubResult {
                         request_id: p.request_id,
                         accepted: 1,
-                        local: delivered as u16,
-                        forwarded: 0,
-                        no_route: !delivered as u16,
+                        local: local as u16,
+                        forwarded: fwd as u16,
+                        no_route: !(local || fwd) as u16,
                     };
                     Frame::PubResult(r).encode(&mut self.conns[key].wbuf);
                     self.mark_dirty(key);
@@ -542,20 +663,19 @@ impl Loop {
                 true
             }
             (State::Publisher, Frame::PublishBatch(b)) => {
-                let (mut local, mut none) = (0u16, 0u16);
+                let (mut local, mut fwd, mut none) = (0u16, 0u16, 0u16);
                 for e in b.entries.iter() {
-                    if self.deliver(e.user, e.payload) {
-                        local += 1;
-                    } else {
-                        none += 1;
-                    }
+                    let (l, f) = self.deliver(e.user, e.payload, true);
+                    local += l as u16;
+                    fwd += f as u16;
+                    none += !(l || f) as u16;
                 }
                 if b.flags & PUBLISH_WANT_RESULT != 0 {
                     let r = f::PubResult {
                         request_id: b.request_id,
                         accepted: b.entries.len() as u16,
                         local,
-                        forwarded: 0,
+                        forwarded: fwd,
                         no_route: none,
                     };
                     Frame::PubResult(r).encode(&mut self.conns[key].wbuf);
@@ -588,11 +708,14 @@ impl Loop {
                 return false;
             }
         };
-        if self.drain.is_some() {
+        if self.drain.is_some() || self.admin_drain.is_some() {
             self.fail(key, Code::Draining, "node is draining", now);
             return false;
         }
         let a = self.reg.attach(&claims.user, key, h.resume);
+        if a.first_session {
+            self.presence_out.push((PresenceOp::Online, claims.user.into_boxed_slice()));
+        }
         let session = self.next_session;
         self.next_session += 1;
         let c = &mut self.conns[key];
@@ -647,19 +770,38 @@ impl Loop {
         true
     }
 
-    /// Delivers one message to every local session of `user`, and retains
-    /// it for resume if the user has a stream here (online or within grace).
-    /// Returns whether it was queued to at least one session.
-    fn deliver(&mut self, user: &[u8], payload: &[u8]) -> bool {
+    /// Delivers one message to every local session of `user` (retaining it
+    /// for resume if the user has a stream here) and, for a publish (not a
+    /// FORWARD), forwards it to every peer where the user is online.
+    /// Returns (queued to a local session, forwarded to a peer).
+    fn deliver(&mut self, user: &[u8], payload: &[u8], forward: bool) -> (bool, bool) {
         self.m.msgs_in += 1;
         self.turn_msgs += 1;
-        let Some(u) = self.reg.find(user) else {
+        let mut forwarded = false;
+        if forward {
+            for &peer in self.presence.peers_of(user) {
+                let Some(c) = self.conns.get_mut(peer) else { continue };
+                f::encode_forward(&mut c.wbuf, user, b"", payload);
+                self.m.forwarded += 1;
+                forwarded = true;
+                if !c.dirty {
+                    c.dirty = true;
+                    self.dirty.push(peer);
+                }
+            }
+        }
+        let local = self.deliver_local(user, payload);
+        if !local && !forwarded {
             self.m.no_route += 1;
-            return false;
-        };
+        }
+        (local, forwarded)
+    }
+
+    /// Queues a message to the local sessions of `user`; see [`Loop::deliver`].
+    fn deliver_local(&mut self, user: &[u8], payload: &[u8]) -> bool {
+        let Some(u) = self.reg.find(user) else { return false };
         let Some((frame, sessions)) = self.reg.publish(u, payload) else { return false };
         if sessions.is_empty() {
-            self.m.no_route += 1;
             return false;
         }
         for &s in sessions {
@@ -829,11 +971,16 @@ impl Loop {
         let c = &mut self.conns[key];
         match c.state {
             State::Client { user } => {
-                self.reg.detach(user, key, now);
+                if let Some(id) = self.reg.detach(user, key, now) {
+                    self.presence_out.push((PresenceOp::Offline, id.into()));
+                }
                 self.m.clients -= 1;
             }
             State::ClientHandshake => self.handshakes -= 1,
             _ => {}
+        }
+        if self.links.remove(&key).is_some() {
+            self.presence.clear_peer(key);
         }
         c.state = State::Closing { deadline: now + LINGER };
         c.rbuf = Vec::new();
@@ -873,12 +1020,21 @@ impl Loop {
         let _ = self.poll.registry().deregister(&mut c.sock);
         match c.state {
             State::Client { user } => {
-                self.reg.detach(user, key, Instant::now());
+                if let Some(id) = self.reg.detach(user, key, Instant::now()) {
+                    self.presence_out.push((PresenceOp::Offline, id.into()));
+                }
                 self.m.clients -= 1;
             }
             State::ClientHandshake => self.handshakes -= 1,
             _ => {}
         }
+        if let Some(l) = self.links.remove(&key) {
+            self.presence.clear_peer(key);
+            if l.established {
+                eprintln!("herald node {}: mesh link to {} closed", self.cfg.node_id, l.peer_id);
+            }
+        }
+        self.parked.retain(|&k| k != key);
         if let Some(i) = count {
             self.m.close(i);
         }
@@ -892,6 +1048,7 @@ impl Loop {
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept(CLIENT_LISTENER, now);
             self.accept(INGEST_LISTENER, now);
+            self.accept(METRICS_LISTENER, now);
         }
         let hb = self.cfg.heartbeat;
         let hs = self.cfg.handshake_timeout;
@@ -901,12 +1058,16 @@ impl Loop {
             match c.state {
                 State::Closing { deadline } if now >= deadline => expired.push((key, None)),
                 State::Closing { .. } => {}
-                State::ClientHandshake | State::IngestHandshake | State::Http => {
+                State::ClientHandshake
+                | State::IngestHandshake
+                | State::Http
+                | State::PeerDialing
+                | State::PeerAccepting => {
                     if now.saturating_duration_since(c.opened) >= hs {
                         expired.push((key, Some(Code::HandshakeTimeout)));
                     }
                 }
-                State::Client { .. } | State::Publisher => {
+                State::Client { .. } | State::Publisher | State::Peer { .. } => {
                     let idle = now.saturating_duration_since(c.last_rx);
                     if idle >= hb * 3 {
                         expired.push((key, Some(Code::IdleTimeout)));
@@ -929,6 +1090,8 @@ impl Loop {
             self.mark_dirty(key);
         }
         self.reg.sweep(now);
+        self.heartbeat(now);
+        self.admin_drain_step(now);
         if !self.cfg.log_every.is_zero() && now >= self.next_log {
             self.next_log = now + self.cfg.log_every;
             eprintln!("herald node {}: {}", self.cfg.node_id, self.m.summary(self.queue_depth()));
@@ -998,6 +1161,369 @@ impl Loop {
     fn all_flushed(&self) -> bool {
         self.conns.iter().all(|(_, c)| c.pending() == 0)
     }
+
+    // ------------------------------------------------------------ cluster
+
+    fn control(&mut self, now: Instant) {
+        while let Ok(msg) = self.ctl_rx.try_recv() {
+            match msg {
+                Ctl::Nodes(list) => self.on_nodes(list, now),
+                Ctl::Dialed(peer, Ok(stream)) => self.dialed(peer, stream, now),
+                Ctl::Dialed(peer, Err(e)) => {
+                    eprintln!("herald node {}: cannot reach peer {peer}: {e}", self.cfg.node_id)
+                }
+            }
+        }
+    }
+
+    /// The node list from a decision server: follow an admin drain, and dial
+    /// every peer we should link to (the smaller id dials, protocol.md §6.6).
+    fn on_nodes(&mut self, list: Vec<crate::decision::client::NodeInfo>, now: Instant) {
+        let me = self.cfg.node_id.clone();
+        if let Some(mine) = list.iter().find(|n| n.node_id == me) {
+            if mine.draining && self.admin_drain.is_none() && self.drain.is_none() {
+                eprintln!("herald node {me}: drained by an admin; moving {} clients away", self.m.clients);
+                self.admin_drain = Some((now, self.m.clients as usize));
+            } else if !mine.draining && self.admin_drain.is_some() {
+                eprintln!("herald node {me}: undrained by an admin; accepting clients again");
+                self.admin_drain = None;
+            }
+        }
+        if self.cfg.cluster_secret.is_empty() || self.drain.is_some() {
+            return;
+        }
+        for n in list {
+            if n.node_id.as_bytes() <= me.as_bytes() || self.links.values().any(|l| l.peer_id == n.node_id) {
+                continue;
+            }
+            if self
+                .last_dial
+                .get(&n.node_id)
+                .is_some_and(|t| now.saturating_duration_since(*t) < Duration::from_secs(1))
+            {
+                continue;
+            }
+            self.last_dial.insert(n.node_id.clone(), now);
+            let (tx, waker) = (self.ctl_tx.clone(), self.waker.clone());
+            std::thread::spawn(move || {
+                let r = std::net::ToSocketAddrs::to_socket_addrs(&n.ingest_endpoint)
+                    .and_then(|mut a| a.next().ok_or_else(|| io::Error::other("no address")))
+                    .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)));
+                let _ = tx.send(Ctl::Dialed(n.node_id, r));
+                let _ = waker.wake();
+            });
+        }
+    }
+
+    fn dialed(&mut self, peer: String, stream: std::net::TcpStream, now: Instant) {
+        if self.links.values().any(|l| l.peer_id == peer) || stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let mut sock = TcpStream::from_std(stream);
+        let _ = sock.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        if self.poll.registry().register(&mut sock, Token(key + FIRST_CONN), Interest::READABLE).is_err() {
+            return;
+        }
+        let mut c = Conn::new(sock, State::PeerDialing, now);
+        let nonce_i = random_nonce();
+        Frame::PeerHello(f::PeerHello {
+            min_version: protocol::VERSION,
+            max_version: protocol::VERSION,
+            node_id: self.cfg.node_id.as_bytes(),
+            incarnation: self.incarnation,
+            nonce: nonce_i,
+        })
+        .encode(&mut c.wbuf);
+        entry.insert(c);
+        self.m.connections += 1;
+        self.links.insert(key, Link { peer_id: peer, nonce_i, nonce_a: [0; 16], established: false });
+        self.mark_dirty(key);
+    }
+
+    fn peer_hello(&mut self, key: usize, h: f::PeerHello<'_>, now: Instant) -> bool {
+        if self.cfg.cluster_secret.is_empty() {
+            self.fail(key, Code::AuthFailed, "this node has no cluster secret", now);
+            return false;
+        }
+        let Some(version) = f::negotiate(h.min_version, h.max_version) else {
+            self.fail(key, Code::UnsupportedVersion, "this node speaks protocol version 1", now);
+            return false;
+        };
+        let nonce_a = random_nonce();
+        let me = self.cfg.node_id.as_bytes();
+        let tag = sign::peer_acceptor_tag(&self.cfg.cluster_secret, &h.nonce, &nonce_a, h.node_id, me);
+        let c = &mut self.conns[key];
+        Frame::PeerWelcome(f::PeerWelcome {
+            version,
+            node_id: me,
+            incarnation: self.incarnation,
+            nonce: nonce_a,
+            tag,
+        })
+        .encode(&mut c.wbuf);
+        c.state = State::PeerAccepting;
+        let peer_id = String::from_utf8_lossy(h.node_id).into_owned();
+        self.links.insert(key, Link { peer_id, nonce_i: h.nonce, nonce_a, established: false });
+        self.mark_dirty(key);
+        true
+    }
+
+    fn peer_welcome(&mut self, key: usize, w: f::PeerWelcome<'_>, now: Instant) -> bool {
+        let Some(link) = self.links.get_mut(&key) else { return false };
+        let me = self.cfg.node_id.as_bytes();
+        let expected = sign::peer_acceptor_tag(
+            &self.cfg.cluster_secret,
+            &link.nonce_i,
+            &w.nonce,
+            me,
+            link.peer_id.as_bytes(),
+        );
+        if w.node_id != link.peer_id.as_bytes() || !sign::tags_equal(&expected, &w.tag) {
+            self.fail(key, Code::AuthFailed, "peer proof does not verify", now);
+            return false;
+        }
+        link.nonce_a = w.nonce;
+        let tag = sign::peer_initiator_tag(&self.cfg.cluster_secret, &link.nonce_i, &w.nonce, me, w.node_id);
+        let c = &mut self.conns[key];
+        Frame::PeerAuth(f::PeerAuth { tag }).encode(&mut c.wbuf);
+        c.state = State::Peer { initiator: true };
+        self.link_up(key, now);
+        true
+    }
+
+    fn peer_auth(&mut self, key: usize, a: f::PeerAuth, now: Instant) -> bool {
+        let Some(link) = self.links.get(&key) else { return false };
+        let expected = sign::peer_initiator_tag(
+            &self.cfg.cluster_secret,
+            &link.nonce_i,
+            &link.nonce_a,
+            link.peer_id.as_bytes(),
+            self.cfg.node_id.as_bytes(),
+        );
+        if !sign::tags_equal(&expected, &a.tag) {
+            self.fail(key, Code::AuthFailed, "peer proof does not verify", now);
+            return false;
+        }
+        self.conns[key].state = State::Peer { initiator: false };
+        self.link_up(key, now);
+        true
+    }
+
+    /// A link is authenticated: replace any older link to the same peer and
+    /// send our presence snapshot.
+    fn link_up(&mut self, key: usize, _now: Instant) {
+        let peer = match self.links.get_mut(&key) {
+            Some(l) => {
+                l.established = true;
+                l.peer_id.clone()
+            }
+            None => return,
+        };
+        let older: Vec<usize> =
+            self.links.iter().filter(|(&k, l)| k != key && l.peer_id == peer).map(|(&k, _)| k).collect();
+        for k in older {
+            self.remove(k, Some(0));
+        }
+        let c = &mut self.conns[key];
+        mesh::encode_snapshot(&mut c.wbuf, self.reg.online());
+        eprintln!("herald node {}: mesh link to {peer} up", self.cfg.node_id);
+        self.mark_dirty(key);
+    }
+
+    /// Sends this turn's local presence changes to every linked peer, in one frame.
+    fn send_presence(&mut self) {
+        if self.presence_out.is_empty() {
+            return;
+        }
+        let mut frame = Vec::new();
+        mesh::encode_delta(&mut frame, &self.presence_out);
+        self.presence_out.clear();
+        let up: Vec<usize> = self.links.iter().filter(|(_, l)| l.established).map(|(&k, _)| k).collect();
+        for k in up {
+            if let Some(c) = self.conns.get_mut(k) {
+                c.wbuf.extend_from_slice(&frame);
+                self.mark_dirty(k);
+            }
+        }
+    }
+
+    fn mesh_backlogged(&self) -> bool {
+        self.links.keys().any(|k| self.conns.get(*k).is_some_and(|c| c.pending() > self.cfg.peer_backlog))
+    }
+
+    fn heartbeat(&mut self, now: Instant) {
+        let flags = if self.drain.is_some() { f::NODE_DRAINING } else { 0 };
+        self.hb.maybe_send(now, &self.cfg, &self.m, flags);
+    }
+
+    /// Moves clients away while an admin drain is on, spread over the window.
+    fn admin_drain_step(&mut self, now: Instant) {
+        let Some((_, total)) = self.admin_drain else { return };
+        if self.drain.is_some() {
+            return;
+        }
+        let ticks = (self.cfg.drain_window.as_millis() / TICK.as_millis()).max(1) as usize;
+        let per_tick = total.div_ceil(ticks).max(1);
+        let keys: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Client { .. }))
+            .map(|(k, _)| k)
+            .take(per_tick)
+            .collect();
+        for k in keys {
+            self.goodbye(k, Code::Draining, GoodbyeAction::AskDecision, 0, now);
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// 16 bytes from the OS's CSPRNG (mesh challenges must be unpredictable).
+fn random_nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    // SAFETY: getrandom writes at most 16 bytes into our buffer.
+    let got = unsafe { libc::getrandom(n.as_mut_ptr().cast(), n.len(), 0) };
+    if got != 16 {
+        // Fall back to time and address entropy; still unique per call.
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        n.copy_from_slice(&t.to_le_bytes());
+    }
+    n
+}
+
+/// Splits a `--decision` entry into its TCP and UDP addresses:
+/// `host:port` (both) or `host:tcp/udp`.
+pub fn decision_endpoints(s: &str) -> (String, String) {
+    match s.rsplit_once(':') {
+        Some((host, ports)) => match ports.split_once('/') {
+            Some((t, u)) => (format!("{host}:{t}"), format!("{host}:{u}")),
+            None => (s.to_owned(), s.to_owned()),
+        },
+        None => (s.to_owned(), s.to_owned()),
+    }
+}
+
+/// Asks the decision servers for the node list every `interval` and hands it
+/// to the loop; exits when the node stops.
+fn spawn_discovery(
+    servers: Vec<String>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    tx: Sender<Ctl>,
+) {
+    let tcp: Vec<String> = servers.iter().map(|s| decision_endpoints(s).0).collect();
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            if let Ok(list) = crate::decision::client::nodes(&tcp, Duration::from_millis(500)) {
+                if tx.send(Ctl::Nodes(list)).is_err() {
+                    return;
+                }
+                let _ = waker.wake();
+            }
+            std::thread::sleep(interval);
+        }
+    });
+}
+
+/// Sends signed UDP heartbeats (protocol.md §8) to every decision server.
+struct Heartbeater {
+    sock: Option<std::net::UdpSocket>,
+    targets: Vec<SocketAddr>,
+    client_endpoint: String,
+    ingest_endpoint: String,
+    incarnation: u64,
+    seq: u64,
+    next: Option<Instant>,
+    last: Option<(Instant, u64, u64, f64)>,
+    buf: Vec<u8>,
+}
+
+impl Heartbeater {
+    fn new(
+        decision: &[String],
+        client_endpoint: String,
+        ingest_endpoint: String,
+        incarnation: u64,
+    ) -> Heartbeater {
+        let targets: Vec<SocketAddr> = decision
+            .iter()
+            .filter_map(|d| std::net::ToSocketAddrs::to_socket_addrs(&decision_endpoints(d).1).ok()?.next())
+            .collect();
+        let sock = (!targets.is_empty())
+            .then(|| {
+                std::net::UdpSocket::bind("0.0.0.0:0").and_then(|s| s.set_nonblocking(true).map(|_| s)).ok()
+            })
+            .flatten();
+        Heartbeater {
+            sock,
+            targets,
+            client_endpoint,
+            ingest_endpoint,
+            incarnation,
+            seq: 0,
+            next: None,
+            last: None,
+            buf: Vec::with_capacity(512),
+        }
+    }
+
+    fn maybe_send(&mut self, now: Instant, cfg: &Config, m: &Metrics, flags: u8) {
+        let Some(sock) = self.sock.as_ref() else { return };
+        if self.next.is_some_and(|t| now < t) {
+            return;
+        }
+        self.next = Some(now + cfg.heartbeat_interval);
+        let cpu = process_cpu_seconds();
+        let (in_rate, out_rate, permille) = match self.last {
+            Some((t, i, o, c)) => {
+                let dt = now.saturating_duration_since(t).as_secs_f64().max(0.001);
+                (
+                    ((m.msgs_in - i) as f64 / dt) as u32,
+                    ((m.msgs_out - o) as f64 / dt) as u32,
+                    ((cpu - c) / dt * 1000.0).clamp(0.0, 65535.0) as u16,
+                )
+            }
+            None => (0, 0, 0),
+        };
+        self.last = Some((now, m.msgs_in, m.msgs_out, cpu));
+        self.seq += 1;
+        self.buf.clear();
+        Frame::Heartbeat(f::Heartbeat {
+            version: protocol::VERSION,
+            node_id: cfg.node_id.as_bytes(),
+            incarnation: self.incarnation,
+            seq: self.seq,
+            sent_at_ms: unix_ms(),
+            client_endpoint: self.client_endpoint.as_bytes(),
+            ingest_endpoint: self.ingest_endpoint.as_bytes(),
+            connections: m.clients as u32,
+            capacity: cfg.capacity as u32,
+            flags,
+            msgs_in_per_s: in_rate,
+            msgs_out_per_s: out_rate,
+            cpu_permille: permille,
+        })
+        .encode_signed(&mut self.buf, &cfg.cluster_secret);
+        for t in &self.targets {
+            let _ = sock.send_to(&self.buf, t);
+        }
+    }
+}
+
+/// This process's user + system CPU time, seconds.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// Appends an ERROR frame.

@@ -45,6 +45,8 @@ pub struct Attach {
     pub next_seq: u64,
     /// Replay retained messages from this seq, if any are owed.
     pub replay_from: Option<u64>,
+    /// Whether this is the user's only session (the user just came online).
+    pub first_session: bool,
 }
 
 /// Bounds and timing of the registry.
@@ -127,7 +129,8 @@ impl Registry {
                 None => (ResumeResult::Gap, live, None),
             },
         };
-        Attach { user: idx, result, epoch: u.epoch, next_seq, replay_from }
+        let first_session = u.sessions.len() == 1;
+        Attach { user: idx, result, epoch: u.epoch, next_seq, replay_from, first_session }
     }
 
     /// Appends retained DELIVER frames from `from` to `out`; returns how many.
@@ -135,14 +138,18 @@ impl Registry {
         self.users.get(user).map_or(0, |u| u.log.replay(&self.ring, from, out))
     }
 
-    /// Removes session `conn` of `user`; the user is kept for the grace period.
-    pub fn detach(&mut self, user: UserIdx, conn: usize, now: Instant) {
-        if let Some(u) = self.users.get_mut(user) {
-            u.sessions.retain(|&c| c != conn);
-            if u.sessions.is_empty() {
-                u.idle_since = Some(now);
-            }
+    /// Removes session `conn` of `user`; the user is kept for the grace
+    /// period. Returns the user id if that was its last session (the user
+    /// just went offline).
+    pub fn detach(&mut self, user: UserIdx, conn: usize, now: Instant) -> Option<&[u8]> {
+        let u = self.users.get_mut(user)?;
+        let before = u.sessions.len();
+        u.sessions.retain(|&c| c != conn);
+        if u.sessions.is_empty() && before > 0 {
+            u.idle_since = Some(now);
+            return Some(&u.id);
         }
+        None
     }
 
     /// Looks a user up by id.

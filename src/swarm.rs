@@ -1,0 +1,500 @@
+//! Many simulated clients on one mio loop: what `herald demo` and
+//! `herald-probe` use to stand in for thousands of trading desks.
+//!
+//! Each simulated client connects (directly, or to the node a decision
+//! server assigns), authenticates, and checks every DELIVER it gets: the
+//! payload starts with a [`Stamp`] naming the intended send time, the user it
+//! was meant for and that user's message number, so the swarm can tell a
+//! message that went to the wrong user, a duplicate, or a loss, and measure
+//! latency from the *intended* send time (corrected for coordinated
+//! omission). With `reconnect` on, a client whose connection drops (node
+//! killed, drained) gets a new node and resumes; losses the protocol
+//! announced (a RESTARTED or GAP welcome) are counted apart from silent ones.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::protocol::frame::{self as f, Frame};
+use crate::protocol::{decode, token, Channel, Decoded, Position, ResumeResult, VERSION};
+
+/// The first 16 bytes of every payload the probe and the demo publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Intended send time, CLOCK_MONOTONIC nanoseconds.
+    pub sent_ns: u64,
+    /// Index of the user the message is for.
+    pub user: u32,
+    /// That user's message number, from 0.
+    pub msg: u32,
+}
+
+impl Stamp {
+    /// Bytes in a stamp.
+    pub const LEN: usize = 16;
+
+    /// Writes the stamp into the first 16 bytes of `p` (which must be that long).
+    pub fn write(&self, p: &mut [u8]) {
+        p[0..8].copy_from_slice(&self.sent_ns.to_be_bytes());
+        p[8..12].copy_from_slice(&self.user.to_be_bytes());
+        p[12..16].copy_from_slice(&self.msg.to_be_bytes());
+    }
+
+    /// Reads a stamp from the start of a payload.
+    pub fn read(p: &[u8]) -> Option<Stamp> {
+        let b: &[u8; 16] = p.get(..16)?.try_into().ok()?;
+        Some(Stamp {
+            sent_ns: u64::from_be_bytes(b[0..8].try_into().ok()?),
+            user: u32::from_be_bytes(b[8..12].try_into().ok()?),
+            msg: u32::from_be_bytes(b[12..16].try_into().ok()?),
+        })
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for every process on the machine.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the struct we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The user id of simulated user `i`.
+pub fn user_name(i: usize) -> String {
+    format!("u{i}")
+}
+
+/// How the swarm finds and authenticates with nodes.
+#[derive(Debug, Clone, Default)]
+pub struct SwarmConfig {
+    /// First user index.
+    pub first: usize,
+    /// Number of clients.
+    pub count: usize,
+    /// Node client endpoints; user `i` uses `nodes[i % len]` unless `decision` is set.
+    pub nodes: Vec<String>,
+    /// Decision servers to ask for a node.
+    pub decision: Vec<String>,
+    /// Client-token secret (empty with `plain`).
+    pub secret: Vec<u8>,
+    /// Target is the minimal forwarder: the token is the user id.
+    pub plain: bool,
+    /// Local source addresses to spread connections over.
+    pub source: Vec<IpAddr>,
+    /// Reconnect (and resume) when a connection drops.
+    pub reconnect: bool,
+}
+
+/// What the swarm counted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Messages received.
+    pub received: u64,
+    /// Messages for another user (must be 0).
+    pub wrong_user: u64,
+    /// Messages seen twice.
+    pub dups: u64,
+    /// Messages missing without the protocol saying so (must be 0).
+    pub silent_gaps: u64,
+    /// Messages missing across a RESTARTED/GAP welcome: lost, but announced.
+    pub announced_gaps: u64,
+    /// Connections that closed.
+    pub closed: u64,
+    /// Successful reconnections.
+    pub reconnects: u64,
+    /// Clients that completed the handshake at least once.
+    pub welcomed: u64,
+}
+
+impl Tally {
+    /// Adds another tally.
+    pub fn add(&mut self, o: &Tally) {
+        self.received += o.received;
+        self.wrong_user += o.wrong_user;
+        self.dups += o.dups;
+        self.silent_gaps += o.silent_gaps;
+        self.announced_gaps += o.announced_gaps;
+        self.closed += o.closed;
+        self.reconnects += o.reconnects;
+        self.welcomed += o.welcomed;
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Handshake,
+    Live,
+    Down { retry_at: Instant },
+}
+
+struct SConn {
+    sock: Option<mio::net::TcpStream>,
+    user: u32,
+    phase: Phase,
+    next_msg: u32,
+    /// After a RESTARTED/GAP welcome the next jump in msg numbers is announced.
+    announced: bool,
+    ever_welcomed: bool,
+    pos: Option<Position>,
+    node: String,
+    rbuf: Vec<u8>,
+    failures: u32,
+}
+
+/// The simulated clients. See the module docs.
+pub struct Swarm {
+    cfg: SwarmConfig,
+    poll: mio::Poll,
+    conns: Vec<SConn>,
+    /// Latency from intended send time, nanoseconds.
+    pub hist: Histogram<u64>,
+    /// Counts.
+    pub tally: Tally,
+    /// Messages stamped before this (monotonic ns) are not recorded in `hist`.
+    pub record_after: u64,
+    scratch: Vec<u8>,
+    events: mio::Events,
+    expires: u64,
+    /// Clients currently connected and welcomed.
+    pub live: usize,
+}
+
+fn connect_one(node: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    match source {
+        None => TcpStream::connect_timeout(&node, Duration::from_secs(2)),
+        Some(ip) => {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::for_address(node), Type::STREAM, None)?;
+            s.bind(&SocketAddr::new(ip, 0).into())?;
+            s.connect_timeout(&node.into(), Duration::from_secs(2))?;
+            Ok(s.into())
+        }
+    }
+}
+
+impl Swarm {
+    /// A swarm of `cfg.count` clients; nothing is connected yet.
+    pub fn new(cfg: SwarmConfig) -> std::io::Result<Swarm> {
+        let now = Instant::now();
+        let conns = (0..cfg.count)
+            .map(|i| SConn {
+                sock: None,
+                user: (cfg.first + i) as u32,
+                phase: Phase::Down { retry_at: now },
+                next_msg: 0,
+                announced: false,
+                ever_welcomed: false,
+                pos: None,
+                node: String::new(),
+                rbuf: Vec::new(),
+                failures: 0,
+            })
+            .collect();
+        let expires = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+            + 7 * 86_400;
+        Ok(Swarm {
+            cfg,
+            poll: mio::Poll::new()?,
+            conns,
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
+            tally: Tally::default(),
+            record_after: u64::MAX,
+            scratch: vec![0u8; 256 * 1024],
+            events: mio::Events::with_capacity(4096),
+            expires,
+            live: 0,
+        })
+    }
+
+    /// Number of clients.
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Whether the swarm has no clients.
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Clients per node endpoint, for status lines.
+    pub fn per_node(&self) -> Vec<(String, usize)> {
+        let mut m: std::collections::BTreeMap<String, usize> = Default::default();
+        for c in &self.conns {
+            if c.phase == Phase::Live {
+                *m.entry(c.node.clone()).or_default() += 1;
+            }
+        }
+        m.into_iter().collect()
+    }
+
+    fn pick_node(&self, i: usize) -> Option<String> {
+        let c = &self.conns[i];
+        if !c.node.is_empty() && c.failures == 0 && self.cfg.decision.is_empty() {
+            return Some(c.node.clone());
+        }
+        if !self.cfg.decision.is_empty() {
+            if !c.node.is_empty() && c.failures == 0 {
+                return Some(c.node.clone());
+            }
+            let name = user_name(c.user as usize);
+            return match crate::decision::client::assign(
+                &self.cfg.decision,
+                name.as_bytes(),
+                3,
+                Duration::from_millis(500),
+            ) {
+                Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
+                    let k = (c.failures as usize).min(n.len().saturating_sub(1));
+                    n.get(k).map(|a| a.endpoint.clone())
+                }
+                _ => None,
+            };
+        }
+        let n = self.cfg.nodes.len();
+        (n > 0).then(|| self.cfg.nodes[(c.user as usize + c.failures as usize) % n].clone())
+    }
+
+    /// Starts the connection of client `i` (blocking connect, then HELLO).
+    fn start(&mut self, i: usize, now: Instant) {
+        let Some(node) = self.pick_node(i) else {
+            self.conns[i].phase = Phase::Down { retry_at: now + Duration::from_millis(500) };
+            return;
+        };
+        let addr = match std::net::ToSocketAddrs::to_socket_addrs(&node).ok().and_then(|mut a| a.next()) {
+            Some(a) => a,
+            None => {
+                self.fail(i, now);
+                return;
+            }
+        };
+        let src = (!self.cfg.source.is_empty()).then(|| self.cfg.source[i % self.cfg.source.len()]);
+        let s = match connect_one(addr, src) {
+            Ok(s) => s,
+            Err(_) => {
+                self.conns[i].node = node;
+                self.fail(i, now);
+                return;
+            }
+        };
+        let _ = s.set_nodelay(true);
+        let name = user_name(self.conns[i].user as usize);
+        let tok = if self.cfg.plain {
+            name
+        } else {
+            token::mint(&self.cfg.secret, name.as_bytes(), self.expires).unwrap_or_default()
+        };
+        let resume = if self.cfg.reconnect { self.conns[i].pos } else { None };
+        let hello = Frame::Hello(f::Hello {
+            min_version: VERSION,
+            max_version: VERSION,
+            token: tok.as_bytes(),
+            agent: b"herald-swarm",
+            resume,
+        })
+        .to_vec();
+        if (&s).write_all(&hello).is_err() || s.set_nonblocking(true).is_err() {
+            self.fail(i, now);
+            return;
+        }
+        let mut sock = mio::net::TcpStream::from_std(s);
+        if self.poll.registry().register(&mut sock, mio::Token(i), mio::Interest::READABLE).is_err() {
+            self.fail(i, now);
+            return;
+        }
+        let c = &mut self.conns[i];
+        c.sock = Some(sock);
+        c.node = node;
+        c.rbuf.clear();
+        if self.cfg.plain {
+            c.phase = Phase::Live;
+            self.live += 1;
+            if !c.ever_welcomed {
+                c.ever_welcomed = true;
+                self.tally.welcomed += 1;
+            }
+        } else {
+            c.phase = Phase::Handshake;
+        }
+    }
+
+    fn fail(&mut self, i: usize, now: Instant) {
+        let c = &mut self.conns[i];
+        if let Some(mut s) = c.sock.take() {
+            let _ = self.poll.registry().deregister(&mut s);
+        }
+        if c.phase == Phase::Live {
+            self.live -= 1;
+        }
+        c.failures = c.failures.saturating_add(1);
+        let backoff = Duration::from_millis((50u64 << c.failures.min(6)).min(2000));
+        // Spread retries so a node's clients do not all return at once.
+        let jitter = Duration::from_millis((i as u64 * 7919) % (backoff.as_millis() as u64 + 1));
+        c.phase = Phase::Down { retry_at: now + backoff / 2 + jitter / 2 };
+    }
+
+    /// Connects every client, calling `progress(welcomed)` now and then.
+    /// Returns how many completed the handshake within `timeout`.
+    pub fn connect_all(&mut self, timeout: Duration, mut progress: impl FnMut(usize)) -> usize {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.conns.len() {
+            self.start(i, Instant::now());
+            if i % 256 == 255 {
+                self.step(Duration::ZERO);
+                progress(self.tally.welcomed as usize);
+            }
+        }
+        while (self.tally.welcomed as usize) < self.conns.len() && Instant::now() < deadline {
+            self.step(Duration::from_millis(20));
+            progress(self.tally.welcomed as usize);
+        }
+        self.tally.welcomed as usize
+    }
+
+    /// One poll: reads what arrived, restarts clients whose retry time came.
+    pub fn step(&mut self, timeout: Duration) {
+        let mut events = std::mem::replace(&mut self.events, mio::Events::with_capacity(1));
+        if self.poll.poll(&mut events, Some(timeout)).is_err() {
+            self.events = events;
+            return;
+        }
+        let now = Instant::now();
+        for ev in events.iter() {
+            self.read(ev.token().0, now);
+        }
+        self.events = events;
+        if self.cfg.reconnect || self.tally.welcomed < self.conns.len() as u64 {
+            for i in 0..self.conns.len() {
+                if let Phase::Down { retry_at } = self.conns[i].phase {
+                    if now >= retry_at && (self.cfg.reconnect || !self.conns[i].ever_welcomed) {
+                        self.start(i, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn read(&mut self, i: usize, now: Instant) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(sock) = self.conns.get_mut(i).and_then(|c| c.sock.as_mut()) {
+            match sock.read(&mut scratch) {
+                Ok(0) => {
+                    self.tally.closed += 1;
+                    self.fail(i, now);
+                    break;
+                }
+                Ok(n) => {
+                    let t = mono_ns();
+                    let mut buf = std::mem::take(&mut self.conns[i].rbuf);
+                    buf.extend_from_slice(&scratch[..n]);
+                    let used = self.frames(i, &buf, t, now);
+                    if self.conns[i].sock.is_none() {
+                        break;
+                    }
+                    buf.drain(..used);
+                    self.conns[i].rbuf = buf;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.tally.closed += 1;
+                    self.fail(i, now);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Handles complete frames in `buf`; returns the bytes used.
+    fn frames(&mut self, i: usize, buf: &[u8], t: u64, now: Instant) -> usize {
+        let mut at = 0;
+        while let Ok(Decoded::Frame(fr, used)) = decode(&buf[at..], Channel::ToClient) {
+            at += used;
+            let c = &mut self.conns[i];
+            match fr {
+                Frame::Deliver(d) => {
+                    c.pos = Some(Position { epoch: d.epoch, seq: d.seq });
+                    let Some(st) = Stamp::read(d.payload) else { continue };
+                    self.tally.received += 1;
+                    if st.user != c.user {
+                        self.tally.wrong_user += 1;
+                    }
+                    if st.msg < c.next_msg {
+                        self.tally.dups += 1;
+                    } else {
+                        let missing = (st.msg - c.next_msg) as u64;
+                        if c.announced {
+                            self.tally.announced_gaps += missing;
+                        } else {
+                            self.tally.silent_gaps += missing;
+                        }
+                        c.announced = false;
+                        c.next_msg = st.msg + 1;
+                    }
+                    if st.sent_ns >= self.record_after {
+                        let _ = self.hist.record(t.saturating_sub(st.sent_ns).max(1));
+                    }
+                }
+                Frame::Welcome(w) if c.phase == Phase::Handshake => {
+                    c.phase = Phase::Live;
+                    self.live += 1;
+                    if c.ever_welcomed {
+                        self.tally.reconnects += 1;
+                    } else {
+                        self.tally.welcomed += 1;
+                        c.ever_welcomed = true;
+                    }
+                    c.failures = 0;
+                    if matches!(w.resume, ResumeResult::Restarted | ResumeResult::Gap) {
+                        c.announced = true;
+                    }
+                    if w.resume != ResumeResult::Resumed {
+                        c.pos = Some(Position { epoch: w.epoch, seq: w.next_seq.saturating_sub(1) });
+                    }
+                }
+                Frame::Ping(p) => {
+                    let pong = Frame::Pong(p).to_vec();
+                    if let Some(s) = c.sock.as_mut() {
+                        let _ = s.write(&pong);
+                    }
+                }
+                Frame::Goodbye(g) => {
+                    // Move: ask again (decision) or retry, after the delay.
+                    let delay = Duration::from_millis(g.delay_ms as u64);
+                    c.node.clear();
+                    self.tally.closed += 1;
+                    self.fail(i, now);
+                    self.conns[i].failures = 0;
+                    self.conns[i].phase = Phase::Down { retry_at: now + delay };
+                    return at;
+                }
+                Frame::Error(_) => {
+                    self.tally.closed += 1;
+                    self.fail(i, now);
+                    return at;
+                }
+                _ => {}
+            }
+        }
+        at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_round_trip() {
+        let s = Stamp { sent_ns: 123_456_789, user: 42, msg: 7 };
+        let mut p = [0u8; 20];
+        s.write(&mut p);
+        assert_eq!(Stamp::read(&p), Some(s));
+        assert_eq!(Stamp::read(&p[..15]), None);
+    }
+}

@@ -1,0 +1,424 @@
+//! The cluster as real processes: 2 decision servers and 3 nodes talking
+//! TCP and UDP on loopback. Spread by headroom, ceiling changes, mesh
+//! routing, a SIGKILLed node, a killed decision server, and an admin drain.
+
+mod util;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use herald::client::{Client, ClientConfig, ClientError, Event, Publisher};
+use herald::decision::client::{self as dc, AssignOutcome};
+use herald::protocol::AdminOp;
+use util::*;
+
+const CLUSTER_SECRET: &[u8] = b"cluster-secret-for-tests";
+const ADMIN_SECRET: &[u8] = b"admin-secret-for-tests!";
+
+struct Proc {
+    child: Child,
+    /// Addresses parsed from the first stderr line.
+    addrs: Vec<String>,
+    /// The rest of stderr, collected on a thread.
+    _log: std::thread::JoinHandle<()>,
+}
+
+impl Proc {
+    fn spawn(args: &[String], dir: &Path, parse: fn(&str) -> Vec<String>) -> Proc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(args)
+            .current_dir(dir)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let addrs = parse(&line);
+        assert!(!addrs.is_empty(), "cannot parse: {line}");
+        let log = std::thread::spawn(move || {
+            for l in err.lines().map_while(Result::ok) {
+                if std::env::var_os("HERALD_TEST_LOG").is_some() {
+                    eprintln!("  | {l}");
+                }
+            }
+        });
+        Proc { child, addrs, _log: log }
+    }
+
+    fn kill9(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Words after `marker` up to the next ',' or end of line.
+fn after(line: &str, marker: &str) -> Option<String> {
+    let rest = line.split(marker).nth(1)?;
+    Some(rest.split([',', '\n']).next()?.trim().to_owned())
+}
+
+struct Cluster {
+    dir: PathBuf,
+    decisions: Vec<Proc>,
+    nodes: Vec<Proc>,
+}
+
+impl Cluster {
+    fn new(name: &str) -> Cluster {
+        let dir = std::env::temp_dir().join(format!("herald-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (f, s) in [
+            ("client", CLIENT_SECRET),
+            ("publisher", PUBLISHER_SECRET),
+            ("cluster", CLUSTER_SECRET),
+            ("admin", ADMIN_SECRET),
+        ] {
+            std::fs::write(dir.join(f), s).unwrap();
+        }
+        Cluster { dir, decisions: Vec::new(), nodes: Vec::new() }
+    }
+
+    fn start_decision(&mut self) {
+        let i = self.decisions.len();
+        let args: Vec<String> = [
+            "decision",
+            "--listen",
+            "127.0.0.1:0",
+            "--heartbeat",
+            "127.0.0.1:0",
+            "--cluster-secret-file",
+            "cluster",
+            "--admin-secret-file",
+            "admin",
+            "--state-file",
+            &format!("state-{i}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.decisions.push(Proc::spawn(&args, &self.dir, |l| {
+            [after(l, "requests on "), after(l, "heartbeats on ")].into_iter().flatten().collect()
+        }));
+    }
+
+    /// `host:tcp/udp` for each decision server, as nodes take them.
+    fn decision_arg(&self) -> String {
+        self.decisions
+            .iter()
+            .map(|d| {
+                let udp_port = d.addrs[1].rsplit(':').next().unwrap();
+                format!("{}/{udp_port}", d.addrs[0])
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn decision_tcp(&self) -> Vec<String> {
+        self.decisions.iter().map(|d| d.addrs[0].clone()).collect()
+    }
+
+    fn start_node(&mut self, id: &str, capacity: usize) {
+        let args: Vec<String> = [
+            "node",
+            "--id",
+            id,
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+            "--secret-file",
+            "client",
+            "--publisher-secret-file",
+            "publisher",
+            "--cluster-secret-file",
+            "cluster",
+            "--decision",
+            &self.decision_arg(),
+            "--capacity",
+            &capacity.to_string(),
+            "--heartbeat-interval",
+            "300ms",
+            "--drain-window",
+            "1s",
+            "--log-every",
+            "0",
+            "--metrics",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        self.nodes.push(Proc::spawn(&args, &self.dir, |l| {
+            [
+                after(l, "clients on "),
+                after(l, "ingest on "),
+                after(l, "metrics on http://").map(|m| m.trim_end_matches("/metrics").to_owned()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect()
+        }));
+    }
+
+    fn node_client(&self, i: usize) -> String {
+        self.nodes[i].addrs[0].clone()
+    }
+    fn node_ingest(&self, i: usize) -> String {
+        self.nodes[i].addrs[1].clone()
+    }
+
+    fn admin(&self, op: AdminOp, node: &str, value: u32) {
+        for d in self.decision_tcp() {
+            dc::admin(&d, ADMIN_SECRET, op, node, value, Duration::from_secs(2)).unwrap();
+        }
+    }
+
+    /// Waits until every decision server lists `n` live nodes.
+    fn wait_nodes(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = self.decision_tcp().iter().all(|d| {
+                dc::nodes(std::slice::from_ref(d), Duration::from_secs(1)).map(|v| v.len()).unwrap_or(0) == n
+            });
+            if ok {
+                return;
+            }
+            assert!(Instant::now() < deadline, "decision servers never saw {n} nodes");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        self.decisions.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn client_cfg(c: &Cluster, user: &str) -> ClientConfig {
+    let mut cfg = ClientConfig::with_decision(c.decision_tcp(), token_for(user));
+    cfg.user = Some(user.to_owned());
+    cfg.backoff_max = Duration::from_millis(500);
+    cfg
+}
+
+/// Reads events until a message arrives (or the deadline), returns its payload
+/// and the node id of the last Connected event seen.
+fn next_message(client: &mut Client, within: Duration) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(Event::Message(m))) = client.next_event_timeout(Duration::from_millis(100)) {
+            return Some(m.payload);
+        }
+    }
+    None
+}
+
+/// Publishes to `user` through `ingest` until the node confirms it reached a
+/// session somewhere (mesh links and presence are eventually consistent).
+fn publish_until_routed(ingest: &str, user: &str, payload: &[u8]) {
+    let mut p = Publisher::connect(ingest, &pub_credential()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = p
+            .publish_confirmed(user.as_bytes(), payload)
+            .unwrap_or_else(|e| panic!("publish to {user} via {ingest}: {e}"));
+        if r.local + r.forwarded > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{user} never became routable via {ingest}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn spread_follows_headroom_and_ceiling_changes_apply_next_assignment() {
+    let mut c = Cluster::new("spread");
+    c.start_decision();
+    c.start_decision();
+    c.admin(AdminOp::SetCeiling, "", 50);
+    for (id, cap) in [("n1", 100), ("n2", 200), ("n3", 300)] {
+        c.start_node(id, cap);
+    }
+    c.wait_nodes(3);
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    let mut clients = Vec::new();
+    let mut refused = 0;
+    for i in 0..600 {
+        match Client::connect(client_cfg(&c, &format!("s{i}"))) {
+            Ok(mut cl) => {
+                if let Ok(Event::Connected { node_id, .. }) = cl.next_event() {
+                    *per_node.entry(node_id).or_default() += 1;
+                }
+                clients.push(cl);
+            }
+            Err(ClientError::NoCapacity(_)) => refused += 1,
+            Err(e) => panic!("client {i}: {e}"),
+        }
+    }
+    assert_eq!(per_node.get("n1"), Some(&50), "{per_node:?}");
+    assert_eq!(per_node.get("n2"), Some(&100), "{per_node:?}");
+    assert_eq!(per_node.get("n3"), Some(&150), "{per_node:?}");
+    assert_eq!(refused, 300);
+    // Raise n1's ceiling: the very next assignment may go there.
+    c.admin(AdminOp::SetCeiling, "n1", 60);
+    match dc::assign(&c.decision_tcp(), b"x", 3, Duration::from_secs(1)).unwrap() {
+        AssignOutcome::Nodes(n) => assert_eq!(n[0].node_id, "n1"),
+        AssignOutcome::NoCapacity { .. } => panic!("n1 has 10 slots now"),
+    }
+}
+
+#[test]
+fn mesh_routes_a_publish_to_the_node_holding_the_user() {
+    let mut c = Cluster::new("mesh");
+    c.start_decision();
+    c.start_decision();
+    for id in ["n1", "n2", "n3"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(3);
+    // Connect directly to n2, publish through n1 and n3.
+    let mut cl = Client::connect(ClientConfig::new(c.node_client(1), token_for("meshy"))).unwrap();
+    assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
+    publish_until_routed(&c.node_ingest(0), "meshy", b"via n1");
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via n1");
+    publish_until_routed(&c.node_ingest(2), "meshy", b"via n3");
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via n3");
+    // Published to the node that holds the user: delivered once, not bounced.
+    let mut p = Publisher::connect(&c.node_ingest(1), &pub_credential()).unwrap();
+    let r = p.publish_confirmed(b"meshy", b"local").unwrap();
+    assert_eq!((r.local, r.forwarded), (1, 0));
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"local");
+    assert!(next_message(&mut cl, Duration::from_millis(300)).is_none(), "no duplicates");
+}
+
+#[test]
+fn killed_node_is_dropped_and_its_clients_rehome_and_receive_again() {
+    let mut c = Cluster::new("kill");
+    c.start_decision();
+    c.start_decision();
+    for id in ["n1", "n2", "n3"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(3);
+    let mut clients: Vec<(String, Client, String)> = Vec::new();
+    for i in 0..30 {
+        let user = format!("k{i}");
+        let mut cl = Client::connect(client_cfg(&c, &user)).unwrap();
+        let node = match cl.next_event().unwrap() {
+            Event::Connected { node_id, .. } => node_id,
+            other => panic!("{other:?}"),
+        };
+        clients.push((user, cl, node));
+    }
+    assert!(clients.iter().any(|(_, _, n)| n == "n1"));
+    let t0 = Instant::now();
+    c.nodes[0].kill9();
+    // Within 3 s the decision servers stop assigning n1.
+    loop {
+        let live = dc::nodes(&c.decision_tcp(), Duration::from_secs(1)).unwrap();
+        if live.iter().all(|n| n.node_id != "n1") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(3), "n1 still listed after {:?}", t0.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for _ in 0..50 {
+        if let AssignOutcome::Nodes(n) =
+            dc::assign(&c.decision_tcp(), b"x", 3, Duration::from_secs(1)).unwrap()
+        {
+            assert!(n.iter().all(|a| a.node_id != "n1"));
+        }
+    }
+    // Every client (including n1's) receives messages again, published via n2.
+    let mut p = Publisher::connect(&c.node_ingest(1), &pub_credential()).unwrap();
+    for (user, cl, _) in clients.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = p.publish_confirmed(user.as_bytes(), b"after").unwrap();
+            if r.local + r.forwarded > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{user} never re-homed");
+            // Let the client notice the lost node and reconnect elsewhere.
+            let _ = cl.next_event_timeout(Duration::from_millis(100));
+        }
+        let got = next_message(cl, Duration::from_secs(10));
+        assert_eq!(got.as_deref(), Some(&b"after"[..]), "{user}");
+    }
+}
+
+#[test]
+fn killed_decision_server_the_second_one_answers() {
+    let mut c = Cluster::new("dkill");
+    c.start_decision();
+    c.start_decision();
+    c.start_node("n1", 1000);
+    c.wait_nodes(1);
+    c.decisions[0].kill9();
+    let mut cl = Client::connect(client_cfg(&c, "dk")).unwrap();
+    assert!(matches!(cl.next_event().unwrap(), Event::Connected { node_id, .. } if node_id == "n1"));
+}
+
+#[test]
+fn drain_moves_every_client_to_other_nodes() {
+    let mut c = Cluster::new("drain");
+    c.start_decision();
+    c.start_decision();
+    for id in ["n1", "n2", "n3"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(3);
+    // 10 clients whose first connection is to n1, and who ask the decision
+    // servers when told to move.
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let user = format!("d{i}");
+        let cl = pinned_client(client_cfg(&c, &user), &c.node_client(0));
+        clients.push((user, cl));
+    }
+    c.admin(AdminOp::Drain, "n1", 0);
+    for (user, cl) in clients.iter_mut() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut moved_to = None;
+        while moved_to.is_none() {
+            assert!(Instant::now() < deadline, "{user} never moved");
+            if let Ok(Some(Event::Connected { node_id, .. })) =
+                cl.next_event_timeout(Duration::from_millis(100))
+            {
+                moved_to = Some(node_id);
+            }
+        }
+        assert_ne!(moved_to.as_deref(), Some("n1"));
+        publish_until_routed(&c.node_ingest(0), user, b"after drain");
+        assert_eq!(next_message(cl, Duration::from_secs(5)).as_deref(), Some(&b"after drain"[..]));
+    }
+    c.admin(AdminOp::Undrain, "n1", 0);
+}
+
+/// A client whose first connection goes to `node`, and which asks the
+/// decision servers afterwards.
+fn pinned_client(cfg: ClientConfig, node: &str) -> Client {
+    let mut first = cfg.clone();
+    first.nodes = vec![node.to_owned()];
+    let decision = std::mem::take(&mut first.decision);
+    let mut cl = Client::connect(first).unwrap();
+    assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
+    cl.set_decision(decision);
+    cl
+}
