@@ -7,6 +7,7 @@
 //! - [`node`]: the node's event loop, connections, registry, retention, metrics.
 //! - [`client`]: the reference client and the publisher library.
 //! - [`decision`]: the decision server (heartbeat table, assignment, admin) and its client helpers.
+//! - [`demo`]: `herald demo`, a whole cluster on loopback with simulated traffic.
 //! - [`swarm`]: thousands of simulated clients on one loop (demo and probe).
 //! - [`cli`]: helpers shared by the command-line tools (secrets, durations).
 //!
@@ -18,6 +19,7 @@
 pub mod cli;
 pub mod client;
 pub mod decision;
+pub mod demo;
 pub mod node;
 pub mod protocol;
 pub mod swarm;

@@ -124,9 +124,13 @@ impl Tally {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Not started yet.
+    Idle,
     Handshake,
     Live,
-    Down { retry_at: Instant },
+    Down {
+        retry_at: Instant,
+    },
 }
 
 struct SConn {
@@ -177,12 +181,11 @@ fn connect_one(node: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpS
 impl Swarm {
     /// A swarm of `cfg.count` clients; nothing is connected yet.
     pub fn new(cfg: SwarmConfig) -> std::io::Result<Swarm> {
-        let now = Instant::now();
         let conns = (0..cfg.count)
             .map(|i| SConn {
                 sock: None,
                 user: (cfg.first + i) as u32,
-                phase: Phase::Down { retry_at: now },
+                phase: Phase::Idle,
                 next_msg: 0,
                 announced: false,
                 ever_welcomed: false,
@@ -221,6 +224,14 @@ impl Swarm {
         self.conns.is_empty()
     }
 
+    /// Users whose client is connected and welcomed at `endpoint`.
+    pub fn users_on<'a>(&'a self, endpoint: &'a str) -> impl Iterator<Item = usize> + 'a {
+        self.conns
+            .iter()
+            .filter(move |c| c.phase == Phase::Live && c.node == endpoint)
+            .map(|c| c.user as usize)
+    }
+
     /// Clients per node endpoint, for status lines.
     pub fn per_node(&self) -> Vec<(String, usize)> {
         let mut m: std::collections::BTreeMap<String, usize> = Default::default();
@@ -232,15 +243,15 @@ impl Swarm {
         m.into_iter().collect()
     }
 
-    fn pick_node(&self, i: usize) -> Option<String> {
+    /// Where client `i` should try to connect, in order: its node while
+    /// that keeps working, else the decision servers' ranked answer, else
+    /// the static list.
+    fn candidates(&self, i: usize) -> Vec<String> {
         let c = &self.conns[i];
-        if !c.node.is_empty() && c.failures == 0 && self.cfg.decision.is_empty() {
-            return Some(c.node.clone());
+        if !c.node.is_empty() && c.failures == 0 {
+            return vec![c.node.clone()];
         }
         if !self.cfg.decision.is_empty() {
-            if !c.node.is_empty() && c.failures == 0 {
-                return Some(c.node.clone());
-            }
             let name = user_name(c.user as usize);
             return match crate::decision::client::assign(
                 &self.cfg.decision,
@@ -249,37 +260,36 @@ impl Swarm {
                 Duration::from_millis(500),
             ) {
                 Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
-                    let k = (c.failures as usize).min(n.len().saturating_sub(1));
-                    n.get(k).map(|a| a.endpoint.clone())
+                    n.into_iter().map(|a| a.endpoint).collect()
                 }
-                _ => None,
+                _ => Vec::new(),
             };
         }
         let n = self.cfg.nodes.len();
-        (n > 0).then(|| self.cfg.nodes[(c.user as usize + c.failures as usize) % n].clone())
+        if n == 0 {
+            return Vec::new();
+        }
+        (0..n).map(|k| self.cfg.nodes[(c.user as usize + c.failures as usize + k) % n].clone()).collect()
     }
 
-    /// Starts the connection of client `i` (blocking connect, then HELLO).
+    /// Starts the connection of client `i` (blocking connect, then HELLO),
+    /// trying each candidate node in turn.
     fn start(&mut self, i: usize, now: Instant) {
-        let Some(node) = self.pick_node(i) else {
-            self.conns[i].phase = Phase::Down { retry_at: now + Duration::from_millis(500) };
-            return;
-        };
-        let addr = match std::net::ToSocketAddrs::to_socket_addrs(&node).ok().and_then(|mut a| a.next()) {
-            Some(a) => a,
-            None => {
-                self.fail(i, now);
-                return;
-            }
-        };
         let src = (!self.cfg.source.is_empty()).then(|| self.cfg.source[i % self.cfg.source.len()]);
-        let s = match connect_one(addr, src) {
-            Ok(s) => s,
-            Err(_) => {
-                self.conns[i].node = node;
-                self.fail(i, now);
-                return;
+        let mut connected = None;
+        for node in self.candidates(i) {
+            let Some(addr) = std::net::ToSocketAddrs::to_socket_addrs(&node).ok().and_then(|mut a| a.next())
+            else {
+                continue;
+            };
+            if let Ok(s) = connect_one(addr, src) {
+                connected = Some((node, s));
+                break;
             }
+        }
+        let Some((node, s)) = connected else {
+            self.fail(i, now);
+            return;
         };
         let _ = s.set_nodelay(true);
         let name = user_name(self.conns[i].user as usize);
@@ -342,7 +352,9 @@ impl Swarm {
     pub fn connect_all(&mut self, timeout: Duration, mut progress: impl FnMut(usize)) -> usize {
         let deadline = Instant::now() + timeout;
         for i in 0..self.conns.len() {
-            self.start(i, Instant::now());
+            if self.conns[i].phase == Phase::Idle {
+                self.start(i, Instant::now());
+            }
             if i % 256 == 255 {
                 self.step(Duration::ZERO);
                 progress(self.tally.welcomed as usize);

@@ -13,7 +13,7 @@
 //!
 //! `--plain` drives `herald-forwarder` (no auth: the token is the user id).
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -29,6 +29,7 @@ use hdrhistogram::Histogram;
 use herald::cli::read_secret;
 use herald::protocol::frame::{self as f, BatchWriter, Frame};
 use herald::protocol::{decode, token, Channel, Decoded, VERSION};
+use herald::swarm::{mono_ns, user_name, Stamp, Swarm, SwarmConfig, Tally};
 
 #[derive(Parser)]
 #[command(about = "herald latency probe and load generator")]
@@ -40,8 +41,14 @@ struct Args {
 #[derive(clap::Args, Clone)]
 struct Common {
     /// Node client endpoints; clients are spread over them.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "decision")]
     node: Vec<SocketAddr>,
+    /// Decision servers: each client asks them for its node (a real cluster).
+    #[arg(long, value_delimiter = ',')]
+    decision: Vec<String>,
+    /// Reconnect and resume when a connection drops (for chaos and drains).
+    #[arg(long)]
+    reconnect: bool,
     /// Client-token secret file (not needed with --plain).
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -59,8 +66,9 @@ enum Cmd {
     Load {
         #[command(flatten)]
         common: Common,
-        /// Node ingest endpoints; messages are published round-robin over them.
-        #[arg(long, value_delimiter = ',', required = true)]
+        /// Node ingest endpoints; messages are published round-robin over
+        /// them (default with --decision: every live node's ingest endpoint).
+        #[arg(long, value_delimiter = ',')]
         ingest: Vec<SocketAddr>,
         /// Publisher secret file (not needed with --plain).
         #[arg(long)]
@@ -129,18 +137,6 @@ enum Cmd {
     },
 }
 
-/// CLOCK_MONOTONIC in ns: the same clock in every process on the machine.
-fn mono_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the struct we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn user_name(i: usize) -> String {
-    format!("u{i}")
-}
-
 fn main() {
     let a = Args::parse();
     let code = match a.cmd {
@@ -207,37 +203,6 @@ fn main() {
 
 // ------------------------------------------------------------------ worker
 
-struct WConn {
-    sock: mio::net::TcpStream,
-    user: u32,
-    welcomed: bool,
-    next_msg: u32,
-    rbuf: Vec<u8>,
-}
-
-#[derive(Default)]
-struct Tally {
-    received: u64,
-    wrong_user: u64,
-    dups: u64,
-    gaps: u64,
-    closed: u64,
-}
-
-fn connect_one(node: SocketAddr, source: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
-    match source {
-        None => TcpStream::connect(node),
-        Some(ip) => {
-            use socket2::{Domain, Socket, Type};
-            let s = Socket::new(Domain::for_address(node), Type::STREAM, None)?;
-            s.set_reuse_address(true)?;
-            s.bind(&SocketAddr::new(ip, 0).into())?;
-            s.connect(&node.into())?;
-            Ok(s.into())
-        }
-    }
-}
-
 fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
     let secret = if c.plain {
         Vec::new()
@@ -271,139 +236,43 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
             stop.store(true, Ordering::SeqCst);
         });
     }
-    let mut poll = mio::Poll::new().expect("poll");
-    let mut conns: Vec<WConn> = Vec::with_capacity(count);
-    let exp =
-        (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()) + 86_400;
-    let mut hello = Vec::with_capacity(256);
-    for i in 0..count {
-        let u = first + i;
-        let node = c.node[u % c.node.len()];
-        let src = (!c.source.is_empty()).then(|| c.source[u % c.source.len()]);
-        let name = user_name(u);
-        let tok = if c.plain {
-            name.clone()
-        } else {
-            token::mint(&secret, name.as_bytes(), exp).expect("valid user")
-        };
-        hello.clear();
-        Frame::Hello(f::Hello {
-            min_version: VERSION,
-            max_version: VERSION,
-            token: tok.as_bytes(),
-            agent: b"herald-probe",
-            resume: None,
-        })
-        .encode(&mut hello);
-        let s = loop {
-            match connect_one(node, src) {
-                Ok(s) => break s,
-                Err(e) => {
-                    eprintln!("worker: connect {node}: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        };
-        let _ = s.set_nodelay(true);
-        (&s).write_all(&hello).expect("hello");
-        s.set_nonblocking(true).expect("nonblocking");
-        let mut sock = mio::net::TcpStream::from_std(s);
-        poll.registry().register(&mut sock, mio::Token(i), mio::Interest::READABLE).expect("register");
-        conns.push(WConn { sock, user: u as u32, welcomed: c.plain, next_msg: 0, rbuf: Vec::new() });
-    }
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("hist");
-    let mut t = Tally::default();
-    let mut events = mio::Events::with_capacity(4096);
-    let mut scratch = vec![0u8; 256 * 1024];
-    let mut welcomed = if c.plain { count } else { 0 };
-    let mut announced = false;
-    let mut out = Vec::new();
+    let cfg = SwarmConfig {
+        first,
+        count,
+        nodes: c.node.iter().map(|n| n.to_string()).collect(),
+        decision: c.decision.clone(),
+        secret,
+        plain: c.plain,
+        source: c.source.clone(),
+        reconnect: c.reconnect,
+    };
+    let mut swarm = match Swarm::new(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return 1;
+        }
+    };
+    let t0 = Instant::now();
+    let welcomed = swarm.connect_all(Duration::from_secs(300), |n| {
+        if n % 1000 == 0 {
+            println!("PROGRESS {n}");
+        }
+    });
+    println!("READY {welcomed} {:.3}", t0.elapsed().as_secs_f64());
+    let _ = std::io::stdout().flush();
     while !stop.load(Ordering::SeqCst) {
-        if !announced && welcomed == count {
-            println!("READY {count}");
-            let _ = std::io::stdout().flush();
-            announced = true;
-        }
-        if poll.poll(&mut events, Some(Duration::from_millis(50))).is_err() {
-            continue;
-        }
-        let record_after = record_from.load(Ordering::Relaxed);
-        for ev in events.iter() {
-            let i = ev.token().0;
-            loop {
-                let wc = &mut conns[i];
-                match wc.sock.read(&mut scratch) {
-                    Ok(0) => {
-                        t.closed += 1;
-                        let _ = poll.registry().deregister(&mut wc.sock);
-                        break;
-                    }
-                    Ok(n) => {
-                        let now = mono_ns();
-                        let mut buf = std::mem::take(&mut wc.rbuf);
-                        let data: &[u8] = if buf.is_empty() {
-                            &scratch[..n]
-                        } else {
-                            buf.extend_from_slice(&scratch[..n]);
-                            &buf
-                        };
-                        let mut at = 0;
-                        while let Ok(Decoded::Frame(fr, used)) = decode(&data[at..], Channel::ToClient) {
-                            at += used;
-                            match fr {
-                                Frame::Deliver(d) if d.payload.len() >= 16 => {
-                                    let sent = u64::from_be_bytes(d.payload[0..8].try_into().unwrap());
-                                    let user = u32::from_be_bytes(d.payload[8..12].try_into().unwrap());
-                                    let msg = u32::from_be_bytes(d.payload[12..16].try_into().unwrap());
-                                    t.received += 1;
-                                    if user != wc.user {
-                                        t.wrong_user += 1;
-                                    }
-                                    if msg < wc.next_msg {
-                                        t.dups += 1;
-                                    } else {
-                                        if msg > wc.next_msg {
-                                            t.gaps += (msg - wc.next_msg) as u64;
-                                        }
-                                        wc.next_msg = msg + 1;
-                                    }
-                                    if sent >= record_after {
-                                        let _ = hist.record(now.saturating_sub(sent).max(1));
-                                    }
-                                }
-                                Frame::Welcome(_) if !wc.welcomed => {
-                                    wc.welcomed = true;
-                                    welcomed += 1;
-                                }
-                                Frame::Ping(p) => {
-                                    out.clear();
-                                    Frame::Pong(p).encode(&mut out);
-                                    let _ = wc.sock.write(&out);
-                                }
-                                Frame::Error(e) => {
-                                    eprintln!("worker: node error {}", e.code);
-                                }
-                                _ => {}
-                            }
-                        }
-                        let rest = data[at..].to_vec();
-                        wc.rbuf = rest;
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                    Err(_) => {
-                        t.closed += 1;
-                        let _ = poll.registry().deregister(&mut wc.sock);
-                        break;
-                    }
-                }
-            }
-        }
+        swarm.record_after = record_from.load(Ordering::Relaxed);
+        swarm.step(Duration::from_millis(50));
     }
+    let t = swarm.tally;
     let mut o = std::io::stdout().lock();
-    let _ =
-        writeln!(o, "RESULT {} {} {} {} {} {}", t.received, t.wrong_user, t.dups, t.gaps, t.closed, welcomed);
-    for v in hist.iter_recorded() {
+    let _ = writeln!(
+        o,
+        "RESULT {} {} {} {} {} {} {} {}",
+        t.received, t.wrong_user, t.dups, t.silent_gaps, t.announced_gaps, t.closed, t.reconnects, t.welcomed
+    );
+    for v in swarm.hist.iter_recorded() {
         let _ = writeln!(o, "H {} {}", v.value_iterated_to(), v.count_at_value());
     }
     let _ = writeln!(o, "END");
@@ -464,29 +333,29 @@ fn load(a: LoadArgs) -> i32 {
     let warm_ns = a.warmup * 1_000_000_000;
     let t_connect = Instant::now();
     let rss0: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_rss_kib(p)).collect();
-    // Publishing starts after every worker is READY; the recording threshold
-    // is fixed now and passed down, so it must be in the future of READY.
+    // Workers connect, say READY, and wait; publishing starts after every
+    // worker is READY, and the recording threshold is sent to them on stdin.
     let mut children = Vec::new();
     let mut first = 0;
-    // Start time is decided after READY; workers get it through record_after
-    // computed relative to the moment they are spawned plus a generous bound.
-    let pending_record_after = u64::MAX;
-    let _ = pending_record_after;
     for w in 0..nworkers {
         let count = per.min(a.clients - first);
         if count == 0 {
             break;
         }
         let mut cmd = Command::new(&exe);
-        cmd.arg("worker")
-            .arg("--node")
-            .arg(a.common.node.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","))
-            .arg("--first")
-            .arg(first.to_string())
-            .arg("--count")
-            .arg(count.to_string());
+        cmd.arg("worker");
+        if !a.common.node.is_empty() {
+            cmd.arg("--node").arg(a.common.node.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","));
+        }
+        cmd.arg("--first").arg(first.to_string()).arg("--count").arg(count.to_string());
         if a.common.plain {
             cmd.arg("--plain");
+        }
+        if a.common.reconnect {
+            cmd.arg("--reconnect");
+        }
+        if !a.common.decision.is_empty() {
+            cmd.arg("--decision").arg(a.common.decision.join(","));
         }
         if let Some(s) = &a.common.secret_file {
             cmd.arg("--secret-file").arg(s);
@@ -501,24 +370,66 @@ fn load(a: LoadArgs) -> i32 {
         first += count;
         let _ = w;
     }
-    // Wait for READY from each worker, showing progress.
-    let mut readers: Vec<BufReader<std::process::ChildStdout>> =
-        children.iter_mut().map(|c| BufReader::new(c.stdout.take().unwrap())).collect();
-    let nreaders = readers.len();
-    for (i, r) in readers.iter_mut().enumerate() {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap_or(0) == 0 || !line.starts_with("READY") {
-            eprintln!("probe: worker {i} failed to connect");
-            return 1;
-        }
-        eprint!("\rprobe: connected {}/{nreaders} workers", i + 1);
+    // Every worker's stdout lines, through one channel.
+    let (tx, rx) = crossbeam_channel::unbounded::<(usize, String)>();
+    for (i, c) in children.iter_mut().enumerate() {
+        let out = BufReader::new(c.stdout.take().expect("piped"));
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send((i, line)).is_err() {
+                    break;
+                }
+            }
+            let _ = tx.send((i, "EOF".into()));
+        });
     }
-    eprintln!(
-        "\rprobe: {} clients connected in {:.2}s over {} workers",
+    drop(tx);
+    // Wait for READY from each worker, with a progress bar.
+    let nworkers = children.len();
+    let mut progress = vec![0usize; nworkers];
+    let mut ready = vec![false; nworkers];
+    let mut worker_secs = 0.0f64;
+    while ready.iter().any(|r| !r) {
+        let Ok((i, line)) = rx.recv() else { break };
+        let mut parts = line.split_whitespace();
+        match parts.next() {
+            Some("PROGRESS") => progress[i] = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            Some("READY") => {
+                progress[i] = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+                worker_secs = worker_secs.max(parts.next().and_then(|n| n.parse().ok()).unwrap_or(0.0));
+                ready[i] = true;
+            }
+            Some("EOF") => {
+                eprintln!("\nprobe: worker {i} exited before connecting");
+                return 1;
+            }
+            _ => {}
+        }
+        let done: usize = progress.iter().sum();
+        let width = 40;
+        let filled = done * width / a.clients.max(1);
+        eprint!(
+            "\rprobe: connecting [{}{}] {done}/{} ({:.0}/s)",
+            "#".repeat(filled),
+            " ".repeat(width - filled.min(width)),
+            a.clients,
+            done as f64 / t_connect.elapsed().as_secs_f64().max(0.001)
+        );
+    }
+    let connected: usize = progress.iter().sum();
+    eprintln!();
+    println!(
+        "connect        {connected}/{} clients through handshake in {:.2}s = {:.0} connections/s ({} workers)",
         a.clients,
-        t_connect.elapsed().as_secs_f64(),
-        readers.len()
+        worker_secs,
+        connected as f64 / worker_secs.max(0.001),
+        nworkers
     );
+    if connected < a.clients {
+        eprintln!("probe: FAIL: only {connected} of {} clients completed the handshake", a.clients);
+        return 1;
+    }
 
     std::thread::sleep(Duration::from_millis(500));
     for (i, pid) in a.node_pid.iter().enumerate() {
@@ -545,8 +456,20 @@ fn load(a: LoadArgs) -> i32 {
             }
         }
     };
+    let mut ingest: Vec<String> = a.ingest.iter().map(|a| a.to_string()).collect();
+    if ingest.is_empty() {
+        match herald::decision::client::nodes(&a.common.decision, Duration::from_secs(2)) {
+            Ok(list) => {
+                ingest = list.into_iter().filter(|n| !n.draining).map(|n| n.ingest_endpoint).collect()
+            }
+            Err(e) => {
+                eprintln!("probe: no --ingest and no node list from the decision servers: {e}");
+                return 2;
+            }
+        }
+    }
     let mut pubs: Vec<TcpStream> = Vec::new();
-    for addr in &a.ingest {
+    for addr in &ingest {
         let mut s = TcpStream::connect(addr).expect("connect ingest");
         s.set_nodelay(true).unwrap();
         if !a.common.plain {
@@ -631,14 +554,13 @@ fn load(a: LoadArgs) -> i32 {
         owed += per_tick;
         let k = owed.floor() as u64;
         owed -= k as f64;
-        payload[0..8].copy_from_slice(&intended.to_be_bytes());
+
         let mut writers: Vec<Option<BatchWriter>> = (0..pubs.len()).map(|_| None).collect();
         for j in 0..k {
             let u = user_rr;
             user_rr = (user_rr + 1) % a.clients;
             let p = (sent + j) as usize % pubs.len();
-            payload[8..12].copy_from_slice(&(u as u32).to_be_bytes());
-            payload[12..16].copy_from_slice(&next_msg[u].to_be_bytes());
+            Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] }.write(&mut payload);
             next_msg[u] += 1;
             let name = &names[u];
             let b = &mut bufs[p];
@@ -679,35 +601,39 @@ fn load(a: LoadArgs) -> i32 {
     std::thread::sleep(Duration::from_millis(1500));
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
     let mut t = Tally::default();
-    let mut welcomed = 0u64;
     for c in children.iter_mut() {
         let _ = c.stdin.take().map(|mut s| s.write_all(b"STOP\n"));
     }
-    for r in readers.iter_mut() {
-        let mut line = String::new();
-        while r.read_line(&mut line).unwrap_or(0) > 0 {
-            let parts: Vec<&str> = line.split_whitespace().collect();
-            match parts.first().copied() {
-                Some("RESULT") => {
-                    let n: Vec<u64> = parts[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
-                    t.received += n[0];
-                    t.wrong_user += n[1];
-                    t.dups += n[2];
-                    t.gaps += n[3];
-                    t.closed += n[4];
-                    welcomed += n[5];
+    let mut ended = 0;
+    while ended < nworkers {
+        let Ok((_, line)) = rx.recv() else { break };
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        match parts.first().copied() {
+            Some("RESULT") => {
+                let n: Vec<u64> = parts[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
+                if n.len() == 8 {
+                    t.add(&Tally {
+                        received: n[0],
+                        wrong_user: n[1],
+                        dups: n[2],
+                        silent_gaps: n[3],
+                        announced_gaps: n[4],
+                        closed: n[5],
+                        reconnects: n[6],
+                        welcomed: n[7],
+                    });
                 }
-                Some("H") => {
-                    let v: u64 = parts[1].parse().unwrap_or(1);
-                    let c: u64 = parts[2].parse().unwrap_or(0);
-                    let _ = hist.record_n(v.max(1), c);
-                }
-                Some("END") => break,
-                _ => {}
             }
-            line.clear();
+            Some("H") if parts.len() == 3 => {
+                let v: u64 = parts[1].parse().unwrap_or(1);
+                let c: u64 = parts[2].parse().unwrap_or(0);
+                let _ = hist.record_n(v.max(1), c);
+            }
+            Some("EOF") => ended += 1,
+            _ => {}
         }
     }
+    let welcomed = t.welcomed;
     let mut children_cpu = 0.0;
     for c in children.iter_mut() {
         let _ = c.wait();
@@ -721,8 +647,8 @@ fn load(a: LoadArgs) -> i32 {
         a.rate, a.duration, a.warmup, a.payload
     );
     println!(
-        "received       {}  loss {loss}  wrong-user {}  duplicates {}  gaps {}  closed {}",
-        t.received, t.wrong_user, t.dups, t.gaps, t.closed
+        "received       {}  loss {loss}  wrong-user {}  duplicates {}  silent gaps {}  announced gaps {}  closed {}  reconnects {}",
+        t.received, t.wrong_user, t.dups, t.silent_gaps, t.announced_gaps, t.closed, t.reconnects
     );
     println!(
         "latency (µs)   p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  p99.99 {:.1}  max {:.1}  (n={}, from intended send time)",
@@ -782,8 +708,9 @@ fn load(a: LoadArgs) -> i32 {
         node_cpu_us.unwrap_or(f64::NAN)
     );
     let mut code = 0;
-    if loss != 0 || t.wrong_user != 0 || t.dups != 0 || t.gaps != 0 {
-        eprintln!("probe: FAIL: loss, duplicates, gaps or misrouted messages");
+    let unexplained = loss - t.announced_gaps as i64;
+    if unexplained != 0 || t.wrong_user != 0 || t.dups != 0 || t.silent_gaps != 0 {
+        eprintln!("probe: FAIL: unannounced loss, duplicates, silent gaps or misrouted messages");
         code = 1;
     }
     if let Some(slo) = a.slo_p99 {

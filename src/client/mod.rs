@@ -777,6 +777,13 @@ impl Publisher {
         }
     }
 
+    /// Queues frames that are already encoded (PUBLISH / PUBLISH_BATCH, e.g.
+    /// built with [`BatchWriter`]) and writes everything buffered.
+    pub fn write_raw(&mut self, frames: &[u8]) -> Result<(), ClientError> {
+        self.wbuf.extend_from_slice(frames);
+        self.flush()
+    }
+
     /// Writes everything buffered. Blocks while the node applies back-pressure.
     pub fn flush(&mut self) -> Result<(), ClientError> {
         if !self.wbuf.is_empty() {

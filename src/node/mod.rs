@@ -167,6 +167,7 @@ pub fn default_capacity() -> usize {
 #[derive(Clone)]
 pub struct ShutdownHandle {
     stop: Arc<AtomicBool>,
+    kill: Arc<AtomicBool>,
     waker: Arc<Waker>,
 }
 
@@ -175,6 +176,13 @@ impl ShutdownHandle {
     pub fn trigger(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
+    }
+
+    /// Stops at once, as a crash would: no goodbyes, sockets just close.
+    /// For demos and failure tests.
+    pub fn kill(&self) {
+        self.kill.store(true, Ordering::SeqCst);
+        self.trigger();
     }
 }
 
@@ -212,7 +220,11 @@ impl Node {
             poll.registry().register(l, METRICS_LISTENER, Interest::READABLE)?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let handle = ShutdownHandle { stop: Arc::new(AtomicBool::new(false)), waker };
+        let handle = ShutdownHandle {
+            stop: Arc::new(AtomicBool::new(false)),
+            kill: Arc::new(AtomicBool::new(false)),
+            waker,
+        };
         Ok(Node { poll, client_l, ingest_l, metrics_l, handle, cfg })
     }
 
@@ -274,6 +286,7 @@ impl Node {
             ingest_l: self.ingest_l,
             metrics_l: self.metrics_l,
             stop: self.handle.stop,
+            kill: self.handle.kill,
             conns: Slab::with_capacity(1024),
             reg,
             m: Metrics::default(),
@@ -318,6 +331,7 @@ struct Loop {
     ingest_l: TcpListener,
     metrics_l: Option<TcpListener>,
     stop: Arc<AtomicBool>,
+    kill: Arc<AtomicBool>,
     conns: Slab<Conn>,
     reg: Registry,
     m: Metrics,
@@ -399,6 +413,9 @@ impl Loop {
                     continue;
                 }
                 return Err(e);
+            }
+            if self.kill.load(Ordering::Relaxed) {
+                return Ok(());
             }
             let turn_start = Instant::now();
             self.turn_msgs = 0;
