@@ -776,8 +776,12 @@ impl Loop {
         if !self.conns.contains(key) {
             return;
         }
-        let mut c = self.conns.remove(key);
-        let _ = self.poll.registry().deregister(&mut c.sock);
+        // No explicit deregister: closing the socket removes it from epoll,
+        // and one syscall fewer is ~10 % of what a connect-ask-close client
+        // costs the server. An event already fetched for this token in the
+        // current batch at worst causes one spurious read of the key's next
+        // occupant, which returns WouldBlock.
+        drop(self.conns.remove(key));
         if let Some(r) = reason {
             self.stats.close(r);
         }
