@@ -1,0 +1,328 @@
+//! Shared checks for the herald fuzz targets.
+//!
+//! Every frame target feeds its input to [`check_stream`], which treats the
+//! bytes as what a socket would hand the codec: frames back to back, decoded
+//! from the start of the buffer and advanced by `consumed` until the decoder
+//! asks for more bytes or refuses the input. The codec must never panic, and
+//! the invariants below must hold for every input; a violated invariant is a
+//! panic, which libFuzzer reports as a crash with its input.
+//!
+//! The token target uses [`check_token`].
+
+use std::fmt::Debug;
+
+use herald::protocol::frame::{Entry, List, HEADER_LEN, HELLO_RESUME};
+use herald::protocol::limits::*;
+use herald::protocol::samples::SAMPLE_SECRET;
+use herald::protocol::token::{self, Claims, TokenError};
+use herald::protocol::{decode, frame::peek_header, sign, Channel, Decoded, Frame};
+
+/// Key for the signed frames (ADMIN, HEARTBEAT) and the token secret: the one
+/// the samples are signed with, so the seed corpus holds frames that verify.
+pub const KEY: &[u8] = SAMPLE_SECRET;
+
+/// A different key: nothing signed under [`KEY`] may verify under it.
+pub const OTHER_KEY: &[u8] = b"herald-other-secret";
+
+/// The `now` values every token is verified at: the epoch, the samples'
+/// expiry and its neighbours, and the end of time.
+pub const NOWS: [u64; 6] = [0, 1, 1_767_225_599, 1_767_225_600, 2_000_000_000, u64::MAX];
+
+/// Decodes `data` as a stream of frames on `channel` and checks every invariant.
+///
+/// With `key`, each complete frame is also passed to [`sign::verify_frame`],
+/// and ADMIN / HEARTBEAT frames get the signed re-encoding checks.
+pub fn check_stream(data: &[u8], channel: Channel, key: Option<&[u8]>) {
+    let max_total = 4 + channel.max_len() as usize;
+    let mut rest = data;
+    loop {
+        if let Some(k) = key {
+            // Any byte string, complete frame or not, must be safe to verify.
+            let _ = sign::verify_frame(rest, k);
+        }
+        match decode(rest, channel) {
+            Ok(Decoded::Frame(frame, consumed)) => {
+                assert!(consumed >= HEADER_LEN, "consumed {consumed} < header");
+                assert!(consumed <= rest.len(), "consumed {consumed} > remaining {}", rest.len());
+                assert!(consumed <= max_total, "consumed {consumed} > 4 + max_len {max_total}");
+                let raw = &rest[..consumed];
+                check_frame(&frame, raw, channel, key);
+                rest = &rest[consumed..];
+            }
+            Ok(Decoded::Incomplete(needed)) => {
+                assert!(needed > rest.len(), "Incomplete({needed}) with {} bytes present", rest.len());
+                assert!(needed <= max_total, "Incomplete({needed}) > 4 + max_len {max_total}");
+                assert!(needed >= HEADER_LEN, "Incomplete({needed}) < header");
+                break;
+            }
+            Err(e) => {
+                // Display and the wire-code mapping must not panic either.
+                let _ = e.to_string();
+                break;
+            }
+        }
+    }
+}
+
+/// Checks one decoded frame `frame`, cut from the input as `raw`.
+fn check_frame(frame: &Frame<'_>, raw: &[u8], channel: Channel, key: Option<&[u8]>) {
+    let t = frame.frame_type();
+    assert!(channel.allows(t), "frame type {t:#04x} decoded on {channel:?}, which does not allow it");
+    assert_eq!(raw[4], t, "type byte and decoded frame type differ");
+    let len = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) as usize;
+    assert_eq!(len + 4, raw.len(), "length prefix and consumed differ");
+    assert_eq!(peek_header(raw), Some((len as u32, t)));
+
+    // The frame alone decodes to the same thing: nothing after it was looked at.
+    assert_eq!(decode(raw, channel), Ok(Decoded::Frame(*frame, raw.len())));
+    // Every strict prefix of a valid frame is Incomplete, never an error or a
+    // frame: a reader that gets the frame in pieces must wait, not close.
+    for cut in (0..raw.len().min(HEADER_LEN + 2)).chain([raw.len() - 1]) {
+        match decode(&raw[..cut], channel) {
+            Ok(Decoded::Incomplete(n)) => {
+                assert!(n > cut && n <= raw.len(), "prefix {cut}/{}: Incomplete({n})", raw.len())
+            }
+            other => panic!("prefix {cut}/{} of a valid frame: {other:?}", raw.len()),
+        }
+    }
+
+    check_fields(frame);
+
+    // Re-encode and decode again: the same frame, on the same channel.
+    let enc = frame.to_vec();
+    match decode(&enc, channel) {
+        Ok(Decoded::Frame(again, n)) => {
+            assert_eq!(n, enc.len(), "re-encoded frame decodes with consumed != its length");
+            assert_eq!(&again, frame, "re-encoded frame decodes to a different frame");
+            assert_eq!(again.to_vec(), enc, "encoding is not idempotent");
+        }
+        other => panic!("re-encoded {frame:?} does not decode: {other:?}\nbytes {enc:02x?}"),
+    }
+    assert_eq!(enc, canonical(frame, raw), "re-encoding differs from the input beyond ignored bits");
+
+    let signed = matches!(frame, Frame::Admin(_) | Frame::Heartbeat(_));
+    if let Some(k) = key {
+        let verifies = sign::verify_frame(raw, k);
+        let mut s = Vec::new();
+        frame.encode_signed(&mut s, k);
+        if signed {
+            let body = s.len() - sign::TAG_LEN;
+            assert_eq!(s.len(), enc.len());
+            assert_eq!(s[..body], enc[..body], "signed and unsigned encodings differ before the tag");
+            assert!(sign::verify_frame(&s, k), "encode_signed output does not verify");
+            assert!(!sign::verify_frame(&s, OTHER_KEY), "tag verifies under another key");
+            assert_eq!(verifies, s == raw, "verify_frame disagrees with re-signing");
+            assert_eq!(decode(&s, channel), Ok(Decoded::Frame(*frame, s.len())));
+        } else {
+            assert_eq!(s, enc, "encode_signed changed an unsigned frame");
+        }
+    }
+
+    if raw.len() <= 1024 {
+        // Debug walks the lists too; keep it to small frames for speed.
+        let _ = format!("{frame:?}");
+    }
+}
+
+/// What the encoder must produce for a frame decoded from `raw`: the same
+/// bytes, except for the bits the decoder is documented to ignore.
+fn canonical(frame: &Frame<'_>, raw: &[u8]) -> Vec<u8> {
+    let mut v = raw.to_vec();
+    // Offset of the flags byte after length, type, magic and two versions.
+    const FLAGS_AT: usize = HEADER_LEN + 4 + 2;
+    match frame {
+        Frame::Hello(h) => {
+            v[FLAGS_AT] &= HELLO_RESUME;
+            if h.resume.is_none() {
+                let n = v.len();
+                v[n - 16..].fill(0);
+            }
+        }
+        Frame::PubHello(_) => v[FLAGS_AT] = 0,
+        Frame::Admin(_) | Frame::Heartbeat(_) => {
+            let n = v.len();
+            v[n - sign::TAG_LEN..].fill(0);
+        }
+        _ => {}
+    }
+    v
+}
+
+fn within(what: &str, v: &[u8], min: usize, max: usize) {
+    assert!((min..=max).contains(&v.len()), "{what}: length {} outside {min}..={max}", v.len());
+}
+
+/// Field limits the decoder promises (protocol.md §2.2), and a full walk of
+/// every list.
+fn check_fields(frame: &Frame<'_>) {
+    match frame {
+        Frame::Hello(h) => {
+            within("hello.token", h.token, 1, MAX_TOKEN_LEN);
+            within("hello.agent", h.agent, 0, MAX_AGENT_LEN);
+        }
+        Frame::Welcome(w) => within("welcome.node_id", w.node_id, 1, MAX_NODE_ID_LEN),
+        Frame::Deliver(d) => within("deliver.payload", d.payload, 0, MAX_PAYLOAD),
+        Frame::Goodbye(g) => within("goodbye.target", g.target, 0, MAX_ENDPOINT_LEN),
+        Frame::Error(e) => within("error.message", e.message, 0, MAX_ERROR_MESSAGE_LEN),
+        Frame::PubHello(p) => {
+            within("pub_hello.credential", p.credential, 1, MAX_TOKEN_LEN);
+            within("pub_hello.agent", p.agent, 0, MAX_AGENT_LEN);
+        }
+        Frame::PubWelcome(p) => within("pub_welcome.node_id", p.node_id, 1, MAX_NODE_ID_LEN),
+        Frame::Publish(p) => {
+            within("publish.user", p.user, 1, MAX_USER_LEN);
+            within("publish.key", p.key, 0, MAX_KEY_LEN);
+            within("publish.payload", p.payload, 0, MAX_PAYLOAD);
+        }
+        Frame::PublishBatch(b) => {
+            assert!((1..=MAX_BATCH).contains(&b.entries.len()), "batch of {} entries", b.entries.len());
+            walk(&b.entries, |e| {
+                within("batch.user", e.user, 1, MAX_USER_LEN);
+                within("batch.key", e.key, 0, MAX_KEY_LEN);
+                within("batch.payload", e.payload, 0, MAX_PAYLOAD);
+            });
+        }
+        Frame::PeerHello(p) => within("peer_hello.node_id", p.node_id, 1, MAX_NODE_ID_LEN),
+        Frame::PeerWelcome(p) => within("peer_welcome.node_id", p.node_id, 1, MAX_NODE_ID_LEN),
+        Frame::Presence(p) => walk(&p.entries, |e| within("presence.user", e.user, 1, MAX_USER_LEN)),
+        Frame::Forward(f) => {
+            within("forward.user", f.user, 1, MAX_USER_LEN);
+            within("forward.key", f.key, 0, MAX_KEY_LEN);
+            within("forward.payload", f.payload, 0, MAX_PAYLOAD);
+        }
+        Frame::AssignRequest(a) => {
+            within("assign_request.user", a.user, 0, MAX_USER_LEN);
+            assert!((1..=MAX_ASSIGN_RESULTS).contains(&a.max_results));
+        }
+        Frame::Assignment(a) => {
+            assert!((1..=MAX_ASSIGN_RESULTS as usize).contains(&a.entries.len()));
+            walk(&a.entries, |e| {
+                within("assignment.node_id", e.node_id, 1, MAX_NODE_ID_LEN);
+                within("assignment.endpoint", e.endpoint, 1, MAX_ENDPOINT_LEN);
+            });
+        }
+        Frame::Nodes(n) => walk(&n.entries, |e| {
+            within("nodes.node_id", e.node_id, 1, MAX_NODE_ID_LEN);
+            within("nodes.client_endpoint", e.client_endpoint, 1, MAX_ENDPOINT_LEN);
+            within("nodes.ingest_endpoint", e.ingest_endpoint, 0, MAX_ENDPOINT_LEN);
+        }),
+        Frame::Admin(a) => within("admin.node_id", a.node_id, 0, MAX_NODE_ID_LEN),
+        Frame::AdminResult(a) => within("admin_result.message", a.message, 0, MAX_ADMIN_MESSAGE_LEN),
+        Frame::AdminStatus(s) => walk(&s.entries, |e| {
+            within("admin_status.node_id", e.node_id, 1, MAX_NODE_ID_LEN);
+            within("admin_status.client_endpoint", e.client_endpoint, 0, MAX_ENDPOINT_LEN);
+        }),
+        Frame::Heartbeat(h) => {
+            within("heartbeat.node_id", h.node_id, 1, MAX_NODE_ID_LEN);
+            within("heartbeat.client_endpoint", h.client_endpoint, 1, MAX_ENDPOINT_LEN);
+            within("heartbeat.ingest_endpoint", h.ingest_endpoint, 0, MAX_ENDPOINT_LEN);
+        }
+        Frame::Ping(_)
+        | Frame::Pong(_)
+        | Frame::PubResult(_)
+        | Frame::PeerAuth(_)
+        | Frame::NoCapacity(_)
+        | Frame::NodesRequest(_) => {}
+    }
+}
+
+/// Iterates a list to the end: it yields exactly `len()` entries, the size
+/// hint counts down, and the entries re-encode to the list's bytes.
+fn walk<'a, E: Entry<'a> + Debug + PartialEq>(list: &List<'a, E>, mut each: impl FnMut(&E)) {
+    let mut it = list.iter();
+    let mut n = 0usize;
+    let mut bytes = Vec::with_capacity(list.as_bytes().len());
+    assert_eq!(it.size_hint(), (list.len(), Some(list.len())));
+    while let Some(e) = it.next() {
+        n += 1;
+        assert!(n <= list.len(), "list iterator yields more than len() = {} entries", list.len());
+        assert_eq!(it.size_hint(), (list.len() - n, Some(list.len() - n)));
+        each(&e);
+        e.write(&mut bytes);
+    }
+    assert_eq!(n, list.len(), "list iterator stopped early");
+    assert!(it.next().is_none(), "list iterator resumed after None");
+    assert_eq!(list.is_empty(), n == 0);
+    assert_eq!(bytes, list.as_bytes(), "list entries do not re-encode to the list's bytes");
+    assert_eq!(List::<E>::from_encoded(n, list.as_bytes()).as_ref(), Some(list));
+}
+
+/// Verifies `data` as a token under [`KEY`] at every time in [`NOWS`].
+///
+/// The outcome may depend on `now` only through the expiry: a malformed or
+/// forged token is refused the same way at every time, and a well-signed
+/// one is valid exactly while `now < expires`. A valid token's claims, minted
+/// again, verify to the same claims. Then `data` also picks a user and expiry
+/// to mint and verify, so `mint` sees arbitrary users.
+pub fn check_token(data: &[u8]) {
+    let results: Vec<Result<Claims, TokenError>> =
+        NOWS.iter().map(|&now| token::verify(data, KEY, now)).collect();
+    let first = &results[0];
+    let claims = results.iter().find_map(|r| r.as_ref().ok()).cloned();
+    let expires_class = results.iter().all(|r| matches!(r, Ok(_) | Err(TokenError::Expired)));
+    match first {
+        Err(TokenError::Malformed) | Err(TokenError::BadSignature) => {
+            assert!(results.iter().all(|r| r == first), "refusal depends on now: {results:?}");
+        }
+        _ => assert!(expires_class, "outcome depends on now beyond expiry: {results:?}"),
+    }
+    if data.len() > MAX_TOKEN_LEN {
+        assert_eq!(*first, Err(TokenError::Malformed), "over-long token not refused as malformed");
+    }
+    if let Some(c) = claims {
+        within("token user", &c.user, 1, MAX_USER_LEN);
+        for (&now, r) in NOWS.iter().zip(&results) {
+            if c.expires > now {
+                assert_eq!(r.as_ref(), Ok(&c), "claims differ between times");
+            } else {
+                assert_eq!(*r, Err(TokenError::Expired), "expired token at now={now} not refused as expired");
+            }
+        }
+        // Only the secret makes a token: the same bytes fail under another.
+        assert_eq!(token::verify(data, OTHER_KEY, 0), Err(TokenError::BadSignature));
+        let t = token::mint(KEY, &c.user, c.expires).expect("verified claims must be mintable");
+        assert!(t.len() <= MAX_TOKEN_LEN, "minted token too long: {}", t.len());
+        assert_eq!(token::verify(t.as_bytes(), KEY, c.expires - 1), Ok(c.clone()), "re-minted {t}");
+    }
+
+    // Mint a token from the input and check it round-trips.
+    if data.len() >= 8 {
+        let expires = u64::from_be_bytes(data[..8].try_into().unwrap());
+        let user = &data[8..data.len().min(8 + MAX_USER_LEN + 1)];
+        match token::mint(KEY, user, expires) {
+            None => assert!(user.is_empty() || user.len() > MAX_USER_LEN, "mint refused a valid user"),
+            Some(t) => {
+                assert!(!user.is_empty() && user.len() <= MAX_USER_LEN, "mint accepted a bad user");
+                assert!(t.len() <= MAX_TOKEN_LEN);
+                let want = Claims { user: user.to_vec(), expires };
+                if expires > 0 {
+                    assert_eq!(token::verify(t.as_bytes(), KEY, expires - 1), Ok(want), "token {t}");
+                }
+                assert_eq!(token::verify(t.as_bytes(), KEY, expires), Err(TokenError::Expired));
+                assert_eq!(token::verify(t.as_bytes(), OTHER_KEY, 0), Err(TokenError::BadSignature));
+            }
+        }
+    }
+}
+
+/// Selects a channel with the first input byte; returns it and the rest.
+pub fn select<'a>(data: &'a [u8], channels: &[Channel]) -> Option<(Channel, &'a [u8])> {
+    let (&b, rest) = data.split_first()?;
+    Some((channels[b as usize % channels.len()], rest))
+}
+
+/// Channels of the `decode_ingest` target, indexed by the first input byte.
+pub const INGEST: [Channel; 2] = [Channel::Ingest, Channel::FromIngest];
+
+/// Channels of the `decode_decision` target, indexed by the first input byte.
+pub const DECISION: [Channel; 3] = [Channel::ToDecision, Channel::FromDecision, Channel::Heartbeat];
+
+/// Every fuzz target, with the channels its frame inputs are read on (empty
+/// for `token_verify`) and whether the first input byte selects the channel.
+pub const TARGETS: [(&str, &[Channel], bool); 5] = [
+    ("decode_to_node", &[Channel::ToNode], false),
+    ("decode_to_client", &[Channel::ToClient], false),
+    ("decode_ingest", &INGEST, true),
+    ("decode_decision", &DECISION, true),
+    ("token_verify", &[], false),
+];
