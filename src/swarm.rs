@@ -145,6 +145,10 @@ struct SConn {
     node: String,
     rbuf: Vec<u8>,
     failures: u32,
+    /// Lost its connection after [`Swarm::kill_ns`]: waiting to be re-homed.
+    rehoming: bool,
+    /// Re-homed, waiting for the first message.
+    await_msg: bool,
 }
 
 /// The simulated clients. See the module docs.
@@ -163,6 +167,13 @@ pub struct Swarm {
     expires: u64,
     /// Clients currently connected and welcomed.
     pub live: usize,
+    /// When a node was killed (CLOCK_MONOTONIC ns; 0: none). Clients that
+    /// lose their connection after it are timed until they are back.
+    pub kill_ns: u64,
+    /// Kill to WELCOME on the new node, ns, per re-homed client.
+    pub rehome_welcome: Histogram<u64>,
+    /// Kill to the first message on the new node, ns, per re-homed client.
+    pub rehome_message: Histogram<u64>,
 }
 
 fn connect_one(node: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
@@ -193,6 +204,8 @@ impl Swarm {
                 node: String::new(),
                 rbuf: Vec::new(),
                 failures: 0,
+                rehoming: false,
+                await_msg: false,
             })
             .collect();
         let expires = std::time::SystemTime::now()
@@ -211,6 +224,9 @@ impl Swarm {
             events: mio::Events::with_capacity(4096),
             expires,
             live: 0,
+            kill_ns: 0,
+            rehome_welcome: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds"),
+            rehome_message: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds"),
         })
     }
 
@@ -339,6 +355,10 @@ impl Swarm {
         }
         if c.phase == Phase::Live {
             self.live -= 1;
+            if self.kill_ns != 0 && !c.rehoming {
+                c.rehoming = true;
+                c.await_msg = false;
+            }
         }
         c.failures = c.failures.saturating_add(1);
         let backoff = Duration::from_millis((50u64 << c.failures.min(6)).min(2000));
@@ -431,6 +451,10 @@ impl Swarm {
             match fr {
                 Frame::Deliver(d) => {
                     c.pos = Some(Position { epoch: d.epoch, seq: d.seq });
+                    if c.await_msg {
+                        c.await_msg = false;
+                        let _ = self.rehome_message.record(t.saturating_sub(self.kill_ns).max(1));
+                    }
                     let Some(st) = Stamp::read(d.payload) else { continue };
                     self.tally.received += 1;
                     if st.user != c.user {
@@ -462,6 +486,11 @@ impl Swarm {
                         c.ever_welcomed = true;
                     }
                     c.failures = 0;
+                    if c.rehoming {
+                        c.rehoming = false;
+                        c.await_msg = true;
+                        let _ = self.rehome_welcome.record(t.saturating_sub(self.kill_ns).max(1));
+                    }
                     if matches!(w.resume, ResumeResult::Restarted | ResumeResult::Gap) {
                         c.announced = true;
                     }

@@ -109,6 +109,15 @@ enum Cmd {
         /// Title for the plot.
         #[arg(long, default_value = "herald end-to-end latency")]
         title: String,
+        /// Re-home test: SIGKILL this process (a node) during the run...
+        #[arg(long)]
+        kill_pid: Option<u32>,
+        /// ...this many seconds after publishing starts.
+        #[arg(long, default_value_t = 5)]
+        kill_after: u64,
+        /// Run this shell command once every client is connected, before publishing.
+        #[arg(long)]
+        exec_after_connect: Option<String>,
     },
     /// Overlay several .hgrm files in one SVG: `plot --out x.svg herald=a.hgrm floor=b.hgrm`.
     Plot {
@@ -157,6 +166,9 @@ fn main() {
             hgrm,
             svg,
             title,
+            kill_pid,
+            kill_after,
+            exec_after_connect,
         } => load(LoadArgs {
             common,
             ingest,
@@ -173,6 +185,9 @@ fn main() {
             hgrm,
             svg,
             title,
+            kill_pid,
+            kill_after,
+            exec_after_connect,
         }),
         Cmd::Plot { out, title, inputs } => {
             let mut series = Vec::new();
@@ -222,13 +237,16 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
     // stdin: "START <record_after_ns>" then "STOP" (or EOF).
     let stop = Arc::new(AtomicBool::new(false));
     let record_from = Arc::new(AtomicU64::new(if record_after == 0 { u64::MAX } else { record_after }));
+    let kill_at = Arc::new(AtomicU64::new(0));
     {
-        let (stop, record_from) = (stop.clone(), record_from.clone());
+        let (stop, record_from, kill_at) = (stop.clone(), record_from.clone(), kill_at.clone());
         std::thread::spawn(move || {
             for line in std::io::stdin().lines() {
                 let Ok(line) = line else { break };
                 if let Some(ns) = line.strip_prefix("START ") {
                     record_from.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
+                } else if let Some(ns) = line.strip_prefix("KILL ") {
+                    kill_at.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
                 } else {
                     break;
                 }
@@ -263,6 +281,7 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
     let _ = std::io::stdout().flush();
     while !stop.load(Ordering::SeqCst) {
         swarm.record_after = record_from.load(Ordering::Relaxed);
+        swarm.kill_ns = kill_at.load(Ordering::Relaxed);
         swarm.step(Duration::from_millis(50));
     }
     let t = swarm.tally;
@@ -274,6 +293,12 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
     );
     for v in swarm.hist.iter_recorded() {
         let _ = writeln!(o, "H {} {}", v.value_iterated_to(), v.count_at_value());
+    }
+    for v in swarm.rehome_welcome.iter_recorded() {
+        let _ = writeln!(o, "W {} {}", v.value_iterated_to(), v.count_at_value());
+    }
+    for v in swarm.rehome_message.iter_recorded() {
+        let _ = writeln!(o, "M {} {}", v.value_iterated_to(), v.count_at_value());
     }
     let _ = writeln!(o, "END");
     let _ = o.flush();
@@ -298,6 +323,9 @@ struct LoadArgs {
     hgrm: Option<PathBuf>,
     svg: Option<PathBuf>,
     title: String,
+    kill_pid: Option<u32>,
+    kill_after: u64,
+    exec_after_connect: Option<String>,
 }
 
 /// Resident set size of a process, KiB.
@@ -431,6 +459,15 @@ fn load(a: LoadArgs) -> i32 {
         return 1;
     }
 
+    if let Some(cmd) = &a.exec_after_connect {
+        match Command::new("sh").arg("-c").arg(cmd).status() {
+            Ok(s) if s.success() => {}
+            other => {
+                eprintln!("probe: --exec-after-connect failed: {other:?}");
+                return 1;
+            }
+        }
+    }
     std::thread::sleep(Duration::from_millis(500));
     for (i, pid) in a.node_pid.iter().enumerate() {
         if let (Some(r0), Some(r1)) = (rss0[i], proc_rss_kib(*pid)) {
@@ -537,10 +574,26 @@ fn load(a: LoadArgs) -> i32 {
     let mut payload = vec![0u8; a.payload];
     let mut late_ticks = 0u64;
     let mut cpu_rec0: Option<(Vec<Option<f64>>, f64)> = None;
+    let mut killed = false;
     loop {
         let intended = start_ns + tick * 1_000_000;
         if intended >= start_ns + total_ns {
             break;
+        }
+        if let Some(pid) =
+            a.kill_pid.filter(|_| !killed && intended >= start_ns + a.kill_after * 1_000_000_000)
+        {
+            // SAFETY: kill(2); the pid was given to us to kill.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            let now = mono_ns();
+            for c in children.iter_mut() {
+                if let Some(s) = c.stdin.as_mut() {
+                    let _ = writeln!(s, "KILL {now}");
+                    let _ = s.flush();
+                }
+            }
+            killed = true;
+            eprintln!("\nprobe: killed pid {pid}");
         }
         if cpu_rec0.is_none() && intended >= record_after {
             cpu_rec0 = Some((a.node_pid.iter().map(|&p| proc_cpu(p)).collect(), self_cpu(libc::RUSAGE_SELF)));
@@ -601,6 +654,8 @@ fn load(a: LoadArgs) -> i32 {
     std::thread::sleep(Duration::from_millis(1500));
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
     let mut t = Tally::default();
+    let mut rehome_w = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
+    let mut rehome_m = rehome_w.clone();
     for c in children.iter_mut() {
         let _ = c.stdin.take().map(|mut s| s.write_all(b"STOP\n"));
     }
@@ -624,10 +679,15 @@ fn load(a: LoadArgs) -> i32 {
                     });
                 }
             }
-            Some("H") if parts.len() == 3 => {
+            Some(k @ ("H" | "W" | "M")) if parts.len() == 3 => {
                 let v: u64 = parts[1].parse().unwrap_or(1);
                 let c: u64 = parts[2].parse().unwrap_or(0);
-                let _ = hist.record_n(v.max(1), c);
+                let h = match k {
+                    "H" => &mut hist,
+                    "W" => &mut rehome_w,
+                    _ => &mut rehome_m,
+                };
+                let _ = h.record_n(v.max(1), c);
             }
             Some("EOF") => ended += 1,
             _ => {}
@@ -676,6 +736,23 @@ fn load(a: LoadArgs) -> i32 {
             "probe          publisher cpu {:.2}s, workers cpu {:.2}s (whole run incl. connect)",
             self1 - s0,
             children_cpu
+        );
+    }
+    if killed {
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
+        println!(
+            "rehome         {} clients re-welcomed after the kill: p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+            rehome_w.len(),
+            ms(&rehome_w, 0.5),
+            ms(&rehome_w, 0.99),
+            rehome_w.max() as f64 / 1e6
+        );
+        println!(
+            "rehome         {} clients got their first message after the kill: p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
+            rehome_m.len(),
+            ms(&rehome_m, 0.5),
+            ms(&rehome_m, 0.99),
+            rehome_m.max() as f64 / 1e6
         );
     }
     if let Some(p) = &a.hgrm {

@@ -16,13 +16,16 @@ const CHUNK: usize = 60 * 1024;
 /// Users online at each peer, and the reverse index used on every publish.
 #[derive(Default)]
 pub struct Presence {
-    by_user: HashMap<Box<[u8]>, Vec<usize>>,
-    by_peer: HashMap<usize, HashSet<Box<[u8]>>>,
+    by_user: HashMap<Box<[u8]>, Vec<usize>, super::fxhash::FxBuild>,
+    by_peer: HashMap<usize, HashSet<Box<[u8]>, super::fxhash::FxBuild>>,
 }
 
 impl Presence {
     /// The peers where `user` has a session.
     pub fn peers_of(&self, user: &[u8]) -> &[usize] {
+        if self.by_user.is_empty() {
+            return &[];
+        }
         self.by_user.get(user).map_or(&[], |v| v.as_slice())
     }
 

@@ -27,6 +27,7 @@
 //! itself when an admin marks it draining.
 
 pub mod conn;
+pub mod fxhash;
 pub mod mesh;
 pub mod metrics;
 pub mod registry;

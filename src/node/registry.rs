@@ -62,7 +62,7 @@ pub struct RegistryConfig {
 
 /// Users, sessions, streams and retention.
 pub struct Registry {
-    by_id: HashMap<Box<[u8]>, UserIdx>,
+    by_id: HashMap<Box<[u8]>, UserIdx, super::fxhash::FxBuild>,
     users: Slab<User>,
     ring: Ring,
     cfg: RegistryConfig,
@@ -74,7 +74,7 @@ impl Registry {
     /// An empty registry; `seed` makes epochs unpredictable across restarts.
     pub fn new(cfg: RegistryConfig, seed: u64) -> Registry {
         Registry {
-            by_id: HashMap::new(),
+            by_id: HashMap::default(),
             users: Slab::new(),
             ring: Ring::new(cfg.ring_bytes),
             cfg,
