@@ -60,6 +60,8 @@ struct Common {
     source: Vec<std::net::IpAddr>,
 }
 
+// Parsed once at start-up; the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a paced load and report latency, loss and CPU.

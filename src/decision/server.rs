@@ -40,7 +40,7 @@ use slab::Slab;
 use super::state;
 use super::table::{AdminAnswer, Table, TableConfig, DEFAULT_CEILING_PCT, DEFAULT_EXPIRE_AFTER};
 use crate::protocol::frame::{self as f, Frame};
-use crate::protocol::{decode, Channel, Code, Decoded, VERSION};
+use crate::protocol::{decode, limits, Channel, Code, Decoded, VERSION};
 
 const LISTENER: Token = Token(0);
 const HEARTBEATS: Token = Token(1);
@@ -224,6 +224,15 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     // arrives all at once and must not overflow the backlog.
     s.listen(4096)?;
     Ok(TcpListener::from_std(s.into()))
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn unix_ms() -> u64 {
@@ -644,6 +653,7 @@ impl Loop {
                             }
                         }
                     }
+                    let message = cut(&message, limits::MAX_ADMIN_MESSAGE_LEN);
                     Frame::AdminResult(f::AdminResult { status, message: message.as_bytes() })
                         .encode(&mut c.wbuf);
                 }
@@ -822,5 +832,28 @@ impl Loop {
                 self.stats.summary(self.table.live_nodes(now).count(), self.conns.len())
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_cut_at_char_boundaries() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
+    }
+
+    #[test]
+    fn close_reasons_have_names() {
+        assert_eq!(CloseReason::Error(Code::AuthFailed).name(), "auth_failed");
+        assert_eq!(CloseReason::PeerClosed.name(), "peer_closed");
+        let mut s = Stats::default();
+        s.close(CloseReason::Full);
+        s.close(CloseReason::Full);
+        assert_eq!(s.closes.get("too_many_connections"), Some(&2));
+        assert!(s.summary(0, 0).contains("0 live nodes"));
     }
 }

@@ -602,8 +602,9 @@ impl Table {
     /// version. Order: tag (→ [`AdminAnswer::AuthFailed`]), timestamp window,
     /// replayed (timestamp, nonce), then the operation itself.
     ///
-    /// Extension to §7.3: SET_CAPACITY with value 0, and SET_CEILING for a
-    /// node with value 0, remove that node's override.
+    /// SET_CAPACITY with value 0, and SET_CEILING for a node with value 0,
+    /// remove that node's override. A node id is known if the table holds a
+    /// heartbeat for it (live or recently expired) or a setting names it.
     pub fn admin(&mut self, frame: &[u8], a: &f::Admin<'_>, now_unix_ms: u64) -> AdminAnswer {
         if self.cfg.admin_secret.is_empty() || !sign::verify_frame(frame, &self.cfg.admin_secret) {
             return AdminAnswer::AuthFailed;
