@@ -398,6 +398,8 @@ const KEEP_WBUF: usize = 16 * 1024;
 const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.
 const TICK: Duration = Duration::from_millis(100);
+/// Most keepalive PINGs sent in one timer tick (bounds the burst).
+const MAX_PINGS_PER_TICK: usize = 500;
 
 impl Loop {
     fn run(&mut self) -> io::Result<()> {
@@ -1087,9 +1089,13 @@ impl Loop {
                 }
                 State::Client { .. } | State::Publisher | State::Peer { .. } => {
                     let idle = now.saturating_duration_since(c.last_rx);
+                    // Pings are spread over [hb, 1.5 hb) by connection, so
+                    // clients that connected together are not all pinged
+                    // (and all answer) in the same turn.
+                    let spread = hb.mul_f64(((key as u64).wrapping_mul(2_654_435_761) % 1024) as f64 / 2048.0);
                     if idle >= hb * 3 {
                         expired.push((key, Some(Code::IdleTimeout)));
-                    } else if idle >= hb && !c.pinged {
+                    } else if idle >= hb + spread && !c.pinged && ping.len() < MAX_PINGS_PER_TICK {
                         ping.push(key);
                     }
                 }
