@@ -62,6 +62,8 @@ pub struct Conn {
     pub opened: Instant,
     /// Whether a PING is outstanding.
     pub pinged: bool,
+    /// A PING is due: append it to the next delivery.
+    pub ping_due: bool,
     /// Whether WRITABLE interest is registered.
     pub want_write: bool,
     /// Whether the connection is in the loop's dirty list.
@@ -82,6 +84,7 @@ impl Conn {
             last_rx: now,
             opened: now,
             pinged: false,
+            ping_due: false,
             want_write: false,
             dirty: false,
             session: 0,

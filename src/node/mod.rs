@@ -399,7 +399,7 @@ const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.
 const TICK: Duration = Duration::from_millis(100);
 /// Most keepalive PINGs sent in one timer tick (bounds the burst).
-const MAX_PINGS_PER_TICK: usize = 500;
+const MAX_PINGS_PER_TICK: usize = 100;
 
 impl Loop {
     fn run(&mut self) -> io::Result<()> {
@@ -562,6 +562,7 @@ impl Loop {
                     self.m.bytes_in += n as u64;
                     c.last_rx = now;
                     c.pinged = false;
+                    c.ping_due = false;
                     // While lingering, input is read and discarded.
                     if !c.closing() && !self.input(key, &scratch[..n], now) {
                         break;
@@ -838,6 +839,11 @@ impl Loop {
                 continue;
             }
             c.wbuf.extend_from_slice(frame);
+            if c.ping_due {
+                c.ping_due = false;
+                c.pinged = true;
+                Frame::Ping(self.m.msgs_out).encode(&mut c.wbuf);
+            }
             self.m.msgs_out += 1;
             if !c.dirty {
                 c.dirty = true;
@@ -1074,6 +1080,7 @@ impl Loop {
         let hs = self.cfg.handshake_timeout;
         let mut expired = Vec::new();
         let mut ping = Vec::new();
+        let mut piggyback = Vec::new();
         for (key, c) in self.conns.iter() {
             match c.state {
                 State::Closing { deadline } if now >= deadline => expired.push((key, None)),
@@ -1092,11 +1099,19 @@ impl Loop {
                     // Pings are spread over [hb, 1.5 hb) by connection, so
                     // clients that connected together are not all pinged
                     // (and all answer) in the same turn.
-                    let spread = hb.mul_f64(((key as u64).wrapping_mul(2_654_435_761) % 1024) as f64 / 2048.0);
+                    let spread =
+                        hb.mul_f64(((key as u64).wrapping_mul(2_654_435_761) % 1024) as f64 / 2048.0);
                     if idle >= hb * 3 {
                         expired.push((key, Some(Code::IdleTimeout)));
-                    } else if idle >= hb + spread && !c.pinged && ping.len() < MAX_PINGS_PER_TICK {
-                        ping.push(key);
+                    } else if idle >= hb + spread && !c.pinged {
+                        // First let the PING ride on the next delivery (no
+                        // extra syscall); only a client that got nothing for
+                        // half an interval more gets a PING of its own.
+                        if idle >= hb + hb / 2 + spread && ping.len() < MAX_PINGS_PER_TICK {
+                            ping.push(key);
+                        } else if !c.ping_due {
+                            piggyback.push(key);
+                        }
                     }
                 }
             }
@@ -1107,9 +1122,13 @@ impl Loop {
                 Some(code) => self.fail(key, code, code.name(), now),
             }
         }
+        for key in piggyback {
+            self.conns[key].ping_due = true;
+        }
         for key in ping {
             let c = &mut self.conns[key];
             c.pinged = true;
+            c.ping_due = false;
             Frame::Ping(now.duration_since(self.started).as_millis() as u64).encode(&mut c.wbuf);
             self.mark_dirty(key);
         }
