@@ -24,6 +24,7 @@ use crate::client::Publisher;
 use crate::decision::{self, DecisionServer};
 use crate::node::{self, Node};
 use crate::protocol::frame::BatchWriter;
+use crate::protocol::AdminOp;
 use crate::swarm::{mono_ns, user_name, Stamp, Swarm, SwarmConfig, Tally};
 
 /// Demo settings.
@@ -117,13 +118,13 @@ fn broker_payload(buf: &mut Vec<u8>, stamp: Stamp, u: usize) {
 }
 
 struct Cluster {
+    admin_secret: Vec<u8>,
     decisions: Vec<(decision::ShutdownHandle, std::thread::JoinHandle<io::Result<decision::Stats>>, String)>,
     nodes: Vec<NodeRun>,
 }
 
 struct NodeRun {
     id: String,
-    client: String,
     ingest: String,
     handle: node::ShutdownHandle,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
@@ -170,12 +171,12 @@ fn start_cluster(
             drain_window: Duration::from_secs(1),
             ..node::Config::default()
         })?;
-        let (client, ingest) = (node.client_addr().to_string(), node.ingest_addr().to_string());
+        let ingest = node.ingest_addr().to_string();
         let handle = node.shutdown_handle();
         let thread = Some(std::thread::spawn(move || node.run()));
-        nodes.push(NodeRun { id, client, ingest, handle, thread });
+        nodes.push(NodeRun { id, ingest, handle, thread });
     }
-    Ok(Cluster { decisions, nodes })
+    Ok(Cluster { admin_secret, decisions, nodes })
 }
 
 impl Cluster {
@@ -217,12 +218,192 @@ impl Cluster {
     }
 }
 
+/// Clients past this many run in child processes: each client costs this
+/// process two of its 20,000 files (its socket and the node's).
+pub const IN_PROCESS_CLIENTS: usize = 6000;
+
+/// The simulated clients: in this process, or spread over child processes
+/// (`herald swarm-worker`) when there are too many for one.
+enum Clients {
+    Local {
+        swarm: Box<Swarm>,
+        prev: Histogram<u64>,
+    },
+    Children {
+        children: Vec<std::process::Child>,
+        rx: crossbeam_channel::Receiver<(usize, String)>,
+        /// Per child: received, live, wrong, silent, p50, p99, p999 (ns).
+        stats: Vec<[u64; 7]>,
+        tally: Tally,
+        hist: Histogram<u64>,
+    },
+}
+
+impl Clients {
+    fn start(
+        cfg: &DemoConfig,
+        decision: Vec<String>,
+        secret: &[u8],
+        record_after: u64,
+    ) -> io::Result<Clients> {
+        if cfg.clients <= IN_PROCESS_CLIENTS {
+            let mut swarm = Swarm::new(SwarmConfig {
+                first: 0,
+                count: cfg.clients,
+                decision,
+                secret: secret.to_vec(),
+                reconnect: true,
+                ..SwarmConfig::default()
+            })?;
+            let got = swarm.connect_all(Duration::from_secs(60), |_| {});
+            if got < cfg.clients {
+                return Err(io::Error::other(format!("only {got} of {} clients connected", cfg.clients)));
+            }
+            swarm.record_after = record_after;
+            let prev = swarm.hist.clone();
+            return Ok(Clients::Local { swarm: Box::new(swarm), prev });
+        }
+        let exe = std::env::current_exe()?;
+        let n = cfg.clients.div_ceil(IN_PROCESS_CLIENTS);
+        let per = cfg.clients.div_ceil(n);
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let mut children = Vec::new();
+        for i in 0..n {
+            let first = i * per;
+            let count = per.min(cfg.clients - first);
+            let mut child = std::process::Command::new(&exe)
+                .args(["swarm-worker", "--first", &first.to_string(), "--count", &count.to_string()])
+                .args(["--decision", &decision.join(","), "--record-after", &record_after.to_string()])
+                .env("HERALD_SWARM_SECRET_HEX", &hex)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()?;
+            let out = io::BufReader::new(child.stdout.take().expect("piped"));
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use io::BufRead;
+                for line in out.lines().map_while(Result::ok) {
+                    if tx.send((i, line)).is_err() {
+                        break;
+                    }
+                }
+                let _ = tx.send((i, "EOF".into()));
+            });
+            children.push(child);
+        }
+        let mut ready = 0;
+        while ready < n {
+            match rx.recv_timeout(Duration::from_secs(120)) {
+                Ok((_, l)) if l.starts_with("READY") => ready += 1,
+                Ok((i, l)) if l == "EOF" => {
+                    return Err(io::Error::other(format!("client worker {i} exited")))
+                }
+                Ok(_) => {}
+                Err(_) => return Err(io::Error::other("client workers did not connect in time")),
+            }
+        }
+        println!("clients spread over {n} child processes ({per} each)");
+        let hist = Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
+        Ok(Clients::Children { stats: vec![[0; 7]; n], children, rx, tally: Tally::default(), hist })
+    }
+
+    /// Lets the clients work for up to `timeout`.
+    fn step(&mut self, timeout: Duration) {
+        match self {
+            Clients::Local { swarm, .. } => swarm.step(timeout),
+            Clients::Children { rx, stats, .. } => {
+                if let Ok((i, l)) = rx.recv_timeout(timeout) {
+                    let mut p = l.split_whitespace();
+                    if p.next() == Some("STAT") {
+                        let v: Vec<u64> = p.filter_map(|x| x.parse().ok()).collect();
+                        if v.len() == 7 {
+                            stats[i].copy_from_slice(&v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// (received, live, wrong-user, silent gaps).
+    fn counts(&self) -> (u64, usize, u64, u64) {
+        match self {
+            Clients::Local { swarm, .. } => {
+                (swarm.tally.received, swarm.live, swarm.tally.wrong_user, swarm.tally.silent_gaps)
+            }
+            Clients::Children { stats, .. } => stats
+                .iter()
+                .fold((0, 0, 0, 0), |a, s| (a.0 + s[0], a.1 + s[1] as usize, a.2 + s[2], a.3 + s[3])),
+        }
+    }
+
+    /// Latency p50/p99/p99.9 in µs since the last call (children: the worst child's).
+    fn interval_us(&mut self) -> [f64; 3] {
+        match self {
+            Clients::Local { swarm, prev } => {
+                let mut i = swarm.hist.clone();
+                let _ = i.subtract(&*prev);
+                prev.reset();
+                let _ = prev.add(&swarm.hist);
+                [0.5, 0.99, 0.999].map(|q| i.value_at_quantile(q) as f64 / 1000.0)
+            }
+            Clients::Children { stats, .. } => {
+                let worst = |k: usize| stats.iter().map(|s| s[k]).max().unwrap_or(0) as f64 / 1000.0;
+                [worst(4), worst(5), worst(6)]
+            }
+        }
+    }
+
+    /// Stops the clients and returns what they counted.
+    fn finish(self) -> (Tally, Histogram<u64>) {
+        match self {
+            Clients::Local { swarm, .. } => (swarm.tally, swarm.hist),
+            Clients::Children { mut children, rx, mut tally, mut hist, .. } => {
+                for c in children.iter_mut() {
+                    if let Some(mut s) = c.stdin.take() {
+                        let _ = io::Write::write_all(&mut s, b"STOP\n");
+                    }
+                }
+                let mut ended = 0;
+                while ended < children.len() {
+                    let Ok((_, l)) = rx.recv_timeout(Duration::from_secs(30)) else { break };
+                    let p: Vec<&str> = l.split_whitespace().collect();
+                    match p.first().copied() {
+                        Some("RESULT") if p.len() == 9 => {
+                            let n: Vec<u64> = p[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
+                            tally.add(&Tally {
+                                received: n[0],
+                                wrong_user: n[1],
+                                dups: n[2],
+                                silent_gaps: n[3],
+                                announced_gaps: n[4],
+                                closed: n[5],
+                                reconnects: n[6],
+                                welcomed: n[7],
+                            });
+                        }
+                        Some("H") if p.len() == 3 => {
+                            let _ = hist.record_n(p[1].parse().unwrap_or(1), p[2].parse().unwrap_or(0));
+                        }
+                        Some("EOF") => ended += 1,
+                        _ => {}
+                    }
+                }
+                for mut c in children {
+                    let _ = c.wait();
+                }
+                (tally, hist)
+            }
+        }
+    }
+}
+
 /// Runs the demo, printing status lines to stdout; returns the report.
 pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let client_secret = secret("client");
     let publisher_secret = secret("publisher");
     let n_nodes = cfg.nodes.max(if cfg.chaos { 2 } else { 1 });
-    let per_node = cfg.clients.div_ceil(n_nodes);
     let cluster = start_cluster(n_nodes, &client_secret, &publisher_secret, cfg.clients)?;
     println!(
         "herald demo: {} decision servers and {n_nodes} nodes on loopback; {} clients; {}",
@@ -230,53 +411,53 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         cfg.clients,
         if cfg.chaos { "chaos: one node will be killed halfway" } else { "no chaos" }
     );
-    let _ = per_node;
     if !cluster.wait_registered() {
         cluster.stop();
         return Err(io::Error::other("nodes never registered with the decision servers"));
     }
-
-    let mut swarm = Swarm::new(SwarmConfig {
-        first: 0,
-        count: cfg.clients,
-        decision: cluster.decision_tcp(),
-        secret: client_secret.clone(),
-        reconnect: true,
-        ..SwarmConfig::default()
-    })?;
     let t0 = Instant::now();
-    let welcomed = swarm.connect_all(Duration::from_secs(60), |_| {});
+    // Latency is recorded from the first publishing tick on.
+    let start_estimate = mono_ns() + 3_600_000_000_000;
+    let mut clients = match Clients::start(&cfg, cluster.decision_tcp(), &client_secret, start_estimate) {
+        Ok(c) => c,
+        Err(e) => {
+            cluster.stop();
+            return Err(e);
+        }
+    };
     println!(
-        "connected {welcomed}/{} clients in {:.2}s through the decision servers",
+        "connected {} clients in {:.2}s through the decision servers",
         cfg.clients,
         t0.elapsed().as_secs_f64()
     );
 
-    // Presence travels between nodes asynchronously; wait until every
-    // publishing node routes to a user on every other node. (A short payload
-    // carries no stamp, so the swarm ignores it.)
+    // Presence travels between nodes asynchronously: wait until every node
+    // forwards to a user held by another node. (A payload shorter than a
+    // stamp is ignored by the clients.)
     let cred =
         crate::protocol::token::mint(&publisher_secret, b"demo-broker", u32::MAX as u64).expect("name");
     let t_mesh = Instant::now();
-    for x in &cluster.nodes {
-        let mut p = Publisher::connect(&x.ingest, &cred).map_err(|e| io::Error::other(e.to_string()))?;
-        for y in cluster.nodes.iter().filter(|y| y.id != x.id) {
-            let Some(u) = swarm.users_on(&y.client).next() else { continue };
+    if cluster.nodes.len() > 1 {
+        for x in &cluster.nodes {
+            let mut p = Publisher::connect(&x.ingest, &cred).map_err(|e| io::Error::other(e.to_string()))?;
+            let mut u = 0;
             loop {
                 let r = p
-                    .publish_confirmed(user_name(u).as_bytes(), b"mesh?")
+                    .publish_confirmed(user_name(u % cfg.clients).as_bytes(), b"mesh?")
                     .map_err(|e| io::Error::other(e.to_string()))?;
                 if r.forwarded > 0 {
                     break;
                 }
-                if t_mesh.elapsed() > Duration::from_secs(10) {
+                if t_mesh.elapsed() > Duration::from_secs(15) {
+                    cluster.stop();
                     return Err(io::Error::other("the node mesh never formed"));
                 }
-                swarm.step(Duration::from_millis(20));
+                u += 1;
+                clients.step(Duration::from_millis(2));
             }
         }
+        println!("mesh formed: every node forwards to the others ({:.2}s)", t_mesh.elapsed().as_secs_f64());
     }
-    println!("mesh formed: every node routes to every other ({:.2}s)", t_mesh.elapsed().as_secs_f64());
 
     // The publisher thread: 2–4 messages a second per user, paced in 1 ms ticks.
     let victim = cfg.chaos.then(|| cluster.nodes[0].id.clone());
@@ -285,33 +466,53 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let published = Arc::new(AtomicU64::new(0));
     let pub_done = Arc::new(AtomicBool::new(false));
     let start_ns = mono_ns() + 20_000_000;
-    swarm.record_after = start_ns;
+    match &mut clients {
+        Clients::Local { swarm, .. } => swarm.record_after = start_ns,
+        Clients::Children { children, .. } => {
+            for c in children.iter_mut() {
+                if let Some(s) = c.stdin.as_mut() {
+                    let _ = io::Write::write_all(s, format!("START {start_ns}\n").as_bytes());
+                }
+            }
+        }
+    }
     let publisher = {
         let (published, pub_done, stop, cred) =
             (published.clone(), pub_done.clone(), cfg.stop.clone(), cred.clone());
-        let (clients, duration, rate) = (cfg.clients, cfg.duration, cfg.rate);
+        let (n, duration, rate) = (cfg.clients, cfg.duration, cfg.rate);
         std::thread::spawn(move || -> io::Result<()> {
-            let r = publish_loop(&ingest, &cred, clients, duration, rate, start_ns, &published, &stop);
+            let r = publish_loop(&ingest, &cred, n, duration, rate, start_ns, &published, &stop);
             pub_done.store(true, Ordering::SeqCst);
             r
         })
     };
 
+    let admin = cluster.admin_secret.clone();
+    let decision0 = cluster.decision_tcp()[0].clone();
+    let per_node = || -> Vec<(String, u32)> {
+        match decision::client::admin(&decision0, &admin, AdminOp::Status, "", 0, Duration::from_secs(1)) {
+            Ok(decision::client::AdminReply::Status { rows, .. }) => rows
+                .into_iter()
+                .filter(|r| r.heartbeat_age_ms < 3000)
+                .map(|r| (r.node_id, r.connections))
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
+    let t_pub = Instant::now();
     let mut last_print = Instant::now();
     let mut last_received = 0u64;
-    let mut interval = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("bounds");
-    let mut prev = interval.clone();
-    let mut seen = 0u64;
     let mut killed_at: Option<Instant> = None;
     let mut rehomed_reported = false;
     let mut tail_until: Option<Instant> = None;
     loop {
-        swarm.step(Duration::from_millis(5));
+        clients.step(Duration::from_millis(5));
         let now = Instant::now();
+        let (received, live, wrong, silent) = clients.counts();
         if let (Some(v), None) = (&victim, killed_at) {
-            if now.saturating_duration_since(t0) >= cfg.duration / 2 + Duration::from_millis(500) {
+            if now.saturating_duration_since(t_pub) >= cfg.duration / 2 {
                 if let Some(n) = cluster.nodes.iter().find(|n| &n.id == v) {
-                    let held = swarm.per_node().iter().find(|(e, _)| *e == n.client).map_or(0, |x| x.1);
+                    let held = per_node().into_iter().find(|(id, _)| id == v).map_or(0, |x| x.1);
                     println!("chaos: killing node {v} (holding {held} clients)");
                     n.handle.kill();
                     killed_at = Some(now);
@@ -320,8 +521,8 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         }
         if let Some(k) = killed_at {
             if !rehomed_reported
-                && swarm.live == cfg.clients
-                && now.saturating_duration_since(k) > Duration::from_millis(200)
+                && live == cfg.clients
+                && now.saturating_duration_since(k) > Duration::from_millis(300)
             {
                 println!(
                     "chaos: all {} clients live again {:.2}s after the kill",
@@ -332,37 +533,20 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
             }
         }
         if now.saturating_duration_since(last_print) >= Duration::from_secs(1) {
-            // Latency over the last second: the difference of cumulative histograms.
-            interval.reset();
-            let _ = interval.add(&swarm.hist);
-            let _ = interval.subtract(&prev);
-            prev.reset();
-            let _ = prev.add(&swarm.hist);
             let secs = now.saturating_duration_since(last_print).as_secs_f64();
-            let rate = (swarm.tally.received - last_received) as f64 / secs;
-            last_received = swarm.tally.received;
-            let per: Vec<String> = cluster
-                .nodes
-                .iter()
-                .map(|n| {
-                    let c = swarm.per_node().iter().find(|(e, _)| *e == n.client).map_or(0, |x| x.1);
-                    format!("{}:{c}", n.id)
-                })
-                .collect();
-            let q = |p: f64| interval.value_at_quantile(p) as f64 / 1000.0;
+            let rate = received.saturating_sub(last_received) as f64 / secs;
+            last_received = received;
+            let [p50, p99, p999] = clients.interval_us();
+            let nodes: Vec<String> = per_node().into_iter().map(|(id, c)| format!("{id}:{c}")).collect();
             println!(
-                "t={:>3.0}s  clients {}  {:>7.0} msg/s  latency p50 {:>6.0}µs p99 {:>6.0}µs p99.9 {:>6.0}µs  wrong-user {}  silent-loss {}  reconnects {}",
-                now.saturating_duration_since(t0).as_secs_f64(),
-                per.join(" "),
+                "t={:>3.0}s  clients {} (live {live})  {:>7.0} msg/s  latency p50 {:>6.0}µs p99 {:>6.0}µs p99.9 {:>6.0}µs  wrong-user {wrong}  silent-loss {silent}",
+                now.saturating_duration_since(t_pub).as_secs_f64(),
+                nodes.join(" "),
                 rate,
-                q(0.5),
-                q(0.99),
-                q(0.999),
-                swarm.tally.wrong_user,
-                swarm.tally.silent_gaps,
-                swarm.tally.reconnects
+                p50,
+                p99,
+                p999,
             );
-            seen += 1;
             last_print = now;
         }
         if pub_done.load(Ordering::SeqCst) && tail_until.is_none() {
@@ -372,14 +556,12 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
             break;
         }
     }
-    let _ = seen;
     let pub_result = publisher.join().map_err(|_| io::Error::other("publisher panicked"))?;
+    let (t, h) = clients.finish();
     cluster.stop();
     pub_result?;
     let published = published.load(Ordering::SeqCst);
-    let h = &swarm.hist;
     let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
-    let t = swarm.tally;
     Ok(DemoReport {
         published,
         tally: t,

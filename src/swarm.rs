@@ -66,6 +66,9 @@ pub fn user_name(i: usize) -> String {
     format!("u{i}")
 }
 
+/// Reconnections started per [`Swarm::step`].
+const MAX_RESTARTS_PER_STEP: usize = 32;
+
 /// How the swarm finds and authenticates with nodes.
 #[derive(Debug, Clone, Default)]
 pub struct SwarmConfig {
@@ -174,6 +177,8 @@ pub struct Swarm {
     pub rehome_welcome: Histogram<u64>,
     /// Kill to the first message on the new node, ns, per re-homed client.
     pub rehome_message: Histogram<u64>,
+    decision_conn: Option<TcpStream>,
+    restarts_pending: bool,
 }
 
 fn connect_one(node: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
@@ -227,6 +232,8 @@ impl Swarm {
             kill_ns: 0,
             rehome_welcome: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds"),
             rehome_message: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds"),
+            decision_conn: None,
+            restarts_pending: false,
         })
     }
 
@@ -262,13 +269,16 @@ impl Swarm {
     /// Where client `i` should try to connect, in order: its node while
     /// that keeps working, else the decision servers' ranked answer, else
     /// the static list.
-    fn candidates(&self, i: usize) -> Vec<String> {
+    fn candidates(&mut self, i: usize) -> Vec<String> {
         let c = &self.conns[i];
         if !c.node.is_empty() && c.failures == 0 {
             return vec![c.node.clone()];
         }
         if !self.cfg.decision.is_empty() {
             let name = user_name(c.user as usize);
+            if let Some(v) = self.assign_pipelined(name.as_bytes()) {
+                return v;
+            }
             return match crate::decision::client::assign(
                 &self.cfg.decision,
                 name.as_bytes(),
@@ -288,12 +298,72 @@ impl Swarm {
         (0..n).map(|k| self.cfg.nodes[(c.user as usize + c.failures as usize + k) % n].clone()).collect()
     }
 
+    /// Asks for an assignment over one persistent connection to a decision
+    /// server (protocol.md §7 allows several requests per connection). Real
+    /// clients each connect once from their own machine; a swarm of
+    /// thousands in one process would otherwise spend its time in connect
+    /// and close. `None` if no decision server answers (the caller falls
+    /// back to connect-per-request over every server).
+    fn assign_pipelined(&mut self, user: &[u8]) -> Option<Vec<String>> {
+        use crate::protocol::frame::AssignRequest;
+        for _ in 0..2 {
+            if self.decision_conn.is_none() {
+                self.decision_conn = self.cfg.decision.iter().find_map(|d| {
+                    let a = std::net::ToSocketAddrs::to_socket_addrs(d).ok()?.next()?;
+                    let s = TcpStream::connect_timeout(&a, Duration::from_millis(500)).ok()?;
+                    s.set_nodelay(true).ok()?;
+                    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+                    Some(s)
+                });
+            }
+            let s = self.decision_conn.as_mut()?;
+            let req = Frame::AssignRequest(AssignRequest { version: VERSION, user, max_results: 3 }).to_vec();
+            let mut buf = Vec::with_capacity(512);
+            let ok = s.write_all(&req).is_ok() && {
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match decode(&buf, Channel::FromDecision) {
+                        Ok(Decoded::Frame(_, _)) => break true,
+                        Ok(Decoded::Incomplete(_)) => match s.read(&mut chunk) {
+                            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                            _ => break false,
+                        },
+                        Err(_) => break false,
+                    }
+                }
+            };
+            if !ok {
+                self.decision_conn = None;
+                continue;
+            }
+            match decode(&buf, Channel::FromDecision) {
+                Ok(Decoded::Frame(Frame::Assignment(a), _)) => {
+                    return Some(
+                        a.entries.iter().map(|e| String::from_utf8_lossy(e.endpoint).into_owned()).collect(),
+                    );
+                }
+                Ok(Decoded::Frame(Frame::NoCapacity(_), _)) => return Some(Vec::new()),
+                // An ERROR (e.g. the server closed the connection as idle):
+                // reconnect and ask again.
+                _ => self.decision_conn = None,
+            }
+        }
+        None
+    }
+
     /// Starts the connection of client `i` (blocking connect, then HELLO),
     /// trying each candidate node in turn.
     fn start(&mut self, i: usize, now: Instant) {
         let src = (!self.cfg.source.is_empty()).then(|| self.cfg.source[i % self.cfg.source.len()]);
         let mut connected = None;
-        for node in self.candidates(i) {
+        let mut cands = self.candidates(i);
+        // The node that just failed us goes last: it is probably dead, and
+        // the decision servers list it until its heartbeats expire.
+        if self.conns[i].failures > 0 && cands.len() > 1 {
+            let prev = self.conns[i].node.clone();
+            cands.sort_by_key(|c| *c == prev);
+        }
+        for node in cands {
             let Some(addr) = std::net::ToSocketAddrs::to_socket_addrs(&node).ok().and_then(|mut a| a.next())
             else {
                 continue;
@@ -390,6 +460,8 @@ impl Swarm {
     /// One poll: reads what arrived, restarts clients whose retry time came.
     pub fn step(&mut self, timeout: Duration) {
         let mut events = std::mem::replace(&mut self.events, mio::Events::with_capacity(1));
+        // Clients are waiting to reconnect: do not sleep in poll.
+        let timeout = if self.restarts_pending { Duration::ZERO } else { timeout };
         if self.poll.poll(&mut events, Some(timeout)).is_err() {
             self.events = events;
             return;
@@ -400,10 +472,19 @@ impl Swarm {
         }
         self.events = events;
         if self.cfg.reconnect || self.tally.welcomed < self.conns.len() as u64 {
+            // A bounded number of (blocking) restarts per step, so replies
+            // to earlier ones are read, and timed, promptly.
+            let mut restarted = 0;
+            self.restarts_pending = false;
             for i in 0..self.conns.len() {
+                if restarted >= MAX_RESTARTS_PER_STEP {
+                    self.restarts_pending = true;
+                    break;
+                }
                 if let Phase::Down { retry_at } = self.conns[i].phase {
                     if now >= retry_at && (self.cfg.reconnect || !self.conns[i].ever_welcomed) {
                         self.start(i, now);
+                        restarted += 1;
                     }
                 }
             }
@@ -524,6 +605,100 @@ impl Swarm {
         }
         at
     }
+}
+
+/// A worker process around a [`Swarm`], driven over stdin/stdout by a
+/// coordinator (`herald-probe load`, `herald demo` past one process's files).
+///
+/// Prints `PROGRESS n` while connecting, `READY n secs`, then `STAT
+/// received live wrong silent p50_ns p99_ns p999_ns` once a second (the
+/// percentiles over that second), and on `STOP` (or EOF) `RESULT …`, the
+/// histograms as `H`/`W`/`M value count` lines, and `END`. Reads `START ns`
+/// (record latency from then on) and `KILL ns` (time re-homing from then).
+pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let record_from = Arc::new(AtomicU64::new(if record_after == 0 { u64::MAX } else { record_after }));
+    let kill_at = Arc::new(AtomicU64::new(0));
+    {
+        let (stop, record_from, kill_at) = (stop.clone(), record_from.clone(), kill_at.clone());
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lines() {
+                let Ok(line) = line else { break };
+                if let Some(ns) = line.strip_prefix("START ") {
+                    record_from.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
+                } else if let Some(ns) = line.strip_prefix("KILL ") {
+                    kill_at.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
+                } else {
+                    break;
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
+    }
+    let mut swarm = match Swarm::new(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("swarm worker: {e}");
+            return 1;
+        }
+    };
+    let t0 = Instant::now();
+    let welcomed = swarm.connect_all(Duration::from_secs(300), |n| {
+        if n % 1000 == 0 {
+            println!("PROGRESS {n}");
+        }
+    });
+    println!("READY {welcomed} {:.3}", t0.elapsed().as_secs_f64());
+    let _ = std::io::stdout().flush();
+    let mut prev = swarm.hist.clone();
+    let mut interval = swarm.hist.clone();
+    let mut next_stat = Instant::now() + Duration::from_secs(1);
+    while !stop.load(Ordering::SeqCst) {
+        swarm.record_after = record_from.load(Ordering::Relaxed);
+        swarm.kill_ns = kill_at.load(Ordering::Relaxed);
+        swarm.step(Duration::from_millis(50));
+        if Instant::now() >= next_stat {
+            next_stat += Duration::from_secs(1);
+            interval.reset();
+            let _ = interval.add(&swarm.hist);
+            let _ = interval.subtract(&prev);
+            prev.reset();
+            let _ = prev.add(&swarm.hist);
+            let t = &swarm.tally;
+            println!(
+                "STAT {} {} {} {} {} {} {}",
+                t.received,
+                swarm.live,
+                t.wrong_user,
+                t.silent_gaps,
+                interval.value_at_quantile(0.5),
+                interval.value_at_quantile(0.99),
+                interval.value_at_quantile(0.999)
+            );
+            let _ = std::io::stdout().flush();
+        }
+    }
+    let t = swarm.tally;
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(
+        o,
+        "RESULT {} {} {} {} {} {} {} {}",
+        t.received, t.wrong_user, t.dups, t.silent_gaps, t.announced_gaps, t.closed, t.reconnects, t.welcomed
+    );
+    for v in swarm.hist.iter_recorded() {
+        let _ = writeln!(o, "H {} {}", v.value_iterated_to(), v.count_at_value());
+    }
+    for v in swarm.rehome_welcome.iter_recorded() {
+        let _ = writeln!(o, "W {} {}", v.value_iterated_to(), v.count_at_value());
+    }
+    for v in swarm.rehome_message.iter_recorded() {
+        let _ = writeln!(o, "M {} {}", v.value_iterated_to(), v.count_at_value());
+    }
+    let _ = writeln!(o, "END");
+    let _ = o.flush();
+    0
 }
 
 #[cfg(test)]

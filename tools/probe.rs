@@ -17,8 +17,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -29,7 +27,7 @@ use hdrhistogram::Histogram;
 use herald::cli::read_secret;
 use herald::protocol::frame::{self as f, BatchWriter, Frame};
 use herald::protocol::{decode, token, Channel, Decoded, VERSION};
-use herald::swarm::{mono_ns, user_name, Stamp, Swarm, SwarmConfig, Tally};
+use herald::swarm::{mono_ns, user_name, Stamp, SwarmConfig, Tally};
 
 #[derive(Parser)]
 #[command(about = "herald latency probe and load generator")]
@@ -236,26 +234,6 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
             }
         }
     };
-    // stdin: "START <record_after_ns>" then "STOP" (or EOF).
-    let stop = Arc::new(AtomicBool::new(false));
-    let record_from = Arc::new(AtomicU64::new(if record_after == 0 { u64::MAX } else { record_after }));
-    let kill_at = Arc::new(AtomicU64::new(0));
-    {
-        let (stop, record_from, kill_at) = (stop.clone(), record_from.clone(), kill_at.clone());
-        std::thread::spawn(move || {
-            for line in std::io::stdin().lines() {
-                let Ok(line) = line else { break };
-                if let Some(ns) = line.strip_prefix("START ") {
-                    record_from.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
-                } else if let Some(ns) = line.strip_prefix("KILL ") {
-                    kill_at.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
-                } else {
-                    break;
-                }
-            }
-            stop.store(true, Ordering::SeqCst);
-        });
-    }
     let cfg = SwarmConfig {
         first,
         count,
@@ -266,45 +244,7 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
         source: c.source.clone(),
         reconnect: c.reconnect,
     };
-    let mut swarm = match Swarm::new(cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("worker: {e}");
-            return 1;
-        }
-    };
-    let t0 = Instant::now();
-    let welcomed = swarm.connect_all(Duration::from_secs(300), |n| {
-        if n % 1000 == 0 {
-            println!("PROGRESS {n}");
-        }
-    });
-    println!("READY {welcomed} {:.3}", t0.elapsed().as_secs_f64());
-    let _ = std::io::stdout().flush();
-    while !stop.load(Ordering::SeqCst) {
-        swarm.record_after = record_from.load(Ordering::Relaxed);
-        swarm.kill_ns = kill_at.load(Ordering::Relaxed);
-        swarm.step(Duration::from_millis(50));
-    }
-    let t = swarm.tally;
-    let mut o = std::io::stdout().lock();
-    let _ = writeln!(
-        o,
-        "RESULT {} {} {} {} {} {} {} {}",
-        t.received, t.wrong_user, t.dups, t.silent_gaps, t.announced_gaps, t.closed, t.reconnects, t.welcomed
-    );
-    for v in swarm.hist.iter_recorded() {
-        let _ = writeln!(o, "H {} {}", v.value_iterated_to(), v.count_at_value());
-    }
-    for v in swarm.rehome_welcome.iter_recorded() {
-        let _ = writeln!(o, "W {} {}", v.value_iterated_to(), v.count_at_value());
-    }
-    for v in swarm.rehome_message.iter_recorded() {
-        let _ = writeln!(o, "M {} {}", v.value_iterated_to(), v.count_at_value());
-    }
-    let _ = writeln!(o, "END");
-    let _ = o.flush();
-    0
+    herald::swarm::run_worker(cfg, record_after)
 }
 
 // ------------------------------------------------------------------ load

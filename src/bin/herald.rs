@@ -22,8 +22,11 @@ fn run_demo(
     duration: std::time::Duration,
     chaos: bool,
 ) -> ExitCode {
-    if clients > 8000 {
-        eprintln!("herald demo: at most 8000 clients in one process (each takes two of its 20,000 files); use herald-probe for more");
+    if clients > 18_000 {
+        eprintln!(
+            "herald demo: at most 18,000 clients: the demo's nodes share one process and its 20,000 files; \
+             for more, run herald node processes and herald-probe"
+        );
         return ExitCode::from(2);
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -236,6 +239,18 @@ enum Cmd {
     },
     /// Print the herald and protocol versions.
     Version,
+    /// Internal: a process of simulated clients for `herald demo`.
+    #[command(hide = true)]
+    SwarmWorker {
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, value_delimiter = ',')]
+        decision: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        record_after: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -409,6 +424,21 @@ fn main() -> ExitCode {
         Cmd::Admin(a) => herald::decision::cli::run_admin(a),
         Cmd::Demo { clients, rate, nodes, duration, chaos } => {
             run_demo(clients, rate, nodes, duration, chaos)
+        }
+        Cmd::SwarmWorker { first, count, decision, record_after } => {
+            let hex = std::env::var("HERALD_SWARM_SECRET_HEX").unwrap_or_default();
+            let secret: Vec<u8> = (0..hex.len() / 2)
+                .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+                .collect();
+            let cfg = herald::swarm::SwarmConfig {
+                first,
+                count,
+                decision,
+                secret,
+                reconnect: true,
+                ..Default::default()
+            };
+            ExitCode::from(herald::swarm::run_worker(cfg, record_after).clamp(0, 255) as u8)
         }
         Cmd::Version => {
             println!("herald {} (protocol version {})", env!("CARGO_PKG_VERSION"), herald::protocol::VERSION);

@@ -199,6 +199,8 @@ pub struct Client {
     connected_once: bool,
     cached: Option<String>,
     cached_failures: u32,
+    /// The cached node that stopped answering, tried last from then on.
+    last_failed: Option<String>,
 }
 
 impl Client {
@@ -225,6 +227,7 @@ impl Client {
             connected_once: false,
             cached: None,
             cached_failures: 0,
+            last_failed: None,
         };
         c.establish()?;
         Ok(c)
@@ -450,6 +453,7 @@ impl Client {
             if self.cached_failures < CACHED_TRIES || self.cfg.decision.is_empty() {
                 return Ok(vec![c]);
             }
+            self.last_failed = Some(c);
             self.cached = None;
         }
         if !self.cfg.decision.is_empty() {
@@ -461,7 +465,13 @@ impl Client {
                 DECISION_TIMEOUT,
             ) {
                 Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
-                    Ok(n.into_iter().map(|a| a.endpoint).collect())
+                    let mut v: Vec<String> = n.into_iter().map(|a| a.endpoint).collect();
+                    // The node that just failed us goes last: the decision
+                    // servers list it until its heartbeats expire.
+                    if let Some(bad) = self.last_failed.as_ref() {
+                        v.sort_by_key(|c| c == bad);
+                    }
+                    Ok(v)
                 }
                 Ok(crate::decision::client::AssignOutcome::NoCapacity { retry_after }) => {
                     Err(ClientError::NoCapacity(retry_after))

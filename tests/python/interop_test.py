@@ -1,0 +1,606 @@
+"""Interop self-test for herald_client.py against a real herald node.
+
+    HERALD_BIN=/path/to/herald python3 tests/python/interop_test.py
+
+Offline: every §10 vector of protocol.md decodes and re-encodes byte for byte,
+the tags / HMAC inputs / token vector check out, the normative tables match the
+library's constants, and the client logic (gaps, duplicates, PING, GOODBYE,
+violations) behaves against a scripted fake node. Online: a node subprocess,
+a Python publisher and a Python client: deliver, resume, auth failures, drain.
+Prints "N passed, M failed" last and exits non-zero on any failure.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import herald_client as hc  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROTOCOL_MD = os.path.normpath(os.path.join(HERE, "..", "..", "protocol.md"))
+TEST_SECRET = b"herald-test-secret"
+T0 = time.monotonic()
+
+passed = 0
+failed = 0
+
+
+def check(name: str, cond: bool, detail: str = "") -> bool:
+    global passed, failed
+    if cond:
+        passed += 1
+        print(f"ok   {name}")
+    else:
+        failed += 1
+        print(f"FAIL {name}" + (f": {detail}" if detail else ""))
+    return cond
+
+
+def expect_raises(name: str, fn, exc_type, code=None):
+    try:
+        fn()
+    except exc_type as e:
+        got = getattr(e, "code", None)
+        return check(name, code is None or got == code,
+                     f"code {hc.CODE_NAMES.get(got, got)}, want {hc.CODE_NAMES.get(code, code)}")
+    except Exception as e:  # noqa: BLE001
+        return check(name, False, f"raised {type(e).__name__}: {e}")
+    return check(name, False, "did not raise")
+
+
+# ---------------------------------------------------------------------------
+# protocol.md parsing
+# ---------------------------------------------------------------------------
+
+def hex_block_bytes(text: str) -> bytes:
+    out = []
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        out.append("".join(line.split()))
+    return bytes.fromhex("".join(out))
+
+
+def parse_vectors(md: str) -> list[tuple[str, str, bytes]]:
+    """[(name, channel, frame bytes)] for every <!-- vector: NAME --> + ```hex block."""
+    out = []
+    for m in re.finditer(r"<!-- vector: ([\w-]+) -->\s*```hex\n(.*?)```", md, re.S):
+        name = m.group(1)
+        head = re.findall(r"\*\*" + re.escape(name) + r"\*\* \((\w+)", md[:m.start()])
+        channel = head[-1] if head else ""
+        out.append((name, channel, hex_block_bytes(m.group(2))))
+    return out
+
+
+def parse_hmac_inputs(md: str) -> dict[str, bytes]:
+    return {m.group(1): hex_block_bytes(m.group(2)) for m in
+            re.finditer(r"<!-- hmac-input: ([\w-]+) -->\s*```hex\n(.*?)```", md, re.S)}
+
+
+def parse_table(md: str, name: str) -> list[list[str]]:
+    m = re.search(r"<!-- table: " + re.escape(name) + r" -->\n((?:\|.*\n)+)", md)
+    rows = []
+    for line in m.group(1).splitlines()[2:]:
+        rows.append([c.strip().strip("`") for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# offline checks
+# ---------------------------------------------------------------------------
+
+def offline_checks():
+    md = open(PROTOCOL_MD, encoding="utf-8").read()
+
+    # -- tables vs. constants -----------------------------------------------
+    ft = {int(r[0], 16): r[1] for r in parse_table(md, "frame-types")}
+    check("table frame-types matches library", ft == hc.FRAME_NAMES, f"{ft}")
+    codes = {int(r[0]): r[1] for r in parse_table(md, "codes")}
+    check("table codes matches library", codes == hc.CODE_NAMES, f"{codes}")
+    chans = {r[0]: (int(r[2]), frozenset(hc.FRAME_TYPES[t.strip()] for t in r[3].split(",")))
+             for r in parse_table(md, "channels")}
+    check("table channels matches library", chans == hc.CHANNELS)
+    rr = {int(r[0]): r[1] for r in parse_table(md, "resume-results")}
+    check("table resume-results matches library", rr == hc.RESUME_NAMES)
+    ga = {int(r[0]): r[1] for r in parse_table(md, "goodbye-actions")}
+    check("table goodbye-actions matches library", ga == hc.ACTION_NAMES)
+    lim = {r[0]: int(r[1]) for r in parse_table(md, "limits")}
+    check("table limits matches library",
+          all(getattr(hc, k) == v for k, v in lim.items()), f"{lim}")
+
+    # -- vectors --------------------------------------------------------------
+    vectors = parse_vectors(md)
+    markers = md.count("<!-- vector: ")
+    check(f"parsed every §10 vector ({markers})", len(vectors) == markers and markers > 0,
+          f"parsed {len(vectors)} of {markers}")
+    frames = {}
+    for name, channel, data in vectors:
+        try:
+            fr = hc.decode_frame(data, channel)
+            frames[name] = fr
+            ok = check(f"vector {name} decodes on {channel} as {fr.name}", True)
+        except Exception as e:  # noqa: BLE001
+            check(f"vector {name} decodes on {channel}", False, f"{type(e).__name__}: {e}")
+            continue
+        again = hc.encode(fr.type, fr.fields, channel=channel)
+        check(f"vector {name} re-encodes identically", again == data,
+              f"\n  got  {again.hex()}\n  want {data.hex()}")
+
+    # spot-check decoded values against the prose of §10
+    f = frames.get("hello")
+    check("hello fields", f and f["token"] == b"v1.YWxpY2U.1767225600.00" and f["agent"] == b"rs/0.1"
+          and f["flags"] == 0 and (f["min_version"], f["max_version"]) == (1, 1))
+    f = frames.get("hello-resume")
+    check("hello-resume fields", f and f["flags"] & hc.FLAG_RESUME and f["resume_epoch"] == 0x1122334455667788
+          and f["resume_seq"] == 41 and f["agent"] == b"")
+    f = frames.get("welcome")
+    check("welcome fields", f and f["resume"] == hc.RESUMED and f["heartbeat_ms"] == 10000
+          and f["session_id"] == 7 and f["next_seq"] == 42 and f["node_id"] == b"n1")
+    f = frames.get("deliver")
+    check("deliver fields", f and f["seq"] == 42 and f["payload"] == b"hi")
+    f = frames.get("goodbye-node")
+    check("goodbye-node fields", f and f["reason"] == hc.REBALANCE and f["action"] == hc.GO_TO_NODE
+          and f["target"] == b"10.0.0.2:7400")
+    f = frames.get("publish-batch")
+    check("publish-batch fields", f and [(e["user"], e["key"], e["payload"]) for e in f["entries"]]
+          == [(b"alice", b"", b"hi"), (b"bob", b"EURUSD", b"yo")])
+    f = frames.get("pub-result")
+    check("pub-result fields", f and (f["request_id"], f["accepted"], f["local"], f["forwarded"],
+                                      f["no_route"]) == (9, 1, 1, 0, 0))
+    f = frames.get("admin-status")
+    check("admin-status headroom i32", f and f["entries"][0]["headroom"] == 650)
+
+    # signed frames and mesh tags (secret herald-test-secret)
+    for name in ("admin", "heartbeat"):
+        fr = frames.get(name)
+        check(f"vector {name}: tag verifies (§2.5)", fr and hc.verify_signed(TEST_SECRET, fr.raw))
+        if fr:
+            resigned = hc.encode(fr.type, fr.fields, secret=TEST_SECRET)
+            check(f"vector {name}: re-signed frame identical", resigned == fr.raw)
+    check("heartbeat vector is 118 bytes", frames.get("heartbeat") and len(frames["heartbeat"].raw) == 118)
+    inputs = parse_hmac_inputs(md)
+    ph, pw, pa = frames.get("peer-hello"), frames.get("peer-welcome"), frames.get("peer-auth")
+    if ph and pw and pa:
+        ni, na, ii, ai = ph["nonce"], pw["nonce"], ph["node_id"], pw["node_id"]
+        check("hmac-input peer-acceptor matches §6.2 construction",
+              inputs.get("peer-acceptor") == hc.peer_tag_input("acceptor", ni, na, ii, ai))
+        check("hmac-input peer-initiator matches §6.3 construction",
+              inputs.get("peer-initiator") == hc.peer_tag_input("initiator", ni, na, ii, ai))
+        check("peer-welcome tag_a verifies",
+              hc.peer_tag(TEST_SECRET, "acceptor", ni, na, ii, ai) == pw["tag"])
+        check("peer-auth tag_i verifies",
+              hc.peer_tag(TEST_SECRET, "initiator", ni, na, ii, ai) == pa["tag"])
+
+    # token vector (§9)
+    m = re.search(r"<!-- token-vector -->\s*```text\n(.*?)```", md, re.S)
+    tv = dict(line.split(": ", 1) for line in m.group(1).strip().splitlines())
+    tok = hc.mint(tv["secret"].encode(), tv["user"].encode(), int(tv["expiry"]))
+    check("token vector mints identically", tok == tv["token"], tok)
+    check("token signed part", tok.rpartition(".")[0] == tv["signed"])
+    check("token vector verifies (before expiry)",
+          hc.verify_token(tv["secret"].encode(), tv["token"], now=int(tv["expiry"]) - 1) == b"alice")
+    expect_raises("token vector expired at expiry (TOKEN_EXPIRED)",
+                  lambda: hc.verify_token(tv["secret"].encode(), tv["token"], now=int(tv["expiry"])),
+                  hc.TokenError, hc.TOKEN_EXPIRED)
+    expect_raises("placeholder token is AUTH_FAILED",
+                  lambda: hc.verify_token(TEST_SECRET, "v1.YWxpY2U.1767225600.00", now=0),
+                  hc.TokenError, hc.AUTH_FAILED)
+
+    # -- decoder rejections (§2.4) -------------------------------------------
+    hello = frames["hello"].raw
+    expect_raises("truncated HELLO -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(struct.pack(">I", len(hello) - 5) + hello[4:-1], "ToNode"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("trailing byte -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(struct.pack(">I", len(hello) - 3) + hello[4:] + b"\0", "ToNode"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("bad magic -> BAD_MAGIC",
+                  lambda: hc.decode_frame(hello[:5] + b"HTTP" + hello[9:], "ToNode"),
+                  hc.HeraldError, hc.BAD_MAGIC)
+    expect_raises("'GET ' on ToNode -> FRAME_TOO_LARGE",
+                  lambda: hc.check_header(struct.unpack(">I", b"GET ")[0], None, "ToNode"),
+                  hc.HeraldError, hc.FRAME_TOO_LARGE)
+    expect_raises("zero length -> PROTOCOL_ERROR",
+                  lambda: hc.check_header(0, None, "ToClient"), hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("type 0x99 -> UNKNOWN_FRAME_TYPE",
+                  lambda: hc.decode_frame(b"\0\0\0\x01\x99", "ToClient"),
+                  hc.HeraldError, hc.UNKNOWN_FRAME_TYPE)
+    expect_raises("DELIVER on ToNode -> UNEXPECTED_FRAME",
+                  lambda: hc.decode_frame(frames["deliver"].raw, "ToNode"),
+                  hc.HeraldError, hc.UNEXPECTED_FRAME)
+    w = bytearray(frames["welcome"].raw)
+    w[6] = 4
+    expect_raises("WELCOME resume=4 -> PROTOCOL_ERROR", lambda: hc.decode_frame(bytes(w), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    g = bytearray(frames["goodbye"].raw)
+    g[7] = 3
+    expect_raises("GOODBYE action=3 -> PROTOCOL_ERROR", lambda: hc.decode_frame(bytes(g), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    big = hc.encode(hc.DELIVER, {"epoch": 1, "seq": 1, "payload": b"x" * 65536}, channel="ToClient")
+    check("largest DELIVER is exactly the ToClient limit", len(big) - 4 == 65553)
+    return frames
+
+
+# ---------------------------------------------------------------------------
+# client logic against a scripted fake node
+# ---------------------------------------------------------------------------
+
+class FakeNode:
+    """Accepts one connection and runs ``script(conn)`` in a thread."""
+
+    def __init__(self, script):
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(1)
+        self.lsock.settimeout(5)
+        self.endpoint = "127.0.0.1:%d" % self.lsock.getsockname()[1]
+        self.result: dict = {}
+        self.error = None
+        self.t = threading.Thread(target=self._run, args=(script,), daemon=True)
+        self.t.start()
+
+    def _run(self, script):
+        try:
+            s, _ = self.lsock.accept()
+            conn = hc.FrameConn(s, "ToNode", "ToClient")
+            try:
+                script(conn, self.result)
+            finally:
+                conn.close()
+        except Exception:  # noqa: BLE001
+            self.error = traceback.format_exc()
+        finally:
+            self.lsock.close()
+
+    def join(self):
+        self.t.join(5)
+
+
+def fake_node_checks():
+    E = 0x0102030405060708
+
+    def script(conn, res):
+        fr = conn.read_frame(3)
+        res["hello"] = fr
+        conn.send(hc.WELCOME, {"version": 1, "resume": hc.FRESH, "heartbeat_ms": 10000,
+                               "session_id": 1, "epoch": E, "next_seq": 1, "node_id": b"fake"})
+        for seq in (1, 3, 3, 2, 4):
+            conn.send(hc.DELIVER, {"epoch": E, "seq": seq, "payload": b"m%d" % seq})
+        conn.send(hc.PING, {"nonce": 777})
+        res["pong"] = conn.read_frame(3)
+        conn.send(hc.GOODBYE, {"reason": hc.REBALANCE, "action": hc.GO_TO_NODE, "delay_ms": 5,
+                               "target": b"127.0.0.1:9"})
+        time.sleep(0.2)
+
+    node = FakeNode(script)
+    c = hc.Client(node.endpoint, "tok", agent="py-test")
+    w = c.connect()
+    got = []
+    while True:
+        ev = c.recv(3)
+        got.append(ev)
+        if ev is None or isinstance(ev, hc.Goodbye):
+            break
+    node.join()
+    check("fake: HELLO without RESUME sent", node.result.get("hello") is not None
+          and node.result["hello"]["flags"] == 0 and node.result["hello"]["token"] == b"tok",
+          str(node.error))
+    check("fake: WELCOME FRESH, position (E, 0)", w.resume == hc.FRESH and w.lost == 0)
+    msgs = [(e.seq, e.gap, e.payload) for e in got if isinstance(e, hc.Message)]
+    check("fake: in-order, gap reported, duplicates discarded",
+          msgs == [(1, 0, b"m1"), (3, 1, b"m3"), (4, 0, b"m4")] and c.duplicates_discarded == 2, f"{msgs}")
+    pong = node.result.get("pong")
+    check("fake: PING answered with PONG, same nonce",
+          pong is not None and pong.type == hc.PONG and pong["nonce"] == 777)
+    gb = got[-1]
+    check("fake: GOODBYE surfaced, GO_TO_NODE target",
+          isinstance(gb, hc.Goodbye) and c.next_endpoint(gb) == "127.0.0.1:9" and not c.connected)
+    check("fake: position kept after close", c.position == (E, 4))
+
+    # a second connection resumes; a DELIVER with another epoch is a violation
+    def script2(conn, res):
+        res["hello"] = conn.read_frame(3)
+        conn.send(hc.WELCOME, {"version": 1, "resume": hc.GAP, "heartbeat_ms": 10000,
+                               "session_id": 2, "epoch": E, "next_seq": 8, "node_id": b"fake"})
+        conn.send(hc.DELIVER, {"epoch": E + 1, "seq": 8, "payload": b""})
+        res["reply"] = conn.read_frame(3)
+
+    node = FakeNode(script2)
+    w = c.connect(node.endpoint)
+    hello = node.result["hello"]
+    check("fake: reconnect sends RESUME with position",
+          hello["flags"] & hc.FLAG_RESUME and (hello["resume_epoch"], hello["resume_seq"]) == (E, 4))
+    check("fake: GAP reports lost = next_seq - resume_seq - 1 = 3", w.resume == hc.GAP and w.lost == 3)
+    expect_raises("fake: DELIVER with wrong epoch -> PROTOCOL_ERROR", lambda: c.recv(3),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    node.join()
+    reply = node.result.get("reply")
+    check("fake: client sent ERROR PROTOCOL_ERROR before closing",
+          reply is not None and reply.type == hc.ERROR and reply["code"] == hc.PROTOCOL_ERROR,
+          str(node.error))
+
+    # keepalive: a node silent for 3 x heartbeat_ms is dead
+    def script3(conn, res):
+        conn.read_frame(3)
+        conn.send(hc.WELCOME, {"version": 1, "resume": hc.RESTARTED, "heartbeat_ms": 50,
+                               "session_id": 3, "epoch": E + 5, "next_seq": 1, "node_id": b"fake"})
+        time.sleep(1.0)
+
+    node = FakeNode(script3)
+    w = c.connect(node.endpoint)
+    check("fake: RESTARTED -> unknown loss, new position", w.lost is None and c.position == (E + 5, 0))
+    t = time.monotonic()
+    expect_raises("fake: silent node detected after 3 x heartbeat_ms", lambda: c.recv(2),
+                  hc.ConnectionClosed)
+    check("fake: ... within ~150 ms", time.monotonic() - t < 0.5)
+    node.join()
+
+
+# ---------------------------------------------------------------------------
+# against the real node
+# ---------------------------------------------------------------------------
+
+class Node:
+    def __init__(self, binary: str, tmp: str):
+        self.client_secret = b"py-client-secret-0123456789abcdef"
+        self.pub_secret = b"py-publisher-secret-0123456789ab"
+        f = os.path.join(tmp, "client.secret")
+        g = os.path.join(tmp, "publisher.secret")
+        with open(f, "wb") as fh:
+            fh.write(self.client_secret + b"\n")  # trailing newline must be stripped
+        with open(g, "wb") as fh:
+            fh.write(self.pub_secret)
+        self.proc = subprocess.Popen(
+            [binary, "node", "--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0",
+             "--secret-file", f, "--publisher-secret-file", g, "--log-every", "0",
+             "--drain-window", "200ms"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            s = line.decode("utf-8", "replace").rstrip("\n")
+            self.stderr.append(s)
+            self.lines.put(s)
+
+    def first_line(self, timeout=5.0):
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def drain_messages(client: hc.Client, want: int, timeout: float):
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < want and time.monotonic() < deadline:
+        ev = client.recv(max(0.01, deadline - time.monotonic()))
+        if isinstance(ev, hc.Message):
+            out.append(ev)
+        elif ev is not None and not isinstance(ev, hc.Pong):
+            out.append(ev)
+            break
+    return out
+
+
+def expect_handshake_error(name: str, fn, code: int):
+    try:
+        fn()
+    except hc.RemoteError as e:
+        return check(name, e.code == code, f"got ERROR {hc.CODE_NAMES.get(e.code, e.code)} {e.message!r}")
+    except Exception as e:  # noqa: BLE001
+        return check(name, False, f"{type(e).__name__}: {e}")
+    return check(name, False, "handshake succeeded")
+
+
+def live_checks(binary: str):
+    tmp = tempfile.mkdtemp(prefix="herald-py-")
+    node = Node(binary, tmp)
+    try:
+        line = node.first_line()
+        m = re.match(r"herald node (.+?): clients on (\S+), ingest on (\S+), capacity (\d+)", line or "")
+        if not check("node prints its startup line", m is not None, repr(line)):
+            return
+        node_id, client_ep, ingest_ep = m.group(1), m.group(2), m.group(3)
+        print(f"     node {node_id!r} clients {client_ep} ingest {ingest_ep} capacity {m.group(4)}")
+
+        cs, ps = node.client_secret, node.pub_secret
+        alice = hc.Client(client_ep, hc.mint_ttl(cs, "py-alice"), agent="herald-py/0.1")
+        w = alice.connect()
+        check("alice: WELCOME FRESH v1, next_seq 1, epoch != 0",
+              w.resume == hc.FRESH and w.version == 1 and w.next_seq == 1 and w.epoch != 0,
+              f"{w}")
+        check("alice: WELCOME node_id matches the startup line", w.node_id == node_id.encode(), f"{w.node_id!r}")
+        epoch = w.epoch
+
+        nonce = alice.ping(0xDEADBEEF01020304)
+        ev = alice.recv(3)
+        check("alice: PING -> PONG with our nonce", isinstance(ev, hc.Pong) and ev.nonce == nonce, f"{ev}")
+
+        pub = hc.Publisher(ingest_ep, hc.mint_ttl(ps, "py-publisher"))
+        pw = pub.connect()
+        check("publisher: PUB_WELCOME v1, max_frame 1 MiB, node id",
+              pw["version"] == 1 and pw["max_frame"] == 1048576 and pw["node_id"] == node_id.encode(),
+              f"{pw.fields}")
+
+        payloads = [b"msg-1", b"msg-2 \x00\xff binary", b""]
+        rids = [pub.publish("py-alice", p, want_result=True) for p in payloads]  # pipelined
+        results = [pub.read_result(5) for _ in rids]
+        check("publisher: 3 PUB_RESULTs in request order", [r.request_id for r in results] == rids)
+        check("publisher: each accepted 1, local 1, forwarded 0, no_route 0",
+              all((r.accepted, r.local, r.forwarded, r.no_route) == (1, 1, 0, 0) for r in results),
+              f"{results}")
+
+        got = drain_messages(alice, 3, 5)
+        check("alice: received seq 1..3 with the payloads",
+              [(x.seq, x.payload) for x in got if isinstance(x, hc.Message)]
+              == list(zip([1, 2, 3], payloads)), f"{got}")
+        check("alice: no gaps, epoch unchanged",
+              all(isinstance(x, hc.Message) and x.gap == 0 and x.epoch == epoch for x in got))
+        check("alice: position (epoch, 3)", alice.position == (epoch, 3))
+
+        # batch to a user nobody is connected as
+        rid = pub.publish_batch([("py-nobody", b"a"), ("py-nobody", b"b")], want_result=True)
+        r = pub.read_result(5)
+        check("publisher: batch result accepted 2, local 0, no_route 2",
+              (r.request_id, r.accepted, r.local, r.forwarded, r.no_route) == (rid, 2, 0, 0, 2), f"{r}")
+
+        # close, publish 2 more, resume
+        alice.close()
+        time.sleep(0.3)  # give the node time to notice the close (there is no close frame)
+        more = [b"msg-4", b"msg-5"]
+        rids = [pub.publish("py-alice", p, want_result=True) for p in more]
+        results = [pub.read_result(5) for _ in rids]
+        check("publisher: offline publishes accepted (1 each)",
+              [r.request_id for r in results] == rids and all(r.accepted == 1 for r in results))
+        check("publisher: offline publishes count as no_route (retained stream), not local",
+              all((r.local, r.forwarded, r.no_route) == (0, 0, 1) for r in results), f"{results}")
+
+        w2 = alice.connect()
+        check("alice: resume -> RESUMED, same epoch, next_seq 4",
+              w2.resume == hc.RESUMED and w2.epoch == epoch and w2.next_seq == 4 and w2.lost == 0, f"{w2}")
+        got = drain_messages(alice, 2, 5)
+        check("alice: replay is exactly 4 and 5",
+              [(x.seq, x.payload, x.gap) for x in got if isinstance(x, hc.Message)]
+              == [(4, b"msg-4", 0), (5, b"msg-5", 0)], f"{got}")
+        extra = alice.recv(0.3)
+        check("alice: nothing after the replay", extra is None, f"{extra}")
+
+        # a second session of the same user shares the stream
+        alice2 = hc.Client(client_ep, hc.mint_ttl(cs, "py-alice"))
+        w3 = alice2.connect()
+        check("alice2: FRESH on the same stream (epoch, next_seq 6)",
+              w3.resume == hc.FRESH and w3.epoch == epoch and w3.next_seq == 6, f"{w3}")
+        pub.publish("py-alice", b"msg-6", want_result=True)
+        r = pub.read_result(5)
+        check("publisher: two sessions, one message: local 1", (r.accepted, r.local) == (1, 1), f"{r}")
+        a = drain_messages(alice, 1, 3)
+        b = drain_messages(alice2, 1, 3)
+        check("both sessions get seq 6",
+              [(x.seq, x.payload) for x in a + b if isinstance(x, hc.Message)] == [(6, b"msg-6")] * 2,
+              f"{a} {b}")
+        alice2.close()
+
+        # resume from a position the node does not know -> RESTARTED
+        bob = hc.Client(client_ep, hc.mint_ttl(cs, "py-bob"), position=(0x5EED, 17))
+        wb = bob.connect()
+        check("bob: unknown epoch -> RESTARTED, loss unknown, next_seq 1",
+              wb.resume == hc.RESTARTED and wb.lost is None and wb.next_seq == 1 and wb.epoch != 0x5EED,
+              f"{wb}")
+        bob.close()
+        # resume beyond the head -> RESTARTED
+        carol = hc.Client(client_ep, hc.mint_ttl(cs, "py-alice"), position=(epoch, 99))
+        wc = carol.connect()
+        check("resume seq beyond head -> RESTARTED", wc.resume == hc.RESTARTED, f"{wc}")
+        carol.close()
+
+        # failures
+        expect_handshake_error("wrong-secret token -> ERROR AUTH_FAILED",
+                               lambda: hc.Client(client_ep, hc.mint_ttl(b"wrong-secret-wrong-secret", "py-alice")).connect(),
+                               hc.AUTH_FAILED)
+        expect_handshake_error("publisher secret used for a client token -> AUTH_FAILED",
+                               lambda: hc.Client(client_ep, hc.mint_ttl(ps, "py-alice")).connect(),
+                               hc.AUTH_FAILED)
+        expect_handshake_error("expired token -> ERROR TOKEN_EXPIRED",
+                               lambda: hc.Client(client_ep, hc.mint(cs, "py-alice", int(time.time()) - 5)).connect(),
+                               hc.TOKEN_EXPIRED)
+        expect_handshake_error("version 2 only -> ERROR UNSUPPORTED_VERSION",
+                               lambda: hc.Client(client_ep, hc.mint_ttl(cs, "py-alice"),
+                                                 min_version=2, max_version=2).connect(),
+                               hc.UNSUPPORTED_VERSION)
+        expect_handshake_error("publisher wrong secret -> ERROR AUTH_FAILED",
+                               lambda: hc.Publisher(ingest_ep, hc.mint_ttl(cs, "py-publisher")).connect(),
+                               hc.AUTH_FAILED)
+
+        def raw_exchange(ep, data):
+            conn = hc.FrameConn.open(ep, "ToClient", "ToNode")
+            try:
+                conn.send_raw(data)
+                return conn.read_frame(3)
+            finally:
+                conn.close()
+        fr = raw_exchange(client_ep, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        check("HTTP request on client port -> ERROR FRAME_TOO_LARGE",
+              fr is not None and fr.type == hc.ERROR and fr["code"] == hc.FRAME_TOO_LARGE, f"{fr}")
+        bad = bytearray(hc.encode(hc.HELLO, {"min_version": 1, "max_version": 1, "token": b"x"}))
+        bad[5:9] = b"XXXX"
+        fr = raw_exchange(client_ep, bytes(bad))
+        check("HELLO with bad magic -> ERROR BAD_MAGIC",
+              fr is not None and fr.type == hc.ERROR and fr["code"] == hc.BAD_MAGIC, f"{fr}")
+        fr = raw_exchange(client_ep, hc.encode(hc.PING, {"nonce": 1}))
+        check("PING before HELLO -> ERROR UNEXPECTED_FRAME",
+              fr is not None and fr.type == hc.ERROR and fr["code"] == hc.UNEXPECTED_FRAME, f"{fr}")
+
+        # drain: SIGTERM with a client and a publisher connected
+        node.proc.send_signal(signal.SIGTERM)
+        ev = None
+        try:
+            ev = alice.recv(5)
+        except (hc.ConnectionClosed, hc.RemoteError) as e:
+            ev = e
+        check("alice: GOODBYE DRAINING on SIGTERM",
+              isinstance(ev, hc.Goodbye) and ev.reason == hc.DRAINING, f"{ev!r}")
+        if isinstance(ev, hc.Goodbye):
+            print(f"     GOODBYE to client: action {ev.action_name}, delay {ev.delay_ms} ms, target {ev.target!r}")
+            check("alice: GOODBYE action ASK_DECISION or RETRY_AFTER (no target to go to)",
+                  ev.action in (hc.ASK_DECISION, hc.RETRY_AFTER) and ev.delay_ms <= 10000, f"{ev}")
+        pev = None
+        try:
+            pub.read_result(5)
+        except (hc.ConnectionClosed, hc.RemoteError) as e:
+            pev = e
+        check("publisher: GOODBYE (DRAINING) or close on SIGTERM",
+              pub.goodbye is not None or isinstance(pev, hc.ConnectionClosed), f"{pev!r} {pub.goodbye}")
+        if pub.goodbye is not None:
+            check("publisher: GOODBYE reason DRAINING, action not GO_TO_NODE",
+                  pub.goodbye.reason == hc.DRAINING and pub.goodbye.action != hc.GO_TO_NODE, f"{pub.goodbye}")
+        try:
+            rc = node.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            rc = None
+        check("node exits 0 after SIGTERM", rc == 0, f"rc={rc}; stderr tail: {node.stderr[-5:]}")
+    finally:
+        node.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main():
+    binary = os.environ.get("HERALD_BIN")
+    for name, fn in (("offline", offline_checks), ("fake node", fake_node_checks)):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001
+            check(f"{name} checks ran to completion", False, traceback.format_exc())
+    if not binary:
+        check("HERALD_BIN is set", False)
+    else:
+        try:
+            live_checks(binary)
+        except Exception:  # noqa: BLE001
+            check("live checks ran to completion", False, traceback.format_exc())
+    print(f"({time.monotonic() - T0:.1f} s)")
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
