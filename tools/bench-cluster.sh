@@ -37,6 +37,11 @@ node() { # id port capacity
 metric() { curl -s "127.0.0.1:$1/metrics" | awk -v m="$2" '$1 ~ "^"m"[{]" {print $2}'; }
 stop_all() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; pids=(); sleep 1; }
 
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in 17300 17310 17400 17410 17420; do
+  port_free "$p" || { echo "port $p is in use (a leftover run?); stop it first" >&2; exit 1; }
+done
+
 for s in ${*:-seed rehome}; do
   case $s in
   seed)
@@ -57,15 +62,15 @@ for s in ${*:-seed rehome}; do
     decision 17300; decision 17310; sleep 0.3
     node n1 17400 19000; sleep 2
     # n2 and n3 join once the clients sit on n1; the hook waits for the mesh.
-    hook="$R/herald node --id n2 --listen 127.0.0.1:17410 --ingest 127.0.0.1:17411 --metrics 127.0.0.1:17412 --capacity 7000 --secret-file $dir/client --publisher-secret-file $dir/publisher --cluster-secret-file $dir/cluster --decision 127.0.0.1:17300,127.0.0.1:17310 --log-every 0 2>>$dir/log & echo \$! >$dir/n2.pid;
-          $R/herald node --id n3 --listen 127.0.0.1:17420 --ingest 127.0.0.1:17421 --metrics 127.0.0.1:17422 --capacity 7000 --secret-file $dir/client --publisher-secret-file $dir/publisher --cluster-secret-file $dir/cluster --decision 127.0.0.1:17300,127.0.0.1:17310 --log-every 0 2>>$dir/log & echo \$! >$dir/n3.pid;
+    hook="$R/herald node --id n2 --listen 127.0.0.1:17410 --ingest 127.0.0.1:17411 --metrics 127.0.0.1:17412 --capacity 7000 --secret-file $dir/client --publisher-secret-file $dir/publisher --cluster-secret-file $dir/cluster --decision 127.0.0.1:17300,127.0.0.1:17310 --log-every 0 >/dev/null 2>>$dir/log & echo \$! >$dir/n2.pid;
+          $R/herald node --id n3 --listen 127.0.0.1:17420 --ingest 127.0.0.1:17421 --metrics 127.0.0.1:17422 --capacity 7000 --secret-file $dir/client --publisher-secret-file $dir/publisher --cluster-secret-file $dir/cluster --decision 127.0.0.1:17300,127.0.0.1:17310 --log-every 0 >/dev/null 2>>$dir/log & echo \$! >$dir/n3.pid;
           sleep 4"
     $R/herald-probe load --decision 127.0.0.1:17300,127.0.0.1:17310 --secret-file "$dir/client" \
       --publisher-secret-file "$dir/publisher" --clients 10000 --rate 40000 --duration 15 --warmup 0 --reconnect \
       --ingest 127.0.0.1:17411,127.0.0.1:17421 --exec-after-connect "$hook" --kill-pid "$PID_n1" --kill-after 5 \
+      --exec-before-stop "$R/herald admin --decision 127.0.0.1:17300 --admin-secret-file $dir/admin status" \
       2>/dev/null | tee "$OUT/rehome.txt" || true
     pids+=("$(cat "$dir/n2.pid")" "$(cat "$dir/n3.pid")")
-    $R/herald admin --decision 127.0.0.1:17300 --admin-secret-file "$dir/admin" status | tee -a "$OUT/rehome.txt"
     stop_all
     ;;
   esac

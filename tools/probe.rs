@@ -118,6 +118,9 @@ enum Cmd {
         /// Run this shell command once every client is connected, before publishing.
         #[arg(long)]
         exec_after_connect: Option<String>,
+        /// Run this shell command after publishing, while the clients are still connected.
+        #[arg(long)]
+        exec_before_stop: Option<String>,
     },
     /// Overlay several .hgrm files in one SVG: `plot --out x.svg herald=a.hgrm floor=b.hgrm`.
     Plot {
@@ -169,6 +172,7 @@ fn main() {
             kill_pid,
             kill_after,
             exec_after_connect,
+            exec_before_stop,
         } => load(LoadArgs {
             common,
             ingest,
@@ -188,6 +192,7 @@ fn main() {
             kill_pid,
             kill_after,
             exec_after_connect,
+            exec_before_stop,
         }),
         Cmd::Plot { out, title, inputs } => {
             let mut series = Vec::new();
@@ -268,6 +273,7 @@ struct LoadArgs {
     kill_pid: Option<u32>,
     kill_after: u64,
     exec_after_connect: Option<String>,
+    exec_before_stop: Option<String>,
 }
 
 /// Resident set size of a process, KiB.
@@ -594,6 +600,9 @@ fn load(a: LoadArgs) -> i32 {
     eprintln!();
     // Let the last messages arrive, then stop the workers.
     std::thread::sleep(Duration::from_millis(1500));
+    if let Some(cmd) = &a.exec_before_stop {
+        let _ = Command::new("sh").arg("-c").arg(cmd).status();
+    }
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
     let mut t = Tally::default();
     let mut rehome_w = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
