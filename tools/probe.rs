@@ -58,70 +58,10 @@ struct Common {
     source: Vec<std::net::IpAddr>,
 }
 
-// Parsed once at start-up; the size difference between variants costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a paced load and report latency, loss and CPU.
-    Load {
-        #[command(flatten)]
-        common: Common,
-        /// Node ingest endpoints; messages are published round-robin over
-        /// them (default with --decision: every live node's ingest endpoint).
-        #[arg(long, value_delimiter = ',')]
-        ingest: Vec<SocketAddr>,
-        /// Publisher secret file (not needed with --plain).
-        #[arg(long)]
-        publisher_secret_file: Option<PathBuf>,
-        /// Simulated clients.
-        #[arg(long, default_value_t = 1000)]
-        clients: usize,
-        /// Messages per second, in total.
-        #[arg(long, default_value_t = 10_000)]
-        rate: u64,
-        /// Seconds of publishing.
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
-        /// Seconds of warm-up publishing not recorded.
-        #[arg(long, default_value_t = 2)]
-        warmup: u64,
-        /// Payload bytes (at least 16).
-        #[arg(long, default_value_t = 100)]
-        payload: usize,
-        /// Most connections per worker process.
-        #[arg(long, default_value_t = 15_000)]
-        per_worker: usize,
-        /// Worker processes (default: enough for --per-worker, at least 2).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// PIDs of node processes whose CPU use to report.
-        #[arg(long, value_delimiter = ',')]
-        node_pid: Vec<u32>,
-        /// Exit non-zero if p99 (µs) is over this.
-        #[arg(long)]
-        slo_p99: Option<u64>,
-        /// Write the percentile distribution here (HdrHistogram .hgrm, µs).
-        #[arg(long)]
-        hgrm: Option<PathBuf>,
-        /// Write a latency-by-percentile SVG plot here.
-        #[arg(long)]
-        svg: Option<PathBuf>,
-        /// Title for the plot.
-        #[arg(long, default_value = "herald end-to-end latency")]
-        title: String,
-        /// Re-home test: SIGKILL this process (a node) during the run...
-        #[arg(long)]
-        kill_pid: Option<u32>,
-        /// ...this many seconds after publishing starts.
-        #[arg(long, default_value_t = 5)]
-        kill_after: u64,
-        /// Run this shell command once every client is connected, before publishing.
-        #[arg(long)]
-        exec_after_connect: Option<String>,
-        /// Run this shell command after publishing, while the clients are still connected.
-        #[arg(long)]
-        exec_before_stop: Option<String>,
-    },
+    Load(Box<LoadArgs>),
     /// Overlay several .hgrm files in one SVG: `plot --out x.svg herald=a.hgrm floor=b.hgrm`.
     Plot {
         /// Output SVG path.
@@ -153,47 +93,7 @@ fn main() {
     let a = Args::parse();
     let code = match a.cmd {
         Cmd::Worker { common, first, count, record_after } => worker(common, first, count, record_after),
-        Cmd::Load {
-            common,
-            ingest,
-            publisher_secret_file,
-            clients,
-            rate,
-            duration,
-            warmup,
-            payload,
-            per_worker,
-            workers,
-            node_pid,
-            slo_p99,
-            hgrm,
-            svg,
-            title,
-            kill_pid,
-            kill_after,
-            exec_after_connect,
-            exec_before_stop,
-        } => load(LoadArgs {
-            common,
-            ingest,
-            publisher_secret_file,
-            clients,
-            rate,
-            duration,
-            warmup,
-            payload: payload.max(16),
-            per_worker,
-            workers,
-            node_pid,
-            slo_p99,
-            hgrm,
-            svg,
-            title,
-            kill_pid,
-            kill_after,
-            exec_after_connect,
-            exec_before_stop,
-        }),
+        Cmd::Load(args) => load(*args),
         Cmd::Plot { out, title, inputs } => {
             let mut series = Vec::new();
             for i in inputs {
@@ -254,25 +154,64 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
 
 // ------------------------------------------------------------------ load
 
+#[derive(clap::Args)]
 struct LoadArgs {
+    #[command(flatten)]
     common: Common,
+    /// Node ingest endpoints; messages are published round-robin over
+    /// them (default with --decision: every live node's ingest endpoint).
+    #[arg(long, value_delimiter = ',')]
     ingest: Vec<SocketAddr>,
+    /// Publisher secret file (not needed with --plain).
+    #[arg(long)]
     publisher_secret_file: Option<PathBuf>,
+    /// Simulated clients.
+    #[arg(long, default_value_t = 1000)]
     clients: usize,
+    /// Messages per second, in total.
+    #[arg(long, default_value_t = 10_000)]
     rate: u64,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10)]
     duration: u64,
+    /// Seconds of warm-up publishing not recorded.
+    #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// Payload bytes (at least 16).
+    #[arg(long, default_value_t = 100)]
     payload: usize,
+    /// Most connections per worker process.
+    #[arg(long, default_value_t = 15_000)]
     per_worker: usize,
+    /// Worker processes (default: enough for --per-worker, at least 2).
+    #[arg(long)]
     workers: Option<usize>,
+    /// PIDs of node processes whose CPU use to report.
+    #[arg(long, value_delimiter = ',')]
     node_pid: Vec<u32>,
+    /// Exit non-zero if p99 (µs) is over this.
+    #[arg(long)]
     slo_p99: Option<u64>,
+    /// Write the percentile distribution here (HdrHistogram .hgrm, µs).
+    #[arg(long)]
     hgrm: Option<PathBuf>,
+    /// Write a latency-by-percentile SVG plot here.
+    #[arg(long)]
     svg: Option<PathBuf>,
+    /// Title for the plot.
+    #[arg(long, default_value = "herald end-to-end latency")]
     title: String,
+    /// Re-home test: SIGKILL this process (a node) during the run...
+    #[arg(long)]
     kill_pid: Option<u32>,
+    /// ...this many seconds after publishing starts.
+    #[arg(long, default_value_t = 5)]
     kill_after: u64,
+    /// Run this shell command once every client is connected, before publishing.
+    #[arg(long)]
     exec_after_connect: Option<String>,
+    /// Run this shell command after publishing, while the clients are still connected.
+    #[arg(long)]
     exec_before_stop: Option<String>,
 }
 
@@ -302,7 +241,8 @@ fn self_cpu(who: i32) -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn load(a: LoadArgs) -> i32 {
+fn load(mut a: LoadArgs) -> i32 {
+    a.payload = a.payload.max(16);
     let exe = std::env::current_exe().expect("own path");
     let nworkers = a.workers.unwrap_or_else(|| a.clients.div_ceil(a.per_worker).max(2)).max(1);
     let per = a.clients.div_ceil(nworkers);
