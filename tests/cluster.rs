@@ -422,3 +422,33 @@ fn pinned_client(cfg: ClientConfig, node: &str) -> Client {
     cl.set_decision(decision);
     cl
 }
+
+#[test]
+fn mesh_links_reopen_after_a_peer_restarts_and_publishers_fail_over() {
+    let mut c = Cluster::new("restart");
+    c.start_decision();
+    c.start_decision();
+    c.start_node("n1", 1000);
+    c.start_node("n2", 1000);
+    c.wait_nodes(2);
+    // A user on n2, published through n1 (so over the mesh).
+    let mut cl = Client::connect(ClientConfig::new(c.node_client(1), token_for("rs"))).unwrap();
+    assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
+    publish_until_routed(&c.node_ingest(0), "rs", b"before");
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).as_deref(), Some(&b"before"[..]));
+    // A publisher that knows both nodes, connected to n1.
+    let mut p = Publisher::connect_any(&[c.node_ingest(0), c.node_ingest(1)], &pub_credential()).unwrap();
+    assert_eq!(p.node_id(), "n1");
+    // n1 dies; the publisher's next confirmed publish fails over to n2.
+    c.nodes[0].kill9();
+    let r = p.publish_confirmed(b"rs", b"after failover").unwrap();
+    assert_eq!((p.node_id(), r.local), ("n2", 1));
+    assert_eq!(p.failovers(), 1);
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).as_deref(), Some(&b"after failover"[..]));
+    // n1 comes back (new process, new incarnation): the link reopens and
+    // presence is resynced, so a publish through n1 reaches the user again.
+    c.start_node("n1", 1000);
+    let n1_ingest = c.nodes.last().unwrap().addrs[1].clone();
+    publish_until_routed(&n1_ingest, "rs", b"after restart");
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).as_deref(), Some(&b"after restart"[..]));
+}

@@ -61,7 +61,9 @@ for s in $scenarios; do
 done
 
 echo
-echo "## medians (scenario target: p50 p99 p99.9 max µs, node µs CPU per msg, loss)"
+echo "## medians, as the markdown rows of BENCHMARKS.md"
+echo "| scenario | target | p50 µs | p99 µs | p99.9 µs | max µs | node CPU µs/msg | loss | runs |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 python3 - "$dir/summary" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
@@ -73,5 +75,5 @@ for line in open(sys.argv[1]):
 for (s, t), rs in rows.items():
     med = lambda k: statistics.median(float(r[k]) for r in rs)
     loss = sum(int(r['loss']) for r in rs)
-    print(f"{s:10} {t:9} p50 {med('p50'):8.1f} p99 {med('p99'):8.1f} p99.9 {med('p999'):8.1f} max {med('max'):8.1f} cpu/msg {med('node_cpu_us_per_msg'):6.2f} loss {loss} (n={len(rs)})")
+    print(f"| {s} | {t} | {med('p50'):.0f} | {med('p99'):.0f} | {med('p999'):.0f} | {med('max'):.0f} | {med('node_cpu_us_per_msg'):.2f} | {loss} | {len(rs)} |")
 PY

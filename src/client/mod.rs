@@ -773,8 +773,30 @@ impl Publisher {
         check_user(user, payload)?;
         let id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1).max(1);
-        f::encode_publish(&mut self.wbuf, PUBLISH_WANT_RESULT, id, user, b"", payload);
-        self.flush()?;
+        let mut frame = Vec::with_capacity(64 + payload.len());
+        f::encode_publish(&mut frame, PUBLISH_WANT_RESULT, id, user, b"", payload);
+        // If the node dies before answering, fail over and send it again:
+        // a confirmed publish is delivered at least once.
+        let mut tries = self.nodes.len().max(1);
+        loop {
+            self.wbuf.extend_from_slice(&frame);
+            let r = self.flush().and_then(|()| self.await_result(id));
+            match r {
+                Ok(r) => return Ok(r),
+                Err(e @ ClientError::Rejected { .. }) | Err(e @ ClientError::Protocol(_)) => return Err(e),
+                Err(e) => {
+                    tries -= 1;
+                    if tries == 0 || self.nodes.len() < 2 {
+                        return Err(e);
+                    }
+                    self.wbuf.clear();
+                    self.failover()?;
+                }
+            }
+        }
+    }
+
+    fn await_result(&mut self, id: u32) -> Result<f::PubResult, ClientError> {
         loop {
             if let Some(i) = self.results.iter().position(|r| r.request_id == id) {
                 return Ok(self.results.remove(i).expect("index from position"));
