@@ -402,3 +402,83 @@ fn client_library_resumes_without_loss_after_a_slow_consumer_disconnect() {
     assert!(resumed);
     assert_eq!(client.reconnects(), 1);
 }
+
+#[test]
+fn a_heartbeat_outside_the_protocol_range_is_refused_at_bind() {
+    for hb in [Duration::ZERO, Duration::from_millis(99), Duration::from_secs(3601)] {
+        let cfg = Config { heartbeat: hb, ..test_config() };
+        match herald::node::Node::bind(cfg) {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{hb:?}"),
+            Ok(_) => panic!("heartbeat {hb:?} accepted"),
+        }
+    }
+}
+
+#[test]
+fn a_publisher_that_half_closes_still_gets_its_results() {
+    let node = TestNode::start(test_config());
+    let (_c, _) = raw_client(&node, "hc", None);
+    let mut r = Raw::connect(node.ingest, Channel::FromIngest);
+    let cred = pub_credential();
+    let mut out = Frame::PubHello(f::PubHello {
+        min_version: VERSION,
+        max_version: VERSION,
+        credential: cred.as_bytes(),
+        agent: b"",
+    })
+    .to_vec();
+    for id in 1..=3u32 {
+        f::encode_publish(&mut out, f::PUBLISH_WANT_RESULT, id, b"hc", b"", b"x");
+    }
+    r.send(&out);
+    r.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(frame(&r.expect(Duration::from_secs(5)), Channel::FromIngest), Frame::PubWelcome(_)));
+    for id in 1..=3u32 {
+        match frame(&r.expect(Duration::from_secs(5)), Channel::FromIngest) {
+            Frame::PubResult(p) => assert_eq!((p.request_id, p.local), (id, 1)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(matches!(r.next(Duration::from_secs(5)), Got::Eof));
+}
+
+/// A fake node that answers HELLO with `welcome` and returns what the client
+/// sent after it.
+fn fake_node_answering(welcome: Vec<u8>) -> (String, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut hello = [0u8; 2048];
+        let _ = s.read(&mut hello).unwrap();
+        s.write_all(&welcome).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        rest
+    });
+    (addr, t)
+}
+
+#[test]
+fn the_client_refuses_an_invalid_welcome_and_says_why() {
+    let bad = Frame::Welcome(f::Welcome {
+        version: 1,
+        resume: ResumeResult::Resumed, // but the client did not ask to resume
+        heartbeat_ms: 10_000,
+        session_id: 1,
+        epoch: 7,
+        next_seq: 1,
+        node_id: b"fake",
+    })
+    .to_vec();
+    let (addr, t) = fake_node_answering(bad);
+    match Client::connect(ClientConfig::new(addr, token_for("w"))) {
+        Err(herald::client::ClientError::BadWelcome(m)) => assert!(m.contains("Resumed"), "{m}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("accepted an invalid WELCOME"),
+    }
+    let sent = t.join().unwrap();
+    assert_eq!(error_code(&sent), Code::ProtocolError);
+}

@@ -40,6 +40,8 @@ pub enum ClientError {
     Closed,
     /// The decision servers have no capacity; ask again after this long.
     NoCapacity(Duration),
+    /// The node's WELCOME broke protocol.md §3.2 (the client sent ERROR and closed).
+    BadWelcome(String),
 }
 
 impl fmt::Display for ClientError {
@@ -51,6 +53,7 @@ impl fmt::Display for ClientError {
             ClientError::NoNode => write!(f, "no node address to connect to"),
             ClientError::Closed => write!(f, "connection closed"),
             ClientError::NoCapacity(d) => write!(f, "no node has capacity; retry after {d:?}"),
+            ClientError::BadWelcome(m) => write!(f, "invalid WELCOME from node: {m}"),
         }
     }
 }
@@ -315,6 +318,9 @@ impl Client {
                 Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
+                    if let (ClientError::Protocol(d), Some(s)) = (&e, self.session.as_mut()) {
+                        let _ = s.sock.write_all(&error_bytes(d.code(), &d.to_string()));
+                    }
                     self.drop_session(None, &e.to_string());
                     continue;
                 }
@@ -366,6 +372,13 @@ impl Client {
                 }
                 self.wbuf.clear();
             }
+            After::Violation(code, reason) => {
+                // We are the one closing for a violation: say why (§2.4).
+                if let Some(s) = self.session.as_mut() {
+                    let _ = s.sock.write_all(&error_bytes(code, &reason));
+                }
+                self.drop_session(Some(code), &reason);
+            }
             After::Close(code, reason, delay) => {
                 self.drop_session(Some(code), &reason);
                 if let Some(d) = delay {
@@ -381,7 +394,7 @@ impl Client {
             Frame::Deliver(d) => {
                 let epoch = self.session.as_ref().map_or(0, |s| s.epoch);
                 if d.epoch != epoch {
-                    return After::Close(Code::ProtocolError, "DELIVER for another stream".into(), None);
+                    return After::Violation(Code::ProtocolError, "DELIVER for another stream".into());
                 }
                 if let Some(last) = self.last.filter(|p| p.epoch == d.epoch) {
                     if d.seq <= last.seq {
@@ -417,10 +430,9 @@ impl Client {
                 After::Close(g.reason, format!("goodbye: {}", g.reason), Some(delay))
             }
             Frame::Error(e) => After::Close(e.code, String::from_utf8_lossy(e.message).into_owned(), None),
-            other => After::Close(
+            other => After::Violation(
                 Code::UnexpectedFrame,
                 format!("unexpected frame 0x{:02x}", other.frame_type()),
-                None,
             ),
         }
     }
@@ -538,6 +550,10 @@ impl Client {
             let decoded = protocol::decode(&rbuf, Channel::ToClient);
             match decoded {
                 Ok(Decoded::Frame(Frame::Welcome(w), n)) => {
+                    if let Err(m) = check_welcome(&w, self.last) {
+                        let _ = sock.write_all(&error_bytes(Code::ProtocolError, &m));
+                        return Err(ClientError::BadWelcome(m));
+                    }
                     let node_id = String::from_utf8_lossy(w.node_id).into_owned();
                     let lost = match (w.resume, self.last) {
                         (ResumeResult::Gap, Some(p)) => w.next_seq.saturating_sub(p.seq + 1),
@@ -563,7 +579,11 @@ impl Client {
                         sock,
                         addr,
                         epoch: w.epoch,
-                        heartbeat: Duration::from_millis(w.heartbeat_ms.max(100) as u64),
+                        // protocol.md §3.4: 0 means "use 10 s"; below 100 ms, use 100 ms.
+                        heartbeat: Duration::from_millis(match w.heartbeat_ms {
+                            0 => 10_000,
+                            ms => ms.max(100) as u64,
+                        }),
                     });
                     self.backoff = self.cfg.backoff_min;
                     return Ok(());
@@ -606,7 +626,10 @@ impl Iterator for Client {
 enum After {
     Nothing,
     Reply,
+    /// The node closed (GOODBYE or ERROR): leave, after the delay if any.
     Close(Code, String, Option<Duration>),
+    /// The node broke the protocol: send ERROR, then leave.
+    Violation(Code, String),
 }
 
 // ---------------------------------------------------------------- publisher
@@ -911,6 +934,30 @@ impl Publisher {
             self.rbuf.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+/// The checks a client makes on WELCOME (protocol.md §3.2), given the
+/// position it asked to resume from.
+fn check_welcome(w: &f::Welcome<'_>, asked: Option<Position>) -> Result<(), String> {
+    if w.epoch == 0 || w.next_seq == 0 {
+        return Err("epoch and next_seq must not be 0".into());
+    }
+    match (asked, w.resume) {
+        (None, ResumeResult::Fresh) | (Some(_), ResumeResult::Restarted) => Ok(()),
+        (None, r) => Err(format!("{r:?} without a resume request")),
+        (Some(_), ResumeResult::Fresh) => Err("FRESH answer to a resume request".into()),
+        (Some(p), ResumeResult::Resumed) if w.epoch == p.epoch && w.next_seq == p.seq + 1 => Ok(()),
+        (Some(p), ResumeResult::Gap) if w.epoch == p.epoch && w.next_seq > p.seq + 1 => Ok(()),
+        (Some(p), r) => Err(format!(
+            "{r:?} with epoch {:x}/next_seq {} for a resume from {:x}/{}",
+            w.epoch, w.next_seq, p.epoch, p.seq
+        )),
+    }
+}
+
+/// An ERROR frame's bytes.
+fn error_bytes(code: Code, msg: &str) -> Vec<u8> {
+    Frame::Error(f::ErrorFrame { code, message: msg.as_bytes() }).to_vec()
 }
 
 fn check_user(user: &[u8], payload: &[u8]) -> Result<(), ClientError> {

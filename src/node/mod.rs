@@ -211,6 +211,13 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 impl Node {
     /// Binds the listeners. Port 0 picks a free port (see the `*_addr` methods).
     pub fn bind(cfg: Config) -> io::Result<Node> {
+        // protocol.md §3.4: WELCOME.heartbeat_ms is 100..=3,600,000.
+        if cfg.heartbeat < Duration::from_millis(100) || cfg.heartbeat > Duration::from_secs(3600) {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("heartbeat {:?} is outside 100ms..=1h", cfg.heartbeat),
+            ));
+        }
         let poll = Poll::new()?;
         let mut client_l = listen(cfg.listen)?;
         let mut ingest_l = listen(cfg.ingest)?;
@@ -1027,6 +1034,12 @@ impl Loop {
                 }
                 Code::Other(n) => {
                     let was_closing = c.closing();
+                    if !was_closing && c.pending() > 0 {
+                        // The peer closed its side (e.g. a publisher that
+                        // half-closes after its last PUBLISH): still give it
+                        // what it is owed, such as PUB_RESULTs.
+                        self.flush(key);
+                    }
                     self.remove(key, (!was_closing).then_some(if n == 0 { 0 } else { 1 }));
                 }
                 other => {
