@@ -64,6 +64,11 @@ fn drain_on(signal: i32) {
         }
         arrivals.push(t0.elapsed());
         assert!(matches!(c.next(Duration::from_secs(5)), Got::Eof));
+        if arrivals.len() == 1 {
+            // Draining: new connections are refused at once, not left in the backlog.
+            let e = std::net::TcpStream::connect(addr).expect_err("a draining node must not accept");
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+        }
     }
     let status = child.wait().unwrap();
     assert!(status.success(), "node exited with {status}");

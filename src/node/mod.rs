@@ -290,8 +290,8 @@ impl Node {
         let hb = Heartbeater::new(&self.cfg.decision, advertise, advertise_ingest, incarnation);
         let mut l = Loop {
             poll: self.poll,
-            client_l: self.client_l,
-            ingest_l: self.ingest_l,
+            client_l: Some(self.client_l),
+            ingest_l: Some(self.ingest_l),
             metrics_l: self.metrics_l,
             stop: self.handle.stop,
             kill: self.handle.kill,
@@ -335,8 +335,10 @@ struct Drain {
 
 struct Loop {
     poll: Poll,
-    client_l: TcpListener,
-    ingest_l: TcpListener,
+    /// Listeners; closed (`None`) once a drain starts, so new connections
+    /// are refused at once instead of waiting in the kernel's backlog.
+    client_l: Option<TcpListener>,
+    ingest_l: Option<TcpListener>,
     metrics_l: Option<TcpListener>,
     stop: Arc<AtomicBool>,
     kill: Arc<AtomicBool>,
@@ -490,8 +492,14 @@ impl Loop {
         }
         loop {
             let r = match which {
-                CLIENT_LISTENER => self.client_l.accept(),
-                INGEST_LISTENER => self.ingest_l.accept(),
+                CLIENT_LISTENER => match self.client_l.as_ref() {
+                    Some(l) => l.accept(),
+                    None => return,
+                },
+                INGEST_LISTENER => match self.ingest_l.as_ref() {
+                    Some(l) => l.accept(),
+                    None => return,
+                },
                 _ => match self.metrics_l.as_ref() {
                     Some(l) => l.accept(),
                     None => return,
@@ -1157,8 +1165,9 @@ impl Loop {
 
     fn drain_step(&mut self, now: Instant) -> bool {
         if self.drain.is_none() && self.stop.load(Ordering::SeqCst) {
-            let _ = self.poll.registry().deregister(&mut self.client_l);
-            let _ = self.poll.registry().deregister(&mut self.ingest_l);
+            for mut l in [self.client_l.take(), self.ingest_l.take()].into_iter().flatten() {
+                let _ = self.poll.registry().deregister(&mut l);
+            }
             let total = self.m.clients as usize;
             eprintln!(
                 "herald node {}: draining {total} clients over {:?}",
