@@ -304,6 +304,7 @@ impl Node {
             scratch: vec![0u8; 64 * 1024],
             next_session: 1,
             handshakes: 0,
+            sweep_cursor: 0,
             turn_msgs: 0,
             accept_paused_until: None,
             drain: None,
@@ -355,6 +356,8 @@ struct Loop {
     next_session: u64,
     /// Client connections that have not completed the handshake.
     handshakes: usize,
+    /// Where the next timer tick's partial sweep starts.
+    sweep_cursor: usize,
     /// Messages ingested this turn (for the latency histogram).
     turn_msgs: u64,
     accept_paused_until: Option<Instant>,
@@ -407,6 +410,8 @@ const KEEP_WBUF: usize = 16 * 1024;
 const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.
 const TICK: Duration = Duration::from_millis(100);
+/// Timer ticks per full sweep of the connections.
+const SWEEP_TICKS: usize = 10;
 /// Most keepalive PINGs sent in one timer tick (bounds the burst).
 const MAX_PINGS_PER_TICK: usize = 100;
 
@@ -1102,7 +1107,16 @@ impl Loop {
         let mut expired = Vec::new();
         let mut ping = Vec::new();
         let mut piggyback = Vec::new();
-        for (key, c) in self.conns.iter() {
+        // Each tick looks at a slice of the slab, so no tick stalls delivery
+        // for long: a full sweep takes up to SWEEP_TICKS ticks (1 s), and at
+        // most a quarter of the keepalive interval.
+        let ticks = ((hb.as_millis() / (4 * TICK.as_millis())) as usize).clamp(1, SWEEP_TICKS);
+        let cap = self.conns.capacity().max(1);
+        let span = cap.div_ceil(ticks);
+        let from = self.sweep_cursor % cap;
+        self.sweep_cursor = (from + span) % cap;
+        for key in (from..(from + span).min(cap)).chain(0..(from + span).saturating_sub(cap)) {
+            let Some(c) = self.conns.get(key) else { continue };
             match c.state {
                 State::Closing { deadline } if now >= deadline => expired.push((key, None)),
                 State::Closing { .. } => {}
@@ -1153,7 +1167,10 @@ impl Loop {
             Frame::Ping(now.duration_since(self.started).as_millis() as u64).encode(&mut c.wbuf);
             self.mark_dirty(key);
         }
-        self.reg.sweep(now);
+        if self.sweep_cursor < span {
+            // Once per full pass (about a second): forget users past grace.
+            self.reg.sweep(now);
+        }
         self.heartbeat(now);
         self.admin_drain_step(now);
         if !self.cfg.log_every.is_zero() && now >= self.next_log {
