@@ -279,17 +279,7 @@ impl Clients {
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()?;
-            let out = io::BufReader::new(child.stdout.take().expect("piped"));
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                use io::BufRead;
-                for line in out.lines().map_while(Result::ok) {
-                    if tx.send((i, line)).is_err() {
-                        break;
-                    }
-                }
-                let _ = tx.send((i, "EOF".into()));
-            });
+            crate::swarm::forward_lines(i, child.stdout.take().expect("piped"), tx.clone());
             children.push(child);
         }
         let mut ready = 0;
@@ -370,18 +360,10 @@ impl Clients {
                     let Ok((_, l)) = rx.recv_timeout(Duration::from_secs(30)) else { break };
                     let p: Vec<&str> = l.split_whitespace().collect();
                     match p.first().copied() {
-                        Some("RESULT") if p.len() == 9 => {
-                            let n: Vec<u64> = p[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
-                            tally.add(&Tally {
-                                received: n[0],
-                                wrong_user: n[1],
-                                dups: n[2],
-                                silent_gaps: n[3],
-                                announced_gaps: n[4],
-                                closed: n[5],
-                                reconnects: n[6],
-                                welcomed: n[7],
-                            });
+                        Some("RESULT") => {
+                            if let Some(t) = Tally::parse_result_line(&l) {
+                                tally.add(&t);
+                            }
                         }
                         Some("H") if p.len() == 3 => {
                             let _ = hist.record_n(p[1].parse().unwrap_or(1), p[2].parse().unwrap_or(0));

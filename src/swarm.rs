@@ -112,6 +112,35 @@ pub struct Tally {
 }
 
 impl Tally {
+    /// The worker protocol's `RESULT …` line (see [`run_worker`]).
+    pub fn result_line(&self) -> String {
+        format!(
+            "RESULT {} {} {} {} {} {} {} {}",
+            self.received,
+            self.wrong_user,
+            self.dups,
+            self.silent_gaps,
+            self.announced_gaps,
+            self.closed,
+            self.reconnects,
+            self.welcomed
+        )
+    }
+
+    /// Parses a line written by [`Tally::result_line`].
+    pub fn parse_result_line(line: &str) -> Option<Tally> {
+        let mut p = line.split_whitespace();
+        if p.next()? != "RESULT" {
+            return None;
+        }
+        let n: Vec<u64> = p.map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let [received, wrong_user, dups, silent_gaps, announced_gaps, closed, reconnects, welcomed] = n[..]
+        else {
+            return None;
+        };
+        Some(Tally { received, wrong_user, dups, silent_gaps, announced_gaps, closed, reconnects, welcomed })
+    }
+
     /// Adds another tally.
     pub fn add(&mut self, o: &Tally) {
         self.received += o.received;
@@ -680,13 +709,8 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
             let _ = std::io::stdout().flush();
         }
     }
-    let t = swarm.tally;
     let mut o = std::io::stdout().lock();
-    let _ = writeln!(
-        o,
-        "RESULT {} {} {} {} {} {} {} {}",
-        t.received, t.wrong_user, t.dups, t.silent_gaps, t.announced_gaps, t.closed, t.reconnects, t.welcomed
-    );
+    let _ = writeln!(o, "{}", swarm.tally.result_line());
     for v in swarm.hist.iter_recorded() {
         let _ = writeln!(o, "H {} {}", v.value_iterated_to(), v.count_at_value());
     }
@@ -701,6 +725,24 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
     0
 }
 
+/// Forwards each line a worker writes to `tx` as `(worker, line)`, then
+/// `(worker, "EOF")` when its output ends.
+pub fn forward_lines(
+    worker: usize,
+    out: impl std::io::Read + Send + 'static,
+    tx: crossbeam_channel::Sender<(usize, String)>,
+) {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send((worker, line)).is_err() {
+                return;
+            }
+        }
+        let _ = tx.send((worker, "EOF".into()));
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,5 +754,22 @@ mod tests {
         s.write(&mut p);
         assert_eq!(Stamp::read(&p), Some(s));
         assert_eq!(Stamp::read(&p[..15]), None);
+    }
+
+    #[test]
+    fn result_lines_round_trip() {
+        let t = Tally {
+            received: 1,
+            wrong_user: 2,
+            dups: 3,
+            silent_gaps: 4,
+            announced_gaps: 5,
+            closed: 6,
+            reconnects: 7,
+            welcomed: 8,
+        };
+        assert_eq!(Tally::parse_result_line(&t.result_line()), Some(t));
+        assert_eq!(Tally::parse_result_line("RESULT 1 2 3"), None);
+        assert_eq!(Tally::parse_result_line("H 1 2"), None);
     }
 }

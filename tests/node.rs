@@ -349,7 +349,6 @@ fn goodbye_on_drain_for_in_process_node() {
     }
     assert!(matches!(c.next(Duration::from_secs(5)), Got::Eof));
     stopper.join().unwrap().unwrap();
-    let _ = VERSION;
 }
 
 #[test]

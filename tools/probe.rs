@@ -13,7 +13,7 @@
 //!
 //! `--plain` drives `herald-forwarder` (no auth: the token is the user id).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -123,21 +123,28 @@ fn main() {
 
 // ------------------------------------------------------------------ worker
 
-fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
-    let secret = if c.plain {
-        Vec::new()
-    } else {
-        match c.secret_file.as_deref().map(read_secret) {
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                eprintln!("worker: {e}");
-                return 2;
-            }
-            None => {
-                eprintln!("worker: --secret-file is required without --plain");
-                return 2;
-            }
+/// The secret from `file` (empty with `--plain`); prints why and returns
+/// `None` when it cannot be had.
+fn secret_for(plain: bool, file: Option<&std::path::Path>, who: &str, flag: &str) -> Option<Vec<u8>> {
+    if plain {
+        return Some(Vec::new());
+    }
+    match file.map(read_secret) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            eprintln!("{who}: {e}");
+            None
         }
+        None => {
+            eprintln!("{who}: {flag} is required without --plain");
+            None
+        }
+    }
+}
+
+fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
+    let Some(secret) = secret_for(c.plain, c.secret_file.as_deref(), "worker", "--secret-file") else {
+        return 2;
     };
     let cfg = SwarmConfig {
         first,
@@ -253,7 +260,7 @@ fn load(mut a: LoadArgs) -> i32 {
     // worker is READY, and the recording threshold is sent to them on stdin.
     let mut children = Vec::new();
     let mut first = 0;
-    for w in 0..nworkers {
+    for _ in 0..nworkers {
         let count = per.min(a.clients - first);
         if count == 0 {
             break;
@@ -284,21 +291,11 @@ fn load(mut a: LoadArgs) -> i32 {
         let child = cmd.spawn().expect("spawn worker");
         children.push(child);
         first += count;
-        let _ = w;
     }
     // Every worker's stdout lines, through one channel.
     let (tx, rx) = crossbeam_channel::unbounded::<(usize, String)>();
     for (i, c) in children.iter_mut().enumerate() {
-        let out = BufReader::new(c.stdout.take().expect("piped"));
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in out.lines().map_while(Result::ok) {
-                if tx.send((i, line)).is_err() {
-                    break;
-                }
-            }
-            let _ = tx.send((i, "EOF".into()));
-        });
+        herald::swarm::forward_lines(i, c.stdout.take().expect("piped"), tx.clone());
     }
     drop(tx);
     // Wait for READY from each worker, with a progress bar.
@@ -366,20 +363,10 @@ fn load(mut a: LoadArgs) -> i32 {
         }
     }
     // Publisher connections.
-    let pub_secret = if a.common.plain {
-        Vec::new()
-    } else {
-        match a.publisher_secret_file.as_deref().map(read_secret) {
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                eprintln!("probe: {e}");
-                return 2;
-            }
-            None => {
-                eprintln!("probe: --publisher-secret-file is required without --plain");
-                return 2;
-            }
-        }
+    let Some(pub_secret) =
+        secret_for(a.common.plain, a.publisher_secret_file.as_deref(), "probe", "--publisher-secret-file")
+    else {
+        return 2;
     };
     let mut ingest: Vec<String> = a.ingest.iter().map(|a| a.to_string()).collect();
     if ingest.is_empty() {
@@ -556,18 +543,8 @@ fn load(mut a: LoadArgs) -> i32 {
         let parts: Vec<&str> = line.split_whitespace().collect();
         match parts.first().copied() {
             Some("RESULT") => {
-                let n: Vec<u64> = parts[1..].iter().map(|x| x.parse().unwrap_or(0)).collect();
-                if n.len() == 8 {
-                    t.add(&Tally {
-                        received: n[0],
-                        wrong_user: n[1],
-                        dups: n[2],
-                        silent_gaps: n[3],
-                        announced_gaps: n[4],
-                        closed: n[5],
-                        reconnects: n[6],
-                        welcomed: n[7],
-                    });
+                if let Some(r) = Tally::parse_result_line(&line) {
+                    t.add(&r);
                 }
             }
             Some(k @ ("H" | "W" | "M")) if parts.len() == 3 => {
