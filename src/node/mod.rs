@@ -618,7 +618,8 @@ impl Loop {
         // Parse straight from the read if nothing is carried over; copy only
         // a trailing partial frame.
         let mut carried = std::mem::take(&mut self.conns[key].rbuf);
-        let buf: &[u8] = if carried.is_empty() {
+        let from_carried = !carried.is_empty();
+        let buf: &[u8] = if !from_carried {
             data
         } else {
             carried.extend_from_slice(data);
@@ -643,10 +644,21 @@ impl Loop {
                 }
             }
         }
-        if ok && at < buf.len() {
-            let rest = buf[at..].to_vec();
+        let len = buf.len();
+        if ok {
+            // Keep the partial frame in the same buffer (no allocation per
+            // read); publishers and peers also keep its capacity, clients
+            // give it back so an idle connection holds no buffer.
+            if from_carried {
+                carried.drain(..at);
+            } else {
+                carried.clear();
+                carried.extend_from_slice(&data[at..]);
+            }
             if let Some(c) = self.conns.get_mut(key) {
-                c.rbuf = rest;
+                if at < len || matches!(c.state, State::Publisher | State::Peer { .. }) {
+                    c.rbuf = carried;
+                }
             }
         }
         ok
