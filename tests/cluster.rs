@@ -130,7 +130,15 @@ impl Cluster {
         self.decisions.iter().map(|d| d.addrs[0].clone()).collect()
     }
 
+    /// Starts node `id`. Nodes n1 and n2 run three and two event loops, so
+    /// mesh presence, forwarding and admin drains are checked against
+    /// multi-loop nodes too; the others run one.
     fn start_node(&mut self, id: &str, capacity: usize) {
+        let threads = match id {
+            "n1" => "3",
+            "n2" => "2",
+            _ => "1",
+        };
         let args: Vec<String> = [
             "node",
             "--id",
@@ -157,6 +165,8 @@ impl Cluster {
             "0",
             "--metrics",
             "127.0.0.1:0",
+            "--threads",
+            threads,
         ]
         .iter()
         .map(|s| s.to_string())

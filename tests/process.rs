@@ -17,13 +17,14 @@ fn write_secret(dir: &std::path::Path, name: &str, s: &[u8]) -> std::path::PathB
     p
 }
 
-fn drain_on(signal: i32) {
-    let dir = std::env::temp_dir().join(format!("herald-proc-{}-{signal}", std::process::id()));
+fn drain_on(signal: i32, threads: usize) {
+    let dir = std::env::temp_dir().join(format!("herald-proc-{}-{signal}-{threads}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cs = write_secret(&dir, "c", CLIENT_SECRET);
     let ps = write_secret(&dir, "p", PUBLISHER_SECRET);
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["node", "--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0", "--drain-window", "1s"])
+        .args(["--threads", &threads.to_string()])
         .arg("--secret-file")
         .arg(&cs)
         .arg("--publisher-secret-file")
@@ -83,12 +84,17 @@ fn drain_on(signal: i32) {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    drain_on(libc::SIGTERM);
+    drain_on(libc::SIGTERM, 1);
 }
 
 #[test]
 fn sigint_drains_and_exits_zero() {
-    drain_on(libc::SIGINT);
+    drain_on(libc::SIGINT, 1);
+}
+
+#[test]
+fn sigterm_drains_every_loop_of_a_multi_loop_node_and_exits_zero() {
+    drain_on(libc::SIGTERM, 3);
 }
 
 /// utime + stime of a process in seconds.

@@ -87,11 +87,8 @@ fn run_node(a: NodeArgs) -> ExitCode {
         eprintln!("herald node: --decision needs --cluster-secret-file");
         return ExitCode::from(2);
     }
-    if a.threads != 1 {
-        eprintln!(
-            "herald node: --threads {} is not supported yet; this release runs one event loop",
-            a.threads
-        );
+    if a.threads == 0 || a.threads > herald::node::MAX_THREADS {
+        eprintln!("herald node: --threads must be 1..={}, not {}", herald::node::MAX_THREADS, a.threads);
         return ExitCode::from(2);
     }
     let slow_policy = match a.slow_policy.as_str() {
@@ -125,6 +122,7 @@ fn run_node(a: NodeArgs) -> ExitCode {
         cluster_secret,
         advertise_ingest: a.advertise_ingest,
         heartbeat_interval: a.heartbeat_interval,
+        threads: a.threads,
         ..defaults
     };
     let node = match Node::bind(cfg.clone()) {
@@ -319,7 +317,8 @@ struct NodeArgs {
     /// How often to heartbeat and refresh the node list.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     heartbeat_interval: std::time::Duration,
-    /// Event-loop threads. This release runs one loop (see README).
+    /// Event loops (threads). Users are split among them by hash; loop 0
+    /// also serves publishers, mesh links and metrics.
     #[arg(long, default_value_t = 1)]
     threads: usize,
 }

@@ -1,8 +1,10 @@
 //! Node counters and the internal-latency histogram, rendered as Prometheus
 //! text for `GET /metrics` and as a one-line log summary.
 //!
-//! The event loop owns these values outright (it is single-threaded), so
-//! counting is a plain add: no atomics, no locks on the delivery path.
+//! Each event loop owns its values outright, so counting is a plain add: no
+//! atomics, no locks on the delivery path. With several loops, loops 1..N
+//! publish a copy about once a second and loop 0 merges them for `/metrics`,
+//! the log line and heartbeats.
 
 use std::fmt::Write as _;
 
@@ -129,6 +131,54 @@ impl QueueDepth {
 }
 
 impl Metrics {
+    /// Adds another loop's counters to these (gauges add too: each loop
+    /// counts its own connections).
+    pub fn merge(&mut self, o: &Metrics) {
+        self.clients += o.clients;
+        self.connections += o.connections;
+        self.accepts += o.accepts;
+        self.rejects_full += o.rejects_full;
+        self.accept_emfile += o.accept_emfile;
+        for (a, b) in self.closes.iter_mut().zip(o.closes.iter()) {
+            *a += b;
+        }
+        self.msgs_in += o.msgs_in;
+        self.msgs_out += o.msgs_out;
+        self.forwarded += o.forwarded;
+        self.no_route += o.no_route;
+        self.dropped += o.dropped;
+        self.replayed += o.replayed;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.writes += o.writes;
+        let _ = self.latency_us.add(&o.latency_us);
+    }
+
+    /// Makes these counters a copy of `o`, reusing this histogram's memory.
+    pub fn copy_from(&mut self, o: &Metrics) {
+        self.latency_us.reset();
+        let h = std::mem::replace(&mut self.latency_us, Histogram::new(1).expect("valid"));
+        *self = Metrics {
+            clients: 0,
+            connections: 0,
+            accepts: 0,
+            rejects_full: 0,
+            accept_emfile: 0,
+            closes: [0; 12],
+            msgs_in: 0,
+            msgs_out: 0,
+            forwarded: 0,
+            no_route: 0,
+            dropped: 0,
+            replayed: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            writes: 0,
+            latency_us: h,
+        };
+        self.merge(o);
+    }
+
     /// Counts a close.
     pub fn close(&mut self, reason: usize) {
         self.closes[reason.min(self.closes.len() - 1)] += 1;
@@ -240,5 +290,20 @@ mod tests {
         assert!(t.contains("herald_closes_total{node=\"n1\",reason=\"slow_consumer\"} 1"));
         assert!(t.contains("herald_internal_latency_us_count{node=\"n1\"} 10"));
         assert!(t.contains("herald_queue_depth_max_bytes{node=\"n1\"} 300"));
+    }
+
+    #[test]
+    fn merge_and_copy_add_up_loops() {
+        let mut a = Metrics { msgs_out: 2, clients: 1, ..Default::default() };
+        a.record_latency(10, 3);
+        let mut b = Metrics { msgs_out: 5, clients: 2, ..Default::default() };
+        b.record_latency(1000, 1);
+        b.close(reason_index(Code::IdleTimeout));
+        let mut snap = Metrics { msgs_out: 99, ..Default::default() };
+        snap.copy_from(&b);
+        assert_eq!((snap.msgs_out, snap.clients, snap.closes[7], snap.latency_us.len()), (5, 2, 1, 1));
+        a.merge(&snap);
+        assert_eq!((a.msgs_out, a.clients, a.closes[7], a.latency_us.len()), (7, 3, 1, 4));
+        assert!(a.latency_us.max() >= 1000);
     }
 }

@@ -20,6 +20,12 @@
 //! message ring), [`mesh`] (presence of users on other nodes), [`metrics`]
 //! (counters, Prometheus text).
 //!
+//! With `--threads N` (N > 1) the node runs N such loops, each owning the
+//! users that hash to it; loop 0 also owns the listeners, publishers and mesh
+//! links and routes each message to its user's loop in per-turn batches with
+//! one wake per batch ([`shard`] has the details). With one loop nothing
+//! crosses a thread at all.
+//!
 //! Cluster duties run beside the loop: a discovery thread asks the decision
 //! servers for the node list every second and hands it over through a
 //! channel plus one wake; the loop dials missing peers (on short-lived
@@ -32,6 +38,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod registry;
 pub mod retention;
+pub mod shard;
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -118,6 +125,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Stop reading publishers while a mesh link has this much pending output.
     pub peer_backlog: usize,
+    /// Event loops (threads); users are split among them by hash.
+    pub threads: usize,
 }
 
 impl Default for Config {
@@ -146,6 +155,7 @@ impl Default for Config {
             advertise_ingest: None,
             heartbeat_interval: Duration::from_secs(1),
             peer_backlog: 8 << 20,
+            threads: 1,
         }
     }
 }
@@ -170,6 +180,8 @@ pub struct ShutdownHandle {
     stop: Arc<AtomicBool>,
     kill: Arc<AtomicBool>,
     waker: Arc<Waker>,
+    /// Wakers of loops 1..N.
+    others: Vec<Arc<Waker>>,
 }
 
 impl ShutdownHandle {
@@ -177,6 +189,9 @@ impl ShutdownHandle {
     pub fn trigger(&self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
+        for w in &self.others {
+            let _ = w.wake();
+        }
     }
 
     /// Stops at once, as a crash would: no goodbyes, sockets just close.
@@ -194,6 +209,8 @@ pub struct Node {
     ingest_l: TcpListener,
     metrics_l: Option<TcpListener>,
     handle: ShutdownHandle,
+    /// Polls of loops 1..N.
+    others: Vec<Poll>,
     cfg: Config,
 }
 
@@ -218,6 +235,12 @@ impl Node {
                 format!("heartbeat {:?} is outside 100ms..=1h", cfg.heartbeat),
             ));
         }
+        if cfg.threads == 0 || cfg.threads > MAX_THREADS {
+            return Err(io::Error::new(
+                ErrorKind::InvalidInput,
+                format!("threads must be 1..={MAX_THREADS}, not {}", cfg.threads),
+            ));
+        }
         let poll = Poll::new()?;
         let mut client_l = listen(cfg.listen)?;
         let mut ingest_l = listen(cfg.ingest)?;
@@ -228,12 +251,20 @@ impl Node {
             poll.registry().register(l, METRICS_LISTENER, Interest::READABLE)?;
         }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let mut others = Vec::new();
+        let mut other_wakers = Vec::new();
+        for _ in 1..cfg.threads {
+            let p = Poll::new()?;
+            other_wakers.push(Arc::new(Waker::new(p.registry(), WAKER)?));
+            others.push(p);
+        }
         let handle = ShutdownHandle {
             stop: Arc::new(AtomicBool::new(false)),
             kill: Arc::new(AtomicBool::new(false)),
             waker,
+            others: other_wakers,
         };
-        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, cfg })
+        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, others, cfg })
     }
 
     /// The bound client address.
@@ -253,20 +284,15 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Runs the event loop until a shutdown is triggered and the drain is done.
+    /// Runs the event loop(s) until a shutdown is triggered and the drain is
+    /// done. Loop 0 runs on the calling thread; loops 1..N on threads of
+    /// their own, joined before this returns.
     pub fn run(self) -> io::Result<()> {
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
             ^ (std::process::id() as u64) << 32;
-        let reg = Registry::new(
-            RegistryConfig {
-                log: LogLimits { max_count: self.cfg.retain_count, max_bytes: self.cfg.retain_bytes },
-                ring_bytes: self.cfg.retain_total,
-                grace: self.cfg.grace,
-            },
-            seed,
-        );
-        let now = Instant::now();
+        let n = self.cfg.threads;
         let incarnation = unix_ms();
+        let shared = Arc::new(shard::Shared::new(n));
         let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
         if !self.cfg.decision.is_empty() {
             spawn_discovery(
@@ -288,43 +314,111 @@ impl Node {
             .clone()
             .unwrap_or_else(|| self.ingest_l.local_addr().map(|a| a.to_string()).unwrap_or_default());
         let hb = Heartbeater::new(&self.cfg.decision, advertise, advertise_ingest, incarnation);
-        let mut l = Loop {
-            poll: self.poll,
-            client_l: Some(self.client_l),
-            ingest_l: Some(self.ingest_l),
-            metrics_l: self.metrics_l,
-            stop: self.handle.stop,
-            kill: self.handle.kill,
-            conns: Slab::with_capacity(1024),
-            reg,
-            m: Metrics::default(),
-            dirty: Vec::new(),
-            retry_read: Vec::new(),
-            to_close: Vec::new(),
-            scratch: vec![0u8; 64 * 1024],
-            next_session: 1,
-            handshakes: 0,
-            sweep_cursor: 0,
-            turn_msgs: 0,
-            accept_paused_until: None,
-            drain: None,
-            next_sweep: now,
-            next_log: now + self.cfg.log_every,
-            cfg: self.cfg,
-            started: now,
-            waker: self.handle.waker,
-            ctl_tx,
-            ctl_rx,
-            presence: mesh::Presence::default(),
-            links: HashMap::new(),
-            presence_out: Vec::new(),
-            parked: Vec::new(),
-            last_dial: HashMap::new(),
-            admin_drain: None,
+
+        // Loops 1..N: their inboxes, and the way back to loop 0.
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let (free_tx, free_rx) = crossbeam_channel::unbounded();
+        let mut links = Vec::new();
+        let mut threads = Vec::new();
+        for (i, poll) in self.others.into_iter().enumerate() {
+            let id = i + 1;
+            let (tx, inbox) = crossbeam_channel::unbounded();
+            let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let waker = self.handle.others[i].clone();
+            links.push(shard::Link {
+                tx,
+                waker: waker.clone(),
+                in_flight: in_flight.clone(),
+                batch: Vec::new(),
+                since: None,
+                wake: false,
+            });
+            let mut l = Loop::new(
+                poll,
+                waker,
+                &self.handle,
+                self.cfg.clone(),
+                (id, shared.clone()),
+                seed,
+                crossbeam_channel::unbounded(),
+                Heartbeater::new(&[], String::new(), String::new(), incarnation),
+                incarnation,
+            );
+            l.owner = Some(shard::Owner {
+                inbox,
+                in_flight,
+                free: free_tx.clone(),
+                events_tx: events_tx.clone(),
+                router_waker: self.handle.waker.clone(),
+                events: Vec::new(),
+            });
+            // Tells loop 0 this loop is gone, however it ends (even by panic).
+            let gone = LoopGone(shared.clone(), self.handle.waker.clone());
+            let spawned = std::thread::Builder::new().name(format!("herald-loop-{id}")).spawn(move || {
+                let _gone = gone;
+                l.run()
+            });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.handle.kill();
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut l = Loop::new(
+            self.poll,
+            self.handle.waker.clone(),
+            &self.handle,
+            self.cfg,
+            (0, shared),
+            seed,
+            (ctl_tx, ctl_rx),
             hb,
             incarnation,
-        };
-        l.run()
+        );
+        l.client_l = Some(self.client_l);
+        l.ingest_l = Some(self.ingest_l);
+        l.metrics_l = self.metrics_l;
+        if n > 1 {
+            l.router = Some(shard::Router {
+                links,
+                homes: shard::Homes::default(),
+                events: events_rx,
+                free: free_rx,
+            });
+        }
+        let r = l.run();
+        if r.is_err() {
+            self.handle.kill();
+        }
+        drop(l);
+        let mut first_err = r.err();
+        for t in threads {
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(io::Error::other("an event loop panicked"));
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+/// Dropped when a loop 1..N ends: counts it off and wakes loop 0.
+struct LoopGone(Arc<shard::Shared>, Arc<Waker>);
+
+impl Drop for LoopGone {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+        let _ = self.1.wake();
     }
 }
 
@@ -384,6 +478,20 @@ struct Loop {
     admin_drain: Option<(Instant, usize)>,
     hb: Heartbeater,
     incarnation: u64,
+    /// This loop's index (0: the ingest loop).
+    id: usize,
+    /// What all loops of the node share.
+    shared: Arc<shard::Shared>,
+    /// Loop 0 of several: routes messages to the other loops.
+    router: Option<shard::Router>,
+    /// Loops 1..N: the inbox from loop 0 and the reports back.
+    owner: Option<shard::Owner>,
+    /// Loops 1..N: when loop 0 read the oldest message of this turn.
+    turn_origin: Option<Instant>,
+    /// Client queue depths gathered over the current sweep pass.
+    pass_depths: Vec<u64>,
+    /// When the current turn began.
+    turn_start: Instant,
 }
 
 /// A mesh link's identity and handshake material.
@@ -414,14 +522,98 @@ const TICK: Duration = Duration::from_millis(100);
 const SWEEP_TICKS: usize = 10;
 /// Most keepalive PINGs sent in one timer tick (bounds the burst).
 const MAX_PINGS_PER_TICK: usize = 100;
+/// Stop reading publishers while this many bytes wait for another loop.
+const ROUTE_BACKLOG: usize = 4 << 20;
+/// Most event loops a node runs.
+pub const MAX_THREADS: usize = 64;
 
 impl Loop {
+    /// A loop with no listeners, router or owner side yet.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        poll: Poll,
+        waker: Arc<Waker>,
+        handle: &ShutdownHandle,
+        cfg: Config,
+        (id, shared): (usize, Arc<shard::Shared>),
+        seed: u64,
+        (ctl_tx, ctl_rx): (Sender<Ctl>, Receiver<Ctl>),
+        hb: Heartbeater,
+        incarnation: u64,
+    ) -> Loop {
+        let n = shared.n;
+        let reg = Registry::new(
+            RegistryConfig {
+                log: LogLimits { max_count: cfg.retain_count, max_bytes: cfg.retain_bytes },
+                // The total retention bound is shared out among the loops.
+                ring_bytes: cfg.retain_total / n,
+                grace: cfg.grace,
+            },
+            seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
+        let now = Instant::now();
+        Loop {
+            poll,
+            client_l: None,
+            ingest_l: None,
+            metrics_l: None,
+            stop: handle.stop.clone(),
+            kill: handle.kill.clone(),
+            conns: Slab::with_capacity(1024),
+            reg,
+            m: Metrics::default(),
+            dirty: Vec::new(),
+            retry_read: Vec::new(),
+            to_close: Vec::new(),
+            scratch: vec![0u8; 64 * 1024],
+            next_session: 1,
+            handshakes: 0,
+            sweep_cursor: 0,
+            turn_msgs: 0,
+            accept_paused_until: None,
+            drain: None,
+            next_sweep: now,
+            next_log: now + cfg.log_every,
+            cfg,
+            started: now,
+            waker,
+            ctl_tx,
+            ctl_rx,
+            presence: mesh::Presence::default(),
+            links: HashMap::new(),
+            presence_out: Vec::new(),
+            parked: Vec::new(),
+            last_dial: HashMap::new(),
+            admin_drain: None,
+            hb,
+            incarnation,
+            id,
+            shared,
+            router: None,
+            owner: None,
+            turn_origin: None,
+            pass_depths: Vec::new(),
+            turn_start: now,
+        }
+    }
+
     fn run(&mut self) -> io::Result<()> {
+        let r = self.run_inner();
+        // Loops 1..N: last figures for loop 0.
+        self.publish_stats();
+        r
+    }
+
+    fn run_inner(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
             let now = Instant::now();
             let timeout = if !self.retry_read.is_empty() {
                 Duration::ZERO
+            } else if !self.parked.is_empty() && self.router.is_some() {
+                // Publishers wait for another loop to catch up; it does not
+                // wake us when it does, so look again soon.
+                Duration::from_millis(1)
             } else {
                 self.next_sweep.saturating_duration_since(now).min(TICK)
             };
@@ -435,7 +627,9 @@ impl Loop {
                 return Ok(());
             }
             let turn_start = Instant::now();
+            self.turn_start = turn_start;
             self.turn_msgs = 0;
+            self.turn_origin = None;
             for ev in events.iter() {
                 match ev.token() {
                     CLIENT_LISTENER => self.accept(CLIENT_LISTENER, turn_start),
@@ -464,12 +658,18 @@ impl Loop {
                 }
             }
             self.send_presence();
+            if let Some(r) = self.router.as_mut() {
+                r.flush();
+            }
             self.flush_dirty(turn_start);
-            if !self.parked.is_empty() && !self.mesh_backlogged() {
+            if let Some(o) = self.owner.as_mut() {
+                o.flush();
+            }
+            if !self.parked.is_empty() && !self.backlogged() {
                 self.retry_read.append(&mut self.parked);
             }
             if self.turn_msgs > 0 {
-                let us = turn_start.elapsed().as_micros() as u64;
+                let us = self.turn_origin.unwrap_or(turn_start).elapsed().as_micros() as u64;
                 self.m.record_latency(us, self.turn_msgs);
             }
             let now = Instant::now();
@@ -479,6 +679,9 @@ impl Loop {
                     return Ok(());
                 }
                 self.flush_dirty(now);
+                if let Some(o) = self.owner.as_mut() {
+                    o.flush();
+                }
             }
         }
     }
@@ -531,7 +734,7 @@ impl Loop {
         let state = match which {
             CLIENT_LISTENER => {
                 self.m.accepts += 1;
-                if self.m.clients as usize + self.handshakes >= self.cfg.capacity {
+                if self.shared.clients.load(Ordering::Relaxed) >= self.cfg.capacity {
                     self.m.rejects_full += 1;
                     self.m.close(reason_index(Code::ServerFull));
                     let mut out = Vec::with_capacity(64);
@@ -553,6 +756,7 @@ impl Loop {
         self.m.connections += 1;
         if state == State::ClientHandshake {
             self.handshakes += 1;
+            self.shared.client_opened();
         }
         // Data may already be waiting (the HELLO often arrives with the SYN's ACK).
         self.read(key, now);
@@ -562,7 +766,7 @@ impl Loop {
     // ------------------------------------------------------------ read
 
     fn read(&mut self, key: usize, now: Instant) {
-        if self.conns.get(key).is_some_and(|c| c.state == State::Publisher) && self.mesh_backlogged() {
+        if self.conns.get(key).is_some_and(|c| c.state == State::Publisher) && self.backlogged() {
             // Back-pressure: leave its bytes in the kernel until the mesh drains.
             if !self.parked.contains(&key) {
                 self.parked.push(key);
@@ -625,6 +829,18 @@ impl Loop {
             carried.extend_from_slice(data);
             &carried
         };
+        if self.router.is_some() && self.conns[key].state == State::ClientHandshake {
+            // Several loops: a client belongs on its user's loop.
+            if let Ok(Decoded::Frame(Frame::Hello(h), _)) = protocol::decode(buf, channel) {
+                if let Some(user) = token::claimed_user(h.token) {
+                    let owner = shard::owner(&user, self.shared.n);
+                    if owner != 0 {
+                        self.hand_over(key, owner, user, buf.to_vec());
+                        return false;
+                    }
+                }
+            }
+        }
         let mut at = 0;
         let mut ok = true;
         while at < buf.len() {
@@ -766,10 +982,11 @@ impl Loop {
             return false;
         }
         let a = self.reg.attach(&claims.user, key, h.resume);
-        if a.first_session {
+        if a.first_session && self.owner.is_none() {
             self.presence_out.push((PresenceOp::Online, claims.user.into_boxed_slice()));
         }
-        let session = self.next_session;
+        // Session ids are unique in the node: each loop takes every N-th.
+        let session = self.next_session * self.shared.n as u64 + self.id as u64;
         self.next_session += 1;
         let c = &mut self.conns[key];
         c.state = State::Client { user: a.user };
@@ -823,13 +1040,80 @@ impl Loop {
         true
     }
 
+    /// Loop 0 of several: passes a client whose HELLO names a user another
+    /// loop owns to that loop, with the bytes read so far (HELLO first).
+    fn hand_over(&mut self, key: usize, owner: usize, user: Vec<u8>, bytes: Vec<u8>) {
+        let Some(router) = self.router.as_mut() else { return };
+        let mut c = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut c.sock);
+        self.handshakes -= 1;
+        self.m.connections -= 1;
+        self.retry_read.retain(|&k| k != key);
+        if c.dirty {
+            self.dirty.retain(|&k| k != key);
+        }
+        router.homes.handed_over(&user);
+        router.hand_over(
+            owner,
+            shard::Inbox::Adopt { sock: c.sock, bytes, opened: c.opened, user: user.into() },
+        );
+    }
+
+    /// Loops 1..N: takes a client over from loop 0 and runs its HELLO.
+    fn adopt(&mut self, mut sock: TcpStream, bytes: Vec<u8>, opened: Instant, user: Box<[u8]>, now: Instant) {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let registered =
+            self.poll.registry().register(&mut sock, Token(key + FIRST_CONN), Interest::READABLE).is_ok();
+        let mut attached = false;
+        if registered {
+            entry.insert(Conn::new(sock, State::ClientHandshake, opened));
+            self.m.connections += 1;
+            self.handshakes += 1;
+            self.input(key, &bytes, now);
+            attached = matches!(self.conns.get(key).map(|c| c.state), Some(State::Client { .. }));
+        } else {
+            self.shared.client_closed();
+        }
+        let known = self.reg.find(&user).is_some();
+        if let Some(o) = self.owner.as_mut() {
+            let change = if attached { shard::Change::Attached } else { shard::Change::Refused };
+            o.report(&user, change, known);
+        }
+        if registered && self.conns.contains(key) {
+            // Anything the client sent after its HELLO.
+            self.read(key, now);
+        }
+        self.close_pending(now);
+    }
+
+    /// Loops 1..N: runs what loop 0 sent (hand-overs and message batches).
+    fn inbox(&mut self, now: Instant) {
+        while let Some(msg) = self.owner.as_ref().and_then(|o| o.inbox.try_recv().ok()) {
+            match msg {
+                shard::Inbox::Adopt { sock, bytes, opened, user } => {
+                    self.adopt(sock, bytes, opened, user, now)
+                }
+                shard::Inbox::Msgs { buf, since } => {
+                    self.turn_origin = Some(self.turn_origin.map_or(since, |t| t.min(since)));
+                    for (user, payload) in shard::messages(&buf) {
+                        self.deliver_local(user, payload);
+                    }
+                    if let Some(o) = self.owner.as_ref() {
+                        o.done(buf);
+                    }
+                    self.close_pending(now);
+                }
+            }
+        }
+    }
+
     /// Delivers one message to every local session of `user` (retaining it
     /// for resume if the user has a stream here) and, for a publish (not a
     /// FORWARD), forwards it to every peer where the user is online.
     /// Returns (queued to a local session, forwarded to a peer).
     fn deliver(&mut self, user: &[u8], payload: &[u8], forward: bool) -> (bool, bool) {
         self.m.msgs_in += 1;
-        self.turn_msgs += 1;
         let mut forwarded = false;
         if forward {
             for &peer in self.presence.peers_of(user) {
@@ -843,7 +1127,19 @@ impl Loop {
                 }
             }
         }
-        let local = self.deliver_local(user, payload);
+        let local = match self.router.as_mut() {
+            Some(r) => match shard::owner(user, self.shared.n) {
+                0 => self.deliver_local(user, payload),
+                o => match r.homes.route(user) {
+                    shard::Route::Unknown => false,
+                    shard::Route::Send { online } => {
+                        r.queue(o, user, payload, self.turn_start);
+                        online
+                    }
+                },
+            },
+            None => self.deliver_local(user, payload),
+        };
         if !local && !forwarded {
             self.m.no_route += 1;
         }
@@ -857,6 +1153,7 @@ impl Loop {
         if sessions.is_empty() {
             return false;
         }
+        self.turn_msgs += 1;
         for &s in sessions {
             let Some(c) = self.conns.get_mut(s) else { continue };
             if c.pending() + frame.len() > self.cfg.queue_bytes {
@@ -897,8 +1194,8 @@ impl Loop {
         let path = head.split_whitespace().nth(1).unwrap_or("/").to_owned();
         let (status, body) = match path.as_str() {
             "/metrics" => {
-                let q = self.queue_depth();
-                ("200 OK", self.m.render(&self.cfg.node_id, q, self.reg.users()))
+                let (m, q, users) = self.node_stats();
+                ("200 OK", m.render(&self.cfg.node_id, q, users))
             }
             "/healthz" => {
                 if self.drain.is_some() {
@@ -919,16 +1216,6 @@ impl Loop {
         c.state = State::Closing { deadline: now + LINGER };
         self.mark_dirty(key);
         false
-    }
-
-    fn queue_depth(&self) -> QueueDepth {
-        QueueDepth::from_depths(
-            self.conns
-                .iter()
-                .filter(|(_, c)| matches!(c.state, State::Client { .. }))
-                .map(|(_, c)| c.pending() as u64)
-                .collect(),
-        )
     }
 
     // ------------------------------------------------------------ write
@@ -1026,17 +1313,8 @@ impl Loop {
     }
 
     fn begin_close(&mut self, key: usize, code: Code, now: Instant) {
+        self.client_gone(key, self.conns[key].state, now);
         let c = &mut self.conns[key];
-        match c.state {
-            State::Client { user } => {
-                if let Some(id) = self.reg.detach(user, key, now) {
-                    self.presence_out.push((PresenceOp::Offline, id.into()));
-                }
-                self.m.clients -= 1;
-            }
-            State::ClientHandshake => self.handshakes -= 1,
-            _ => {}
-        }
         if self.links.remove(&key).is_some() {
             self.presence.clear_peer(key);
         }
@@ -1074,6 +1352,31 @@ impl Loop {
         }
     }
 
+    /// Bookkeeping for a client connection that is closing or gone.
+    fn client_gone(&mut self, key: usize, state: State, now: Instant) {
+        match state {
+            State::Client { user } => {
+                let last = self.reg.detach(user, key, now).is_some();
+                if let Some(o) = self.owner.as_mut() {
+                    if let Some(u) = self.reg.user(user) {
+                        o.report(&u.id, shard::Change::Detached, true);
+                    }
+                } else if last {
+                    if let Some(u) = self.reg.user(user) {
+                        self.presence_out.push((PresenceOp::Offline, u.id.clone()));
+                    }
+                }
+                self.m.clients -= 1;
+                self.shared.client_closed();
+            }
+            State::ClientHandshake => {
+                self.handshakes -= 1;
+                self.shared.client_closed();
+            }
+            _ => {}
+        }
+    }
+
     /// Drops the connection now. `count` is the close-reason index to count
     /// (None if already counted).
     fn remove(&mut self, key: usize, count: Option<usize>) {
@@ -1082,16 +1385,7 @@ impl Loop {
         }
         let mut c = self.conns.remove(key);
         let _ = self.poll.registry().deregister(&mut c.sock);
-        match c.state {
-            State::Client { user } => {
-                if let Some(id) = self.reg.detach(user, key, Instant::now()) {
-                    self.presence_out.push((PresenceOp::Offline, id.into()));
-                }
-                self.m.clients -= 1;
-            }
-            State::ClientHandshake => self.handshakes -= 1,
-            _ => {}
-        }
+        self.client_gone(key, c.state, Instant::now());
         if let Some(l) = self.links.remove(&key) {
             self.presence.clear_peer(key);
             if l.established {
@@ -1129,6 +1423,9 @@ impl Loop {
         self.sweep_cursor = (from + span) % cap;
         for key in (from..(from + span).min(cap)).chain(0..(from + span).saturating_sub(cap)) {
             let Some(c) = self.conns.get(key) else { continue };
+            if self.owner.is_some() && matches!(c.state, State::Client { .. }) {
+                self.pass_depths.push(c.pending() as u64);
+            }
             match c.state {
                 State::Closing { deadline } if now >= deadline => expired.push((key, None)),
                 State::Closing { .. } => {}
@@ -1180,14 +1477,26 @@ impl Loop {
             self.mark_dirty(key);
         }
         if self.sweep_cursor < span {
-            // Once per full pass (about a second): forget users past grace.
-            self.reg.sweep(now);
+            // Once per full pass (about a second): forget users past grace,
+            // and (loops 1..N) report to loop 0.
+            let owner = &mut self.owner;
+            self.reg.sweep(now, |id| {
+                if let Some(o) = owner.as_mut() {
+                    o.report(id, shard::Change::Forgotten, false);
+                }
+            });
+            if self.owner.is_some() {
+                self.publish_stats();
+            }
         }
         self.heartbeat(now);
         self.admin_drain_step(now);
         if !self.cfg.log_every.is_zero() && now >= self.next_log {
             self.next_log = now + self.cfg.log_every;
-            eprintln!("herald node {}: {}", self.cfg.node_id, self.m.summary(self.queue_depth()));
+            if self.owner.is_none() {
+                let (m, q, _) = self.node_stats();
+                eprintln!("herald node {}: {}", self.cfg.node_id, m.summary(q));
+            }
         }
         self.drain_step(now)
     }
@@ -1226,7 +1535,13 @@ impl Loop {
         }
         let clients_left = self.m.clients;
         let window_over = now.saturating_duration_since(started) >= self.cfg.drain_window;
-        if clients_left == 0 && (window_over || total == 0 || frac >= 1.0 || self.all_flushed()) {
+        // Loop 0 goes last: the other loops' clients still get messages
+        // through it until they have been sent away.
+        let others_done = self.id != 0 || self.shared.running.load(Ordering::SeqCst) == 0;
+        if clients_left == 0
+            && others_done
+            && (window_over || total == 0 || frac >= 1.0 || self.all_flushed())
+        {
             // Tell publishers too, flush, and leave.
             let pubs: Vec<usize> = self
                 .conns
@@ -1241,11 +1556,14 @@ impl Loop {
             if self.conns.iter().all(|(_, c)| c.pending() == 0 || !c.closing())
                 || now.saturating_duration_since(started) >= self.cfg.drain_window + Duration::from_secs(2)
             {
-                eprintln!(
-                    "herald node {}: drained; {}",
-                    self.cfg.node_id,
-                    self.m.summary(QueueDepth::default())
-                );
+                if self.owner.is_none() {
+                    let (m, _, _) = self.node_stats();
+                    eprintln!(
+                        "herald node {}: drained; {}",
+                        self.cfg.node_id,
+                        m.summary(QueueDepth::default())
+                    );
+                }
                 return true;
             }
         }
@@ -1259,6 +1577,19 @@ impl Loop {
     // ------------------------------------------------------------ cluster
 
     fn control(&mut self, now: Instant) {
+        if self.owner.is_some() {
+            self.inbox(now);
+            return;
+        }
+        if let Some(r) = self.router.as_mut() {
+            while let Ok(events) = r.events.try_recv() {
+                for ev in events {
+                    if let Some(change) = r.homes.apply(ev) {
+                        self.presence_out.push(change);
+                    }
+                }
+            }
+        }
         while let Ok(msg) = self.ctl_rx.try_recv() {
             match msg {
                 Ctl::Nodes(list) => self.on_nodes(list, now),
@@ -1275,13 +1606,14 @@ impl Loop {
     fn on_nodes(&mut self, list: Vec<crate::decision::client::NodeInfo>, now: Instant) {
         let me = self.cfg.node_id.clone();
         if let Some(mine) = list.iter().find(|n| n.node_id == me) {
-            if mine.draining && self.admin_drain.is_none() && self.drain.is_none() {
-                eprintln!("herald node {me}: drained by an admin; moving {} clients away", self.m.clients);
-                self.admin_drain = Some((now, self.m.clients as usize));
-            } else if !mine.draining && self.admin_drain.is_some() {
+            let was = self.shared.admin_draining.swap(mine.draining, Ordering::Relaxed);
+            if mine.draining && !was && self.drain.is_none() {
+                let clients = self.shared.clients.load(Ordering::Relaxed);
+                eprintln!("herald node {me}: drained by an admin; moving {clients} clients away");
+            } else if !mine.draining && was {
                 eprintln!("herald node {me}: undrained by an admin; accepting clients again");
-                self.admin_drain = None;
             }
+            self.admin_drain_step(now);
         }
         if self.cfg.cluster_secret.is_empty() || self.drain.is_some() {
             return;
@@ -1421,7 +1753,10 @@ impl Loop {
             self.remove(k, Some(0));
         }
         let c = &mut self.conns[key];
-        mesh::encode_snapshot(&mut c.wbuf, self.reg.online());
+        match self.router.as_ref() {
+            Some(r) => mesh::encode_snapshot(&mut c.wbuf, self.reg.online().chain(r.homes.online())),
+            None => mesh::encode_snapshot(&mut c.wbuf, self.reg.online()),
+        }
         eprintln!("herald node {}: mesh link to {peer} up", self.cfg.node_id);
         self.mark_dirty(key);
     }
@@ -1443,17 +1778,75 @@ impl Loop {
         }
     }
 
-    fn mesh_backlogged(&self) -> bool {
+    /// Whether publishers must wait: a mesh link or another loop is behind.
+    fn backlogged(&self) -> bool {
         self.links.keys().any(|k| self.conns.get(*k).is_some_and(|c| c.pending() > self.cfg.peer_backlog))
+            || self.router.as_ref().is_some_and(|r| r.backlogged(ROUTE_BACKLOG))
     }
 
     fn heartbeat(&mut self, now: Instant) {
         let flags = if self.drain.is_some() { f::NODE_DRAINING } else { 0 };
-        self.hb.maybe_send(now, &self.cfg, &self.m, flags);
+        let (m, shared) = (&self.m, &self.shared);
+        self.hb.maybe_send(
+            now,
+            &self.cfg,
+            || {
+                let (mut c, mut i, mut o) = (m.clients, m.msgs_in, m.msgs_out);
+                for slot in &shared.stats {
+                    if let Ok(st) = slot.lock() {
+                        c += st.m.clients;
+                        i += st.m.msgs_in;
+                        o += st.m.msgs_out;
+                    }
+                }
+                (c, i, o)
+            },
+            flags,
+        );
+    }
+
+    /// Loops 1..N: hands this loop's figures to loop 0 (about once a second).
+    fn publish_stats(&mut self) {
+        let Some(slot) = self.shared.stats.get(self.id.wrapping_sub(1)) else { return };
+        if let Ok(mut st) = slot.lock() {
+            st.m.copy_from(&self.m);
+            std::mem::swap(&mut st.depths, &mut self.pass_depths);
+            st.users = self.reg.users();
+        }
+        self.pass_depths.clear();
+    }
+
+    /// Loop 0: the whole node's counters, queue depths and users (its own
+    /// figures now, the other loops' as of their last report).
+    fn node_stats(&self) -> (Metrics, QueueDepth, usize) {
+        let mut m = Metrics::default();
+        m.copy_from(&self.m);
+        let mut depths: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Client { .. }))
+            .map(|(_, c)| c.pending() as u64)
+            .collect();
+        let mut users = self.reg.users();
+        for slot in &self.shared.stats {
+            if let Ok(st) = slot.lock() {
+                m.merge(&st.m);
+                depths.extend_from_slice(&st.depths);
+                users += st.users;
+            }
+        }
+        (m, QueueDepth::from_depths(depths), users)
     }
 
     /// Moves clients away while an admin drain is on, spread over the window.
     fn admin_drain_step(&mut self, now: Instant) {
+        // Loop 0 learns of an admin drain; every loop follows the shared flag.
+        let flagged = self.shared.admin_draining.load(Ordering::Relaxed);
+        if flagged && self.admin_drain.is_none() && self.drain.is_none() {
+            self.admin_drain = Some((now, self.m.clients as usize));
+        } else if !flagged {
+            self.admin_drain = None;
+        }
         let Some((_, total)) = self.admin_drain else { return };
         if self.drain.is_some() {
             return;
@@ -1568,25 +1961,34 @@ impl Heartbeater {
         }
     }
 
-    fn maybe_send(&mut self, now: Instant, cfg: &Config, m: &Metrics, flags: u8) {
+    /// Sends a heartbeat if one is due; `counts` gives (clients, messages
+    /// in, messages out) and is only asked then.
+    fn maybe_send(
+        &mut self,
+        now: Instant,
+        cfg: &Config,
+        counts: impl FnOnce() -> (u64, u64, u64),
+        flags: u8,
+    ) {
         let Some(sock) = self.sock.as_ref() else { return };
         if self.next.is_some_and(|t| now < t) {
             return;
         }
+        let (clients, msgs_in, msgs_out) = counts();
         self.next = Some(now + cfg.heartbeat_interval);
         let cpu = process_cpu_seconds();
         let (in_rate, out_rate, permille) = match self.last {
             Some((t, i, o, c)) => {
                 let dt = now.saturating_duration_since(t).as_secs_f64().max(0.001);
                 (
-                    ((m.msgs_in - i) as f64 / dt) as u32,
-                    ((m.msgs_out - o) as f64 / dt) as u32,
+                    (msgs_in.saturating_sub(i) as f64 / dt) as u32,
+                    (msgs_out.saturating_sub(o) as f64 / dt) as u32,
                     ((cpu - c) / dt * 1000.0).clamp(0.0, 65535.0) as u16,
                 )
             }
             None => (0, 0, 0),
         };
-        self.last = Some((now, m.msgs_in, m.msgs_out, cpu));
+        self.last = Some((now, msgs_in, msgs_out, cpu));
         self.seq += 1;
         self.buf.clear();
         Frame::Heartbeat(f::Heartbeat {
@@ -1597,7 +1999,7 @@ impl Heartbeater {
             sent_at_ms: unix_ms(),
             client_endpoint: self.client_endpoint.as_bytes(),
             ingest_endpoint: self.ingest_endpoint.as_bytes(),
-            connections: m.clients as u32,
+            connections: clients as u32,
             capacity: cfg.capacity as u32,
             flags,
             msgs_in_per_s: in_rate,

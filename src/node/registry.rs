@@ -177,9 +177,9 @@ impl Registry {
         self.users.get(user)
     }
 
-    /// Forgets users that have had no session for the grace period; returns
-    /// how many were forgotten.
-    pub fn sweep(&mut self, now: Instant) -> usize {
+    /// Forgets users that have had no session for the grace period, telling
+    /// `forgotten` each id; returns how many were forgotten.
+    pub fn sweep(&mut self, now: Instant, mut forgotten: impl FnMut(&[u8])) -> usize {
         let grace = self.cfg.grace;
         let expired: Vec<UserIdx> = self
             .users
@@ -190,6 +190,7 @@ impl Registry {
         for &i in &expired {
             let u = self.users.remove(i);
             self.by_id.remove(&u.id);
+            forgotten(&u.id);
         }
         expired.len()
     }
@@ -283,8 +284,8 @@ mod tests {
         let t0 = Instant::now();
         r.detach(a.user, 1, t0);
         r.detach(a.user, 2, t0);
-        assert_eq!(r.sweep(t0 + Duration::from_secs(29)), 0);
-        assert_eq!(r.sweep(t0 + Duration::from_secs(30)), 1);
+        assert_eq!(r.sweep(t0 + Duration::from_secs(29), |_| {}), 0);
+        assert_eq!(r.sweep(t0 + Duration::from_secs(30), |id| assert_eq!(id, b"alice")), 1);
         assert!(r.find(b"alice").is_none());
         assert!(r.find(b"bob").is_some());
         assert_eq!(r.online().count(), 1);

@@ -82,6 +82,23 @@ fn unhex(c: u8) -> Option<u8> {
     }
 }
 
+/// The user a token claims, read without checking its signature or expiry:
+/// only for deciding where a connection should be handled. `None` if the
+/// token is not well formed. [`verify`] must still accept it before anyone
+/// trusts the claim.
+pub fn claimed_user(token: &[u8]) -> Option<Vec<u8>> {
+    if token.len() > MAX_TOKEN_LEN {
+        return None;
+    }
+    let mut parts = token.split(|&c| c == b'.');
+    let (Some(b"v1"), Some(user_b64)) = (parts.next(), parts.next()) else { return None };
+    if user_b64.is_empty() || user_b64.len() > 88 {
+        return None;
+    }
+    let user = URL_SAFE_NO_PAD.decode(user_b64).ok()?;
+    (!user.is_empty() && user.len() <= MAX_USER_LEN).then_some(user)
+}
+
 /// Verifies `token` under `secret` at time `now` (Unix seconds).
 ///
 /// The signature is checked before the expiry, so an attacker learns nothing
@@ -132,6 +149,18 @@ mod tests {
     use super::*;
 
     const SECRET: &[u8] = b"correct horse battery staple";
+
+    #[test]
+    fn claimed_user_reads_the_claim_without_trusting_it() {
+        let t = mint(SECRET, b"alice", 2_000_000_000).unwrap();
+        assert_eq!(claimed_user(t.as_bytes()).as_deref(), Some(&b"alice"[..]));
+        let forged = t.replace(&t[t.len() - 4..], "0000");
+        assert_eq!(claimed_user(forged.as_bytes()).as_deref(), Some(&b"alice"[..]));
+        assert!(verify(forged.as_bytes(), SECRET, 1_900_000_000).is_err());
+        assert_eq!(claimed_user(b"v2.YWxpY2U.1.00"), None);
+        assert_eq!(claimed_user(b"v1.!!.1.00"), None);
+        assert_eq!(claimed_user(b"v1"), None);
+    }
 
     #[test]
     fn mint_then_verify() {

@@ -99,6 +99,20 @@ impl Drop for TestNode {
     }
 }
 
+/// Polls `f` for up to 3 s until it returns `want`; returns its last value.
+/// For figures that loops 1..N of a multi-loop node report about once a
+/// second.
+pub fn eventually<T: PartialEq>(f: impl Fn() -> T, want: T) -> T {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let v = f();
+        if v == want || Instant::now() >= deadline {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
