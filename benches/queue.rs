@@ -6,6 +6,8 @@
 //! lock-free bounded queue per client (crossbeam `ArrayQueue`) fed by other
 //! threads. This bench measures both under the same traffic: 121-byte
 //! DELIVER frames, a producer and a consumer, so the choice rests on numbers.
+//! A third case measures what a multi-loop node (`--threads N`) pays to move
+//! a message from loop 0 to the loop that owns its user: batches of 64.
 //!
 //! Run: `cargo bench --bench queue`
 
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
 
+use herald::node::shard;
 use herald::protocol::frame::encode_deliver;
 use herald::protocol::samples::payload_100;
 
@@ -90,12 +93,61 @@ fn crossbeam_two_threads(c: &mut Criterion) {
     g.finish();
 }
 
+/// What `herald node --threads N` does instead of a queue per client: loop 0
+/// appends each message for another loop's user to that loop's batch (one
+/// recycled buffer), sends the batch through a crossbeam channel once per
+/// turn, and the owner loop, woken once per batch, encodes each DELIVER into
+/// the client's buffer and gives the batch buffer back.
+fn batched_hand_off(c: &mut Criterion) {
+    let payload = payload_100();
+    let mut g = c.benchmark_group("queue");
+    g.throughput(Throughput::Elements(64));
+    g.bench_function("herald_threads/batch64_loop0_to_owner_loop", |b| {
+        b.iter_custom(|iters| {
+            let (tx, rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+            let (free_tx, free_rx) = crossbeam_channel::unbounded::<Vec<u8>>();
+            let consumer = std::thread::spawn(move || {
+                let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+                let mut got = 0u64;
+                let mut seq = 0u64;
+                // Blocking receive: the owner sleeps between batches and is
+                // woken once per batch, as the node's loops are.
+                while got < iters * 64 {
+                    let Ok(batch) = rx.recv() else { break };
+                    for (user, p) in shard::messages(&batch) {
+                        seq += 1;
+                        encode_deliver(&mut out, user.len() as u64, seq, p);
+                        if out.len() > 8 * 1024 {
+                            out.clear();
+                        }
+                        got += 1;
+                    }
+                    let _ = free_tx.send(batch);
+                }
+                black_box(out.len())
+            });
+            let t0 = Instant::now();
+            for _ in 0..iters {
+                let mut batch = free_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(16 * 1024));
+                batch.clear();
+                for _ in 0..64 {
+                    shard::push(&mut batch, b"u12345", &payload);
+                }
+                tx.send(batch).unwrap();
+            }
+            let _ = consumer.join();
+            t0.elapsed()
+        });
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = loop_owned_buffer, crossbeam_two_threads
+    targets = loop_owned_buffer, crossbeam_two_threads, batched_hand_off
 }
 criterion_main!(benches);

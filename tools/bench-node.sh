@@ -2,6 +2,13 @@
 # Node benchmarks (issue: the node), herald against the minimal forwarder in
 # the same run, alternating, 3 repetitions each; prints every run and a
 # table of medians. Usage: tools/bench-node.sh [A B C D]   (default: all)
+# TARGETS (default "forwarder herald") picks what runs: "heraldN" is a node
+# with --threads N, e.g. TARGETS="forwarder herald herald2". RATES overrides
+# C's rate ladder. Target "base" runs $BASE/herald (another build's release
+# directory, e.g. of the previous commit) with one loop, for before/after runs.
+# NODE_WRAP / PROBE_WRAP prefix the node's / probe's command (they must exec
+# it, keeping the pid), e.g. NODE_WRAP="chrt -f 50" or NODE_WRAP="taskset -c 1"
+# PROBE_WRAP="taskset -c 0", to tell the node's own tail from scheduling.
 #   A: 10,000 clients, 80,000 msg/s, 100 B payload, 1 ms ticks
 #   B: 10,000 clients, 20,000 msg/s
 #   C: 1,000 clients, rising rate until p99 > 10 ms or loss
@@ -18,12 +25,21 @@ REPS=${REPS:-3}
 DUR=${DUR:-20}
 scenarios=${*:-A B C D}
 
-start() { # herald|forwarder
-  if [ "$1" = herald ]; then
-    $R/herald node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
+TARGETS=${TARGETS:-forwarder herald}
+NODE_WRAP=${NODE_WRAP:-}
+PROBE_WRAP=${PROBE_WRAP:-}
+RATES=${RATES:-100000 200000 400000 600000 800000 1000000 1200000 1500000}
+
+start() { # forwarder|herald|heraldN|base
+  if [ "$1" = base ]; then
+    $NODE_WRAP "$BASE/herald" node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
       --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s 2>>"$dir/node.log" &
+  elif [ "${1#herald}" != "$1" ]; then
+    local threads=${1#herald}
+    $NODE_WRAP $R/herald node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
+      --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s --threads "${threads:-1}" 2>>"$dir/node.log" &
   else
-    $R/herald-forwarder --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 2>>"$dir/node.log" &
+    $NODE_WRAP $R/herald-forwarder --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 2>>"$dir/node.log" &
   fi
   PID=$!
   sleep 0.5
@@ -32,7 +48,7 @@ stop() { kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true;
 probe() { # target args...
   local t=$1; shift
   local plain=""; [ "$t" = forwarder ] && plain="--plain"
-  $R/herald-probe load --node 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
+  $PROBE_WRAP $R/herald-probe load --node 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
     --publisher-secret-file "$dir/ps" --node-pid "$PID" $plain "$@" 2>/dev/null || true
 }
 run() { # scenario target args...
@@ -46,12 +62,12 @@ run() { # scenario target args...
 
 for s in $scenarios; do
   case $s in
-    A) for i in $(seq "$REPS"); do for t in forwarder herald; do run A $t --clients 10000 --rate 80000 --duration "$DUR" --warmup 2; done; done ;;
-    B) for i in $(seq "$REPS"); do for t in forwarder herald; do run B $t --clients 10000 --rate 20000 --duration "$DUR" --warmup 2; done; done ;;
-    C) for rate in 100000 200000 400000 600000 800000 1000000 1200000 1500000; do
-         for t in forwarder herald; do run "C@$rate" $t --clients 1000 --rate $rate --duration 5 --warmup 1; done
+    A) for i in $(seq "$REPS"); do for t in $TARGETS; do run A $t --clients 10000 --rate 80000 --duration "$DUR" --warmup 2; done; done ;;
+    B) for i in $(seq "$REPS"); do for t in $TARGETS; do run B $t --clients 10000 --rate 20000 --duration "$DUR" --warmup 2; done; done ;;
+    C) for rate in $RATES; do
+         for t in $TARGETS; do run "C@$rate" $t --clients 1000 --rate $rate --duration 5 --warmup 1; done
        done ;;
-    D) for t in forwarder herald; do
+    D) for t in $TARGETS; do
          start "$t"
          echo "### D $t: 19000 idle connections"
          probe "$t" --clients 19000 --rate 0 --duration 2 --warmup 0 | grep -E 'rss|clients'

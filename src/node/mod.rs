@@ -600,7 +600,7 @@ impl Loop {
     fn run(&mut self) -> io::Result<()> {
         let r = self.run_inner();
         // Loops 1..N: last figures for loop 0.
-        self.publish_stats();
+        self.publish_stats(true);
         r
     }
 
@@ -1486,8 +1486,10 @@ impl Loop {
                 }
             });
             if self.owner.is_some() {
-                self.publish_stats();
+                self.publish_stats(true);
             }
+        } else if self.owner.is_some() {
+            self.publish_stats(false);
         }
         self.heartbeat(now);
         self.admin_drain_step(now);
@@ -1805,15 +1807,23 @@ impl Loop {
         );
     }
 
-    /// Loops 1..N: hands this loop's figures to loop 0 (about once a second).
-    fn publish_stats(&mut self) {
+    /// Loops 1..N: hands this loop's figures to loop 0: the counters every
+    /// timer tick (100 ms), and with `full` (once per sweep pass, about a
+    /// second) the latency histogram and queue depths too.
+    fn publish_stats(&mut self, full: bool) {
         let Some(slot) = self.shared.stats.get(self.id.wrapping_sub(1)) else { return };
         if let Ok(mut st) = slot.lock() {
-            st.m.copy_from(&self.m);
-            std::mem::swap(&mut st.depths, &mut self.pass_depths);
             st.users = self.reg.users();
+            if full {
+                st.m.copy_from(&self.m);
+                std::mem::swap(&mut st.depths, &mut self.pass_depths);
+            } else {
+                st.m.copy_counters(&self.m);
+            }
         }
-        self.pass_depths.clear();
+        if full {
+            self.pass_depths.clear();
+        }
     }
 
     /// Loop 0: the whole node's counters, queue depths and users (its own
