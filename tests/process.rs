@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use herald::protocol::frame::{self as f, Frame};
+use herald::protocol::frame::Frame;
 use herald::protocol::{Channel, Code, GoodbyeAction};
 use util::*;
 
@@ -41,14 +41,7 @@ fn drain_on(signal: i32, threads: usize) {
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut r = Raw::connect(addr, Channel::ToClient);
-        let t = token_for(&format!("u{i}"));
-        r.send_frame(Frame::Hello(f::Hello {
-            min_version: 1,
-            max_version: 1,
-            token: t.as_bytes(),
-            agent: b"",
-            resume: None,
-        }));
+        send_hello(&mut r, &token_for(&format!("u{i}")), None);
         assert!(matches!(frame(&r.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
         clients.push(r);
     }
@@ -131,14 +124,7 @@ fn out_of_file_descriptors_pauses_accept_without_spinning() {
         line.split("http://").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
     // One healthy client, and a publisher, before descriptors run out.
     let mut healthy = Raw::connect(client, Channel::ToClient);
-    let t = token_for("healthy");
-    healthy.send_frame(Frame::Hello(f::Hello {
-        min_version: 1,
-        max_version: 1,
-        token: t.as_bytes(),
-        agent: b"",
-        resume: None,
-    }));
+    send_hello(&mut healthy, &token_for("healthy"), None);
     assert!(matches!(frame(&healthy.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
     let mut p = herald::client::Publisher::connect(&ingest.to_string(), &pub_credential()).unwrap();
     let metric = |name: &str| -> u64 {
@@ -173,14 +159,7 @@ fn out_of_file_descriptors_pauses_accept_without_spinning() {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let mut r = Raw::connect(client, Channel::ToClient);
-        let t = token_for("later");
-        r.send_frame(Frame::Hello(f::Hello {
-            min_version: 1,
-            max_version: 1,
-            token: t.as_bytes(),
-            agent: b"",
-            resume: None,
-        }));
+        send_hello(&mut r, &token_for("later"), None);
         if let Got::Frame(b) = r.next(Duration::from_secs(2)) {
             if matches!(frame(&b, Channel::ToClient), Frame::Welcome(_)) {
                 break;

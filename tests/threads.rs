@@ -10,8 +10,8 @@ use std::time::Duration;
 use herald::client::Publisher;
 use herald::node::shard::owner;
 use herald::node::Config;
-use herald::protocol::frame::{self as f, Frame};
-use herald::protocol::{token, Channel, Code, Position, ResumeResult, VERSION};
+use herald::protocol::frame::Frame;
+use herald::protocol::{token, Channel, Code, Position, ResumeResult};
 use util::*;
 
 const THREADS: usize = 3;
@@ -115,13 +115,7 @@ fn a_forged_token_for_another_loops_user_is_refused_and_leaves_no_route() {
     let victim = &users_on(2, "victim-", 1)[0];
     let forged = token::mint(b"not the node's secret", victim.as_bytes(), unix_now() + 60).unwrap();
     let mut r = Raw::connect(node.client, Channel::ToClient);
-    r.send_frame(Frame::Hello(f::Hello {
-        min_version: VERSION,
-        max_version: VERSION,
-        token: forged.as_bytes(),
-        agent: b"",
-        resume: None,
-    }));
+    send_hello(&mut r, &forged, None);
     match frame(&r.expect(Duration::from_secs(5)), Channel::ToClient) {
         Frame::Error(e) => assert_eq!(e.code, Code::AuthFailed),
         other => panic!("{other:?}"),
@@ -159,14 +153,7 @@ fn capacity_counts_clients_on_every_loop() {
     let mut tries = 0;
     loop {
         let mut c = Raw::connect(node.client, Channel::ToClient);
-        let t = token_for(u);
-        c.send_frame(Frame::Hello(f::Hello {
-            min_version: VERSION,
-            max_version: VERSION,
-            token: t.as_bytes(),
-            agent: b"",
-            resume: None,
-        }));
+        send_hello(&mut c, &token_for(u), None);
         match frame(&c.expect(Duration::from_secs(5)), Channel::ToClient) {
             Frame::Welcome(_) => break,
             Frame::Error(e) if e.code == Code::ServerFull && tries < 100 => {

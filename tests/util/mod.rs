@@ -200,18 +200,22 @@ pub fn frame(bytes: &[u8], ch: Channel) -> Frame<'_> {
     }
 }
 
+/// Sends a HELLO with `token` (version 1 only).
+pub fn send_hello(r: &mut Raw, token: &str, resume: Option<Position>) {
+    r.send_frame(Frame::Hello(f::Hello {
+        min_version: VERSION,
+        max_version: VERSION,
+        token: token.as_bytes(),
+        agent: b"test",
+        resume,
+    }));
+}
+
 /// Connects a raw client for `user`, sends HELLO, returns it with the WELCOME's
 /// (epoch, next_seq, resume result).
 pub fn raw_client(node: &TestNode, user: &str, resume: Option<Position>) -> (Raw, f::Welcome<'static>) {
     let mut r = Raw::connect(node.client, Channel::ToClient);
-    let t = token_for(user);
-    r.send_frame(Frame::Hello(f::Hello {
-        min_version: VERSION,
-        max_version: VERSION,
-        token: t.as_bytes(),
-        agent: b"test",
-        resume,
-    }));
+    send_hello(&mut r, &token_for(user), resume);
     let w = r.expect(Duration::from_secs(5));
     let w: &'static [u8] = Box::leak(w.into_boxed_slice());
     match frame(w, Channel::ToClient) {
