@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use herald::client::{Client, ClientConfig, ClientError, Event, Publisher};
 use herald::decision::client::{self as dc, AssignOutcome};
+use herald::node::shard::owner;
 use herald::protocol::AdminOp;
 use util::*;
 
@@ -302,19 +303,26 @@ fn mesh_routes_a_publish_to_the_node_holding_the_user() {
         c.start_node(id, 1000);
     }
     c.wait_nodes(3);
-    // Connect directly to n2, publish through n1 and n3.
-    let mut cl = Client::connect(ClientConfig::new(c.node_client(1), token_for("meshy"))).unwrap();
-    assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
-    publish_until_routed(&c.node_ingest(0), "meshy", b"via n1");
-    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via n1");
-    publish_until_routed(&c.node_ingest(2), "meshy", b"via n3");
-    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via n3");
-    // Published to the node that holds the user: delivered once, not bounced.
-    let mut p = Publisher::connect(&c.node_ingest(1), &pub_credential()).unwrap();
-    let r = p.publish_confirmed(b"meshy", b"local").unwrap();
-    assert_eq!((r.local, r.forwarded), (1, 0));
-    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"local");
-    assert!(next_message(&mut cl, Duration::from_millis(300)).is_none(), "no duplicates");
+    // n2 runs two event loops: one user on each, so presence from loop 0 and
+    // from the other loop both reach the peers.
+    let users: Vec<String> = (0..2)
+        .map(|id| (0..).map(|i| format!("meshy{i}")).find(|u| owner(u.as_bytes(), 2) == id).unwrap())
+        .collect();
+    for user in &users {
+        // Connect directly to n2, publish through n1 and n3.
+        let mut cl = Client::connect(ClientConfig::new(c.node_client(1), token_for(user))).unwrap();
+        assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
+        publish_until_routed(&c.node_ingest(0), user, b"via n1");
+        assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via n1");
+        publish_until_routed(&c.node_ingest(2), user, b"via n3");
+        assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via n3");
+        // Published to the node that holds the user: delivered once, not bounced.
+        let mut p = Publisher::connect(&c.node_ingest(1), &pub_credential()).unwrap();
+        let r = p.publish_confirmed(user.as_bytes(), b"local").unwrap();
+        assert_eq!((r.local, r.forwarded), (1, 0));
+        assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"local");
+        assert!(next_message(&mut cl, Duration::from_millis(300)).is_none(), "no duplicates");
+    }
 }
 
 #[test]
