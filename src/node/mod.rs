@@ -448,8 +448,6 @@ struct Loop {
     to_close: Vec<(usize, Code)>,
     scratch: Vec<u8>,
     next_session: u64,
-    /// Client connections that have not completed the handshake.
-    handshakes: usize,
     /// Where the next timer tick's partial sweep starts.
     sweep_cursor: usize,
     /// Messages ingested this turn (for the latency histogram).
@@ -567,7 +565,6 @@ impl Loop {
             to_close: Vec::new(),
             scratch: vec![0u8; 64 * 1024],
             next_session: 1,
-            handshakes: 0,
             sweep_cursor: 0,
             turn_msgs: 0,
             accept_paused_until: None,
@@ -755,7 +752,6 @@ impl Loop {
         entry.insert(Conn::new(sock, state, now));
         self.m.connections += 1;
         if state == State::ClientHandshake {
-            self.handshakes += 1;
             self.shared.client_opened();
         }
         // Data may already be waiting (the HELLO often arrives with the SYN's ACK).
@@ -990,7 +986,6 @@ impl Loop {
         self.next_session += 1;
         let c = &mut self.conns[key];
         c.state = State::Client { user: a.user };
-        self.handshakes -= 1;
         c.session = session;
         Frame::Welcome(f::Welcome {
             version,
@@ -1046,7 +1041,6 @@ impl Loop {
         let Some(router) = self.router.as_mut() else { return };
         let mut c = self.conns.remove(key);
         let _ = self.poll.registry().deregister(&mut c.sock);
-        self.handshakes -= 1;
         self.m.connections -= 1;
         self.retry_read.retain(|&k| k != key);
         if c.dirty {
@@ -1069,7 +1063,6 @@ impl Loop {
         if registered {
             entry.insert(Conn::new(sock, State::ClientHandshake, opened));
             self.m.connections += 1;
-            self.handshakes += 1;
             self.input(key, &bytes, now);
             attached = matches!(self.conns.get(key).map(|c| c.state), Some(State::Client { .. }));
         } else {
@@ -1369,10 +1362,7 @@ impl Loop {
                 self.m.clients -= 1;
                 self.shared.client_closed();
             }
-            State::ClientHandshake => {
-                self.handshakes -= 1;
-                self.shared.client_closed();
-            }
+            State::ClientHandshake => self.shared.client_closed(),
             _ => {}
         }
     }

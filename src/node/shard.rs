@@ -205,11 +205,6 @@ impl Homes {
         self.map.iter().filter(|(_, h)| h.sessions > 0).map(|(u, _)| &u[..])
     }
 
-    /// Users tracked (for tests and metrics).
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
     /// Whether no user is tracked.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
