@@ -282,10 +282,15 @@ fn spread_follows_headroom_and_ceiling_changes_apply_next_assignment() {
             Err(e) => panic!("client {i}: {e}"),
         }
     }
-    assert_eq!(per_node.get("n1"), Some(&50), "{per_node:?}");
-    assert_eq!(per_node.get("n2"), Some(&100), "{per_node:?}");
-    assert_eq!(per_node.get("n3"), Some(&150), "{per_node:?}");
-    assert_eq!(refused, 300);
+    // Each node fills to its ceiling. It may go one over: a heartbeat that
+    // the node sends while an assigned client is still connecting does not
+    // count that client yet (protocol.md §7.1); the clients here connect one
+    // at a time, so at most one is in flight.
+    for (id, limit) in [("n1", 50), ("n2", 100), ("n3", 150)] {
+        let n = per_node.get(id).copied().unwrap_or(0);
+        assert!((limit..=limit + 1).contains(&n), "{id}: {n} clients, ceiling {limit}: {per_node:?}");
+    }
+    assert_eq!(refused, 600 - per_node.values().sum::<usize>());
     // Raise n1's ceiling: the very next assignment may go there.
     c.admin(AdminOp::SetCeiling, "n1", 60);
     match dc::assign(&c.decision_tcp(), b"x", 3, Duration::from_secs(1)).unwrap() {

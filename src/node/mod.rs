@@ -1783,10 +1783,14 @@ impl Loop {
             now,
             &self.cfg,
             || {
-                let (mut c, mut i, mut o) = (m.clients, m.msgs_in, m.msgs_out);
+                // Connections come from the node-wide admission count, which
+                // every loop updates as it happens: the other loops' reported
+                // counters can be 100 ms old, and a heartbeat that
+                // under-reports lets the decision server overfill the node.
+                let c = shared.clients.load(Ordering::Relaxed) as u64;
+                let (mut i, mut o) = (m.msgs_in, m.msgs_out);
                 for slot in &shared.stats {
                     if let Ok(st) = slot.lock() {
-                        c += st.m.clients;
                         i += st.m.msgs_in;
                         o += st.m.msgs_out;
                     }
