@@ -62,7 +62,13 @@ fn main() -> std::io::Result<()> {
     let mut events = Events::with_capacity(1024);
     let mut scratch = vec![0u8; 256 * 1024];
     loop {
-        poll.poll(&mut events, None)?;
+        if let Err(e) = poll.poll(&mut events, None) {
+            // A signal (a debugger or tracer attaching) interrupts the wait.
+            if e.kind() == ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
         for ev in events.iter() {
             match ev.token() {
                 t @ (CLIENTS | INGEST) => loop {

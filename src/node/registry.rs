@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use super::fxhash::UserKey;
 use super::retention::{LogLimits, Ring, UserLog};
 use crate::protocol::frame::{deliver_len, encode_deliver};
 use crate::protocol::{Position, ResumeResult};
@@ -62,7 +63,7 @@ pub struct RegistryConfig {
 
 /// Users, sessions, streams and retention.
 pub struct Registry {
-    by_id: HashMap<Box<[u8]>, UserIdx, super::fxhash::FxBuild>,
+    by_id: HashMap<UserKey, UserIdx, super::fxhash::FxBuild>,
     users: Slab<User>,
     ring: Ring,
     cfg: RegistryConfig,
@@ -189,7 +190,7 @@ impl Registry {
             .collect();
         for &i in &expired {
             let u = self.users.remove(i);
-            self.by_id.remove(&u.id);
+            self.by_id.remove(&*u.id);
             forgotten(&u.id);
         }
         expired.len()
