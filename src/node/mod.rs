@@ -127,6 +127,10 @@ pub struct Config {
     pub peer_backlog: usize,
     /// Event loops (threads); users are split among them by hash.
     pub threads: usize,
+    /// Tests only: the loop with this id (1..N) panics when it is handed a
+    /// client; 0 never.
+    #[cfg(test)]
+    pub(crate) fail_on_adopt: usize,
 }
 
 impl Default for Config {
@@ -156,6 +160,8 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(1),
             peer_backlog: 8 << 20,
             threads: 1,
+            #[cfg(test)]
+            fail_on_adopt: 0,
         }
     }
 }
@@ -353,10 +359,14 @@ impl Node {
                 events: Vec::new(),
             });
             // Tells loop 0 this loop is gone, however it ends (even by panic).
-            let gone = LoopGone(shared.clone(), self.handle.waker.clone());
+            let gone = LoopGone { id, shared: shared.clone(), waker: self.handle.waker.clone() };
             let spawned = std::thread::Builder::new().name(format!("herald-loop-{id}")).spawn(move || {
-                let _gone = gone;
-                l.run()
+                let r = l.run();
+                if r.is_err() {
+                    gone.shared.failed.store(id, Ordering::SeqCst);
+                }
+                drop(gone);
+                r
             });
             match spawned {
                 Ok(t) => threads.push(t),
@@ -397,14 +407,14 @@ impl Node {
         }
         drop(l);
         let mut first_err = r.err();
-        for t in threads {
+        for (i, t) in threads.into_iter().enumerate() {
             match t.join() {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
+                    first_err.get_or_insert(io::Error::new(e.kind(), format!("event loop {}: {e}", i + 1)));
                 }
                 Err(_) => {
-                    first_err.get_or_insert(io::Error::other("an event loop panicked"));
+                    first_err.get_or_insert(io::Error::other(format!("event loop {} panicked", i + 1)));
                 }
             }
         }
@@ -412,13 +422,21 @@ impl Node {
     }
 }
 
-/// Dropped when a loop 1..N ends: counts it off and wakes loop 0.
-struct LoopGone(Arc<shard::Shared>, Arc<Waker>);
+/// Dropped when a loop 1..N ends, also by panic: counts it off, marks the
+/// node failed if the loop panicked, and wakes loop 0.
+struct LoopGone {
+    id: usize,
+    shared: Arc<shard::Shared>,
+    waker: Arc<Waker>,
+}
 
 impl Drop for LoopGone {
     fn drop(&mut self) {
-        self.0.running.fetch_sub(1, Ordering::SeqCst);
-        let _ = self.1.wake();
+        if std::thread::panicking() {
+            self.shared.failed.store(self.id, Ordering::SeqCst);
+        }
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
+        let _ = self.waker.wake();
     }
 }
 
@@ -490,6 +508,8 @@ struct Loop {
     pass_depths: Vec<u64>,
     /// When the current turn began.
     turn_start: Instant,
+    /// Loop 0 has seen another loop fail (and started the drain).
+    failure_seen: bool,
 }
 
 /// A mesh link's identity and handshake material.
@@ -591,6 +611,7 @@ impl Loop {
             turn_origin: None,
             pass_depths: Vec::new(),
             turn_start: now,
+            failure_seen: false,
         }
     }
 
@@ -686,7 +707,9 @@ impl Loop {
     // ------------------------------------------------------------ accept
 
     fn accept(&mut self, which: Token, now: Instant) {
-        if self.drain.is_some() {
+        // A draining node takes no clients or publishers, but still answers
+        // /healthz (503, and why) and /metrics until it exits.
+        if self.drain.is_some() && which != METRICS_LISTENER {
             return;
         }
         if let Some(until) = self.accept_paused_until {
@@ -1055,6 +1078,10 @@ impl Loop {
 
     /// Loops 1..N: takes a client over from loop 0 and runs its HELLO.
     fn adopt(&mut self, mut sock: TcpStream, bytes: Vec<u8>, opened: Instant, user: Box<[u8]>, now: Instant) {
+        #[cfg(test)]
+        if self.cfg.fail_on_adopt == self.id {
+            panic!("test: loop {} fails on adopting a client", self.id);
+        }
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let registered =
@@ -1191,7 +1218,10 @@ impl Loop {
                 ("200 OK", m.render(&self.cfg.node_id, q, users))
             }
             "/healthz" => {
-                if self.drain.is_some() {
+                let failed = self.shared.failed.load(Ordering::SeqCst);
+                if failed != 0 {
+                    ("503 Service Unavailable", format!("event loop {failed} failed\n"))
+                } else if self.drain.is_some() {
                     ("503 Service Unavailable", "draining\n".to_owned())
                 } else {
                     ("200 OK", "ok\n".to_owned())
@@ -1393,6 +1423,9 @@ impl Loop {
 
     /// Returns true when the node should exit.
     fn timers(&mut self, now: Instant) -> bool {
+        if self.id == 0 {
+            self.check_loops();
+        }
         if self.accept_paused_until.is_some_and(|t| now >= t) {
             self.accept(CLIENT_LISTENER, now);
             self.accept(INGEST_LISTENER, now);
@@ -1573,6 +1606,7 @@ impl Loop {
             self.inbox(now);
             return;
         }
+        self.check_loops();
         if let Some(r) = self.router.as_mut() {
             while let Ok(events) = r.events.try_recv() {
                 for ev in events {
@@ -1590,6 +1624,24 @@ impl Loop {
                     eprintln!("herald node {}: cannot reach peer {peer}: {e}", self.cfg.node_id)
                 }
             }
+        }
+    }
+
+    /// Loop 0: if another loop has failed, its users can no longer be served
+    /// here (their sockets closed with it, and a reconnect would be handed
+    /// to it again), so drain the whole node: every other client gets a
+    /// GOODBYE and moves to another node, `/healthz` says why, and
+    /// [`Node::run`] returns the failure, so the process exits non-zero and
+    /// a supervisor restarts it.
+    fn check_loops(&mut self) {
+        let failed = self.shared.failed.load(Ordering::SeqCst);
+        if failed != 0 && !self.failure_seen {
+            self.failure_seen = true;
+            eprintln!(
+                "herald node {}: event loop {failed} failed; draining the node so its clients move elsewhere",
+                self.cfg.node_id
+            );
+            self.stop.store(true, Ordering::SeqCst);
         }
     }
 
@@ -2029,4 +2081,106 @@ fn process_cpu_seconds() -> f64 {
 /// Appends an ERROR frame.
 fn error_frame(out: &mut Vec<u8>, code: Code, msg: &str) {
     Frame::Error(f::ErrorFrame { code, message: msg.as_bytes() }).encode(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{decode, Channel, Decoded};
+    use std::io::Read;
+    use std::net::TcpStream as StdStream;
+
+    const SECRET: &[u8] = b"unit-test-client-secret";
+
+    /// Connects a raw client for `user` and sends its HELLO.
+    fn hello(addr: SocketAddr, user: &str) -> StdStream {
+        let mut s = StdStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let token = crate::protocol::token::mint(SECRET, user.as_bytes(), unix_ms() / 1000 + 600).unwrap();
+        let hello = Frame::Hello(f::Hello {
+            min_version: 1,
+            max_version: 1,
+            token: token.as_bytes(),
+            agent: b"",
+            resume: None,
+        });
+        s.write_all(&hello.to_vec()).unwrap();
+        s
+    }
+
+    /// Reads frames until one matches `want` (true) or the stream ends or
+    /// times out (false).
+    fn read_until(s: &mut StdStream, want: impl Fn(&Frame<'_>) -> bool) -> bool {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while let Ok(Decoded::Frame(fr, used)) = decode(&buf, Channel::ToClient) {
+                if want(&fr) {
+                    return true;
+                }
+                buf.drain(..used);
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn healthz(addr: SocketAddr) -> String {
+        let mut s = StdStream::connect(addr).unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    fn user_on(loop_id: usize, n: usize, skip: usize) -> String {
+        (0..).map(|i| format!("u{i}")).filter(|u| shard::owner(u.as_bytes(), n) == loop_id).nth(skip).unwrap()
+    }
+
+    #[test]
+    fn a_failed_loop_drains_the_node_and_run_returns_the_failure() {
+        let node = Node::bind(Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ingest: "127.0.0.1:0".parse().unwrap(),
+            metrics: Some("127.0.0.1:0".parse().unwrap()),
+            client_secret: SECRET.to_vec(),
+            publisher_secret: b"unit-test-publisher-secret".to_vec(),
+            drain_window: Duration::from_secs(2),
+            log_every: Duration::ZERO,
+            threads: 3,
+            fail_on_adopt: 2,
+            ..Config::default()
+        })
+        .unwrap();
+        let (client, metrics) = (node.client_addr(), node.metrics_addr().unwrap());
+        let run = std::thread::spawn(move || node.run());
+        let welcomed = |f: &Frame<'_>| matches!(f, Frame::Welcome(_));
+        // Loop 0 holds several clients, so its drain spreads over the window
+        // and the node stays up long enough to be asked about its health.
+        let mut zeros: Vec<StdStream> = (0..8).map(|i| hello(client, &user_on(0, 3, i))).collect();
+        for s in &mut zeros {
+            assert!(read_until(s, welcomed));
+        }
+        let mut one = hello(client, &user_on(1, 3, 0));
+        assert!(read_until(&mut one, welcomed));
+        assert!(healthz(metrics).starts_with("HTTP/1.1 200"));
+
+        // Loop 2 panics when handed this client: the client's socket closes.
+        let mut two = hello(client, &user_on(2, 3, 0));
+        assert!(!read_until(&mut two, welcomed), "the failed loop's client must not be welcomed");
+
+        // The rest of the node drains: loop 1's client is sent away ...
+        let goodbye = |f: &Frame<'_>| matches!(f, Frame::Goodbye(g) if g.reason == Code::Draining && g.action == GoodbyeAction::AskDecision);
+        assert!(read_until(&mut one, goodbye), "loop 1's client gets a GOODBYE");
+        // ... health says why, and the node stops taking clients.
+        let h = healthz(metrics);
+        assert!(h.starts_with("HTTP/1.1 503") && h.contains("event loop 2 failed"), "{h}");
+        for s in &mut zeros {
+            assert!(read_until(s, goodbye), "loop 0's clients get a GOODBYE");
+        }
+        let err = run.join().unwrap().expect_err("run reports the failed loop");
+        assert!(err.to_string().contains("event loop 2 panicked"), "{err}");
+    }
 }

@@ -235,6 +235,10 @@ pub struct Shared {
     pub admin_draining: AtomicBool,
     /// Loops 1..N still running.
     pub running: AtomicUsize,
+    /// The id of a loop 1..N that ended by panic or error (0: none). Its
+    /// users can no longer be served, so loop 0 drains the node and the
+    /// process exits non-zero.
+    pub failed: AtomicUsize,
     /// Stats of loops 1..N (index `id - 1`).
     pub stats: Vec<Mutex<Stats>>,
 }
@@ -247,6 +251,7 @@ impl Shared {
             clients: AtomicUsize::new(0),
             admin_draining: AtomicBool::new(false),
             running: AtomicUsize::new(n.saturating_sub(1)),
+            failed: AtomicUsize::new(0),
             stats: (1..n).map(|_| Mutex::new(Stats::default())).collect(),
         }
     }
