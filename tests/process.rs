@@ -24,7 +24,7 @@ fn drain_on(signal: i32, threads: usize) {
     let ps = write_secret(&dir, "p", PUBLISHER_SECRET);
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["node", "--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0", "--drain-window", "1s"])
-        .args(["--threads", &threads.to_string()])
+        .args(["--threads", &threads.to_string(), "--metrics", "127.0.0.1:0"])
         .arg("--secret-file")
         .arg(&cs)
         .arg("--publisher-secret-file")
@@ -38,6 +38,8 @@ fn drain_on(signal: i32, threads: usize) {
     err.read_line(&mut line).unwrap();
     let addr: std::net::SocketAddr =
         line.split("clients on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let metrics: std::net::SocketAddr =
+        line.split("metrics on http://").nth(1).unwrap().trim().trim_end_matches("/metrics").parse().unwrap();
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut r = Raw::connect(addr, Channel::ToClient);
@@ -62,6 +64,9 @@ fn drain_on(signal: i32, threads: usize) {
             // Draining: new connections are refused at once, not left in the backlog.
             let e = std::net::TcpStream::connect(addr).expect_err("a draining node must not accept");
             assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused);
+            // ... but it still answers its health check, with why.
+            let h = http_get(metrics, "/healthz");
+            assert!(h.starts_with("HTTP/1.1 503") && h.ends_with("draining\n"), "{h}");
         }
     }
     let status = child.wait().unwrap();
