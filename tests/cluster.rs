@@ -5,75 +5,42 @@
 mod util;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use herald::client::{Client, ClientConfig, ClientError, Event, Publisher};
 use herald::decision::client::{self as dc, AssignOutcome};
 use herald::node::shard::owner;
 use herald::protocol::AdminOp;
+use util::proc::{after, Proc};
 use util::*;
 
 const CLUSTER_SECRET: &[u8] = b"cluster-secret-for-tests";
 const ADMIN_SECRET: &[u8] = b"admin-secret-for-tests!";
 
-struct Proc {
-    child: Child,
-    /// Addresses parsed from the first stderr line.
+/// A cluster member: its process and the addresses its first line named.
+struct Member {
+    proc: Proc,
     addrs: Vec<String>,
-    /// The rest of stderr, collected on a thread.
-    _log: std::thread::JoinHandle<()>,
 }
 
-impl Proc {
-    fn spawn(args: &[String], dir: &Path, parse: fn(&str) -> Vec<String>) -> Proc {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(args)
-            .current_dir(dir)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        err.read_line(&mut line).unwrap();
-        let addrs = parse(&line);
-        assert!(!addrs.is_empty(), "cannot parse: {line}");
-        let log = std::thread::spawn(move || {
-            for l in err.lines().map_while(Result::ok) {
-                if std::env::var_os("HERALD_TEST_LOG").is_some() {
-                    eprintln!("  | {l}");
-                }
-            }
-        });
-        Proc { child, addrs, _log: log }
+impl Member {
+    fn spawn(args: &[String], dir: &Path, parse: fn(&str) -> Vec<String>) -> Member {
+        let proc = Proc::spawn(args, Some(dir));
+        let addrs = parse(&proc.first_line);
+        assert!(!addrs.is_empty(), "cannot parse: {}", proc.first_line);
+        Member { proc, addrs }
     }
 
     fn kill9(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
+        self.proc.kill9();
     }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Words after `marker` up to the next ',' or end of line.
-fn after(line: &str, marker: &str) -> Option<String> {
-    let rest = line.split(marker).nth(1)?;
-    Some(rest.split([',', '\n']).next()?.trim().to_owned())
 }
 
 struct Cluster {
     dir: PathBuf,
-    decisions: Vec<Proc>,
-    nodes: Vec<Proc>,
+    decisions: Vec<Member>,
+    nodes: Vec<Member>,
 }
 
 impl Cluster {
@@ -110,7 +77,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        self.decisions.push(Proc::spawn(&args, &self.dir, |l| {
+        self.decisions.push(Member::spawn(&args, &self.dir, |l| {
             [after(l, "requests on "), after(l, "heartbeats on ")].into_iter().flatten().collect()
         }));
     }
@@ -172,7 +139,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        self.nodes.push(Proc::spawn(&args, &self.dir, |l| {
+        self.nodes.push(Member::spawn(&args, &self.dir, |l| {
             [
                 after(l, "clients on "),
                 after(l, "ingest on "),

@@ -8,10 +8,12 @@
 //! after datagrams that must be dropped proves they were processed: one
 //! socket's datagrams are handled in order.
 
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+mod util;
+
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -19,6 +21,7 @@ use herald::decision::client::{self, AdminReply, AssignOutcome, DecisionError, S
 use herald::decision::{Config, DecisionServer, ShutdownHandle, Stats};
 use herald::protocol::frame::{self as f, Frame, NODE_DRAINING};
 use herald::protocol::{decode, AdminOp, Channel, Code, Decoded};
+use util::proc::Proc;
 
 const CLUSTER: &[u8] = b"cluster-secret-for-tests";
 const ADMIN: &[u8] = b"admin-secret-for-tests";
@@ -601,21 +604,25 @@ fn binaries_decision_and_admin_status() {
     let dir = temp_dir("bin");
     let cs = write_file(&dir, "cluster", b"cluster-secret-for-tests\n");
     let admin_secret = write_file(&dir, "admin", b"admin-secret-for-tests\n");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["decision", "--listen", "127.0.0.1:0", "--heartbeat", "127.0.0.1:0", "--ceiling", "50"])
-        .arg("--cluster-secret-file")
-        .arg(&cs)
-        .arg("--admin-secret-file")
-        .arg(&admin_secret)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
+    let mut server = Proc::spawn(
+        [
+            "decision",
+            "--listen",
+            "127.0.0.1:0",
+            "--heartbeat",
+            "127.0.0.1:0",
+            "--ceiling",
+            "50",
+            "--cluster-secret-file",
+            cs.to_str().unwrap(),
+            "--admin-secret-file",
+            admin_secret.to_str().unwrap(),
+        ],
+        None,
+    );
     // "herald decision: requests on ADDR, heartbeats on ADDR"
-    let tcp = line.split("requests on ").nth(1).unwrap().split(',').next().unwrap().trim().to_owned();
-    let udp: SocketAddr = line.split("heartbeats on ").nth(1).unwrap().trim().parse().unwrap();
+    let tcp = server.after("requests on ").unwrap();
+    let udp: SocketAddr = server.after("heartbeats on ").unwrap().parse().unwrap();
     let mut node = FakeNode::new("bin-node");
     let hb = node.next(7, 1000, 0, CLUSTER);
     node.sock.send_to(&hb, udp).unwrap();
@@ -641,9 +648,8 @@ fn binaries_decision_and_admin_status() {
     assert!(ok && out.contains("ok: node bin-node drained"), "{out}");
     let (ok, _) = admin(&["drain", "nobody"]);
     assert!(!ok, "an unknown node is refused");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let status = child.wait().unwrap();
+    server.signal(libc::SIGTERM);
+    let (status, _) = server.wait();
     assert!(status.success(), "decision server exited with {status}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

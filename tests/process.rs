@@ -3,12 +3,12 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use herald::protocol::frame::Frame;
 use herald::protocol::{Channel, Code, GoodbyeAction};
+use util::proc::Proc;
 use util::*;
 
 fn write_secret(dir: &std::path::Path, name: &str, s: &[u8]) -> std::path::PathBuf {
@@ -22,24 +22,30 @@ fn drain_on(signal: i32, threads: usize) {
     std::fs::create_dir_all(&dir).unwrap();
     let cs = write_secret(&dir, "c", CLIENT_SECRET);
     let ps = write_secret(&dir, "p", PUBLISHER_SECRET);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["node", "--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0", "--drain-window", "1s"])
-        .args(["--threads", &threads.to_string(), "--metrics", "127.0.0.1:0"])
-        .arg("--secret-file")
-        .arg(&cs)
-        .arg("--publisher-secret-file")
-        .arg(&ps)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut node = Proc::spawn(
+        [
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+            "--drain-window",
+            "1s",
+            "--threads",
+            &threads.to_string(),
+            "--metrics",
+            "127.0.0.1:0",
+            "--secret-file",
+            cs.to_str().unwrap(),
+            "--publisher-secret-file",
+            ps.to_str().unwrap(),
+        ],
+        None,
+    );
     // The first stderr line names the bound addresses.
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let addr: std::net::SocketAddr =
-        line.split("clients on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let addr: std::net::SocketAddr = node.after("clients on ").unwrap().parse().unwrap();
     let metrics: std::net::SocketAddr =
-        line.split("metrics on http://").nth(1).unwrap().trim().trim_end_matches("/metrics").parse().unwrap();
+        node.after("metrics on http://").unwrap().trim_end_matches("/metrics").parse().unwrap();
     let mut clients = Vec::new();
     for i in 0..20 {
         let mut r = Raw::connect(addr, Channel::ToClient);
@@ -48,8 +54,7 @@ fn drain_on(signal: i32, threads: usize) {
         clients.push(r);
     }
     let t0 = Instant::now();
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    node.signal(signal);
     let mut arrivals = Vec::new();
     for c in clients.iter_mut() {
         match frame(&c.expect(Duration::from_secs(5)), Channel::ToClient) {
@@ -69,13 +74,12 @@ fn drain_on(signal: i32, threads: usize) {
             assert!(h.starts_with("HTTP/1.1 503") && h.ends_with("draining\n"), "{h}");
         }
     }
-    let status = child.wait().unwrap();
+    let (status, rest) = node.wait();
     assert!(status.success(), "node exited with {status}");
     // Goodbyes were spread over the window, not sent all at once.
     arrivals.sort();
     let spread = arrivals[arrivals.len() - 1] - arrivals[0];
     assert!(spread >= Duration::from_millis(500), "goodbyes spread over {spread:?}");
-    let rest: Vec<String> = err.lines().map_while(Result::ok).collect();
     assert!(rest.iter().any(|l| l.contains("drained")), "{rest:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -117,16 +121,13 @@ fn out_of_file_descriptors_pauses_accept_without_spinning() {
         cs.display(),
         ps.display()
     );
-    let mut child = Command::new("sh").arg("-c").arg(&script).stderr(Stdio::piped()).spawn().unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    let field = |m: &str| -> std::net::SocketAddr {
-        line.split(m).nth(1).unwrap().split([',', '\n']).next().unwrap().trim().parse().unwrap()
-    };
+    let mut sh = Command::new("sh");
+    sh.arg("-c").arg(&script);
+    let mut node = Proc::start(sh);
+    let field = |m: &str| -> std::net::SocketAddr { node.after(m).unwrap().parse().unwrap() };
     let (client, ingest) = (field("clients on "), field("ingest on "));
     let metrics: std::net::SocketAddr =
-        line.split("http://").nth(1).unwrap().split('/').next().unwrap().parse().unwrap();
+        node.after("metrics on http://").unwrap().trim_end_matches("/metrics").parse().unwrap();
     // One healthy client, and a publisher, before descriptors run out.
     let mut healthy = Raw::connect(client, Channel::ToClient);
     send_hello(&mut healthy, &token_for("healthy"), None);
@@ -140,9 +141,9 @@ fn out_of_file_descriptors_pauses_accept_without_spinning() {
     let flood: Vec<std::net::TcpStream> =
         (0..120).filter_map(|_| std::net::TcpStream::connect(client).ok()).collect();
     std::thread::sleep(Duration::from_millis(300));
-    let cpu0 = cpu_seconds(child.id());
+    let cpu0 = cpu_seconds(node.child.id());
     std::thread::sleep(Duration::from_secs(1));
-    let cpu = cpu_seconds(child.id()) - cpu0;
+    let cpu = cpu_seconds(node.child.id()) - cpu0;
     assert!(cpu < 0.3, "the node burned {cpu:.2}s of CPU in 1s while out of descriptors");
     drop(flood);
     // It kept serving the established client throughout.
@@ -172,8 +173,7 @@ fn out_of_file_descriptors_pauses_accept_without_spinning() {
         }
         assert!(std::time::Instant::now() < deadline, "accepting never resumed");
     }
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    node.signal(libc::SIGTERM);
+    assert!(node.wait().0.success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
