@@ -37,7 +37,8 @@ start() { # forwarder|herald|heraldN|base
   elif [ "${1#herald}" != "$1" ]; then
     local threads=${1#herald}
     $NODE_WRAP $R/herald node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
-      --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s --threads "${threads:-1}" 2>>"$dir/node.log" &
+      --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s --threads "${threads:-1}" \
+      --metrics 127.0.0.1:17502 2>>"$dir/node.log" &
   else
     $NODE_WRAP $R/herald-forwarder --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 2>>"$dir/node.log" &
   fi
@@ -51,12 +52,22 @@ probe() { # target args...
   $PROBE_WRAP $R/herald-probe load --node 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
     --publisher-secret-file "$dir/ps" --node-pid "$PID" $plain "$@" 2>/dev/null || true
 }
+internal() { # herald's own ingest-to-write p99 and p99.9 (µs), from /metrics
+  exec 3<>/dev/tcp/127.0.0.1/17502 || return 0
+  printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3
+  awk -F'[ }]' '/^herald_internal_latency_us\{.*quantile="0.99"/ {a=$NF} /^herald_internal_latency_us\{.*quantile="0.999"/ {b=$NF}
+    END {if (a != "") printf " internal_p99=%s internal_p999=%s", a, b}' <&3
+  exec 3<&-
+}
 run() { # scenario target args...
   local s=$1 t=$2; shift 2
   start "$t"
   echo "### $s $t: herald-probe load $*"
-  probe "$t" "$@" | tee -a "$dir/out" | sed "s/^SUMMARY /SUMMARY scenario=$s target=$t /" | tee -a "$dir/summary" | grep -v '^SUMMARY' || true
-  grep '^SUMMARY' "$dir/summary" | tail -1
+  probe "$t" "$@" | tee -a "$dir/out" >"$dir/last"
+  grep -v '^SUMMARY' "$dir/last" || true
+  local extra=""
+  [ "${t#herald}" != "$t" ] && extra=$(internal)
+  grep '^SUMMARY' "$dir/last" | sed "s/^SUMMARY /SUMMARY scenario=$s target=$t /; s/\$/$extra/" | tee -a "$dir/summary"
   stop
 }
 
@@ -78,8 +89,8 @@ done
 
 echo
 echo "## medians, as the markdown rows of BENCHMARKS.md"
-echo "| scenario | target | p50 µs | p99 µs | p99.9 µs | max µs | node CPU µs/msg | loss | runs |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+echo "| scenario | target | p50 µs | p99 µs | p99.9 µs | max µs | node CPU µs/msg | node preempted /s | herald internal p99 / p99.9 µs | loss | runs |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 python3 - "$dir/summary" <<'PY'
 import sys, statistics, collections
 rows = collections.defaultdict(list)
@@ -91,5 +102,8 @@ for line in open(sys.argv[1]):
 for (s, t), rs in rows.items():
     med = lambda k: statistics.median(float(r[k]) for r in rs)
     loss = sum(int(r['loss']) for r in rs)
-    print(f"| {s} | {t} | {med('p50'):.0f} | {med('p99'):.0f} | {med('p999'):.0f} | {med('max'):.0f} | {med('node_cpu_us_per_msg'):.2f} | {loss} | {len(rs)} |")
+    opt = lambda k, f: f(med(k)) if all(k in r for r in rs) else '—'
+    pre = opt('node_preempted_per_s', lambda v: f"{v:.0f}")
+    inner = opt('internal_p999', lambda v: f"{med('internal_p99'):.0f} / {v:.0f}")
+    print(f"| {s} | {t} | {med('p50'):.0f} | {med('p99'):.0f} | {med('p999'):.0f} | {med('max'):.0f} | {med('node_cpu_us_per_msg'):.2f} | {pre} | {inner} | {loss} | {len(rs)} |")
 PY

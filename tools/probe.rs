@@ -240,6 +240,19 @@ fn proc_cpu(pid: u32) -> Option<f64> {
     Some(ticks as f64 / hz)
 }
 
+/// Involuntary context switches of all a process's threads so far: how often
+/// the scheduler took the CPU from it while it was still running (on a
+/// shared machine, mostly the probe's own threads preempting the node).
+fn proc_preempted(pid: u32) -> Option<u64> {
+    let mut n = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let s = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
+        let l = s.lines().find(|l| l.starts_with("nonvoluntary_ctxt_switches:"))?;
+        n += l.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+    }
+    Some(n)
+}
+
 fn self_cpu(who: i32) -> f64 {
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage writes the struct we pass.
@@ -448,7 +461,8 @@ fn load(mut a: LoadArgs) -> i32 {
     let mut bufs: Vec<Vec<u8>> = vec![Vec::with_capacity(256 * 1024); pubs.len()];
     let mut payload = vec![0u8; a.payload];
     let mut late_ticks = 0u64;
-    let mut cpu_rec0: Option<(Vec<Option<f64>>, f64)> = None;
+    type Sample = (Vec<Option<f64>>, f64, Vec<Option<u64>>);
+    let mut cpu_rec0: Option<Sample> = None;
     let mut killed = false;
     loop {
         let intended = start_ns + tick * 1_000_000;
@@ -471,7 +485,11 @@ fn load(mut a: LoadArgs) -> i32 {
             eprintln!("\nprobe: killed pid {pid}");
         }
         if cpu_rec0.is_none() && intended >= record_after {
-            cpu_rec0 = Some((a.node_pid.iter().map(|&p| proc_cpu(p)).collect(), self_cpu(libc::RUSAGE_SELF)));
+            cpu_rec0 = Some((
+                a.node_pid.iter().map(|&p| proc_cpu(p)).collect(),
+                self_cpu(libc::RUSAGE_SELF),
+                a.node_pid.iter().map(|&p| proc_preempted(p)).collect::<Vec<_>>(),
+            ));
         }
         let now = mono_ns();
         if now < intended {
@@ -523,6 +541,7 @@ fn load(mut a: LoadArgs) -> i32 {
         }
     }
     let cpu1: Vec<Option<f64>> = a.node_pid.iter().map(|&p| proc_cpu(p)).collect();
+    let preempted1: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_preempted(p)).collect();
     let self1 = self_cpu(libc::RUSAGE_SELF);
     eprintln!();
     // Let the last messages arrive, then stop the workers.
@@ -588,13 +607,17 @@ fn load(mut a: LoadArgs) -> i32 {
         hist.max() as f64 / 1000.0,
         hist.len()
     );
-    if let Some((c0, s0)) = &cpu_rec0 {
+    if let Some((c0, s0, p0)) = &cpu_rec0 {
         for (i, pid) in a.node_pid.iter().enumerate() {
             if let (Some(x0), Some(x1)) = (c0[i], cpu1[i]) {
                 let cpu = x1 - x0;
                 let per = cpu / sent_recorded.max(1) as f64 * 1e6;
+                let preempted = match (p0[i], preempted1[i]) {
+                    (Some(p0), Some(p1)) => format!(", preempted {}/s", (p1 - p0) / a.duration.max(1)),
+                    _ => String::new(),
+                };
                 println!(
-                    "node pid {pid}   cpu {cpu:.2}s over {}s = {:.1}% of a core, {per:.2} µs per delivered message",
+                    "node pid {pid}   cpu {cpu:.2}s over {}s = {:.1}% of a core, {per:.2} µs per delivered message{preempted}",
                     a.duration,
                     cpu / a.duration as f64 * 100.0
                 );
@@ -634,12 +657,16 @@ fn load(mut a: LoadArgs) -> i32 {
             eprintln!("probe: {}: {e}", p.display());
         }
     }
-    let node_cpu_us = cpu_rec0.as_ref().and_then(|(c0, _)| {
+    let node_cpu_us = cpu_rec0.as_ref().and_then(|(c0, _, _)| {
         let tot: f64 = a.node_pid.iter().enumerate().filter_map(|(i, _)| Some(cpu1[i]? - c0[i]?)).sum();
         (!a.node_pid.is_empty()).then(|| tot / sent_recorded.max(1) as f64 * 1e6)
     });
+    let node_preempted = cpu_rec0.as_ref().map_or(f64::NAN, |(_, _, p0)| {
+        let tot: u64 = (0..a.node_pid.len()).filter_map(|i| Some(preempted1[i]? - p0[i]?)).sum();
+        tot as f64 / a.duration.max(1) as f64
+    });
     println!(
-        "SUMMARY clients={} rate={} sent={sent} received={} loss={loss} wrong={} p50={:.1} p90={:.1} p99={:.1} p999={:.1} p9999={:.1} max={:.1} node_cpu_us_per_msg={:.3}",
+        "SUMMARY clients={} rate={} sent={sent} received={} loss={loss} wrong={} p50={:.1} p90={:.1} p99={:.1} p999={:.1} p9999={:.1} max={:.1} node_cpu_us_per_msg={:.3} node_preempted_per_s={:.0}",
         a.clients,
         a.rate,
         t.received,
@@ -650,7 +677,8 @@ fn load(mut a: LoadArgs) -> i32 {
         us(0.999),
         us(0.9999),
         hist.max() as f64 / 1000.0,
-        node_cpu_us.unwrap_or(f64::NAN)
+        node_cpu_us.unwrap_or(f64::NAN),
+        node_preempted
     );
     let mut code = 0;
     let unexplained = loss - t.announced_gaps as i64;
