@@ -21,5 +21,6 @@ pub mod client;
 pub mod decision;
 pub mod demo;
 pub mod node;
+mod outbox;
 pub mod protocol;
 pub mod swarm;

@@ -26,7 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{self, ErrorKind, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +39,7 @@ use slab::Slab;
 
 use super::state;
 use super::table::{AdminAnswer, Table, TableConfig, DEFAULT_CEILING_PCT, DEFAULT_EXPIRE_AFTER};
+use crate::outbox::Outbox;
 use crate::protocol::frame::{self as f, Frame};
 use crate::protocol::{decode, limits, Channel, Code, Decoded, VERSION};
 
@@ -57,7 +58,6 @@ pub const WBUF_HIGH: usize = 256 * 1024;
 /// …and resume once it is under this.
 const WBUF_LOW: usize = 64 * 1024;
 /// Output capacity kept after a flush; larger buffers are released.
-const KEEP_WBUF: usize = 16 * 1024;
 /// How long a closing connection may linger to flush its last frame.
 const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.
@@ -322,9 +322,8 @@ struct Conn {
     /// A partial frame carried over between reads (and, while stalled, the
     /// unparsed rest of one read).
     rbuf: Vec<u8>,
-    /// Pending output; `wbuf[wpos..]` is not yet written.
-    wbuf: Vec<u8>,
-    wpos: usize,
+    /// Pending output.
+    out: Outbox,
     last_rx: Instant,
     /// Set once an ERROR is queued or the peer has gone: close no later than this.
     closing: Option<Instant>,
@@ -334,13 +333,12 @@ struct Conn {
     shut: bool,
     /// Not reading: too much output pending.
     stalled: bool,
-    want_write: bool,
     dirty: bool,
 }
 
 impl Conn {
     fn pending(&self) -> usize {
-        self.wbuf.len() - self.wpos
+        self.out.pending()
     }
 }
 
@@ -487,14 +485,12 @@ impl Loop {
         entry.insert(Conn {
             sock,
             rbuf: Vec::new(),
-            wbuf: Vec::new(),
-            wpos: 0,
+            out: Outbox::default(),
             last_rx: now,
             closing: None,
             eof: false,
             shut: false,
             stalled: false,
-            want_write: false,
             dirty: false,
         });
         // The request often arrives right behind the handshake.
@@ -622,11 +618,11 @@ impl Loop {
                     super::table::Assignment::Ranked(_) => self.stats.assignments += 1,
                     super::table::Assignment::NoCapacity { .. } => self.stats.no_capacity += 1,
                 }
-                self.table.encode_assignment(&answer, &mut c.wbuf);
+                self.table.encode_assignment(&answer, &mut c.out.buf);
             }
             Frame::NodesRequest(_) => {
                 self.stats.nodes_requests += 1;
-                self.table.encode_nodes(now, &mut c.wbuf);
+                self.table.encode_nodes(now, &mut c.out.buf);
             }
             Frame::Admin(a) => match self.table.admin(raw, &a, unix) {
                 AdminAnswer::AuthFailed => {
@@ -636,7 +632,7 @@ impl Loop {
                 }
                 AdminAnswer::Status => {
                     self.stats.admin_requests += 1;
-                    self.table.encode_status(now, &mut c.wbuf);
+                    self.table.encode_status(now, &mut c.out.buf);
                 }
                 AdminAnswer::Result { mut status, mut message, changed } => {
                     self.stats.admin_requests += 1;
@@ -655,7 +651,7 @@ impl Loop {
                     }
                     let message = cut(&message, limits::MAX_ADMIN_MESSAGE_LEN);
                     Frame::AdminResult(f::AdminResult { status, message: message.as_bytes() })
-                        .encode(&mut c.wbuf);
+                        .encode(&mut c.out.buf);
                 }
             },
             _ => return,
@@ -688,29 +684,13 @@ impl Loop {
     fn flush(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else { return };
         c.dirty = false;
-        if c.pending() > 0 {
-            match c.sock.write(&c.wbuf[c.wpos..]) {
-                Ok(n) => c.wpos += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.to_close.push((key, CloseReason::Io));
-                    return;
-                }
+        let release = c.closing.is_some();
+        match c.out.flush(&mut c.sock, self.poll.registry(), Token(key + FIRST_CONN), release) {
+            Err(_) => {
+                self.to_close.push((key, CloseReason::Io));
+                return;
             }
-        }
-        let token = Token(key + FIRST_CONN);
-        if c.pending() == 0 {
-            c.wpos = 0;
-            if c.wbuf.capacity() > KEEP_WBUF || c.closing.is_some() {
-                c.wbuf = Vec::new();
-            } else {
-                c.wbuf.clear();
-            }
-            if c.want_write {
-                c.want_write = false;
-                let _ = self.poll.registry().reregister(&mut c.sock, token, Interest::READABLE);
-            }
-            if c.closing.is_some() {
+            Ok(f) if f.empty && c.closing.is_some() => {
                 if c.eof {
                     self.to_close.push((key, CloseReason::PeerClosed));
                 } else if !c.shut {
@@ -722,19 +702,7 @@ impl Loop {
                     let _ = c.sock.shutdown(std::net::Shutdown::Write);
                 }
             }
-        } else {
-            if c.wpos > c.wbuf.len() / 2 {
-                c.wbuf.drain(..c.wpos);
-                c.wpos = 0;
-            }
-            if !c.want_write {
-                c.want_write = true;
-                let _ = self.poll.registry().reregister(
-                    &mut c.sock,
-                    token,
-                    Interest::READABLE | Interest::WRITABLE,
-                );
-            }
+            Ok(_) => {}
         }
         if c.stalled && c.pending() < WBUF_LOW {
             c.stalled = false;
@@ -750,7 +718,7 @@ impl Loop {
         if c.closing.is_some() {
             return;
         }
-        Frame::Error(f::ErrorFrame { code, message: msg.as_bytes() }).encode(&mut c.wbuf);
+        Frame::Error(f::ErrorFrame { code, message: msg.as_bytes() }).encode(&mut c.out.buf);
         c.closing = Some(now + LINGER);
         c.rbuf = Vec::new();
         c.stalled = false;

@@ -9,6 +9,8 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use crate::outbox::Outbox;
+
 use super::registry::UserIdx;
 
 /// What a connection is, and where it is in its life (protocol.md §3.6).
@@ -52,10 +54,8 @@ pub struct Conn {
     pub state: State,
     /// Bytes of a partial frame carried over between reads.
     pub rbuf: Vec<u8>,
-    /// Pending output; `wbuf[wpos..]` is not yet written.
-    pub wbuf: Vec<u8>,
-    /// Start of unwritten output in `wbuf`.
-    pub wpos: usize,
+    /// Pending output.
+    pub out: Outbox,
     /// When anything was last read from the peer.
     pub last_rx: Instant,
     /// When the connection was accepted (handshake deadline base).
@@ -64,8 +64,6 @@ pub struct Conn {
     pub pinged: bool,
     /// A PING is due: append it to the next delivery.
     pub ping_due: bool,
-    /// Whether WRITABLE interest is registered.
-    pub want_write: bool,
     /// Whether the connection is in the loop's dirty list.
     pub dirty: bool,
     /// Session id (client) or 0.
@@ -79,13 +77,11 @@ impl Conn {
             sock,
             state,
             rbuf: Vec::new(),
-            wbuf: Vec::new(),
-            wpos: 0,
+            out: Outbox::default(),
             last_rx: now,
             opened: now,
             pinged: false,
             ping_due: false,
-            want_write: false,
             dirty: false,
             session: 0,
         }
@@ -93,7 +89,7 @@ impl Conn {
 
     /// Bytes queued but not yet written.
     pub fn pending(&self) -> usize {
-        self.wbuf.len() - self.wpos
+        self.out.pending()
     }
 
     /// Whether the connection is on its way out.

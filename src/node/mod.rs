@@ -531,7 +531,6 @@ enum Ctl {
 /// Bytes read from one connection per turn before yielding to the others.
 const READ_BUDGET: usize = 256 * 1024;
 /// Output capacity kept after a flush; larger buffers are released.
-const KEEP_WBUF: usize = 16 * 1024;
 /// How long a closing connection may linger to flush its last frame.
 const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.
@@ -909,7 +908,7 @@ impl Loop {
             }
             (_, Frame::Ping(n)) => {
                 let c = &mut self.conns[key];
-                Frame::Pong(n).encode(&mut c.wbuf);
+                Frame::Pong(n).encode(&mut c.out.buf);
                 self.mark_dirty(key);
                 true
             }
@@ -945,7 +944,7 @@ impl Loop {
                         forwarded: fwd as u16,
                         no_route: !(local || fwd) as u16,
                     };
-                    Frame::PubResult(r).encode(&mut self.conns[key].wbuf);
+                    Frame::PubResult(r).encode(&mut self.conns[key].out.buf);
                     self.mark_dirty(key);
                 }
                 true
@@ -966,7 +965,7 @@ impl Loop {
                         forwarded: fwd,
                         no_route: none,
                     };
-                    Frame::PubResult(r).encode(&mut self.conns[key].wbuf);
+                    Frame::PubResult(r).encode(&mut self.conns[key].out.buf);
                     self.mark_dirty(key);
                 }
                 true
@@ -1019,9 +1018,9 @@ impl Loop {
             next_seq: a.next_seq,
             node_id: self.cfg.node_id.as_bytes(),
         })
-        .encode(&mut c.wbuf);
+        .encode(&mut c.out.buf);
         if let Some(from) = a.replay_from {
-            let n = self.reg.replay(a.user, from, &mut c.wbuf);
+            let n = self.reg.replay(a.user, from, &mut c.out.buf);
             self.m.replayed += n as u64;
         }
         self.m.clients += 1;
@@ -1053,7 +1052,7 @@ impl Loop {
             max_frame: limits::MAX_INGEST,
             node_id: self.cfg.node_id.as_bytes(),
         })
-        .encode(&mut c.wbuf);
+        .encode(&mut c.out.buf);
         self.mark_dirty(key);
         true
     }
@@ -1138,7 +1137,7 @@ impl Loop {
         if forward {
             for &peer in self.presence.peers_of(user) {
                 let Some(c) = self.conns.get_mut(peer) else { continue };
-                f::encode_forward(&mut c.wbuf, user, b"", payload);
+                f::encode_forward(&mut c.out.buf, user, b"", payload);
                 self.m.forwarded += 1;
                 forwarded = true;
                 if !c.dirty {
@@ -1187,11 +1186,11 @@ impl Loop {
                 }
                 continue;
             }
-            c.wbuf.extend_from_slice(frame);
+            c.out.buf.extend_from_slice(frame);
             if c.ping_due {
                 c.ping_due = false;
                 c.pinged = true;
-                Frame::Ping(self.m.msgs_out).encode(&mut c.wbuf);
+                Frame::Ping(self.m.msgs_out).encode(&mut c.out.buf);
             }
             self.m.msgs_out += 1;
             if !c.dirty {
@@ -1231,7 +1230,7 @@ impl Loop {
         };
         let c = &mut self.conns[key];
         let _ = write!(
-            c.wbuf,
+            c.out.buf,
             "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
@@ -1266,49 +1265,19 @@ impl Loop {
     fn flush(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else { return };
         c.dirty = false;
-        if c.pending() > 0 {
-            self.m.writes += 1;
-            match c.sock.write(&c.wbuf[c.wpos..]) {
-                Ok(n) => {
+        let closing = matches!(c.state, State::Closing { .. });
+        match c.out.flush(&mut c.sock, self.poll.registry(), Token(key + FIRST_CONN), closing) {
+            Err(_) => self.to_close.push((key, Code::Other(1))),
+            Ok(f) => {
+                if let Some(n) = f.wrote {
+                    self.m.writes += 1;
                     self.m.bytes_out += n as u64;
-                    c.wpos += n;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.to_close.push((key, Code::Other(1)));
-                    return;
+                if f.empty && closing {
+                    // Everything is out: half-close so the peer reads our last
+                    // frame and then EOF; the linger timer or its EOF reaps us.
+                    let _ = c.sock.shutdown(std::net::Shutdown::Write);
                 }
-            }
-        }
-        if c.pending() == 0 {
-            c.wpos = 0;
-            if c.wbuf.capacity() > KEEP_WBUF || matches!(c.state, State::Closing { .. }) {
-                c.wbuf = Vec::new();
-            } else {
-                c.wbuf.clear();
-            }
-            if c.want_write {
-                c.want_write = false;
-                let _ =
-                    self.poll.registry().reregister(&mut c.sock, Token(key + FIRST_CONN), Interest::READABLE);
-            }
-            if let State::Closing { .. } = c.state {
-                // Everything is out: half-close so the peer reads our last
-                // frame and then EOF; the linger timer or its EOF reaps us.
-                let _ = c.sock.shutdown(std::net::Shutdown::Write);
-            }
-        } else {
-            if c.wpos > c.wbuf.len() / 2 {
-                c.wbuf.drain(..c.wpos);
-                c.wpos = 0;
-            }
-            if !c.want_write {
-                c.want_write = true;
-                let _ = self.poll.registry().reregister(
-                    &mut c.sock,
-                    Token(key + FIRST_CONN),
-                    Interest::READABLE | Interest::WRITABLE,
-                );
             }
         }
     }
@@ -1321,7 +1290,7 @@ impl Loop {
         if c.closing() {
             return;
         }
-        error_frame(&mut c.wbuf, code, msg);
+        error_frame(&mut c.out.buf, code, msg);
         self.begin_close(key, code, now);
     }
 
@@ -1331,7 +1300,7 @@ impl Loop {
         if c.closing() {
             return;
         }
-        Frame::Goodbye(f::Goodbye { reason, action, delay_ms, target: b"" }).encode(&mut c.wbuf);
+        Frame::Goodbye(f::Goodbye { reason, action, delay_ms, target: b"" }).encode(&mut c.out.buf);
         self.begin_close(key, reason, now);
     }
 
@@ -1496,7 +1465,7 @@ impl Loop {
             let c = &mut self.conns[key];
             c.pinged = true;
             c.ping_due = false;
-            Frame::Ping(now.duration_since(self.started).as_millis() as u64).encode(&mut c.wbuf);
+            Frame::Ping(now.duration_since(self.started).as_millis() as u64).encode(&mut c.out.buf);
             self.mark_dirty(key);
         }
         if self.sweep_cursor < span {
@@ -1705,7 +1674,7 @@ impl Loop {
             incarnation: self.incarnation,
             nonce: nonce_i,
         })
-        .encode(&mut c.wbuf);
+        .encode(&mut c.out.buf);
         entry.insert(c);
         self.m.connections += 1;
         self.links.insert(key, Link { peer_id: peer, nonce_i, nonce_a: [0; 16], established: false });
@@ -1732,7 +1701,7 @@ impl Loop {
             nonce: nonce_a,
             tag,
         })
-        .encode(&mut c.wbuf);
+        .encode(&mut c.out.buf);
         c.state = State::PeerAccepting;
         let peer_id = String::from_utf8_lossy(h.node_id).into_owned();
         self.links.insert(key, Link { peer_id, nonce_i: h.nonce, nonce_a, established: false });
@@ -1757,7 +1726,7 @@ impl Loop {
         link.nonce_a = w.nonce;
         let tag = sign::peer_initiator_tag(&self.cfg.cluster_secret, &link.nonce_i, &w.nonce, me, w.node_id);
         let c = &mut self.conns[key];
-        Frame::PeerAuth(f::PeerAuth { tag }).encode(&mut c.wbuf);
+        Frame::PeerAuth(f::PeerAuth { tag }).encode(&mut c.out.buf);
         c.state = State::Peer { initiator: true };
         self.link_up(key, now);
         true
@@ -1798,8 +1767,8 @@ impl Loop {
         }
         let c = &mut self.conns[key];
         match self.router.as_ref() {
-            Some(r) => mesh::encode_snapshot(&mut c.wbuf, self.reg.online().chain(r.homes.online())),
-            None => mesh::encode_snapshot(&mut c.wbuf, self.reg.online()),
+            Some(r) => mesh::encode_snapshot(&mut c.out.buf, self.reg.online().chain(r.homes.online())),
+            None => mesh::encode_snapshot(&mut c.out.buf, self.reg.online()),
         }
         eprintln!("herald node {}: mesh link to {peer} up", self.cfg.node_id);
         self.mark_dirty(key);
@@ -1816,7 +1785,7 @@ impl Loop {
         let up: Vec<usize> = self.links.iter().filter(|(_, l)| l.established).map(|(&k, _)| k).collect();
         for k in up {
             if let Some(c) = self.conns.get_mut(k) {
-                c.wbuf.extend_from_slice(&frame);
+                c.out.buf.extend_from_slice(&frame);
                 self.mark_dirty(k);
             }
         }

@@ -1,0 +1,149 @@
+//! Pending output of one non-blocking TCP connection, as the node's and the
+//! decision server's event loops keep it: frames are appended to a buffer
+//! during a turn, and each flush makes one `write` of whatever is pending;
+//! WRITABLE interest is registered only while output is left over, and a
+//! buffer that grew large is released once it empties, so idle connections
+//! hold no output memory.
+
+use std::io::{self, ErrorKind, Write};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+
+/// An emptied buffer larger than this is freed rather than kept for reuse.
+const KEEP: usize = 16 * 1024;
+
+/// Output queued for one connection.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Queued output; the first `pos` bytes are already written.
+    pub buf: Vec<u8>,
+    pos: usize,
+    want_write: bool,
+}
+
+/// What one [`Outbox::flush`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    /// Bytes written, if a write was made (`Some(0)`: the socket was full).
+    pub wrote: Option<usize>,
+    /// Everything queued is written.
+    pub empty: bool,
+}
+
+impl Outbox {
+    /// Bytes queued and not yet written.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// Makes one write of the pending bytes. If that empties the box, the
+    /// buffer is reset (and freed if `release` or if it grew past 16 KiB)
+    /// and WRITABLE interest is dropped; otherwise the written part is
+    /// compacted away once it is half the buffer and WRITABLE interest is
+    /// asked for, so the loop hears when the socket drains. An error means
+    /// the connection is broken.
+    pub fn flush(
+        &mut self,
+        sock: &mut TcpStream,
+        registry: &Registry,
+        token: Token,
+        release: bool,
+    ) -> io::Result<Flushed> {
+        let mut wrote = None;
+        if self.pending() > 0 {
+            match sock.write(&self.buf[self.pos..]) {
+                Ok(n) => {
+                    self.pos += n;
+                    wrote = Some(n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
+                    wrote = Some(0)
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let empty = self.pending() == 0;
+        if empty {
+            self.pos = 0;
+            if release || self.buf.capacity() > KEEP {
+                self.buf = Vec::new();
+            } else {
+                self.buf.clear();
+            }
+            if self.want_write {
+                self.want_write = false;
+                let _ = registry.reregister(sock, token, Interest::READABLE);
+            }
+        } else {
+            if self.pos > self.buf.len() / 2 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            if !self.want_write {
+                self.want_write = true;
+                let _ = registry.reregister(sock, token, Interest::READABLE | Interest::WRITABLE);
+            }
+        }
+        Ok(Flushed { wrote, empty })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mio::{Events, Poll};
+    use std::io::Read;
+    use std::time::Duration;
+
+    /// A connected pair: the mio side registered for READABLE, the other a
+    /// blocking std stream.
+    fn pair(poll: &Poll) -> (TcpStream, std::net::TcpStream) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let mut s = TcpStream::from_std(s);
+        poll.registry().register(&mut s, Token(1), Interest::READABLE).unwrap();
+        (s, peer)
+    }
+
+    #[test]
+    fn a_small_flush_writes_everything_and_keeps_the_buffer() {
+        let poll = Poll::new().unwrap();
+        let (mut s, mut peer) = pair(&poll);
+        let mut out = Outbox::default();
+        out.buf.extend_from_slice(b"hello");
+        let f = out.flush(&mut s, poll.registry(), Token(1), false).unwrap();
+        assert_eq!(f, Flushed { wrote: Some(5), empty: true });
+        assert!(out.buf.capacity() > 0, "a small buffer is kept for reuse");
+        let mut got = [0u8; 5];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        // Nothing pending: no write at all; release frees the buffer.
+        let f = out.flush(&mut s, poll.registry(), Token(1), true).unwrap();
+        assert_eq!(f, Flushed { wrote: None, empty: true });
+        assert_eq!(out.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn a_full_socket_leaves_output_pending_and_asks_for_writable() {
+        let mut poll = Poll::new().unwrap();
+        let (mut s, mut peer) = pair(&poll);
+        let mut out = Outbox::default();
+        out.buf.resize(64 << 20, 7); // far more than the socket buffers hold
+        let f = out.flush(&mut s, poll.registry(), Token(1), false).unwrap();
+        assert!(!f.empty && f.wrote.unwrap() > 0, "{f:?}");
+        let left = out.pending();
+        assert!(left > 0 && left < 64 << 20);
+        // The peer reads what was written; WRITABLE was registered, so the
+        // loop hears that the socket has room again.
+        let mut sink = vec![0u8; f.wrote.unwrap()];
+        peer.read_exact(&mut sink).unwrap();
+        let mut events = Events::with_capacity(8);
+        poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
+        assert!(events.iter().any(|e| e.token() == Token(1) && e.is_writable()), "WRITABLE after draining");
+        let f = out.flush(&mut s, poll.registry(), Token(1), false).unwrap();
+        assert!(f.wrote.unwrap() > 0 && out.pending() < left);
+    }
+}
