@@ -145,6 +145,18 @@ impl Raw {
         Raw { sock, buf: Vec::new(), channel }
     }
 
+    /// Connects with a receive buffer of `rcvbuf` bytes, set before the
+    /// handshake so the window is small from the start (shrinking it later
+    /// leaves the sender to zero-window probes, seconds apart).
+    pub fn connect_small(addr: SocketAddr, channel: Channel, rcvbuf: usize) -> Raw {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_recv_buffer_size(rcvbuf).unwrap();
+        s.connect(&addr.into()).unwrap();
+        let sock: TcpStream = s.into();
+        sock.set_nodelay(true).unwrap();
+        Raw { sock, buf: Vec::new(), channel }
+    }
+
     pub fn send(&mut self, bytes: &[u8]) {
         self.sock.write_all(bytes).unwrap();
     }

@@ -312,8 +312,9 @@ fn drop_policy_keeps_the_client_and_shows_a_gap() {
     cfg.queue_bytes = 32 * 1024;
     cfg.slow_policy = SlowPolicy::Drop;
     let node = TestNode::start(cfg);
-    let (mut c, _) = raw_client(&node, "dropper", None);
-    let _ = socket2::SockRef::from(&c.sock).set_recv_buffer_size(4096);
+    let mut c = Raw::connect_small(node.client, Channel::ToClient, 4096);
+    send_hello(&mut c, &token_for("dropper"), None);
+    assert!(matches!(frame(&c.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
     let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
     let big = vec![1u8; 16 * 1024];
     for _ in 0..300 {
