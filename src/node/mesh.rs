@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::fxhash::UserKey;
 use crate::protocol::frame::{encode_entries, Frame, List, Presence as PresenceFrame, PresenceEntry};
 use crate::protocol::PresenceOp;
 
@@ -16,8 +17,8 @@ const CHUNK: usize = 60 * 1024;
 /// Users online at each peer, and the reverse index used on every publish.
 #[derive(Default)]
 pub struct Presence {
-    by_user: HashMap<Box<[u8]>, Vec<usize>, super::fxhash::FxBuild>,
-    by_peer: HashMap<usize, HashSet<Box<[u8]>, super::fxhash::FxBuild>>,
+    by_user: HashMap<UserKey, Vec<usize>, super::fxhash::FxBuild>,
+    by_peer: HashMap<usize, HashSet<UserKey, super::fxhash::FxBuild>>,
 }
 
 impl Presence {
@@ -63,10 +64,10 @@ impl Presence {
     pub fn clear_peer(&mut self, peer: usize) {
         if let Some(users) = self.by_peer.remove(&peer) {
             for u in users {
-                if let Some(v) = self.by_user.get_mut(&u) {
+                if let Some(v) = self.by_user.get_mut(u.as_bytes()) {
                     v.retain(|&p| p != peer);
                     if v.is_empty() {
-                        self.by_user.remove(&u);
+                        self.by_user.remove(u.as_bytes());
                     }
                 }
             }

@@ -35,7 +35,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use mio::Waker;
 
-use super::fxhash::{FxBuild, FxHasher};
+use super::fxhash::{FxBuild, FxHasher, UserKey};
 use super::metrics::Metrics;
 use crate::protocol::PresenceOp;
 
@@ -140,7 +140,7 @@ struct Home {
 /// view is never ahead of the owner; it may lag by one turn.
 #[derive(Default)]
 pub struct Homes {
-    map: HashMap<Box<[u8]>, Home, FxBuild>,
+    map: HashMap<UserKey, Home, FxBuild>,
 }
 
 /// Where loop 0 should send a message for another loop's user.
@@ -169,7 +169,7 @@ impl Homes {
     /// Applies a report; returns the presence change the whole node sees
     /// (the user's first session arrived, or its last one left).
     pub fn apply(&mut self, ev: HomeEvent) -> Option<(PresenceOp, Box<[u8]>)> {
-        let h = self.map.get_mut(&ev.user)?;
+        let h = self.map.get_mut(&*ev.user)?;
         let before = h.sessions;
         match ev.change {
             Change::Attached => {
@@ -183,7 +183,7 @@ impl Homes {
         h.known = ev.known;
         let after = h.sessions;
         if h.pending == 0 && h.sessions == 0 && !h.known {
-            self.map.remove(&ev.user);
+            self.map.remove(&*ev.user);
         }
         match (before, after) {
             (0, 1..) => Some((PresenceOp::Online, ev.user)),
@@ -202,7 +202,7 @@ impl Homes {
 
     /// Users with an established session on another loop.
     pub fn online(&self) -> impl Iterator<Item = &[u8]> {
-        self.map.iter().filter(|(_, h)| h.sessions > 0).map(|(u, _)| &u[..])
+        self.map.iter().filter(|(_, h)| h.sessions > 0).map(|(u, _)| u.as_bytes())
     }
 
     /// Whether no user is tracked.
