@@ -20,6 +20,7 @@ pub struct Outbox {
     pub buf: Vec<u8>,
     pos: usize,
     want_write: bool,
+    dirty: bool,
 }
 
 /// What one [`Outbox::flush`] did.
@@ -32,6 +33,19 @@ pub struct Flushed {
 }
 
 impl Outbox {
+    /// Marks the box as having output for this turn's flush; true if it was
+    /// not marked yet (the caller then adds the connection to its dirty
+    /// list, so each connection is flushed once per turn).
+    #[inline]
+    pub fn mark_dirty(&mut self) -> bool {
+        !std::mem::replace(&mut self.dirty, true)
+    }
+
+    /// Whether the box is marked for this turn's flush.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
         self.buf.len() - self.pos
@@ -50,6 +64,7 @@ impl Outbox {
         token: Token,
         release: bool,
     ) -> io::Result<Flushed> {
+        self.dirty = false;
         let mut wrote = None;
         if self.pending() > 0 {
             match sock.write(&self.buf[self.pos..]) {
@@ -114,7 +129,10 @@ mod tests {
         let (mut s, mut peer) = pair(&poll);
         let mut out = Outbox::default();
         out.buf.extend_from_slice(b"hello");
+        assert!(out.mark_dirty(), "first mark: add to the dirty list");
+        assert!(!out.mark_dirty(), "already listed");
         let f = out.flush(&mut s, poll.registry(), Token(1), false).unwrap();
+        assert!(!out.is_dirty(), "a flush takes it off");
         assert_eq!(f, Flushed { wrote: Some(5), empty: true });
         assert!(out.buf.capacity() > 0, "a small buffer is kept for reuse");
         let mut got = [0u8; 5];

@@ -333,7 +333,6 @@ struct Conn {
     shut: bool,
     /// Not reading: too much output pending.
     stalled: bool,
-    dirty: bool,
 }
 
 impl Conn {
@@ -491,7 +490,6 @@ impl Loop {
             eof: false,
             shut: false,
             stalled: false,
-            dirty: false,
         });
         // The request often arrives right behind the handshake.
         self.read(key, now, unix);
@@ -663,8 +661,7 @@ impl Loop {
 
     fn mark_dirty(&mut self, key: usize) {
         if let Some(c) = self.conns.get_mut(key) {
-            if !c.dirty {
-                c.dirty = true;
+            if c.out.mark_dirty() {
                 self.dirty.push(key);
             }
         }
@@ -683,7 +680,6 @@ impl Loop {
     /// One write per connection per call.
     fn flush(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        c.dirty = false;
         let release = c.closing.is_some();
         match c.out.flush(&mut c.sock, self.poll.registry(), Token(key + FIRST_CONN), release) {
             Err(_) => {

@@ -64,8 +64,6 @@ pub struct Conn {
     pub pinged: bool,
     /// A PING is due: append it to the next delivery.
     pub ping_due: bool,
-    /// Whether the connection is in the loop's dirty list.
-    pub dirty: bool,
     /// Session id (client) or 0.
     pub session: u64,
 }
@@ -82,7 +80,6 @@ impl Conn {
             opened: now,
             pinged: false,
             ping_due: false,
-            dirty: false,
             session: 0,
         }
     }

@@ -1065,7 +1065,7 @@ impl Loop {
         let _ = self.poll.registry().deregister(&mut c.sock);
         self.m.connections -= 1;
         self.retry_read.retain(|&k| k != key);
-        if c.dirty {
+        if c.out.is_dirty() {
             self.dirty.retain(|&k| k != key);
         }
         router.homes.handed_over(&user);
@@ -1140,8 +1140,7 @@ impl Loop {
                 f::encode_forward(&mut c.out.buf, user, b"", payload);
                 self.m.forwarded += 1;
                 forwarded = true;
-                if !c.dirty {
-                    c.dirty = true;
+                if c.out.mark_dirty() {
                     self.dirty.push(peer);
                 }
             }
@@ -1193,8 +1192,7 @@ impl Loop {
                 Frame::Ping(self.m.msgs_out).encode(&mut c.out.buf);
             }
             self.m.msgs_out += 1;
-            if !c.dirty {
-                c.dirty = true;
+            if c.out.mark_dirty() {
                 self.dirty.push(s);
             }
         }
@@ -1244,8 +1242,7 @@ impl Loop {
 
     fn mark_dirty(&mut self, key: usize) {
         if let Some(c) = self.conns.get_mut(key) {
-            if !c.dirty {
-                c.dirty = true;
+            if c.out.mark_dirty() {
                 self.dirty.push(key);
             }
         }
@@ -1264,7 +1261,6 @@ impl Loop {
     /// One write per dirty connection per turn.
     fn flush(&mut self, key: usize) {
         let Some(c) = self.conns.get_mut(key) else { return };
-        c.dirty = false;
         let closing = matches!(c.state, State::Closing { .. });
         match c.out.flush(&mut c.sock, self.poll.registry(), Token(key + FIRST_CONN), closing) {
             Err(_) => self.to_close.push((key, Code::Other(1))),
