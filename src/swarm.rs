@@ -386,11 +386,8 @@ impl Swarm {
         let src = (!self.cfg.source.is_empty()).then(|| self.cfg.source[i % self.cfg.source.len()]);
         let mut connected = None;
         let mut cands = self.candidates(i);
-        // The node that just failed us goes last: it is probably dead, and
-        // the decision servers list it until its heartbeats expire.
-        if self.conns[i].failures > 0 && cands.len() > 1 {
-            let prev = self.conns[i].node.clone();
-            cands.sort_by_key(|c| *c == prev);
+        if self.conns[i].failures > 0 {
+            crate::decision::client::failed_last(&mut cands, &self.conns[i].node);
         }
         for node in cands {
             let Some(addr) = std::net::ToSocketAddrs::to_socket_addrs(&node).ok().and_then(|mut a| a.next())

@@ -478,10 +478,8 @@ impl Client {
             ) {
                 Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
                     let mut v: Vec<String> = n.into_iter().map(|a| a.endpoint).collect();
-                    // The node that just failed us goes last: the decision
-                    // servers list it until its heartbeats expire.
                     if let Some(bad) = self.last_failed.as_ref() {
-                        v.sort_by_key(|c| c == bad);
+                        crate::decision::client::failed_last(&mut v, bad);
                     }
                     Ok(v)
                 }

@@ -147,6 +147,14 @@ impl From<io::Error> for DecisionError {
     }
 }
 
+/// Moves `failed`, a node that has just failed the caller, behind the other
+/// candidates (keeping their order): a dead node stays in the decision
+/// servers' answers until its heartbeats expire, so a client re-homing from
+/// it should try the others first.
+pub fn failed_last(candidates: &mut [String], failed: &str) {
+    candidates.sort_by_key(|c| c == failed);
+}
+
 /// Asks for a node (ASSIGN_REQUEST, protocol.md §7.1). Tries `servers`
 /// (`host:port`) in order, each with `timeout` for connect and answer; the
 /// first answer wins (NO_CAPACITY is an answer). `max_results` is clamped
@@ -388,6 +396,15 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_failed_node_goes_last_and_the_rest_keep_their_order() {
+        let mut v: Vec<String> = ["a", "dead", "b", "c"].iter().map(|s| s.to_string()).collect();
+        failed_last(&mut v, "dead");
+        assert_eq!(v, ["a", "b", "c", "dead"]);
+        failed_last(&mut v, "elsewhere");
+        assert_eq!(v, ["a", "b", "c", "dead"]);
+    }
 
     #[test]
     fn no_servers_and_bad_arguments() {
