@@ -87,6 +87,7 @@ for s in $scenarios; do
   esac
 done
 
+[ -s "$dir/summary" ] || exit 0 # D alone prints no latency table
 echo
 echo "## medians, as the markdown rows of BENCHMARKS.md"
 echo "| scenario | target | p50 µs | p99 µs | p99.9 µs | max µs | node CPU µs/msg | node preempted /s | herald internal p99 / p99.9 µs | loss | runs |"
