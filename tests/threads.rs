@@ -10,8 +10,8 @@ use std::time::Duration;
 use herald::client::Publisher;
 use herald::node::shard::owner;
 use herald::node::Config;
-use herald::protocol::frame::Frame;
-use herald::protocol::{token, Channel, Code, Position, ResumeResult};
+use herald::protocol::frame::{self as f, Frame};
+use herald::protocol::{sign, token, Channel, Code, Position, PresenceOp, ResumeResult, VERSION};
 use util::*;
 
 const THREADS: usize = 3;
@@ -23,6 +23,62 @@ fn config() -> Config {
 /// `n` user ids owned by loop `id`, with `prefix`.
 fn users_on(id: usize, prefix: &str, n: usize) -> Vec<String> {
     (0..).map(|i| format!("{prefix}{i}")).filter(|u| owner(u.as_bytes(), THREADS) == id).take(n).collect()
+}
+
+const CLUSTER: &[u8] = b"cluster-secret-for-thread-tests";
+
+/// Acts as a mesh initiator "a0" (< "t1") and returns the link after the snapshot.
+fn fake_peer(node: &TestNode) -> Raw {
+    let mut r = Raw::connect(node.ingest, Channel::FromIngest);
+    let nonce_i = [0x11u8; 16];
+    r.send_frame(Frame::PeerHello(f::PeerHello {
+        min_version: VERSION,
+        max_version: VERSION,
+        node_id: b"a0",
+        incarnation: 1,
+        nonce: nonce_i,
+    }));
+    let w = r.expect(Duration::from_secs(5));
+    let nonce_a = match frame(&w, Channel::FromIngest) {
+        Frame::PeerWelcome(w) => w.nonce,
+        other => panic!("{other:?}"),
+    };
+    let tag = sign::peer_initiator_tag(CLUSTER, &nonce_i, &nonce_a, b"a0", b"t1");
+    r.send_frame(Frame::PeerAuth(f::PeerAuth { tag }));
+    // Snapshot.
+    let s = r.expect(Duration::from_secs(5));
+    assert!(matches!(frame(&s, Channel::FromIngest), Frame::Presence(_)));
+    r
+}
+
+/// Presence entries (op, user) arriving on the link within `t`.
+fn presence_within(r: &mut Raw, t: Duration) -> Vec<(PresenceOp, String)> {
+    let mut v = Vec::new();
+    let deadline = std::time::Instant::now() + t;
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match r.next(left) {
+            Got::Frame(b) => {
+                if let Frame::Presence(p) = frame(&b, Channel::FromIngest) {
+                    for e in p.entries.iter() {
+                        v.push((e.op, String::from_utf8_lossy(e.user).into_owned()));
+                    }
+                }
+            }
+            _ => break,
+        }
+    }
+    v
+}
+
+fn hello_bytes(user: &str) -> Vec<u8> {
+    Frame::Hello(f::Hello {
+        min_version: VERSION,
+        max_version: VERSION,
+        token: token_for(user).as_bytes(),
+        agent: b"",
+        resume: None,
+    })
+    .to_vec()
 }
 
 #[test]
@@ -179,4 +235,98 @@ fn drain_says_goodbye_on_every_loop_and_returns() {
         assert!(matches!(c.next(Duration::from_secs(5)), Got::Eof));
     }
     stopping.join().unwrap().unwrap();
+}
+
+/// A second session of an online user whose HELLO is followed, in the same
+/// write, by a frame the node refuses: the session is welcomed and closed in
+/// one read. The user's first session is still live, so peers must not hear
+/// OFFLINE and PUB_RESULT must count it (loop 0 once lost count of it when
+/// the owner reported Detached before Attached).
+#[test]
+fn a_session_closed_in_the_read_that_opened_it_leaves_the_user_online() {
+    for id in [0usize, 1] {
+        let node =
+            TestNode::start(Config { threads: THREADS, cluster_secret: CLUSTER.to_vec(), ..test_config() });
+        let mut peer = fake_peer(&node);
+        let u = &users_on(id, "drift-", 1)[0];
+        let (mut s1, _) = raw_client(&node, u, None);
+        let p1 = presence_within(&mut peer, Duration::from_millis(500));
+        assert_eq!(p1, vec![(PresenceOp::Online, u.clone())], "loop {id}");
+
+        // Second session: HELLO + a second HELLO in one write -> WELCOME, then ERROR.
+        let mut s2 = Raw::connect(node.client, Channel::ToClient);
+        let mut bytes = hello_bytes(u);
+        bytes.extend_from_slice(&hello_bytes(u));
+        s2.send(&bytes);
+        assert!(matches!(frame(&s2.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
+        match frame(&s2.expect(Duration::from_secs(5)), Channel::ToClient) {
+            Frame::Error(e) => assert_eq!(e.code, Code::UnexpectedFrame),
+            other => panic!("{other:?}"),
+        }
+
+        let p2 = presence_within(&mut peer, Duration::from_millis(500));
+        let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
+        let r = p.publish_confirmed(u.as_bytes(), b"still here?").unwrap();
+        // s1 is alive and still receives the message.
+        let got = read_delivers(&mut s1, 1);
+        assert_eq!(got[0].1, b"still here?");
+        assert!(
+            !p2.iter().any(|(op, _)| *op == PresenceOp::Offline),
+            "loop {id}: peers told {u} is OFFLINE while its first session is live: {p2:?}"
+        );
+        assert_eq!((r.local, r.no_route), (1, 0), "loop {id}: online user reported as no_route");
+    }
+}
+
+/// A client's idle clock starts at its HELLO on every loop: a slow handshake
+/// (within the deadline) with a short keepalive must not end in IDLE_TIMEOUT
+/// right after the WELCOME (a handed-over client once inherited its accept
+/// time as its last read).
+#[test]
+fn a_slow_handshake_does_not_count_as_idle_on_any_loop() {
+    for id in [0usize, 1] {
+        let node = TestNode::start(Config {
+            threads: THREADS,
+            heartbeat: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(5),
+            ..test_config()
+        });
+        let u = &users_on(id, "idle-", 1)[0];
+        let mut r = Raw::connect(node.client, Channel::ToClient);
+        // First bytes early (a partial HELLO), the rest 3.2 s later.
+        let hello = hello_bytes(u);
+        r.send(&hello[..4]);
+        std::thread::sleep(Duration::from_millis(3200));
+        r.send(&hello[4..]);
+        assert!(matches!(frame(&r.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
+        let next = match r.next(Duration::from_millis(900)) {
+            Got::Frame(b) => format!("{:?}", frame(&b, Channel::ToClient)),
+            other => format!("{other:?}"),
+        };
+        assert!(!next.contains("IdleTimeout"), "loop {id}: closed as idle right after its WELCOME: {next}");
+    }
+}
+
+/// During a drain a loop with no clients exits at once. A client whose HELLO
+/// arrives then, for a user that loop owns, still gets ERROR DRAINING (from
+/// loop 0), as on a single-loop node, not a silent close.
+#[test]
+fn a_hello_during_the_drain_is_answered_draining_whoever_owns_the_user() {
+    let node =
+        TestNode::start(Config { threads: THREADS, drain_window: Duration::from_secs(3), ..test_config() });
+    let keep: Vec<Raw> = users_on(0, "keep-", 4).iter().map(|u| raw_client(&node, u, None).0).collect();
+    let u = &users_on(1, "late-", 1)[0];
+    let mut r = Raw::connect(node.client, Channel::ToClient);
+    std::thread::sleep(Duration::from_millis(100));
+    let stopping = std::thread::spawn(move || node.stop());
+    std::thread::sleep(Duration::from_millis(500));
+    let hello = hello_bytes(u);
+    r.send(&hello);
+    let got = match r.next(Duration::from_secs(3)) {
+        Got::Frame(b) => format!("{:?}", frame(&b, Channel::ToClient)),
+        other => format!("{other:?}"),
+    };
+    drop(keep);
+    let _ = stopping.join();
+    assert!(got.contains("Draining"), "expected ERROR DRAINING, got {got}");
 }

@@ -46,6 +46,42 @@ pub enum State {
     },
 }
 
+impl State {
+    /// Whether a frame of type `t` may arrive in this state (protocol.md
+    /// §3.6, §5, §6): checked from the type byte, before the body is
+    /// buffered (§2.4 step 2), and again for whole frames. PING and PONG are
+    /// keepalive for established conversations only; ERROR is allowed
+    /// everywhere.
+    pub fn allows(self, t: u8) -> bool {
+        use crate::protocol::frame::ty;
+        match self {
+            State::ClientHandshake => t == ty::HELLO || t == ty::ERROR,
+            State::Client { .. } => matches!(t, ty::PING | ty::PONG | ty::ERROR),
+            State::IngestHandshake => matches!(t, ty::PUB_HELLO | ty::PEER_HELLO | ty::ERROR),
+            State::Publisher => {
+                matches!(t, ty::PUBLISH | ty::PUBLISH_BATCH | ty::PING | ty::PONG | ty::ERROR)
+            }
+            State::PeerDialing => matches!(t, ty::PEER_WELCOME | ty::GOODBYE | ty::ERROR),
+            State::PeerAccepting => t == ty::PEER_AUTH || t == ty::ERROR,
+            State::Peer { .. } => {
+                matches!(t, ty::PRESENCE | ty::FORWARD | ty::GOODBYE | ty::PING | ty::PONG | ty::ERROR)
+            }
+            State::Http | State::Closing { .. } => false,
+        }
+    }
+
+    /// What a peer in this state should have sent, for UNEXPECTED_FRAME.
+    pub fn expects(self) -> &'static str {
+        match self {
+            State::ClientHandshake => "the first frame must be a HELLO",
+            State::IngestHandshake => "the first frame must be a PUB_HELLO or a PEER_HELLO",
+            State::PeerDialing => "expected PEER_WELCOME",
+            State::PeerAccepting => "expected PEER_AUTH",
+            _ => "this frame type is not allowed now",
+        }
+    }
+}
+
 /// One connection.
 pub struct Conn {
     /// The socket.
@@ -66,6 +102,11 @@ pub struct Conn {
     pub ping_due: bool,
     /// Session id (client) or 0.
     pub session: u64,
+    /// Not being read: its own output is backed up (see `Loop::read`).
+    pub stalled: bool,
+    /// To be closed as a slow consumer: it gets no more messages, so what
+    /// it missed is a clean suffix of its stream, all of it in retention.
+    pub doomed: bool,
 }
 
 impl Conn {
@@ -81,6 +122,8 @@ impl Conn {
             pinged: false,
             ping_due: false,
             session: 0,
+            stalled: false,
+            doomed: false,
         }
     }
 

@@ -510,6 +510,8 @@ struct Loop {
     turn_start: Instant,
     /// Loop 0 has seen another loop fail (and started the drain).
     failure_seen: bool,
+    /// Set by hello() when a session handed to this loop was established.
+    adopt_attached: bool,
 }
 
 /// A mesh link's identity and handshake material.
@@ -518,6 +520,17 @@ struct Link {
     nonce_i: [u8; 16],
     nonce_a: [u8; 16],
     established: bool,
+    /// We dialled it. A link accepted but not yet authenticated proves
+    /// nothing about who is at the other end, so only links we dialled or
+    /// that have authenticated stop us dialling that peer.
+    ours: bool,
+}
+
+impl Link {
+    /// Whether this link stands for `peer` (stops another dial to it).
+    fn covers(&self, peer: &str) -> bool {
+        self.peer_id == peer && (self.established || self.ours)
+    }
 }
 
 /// Messages from helper threads to the loop (each followed by one wake).
@@ -611,6 +624,7 @@ impl Loop {
             pass_depths: Vec::new(),
             turn_start: now,
             failure_seen: false,
+            adopt_attached: false,
         }
     }
 
@@ -784,6 +798,17 @@ impl Loop {
     // ------------------------------------------------------------ read
 
     fn read(&mut self, key: usize, now: Instant) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if c.pending() > read_stop(c.state, &self.cfg) {
+                // Back-pressure on a peer that sends (PINGs, publishes asking
+                // for results) but does not read the answers: leave its bytes
+                // in the kernel until its output drains (flush re-reads it),
+                // so its answers cannot pile up here without bound. A client
+                // stalled this long is reaped as idle.
+                c.stalled = true;
+                return;
+            }
+        }
         if self.conns.get(key).is_some_and(|c| c.state == State::Publisher) && self.backlogged() {
             // Back-pressure: leave its bytes in the kernel until the mesh drains.
             if !self.parked.contains(&key) {
@@ -847,7 +872,12 @@ impl Loop {
             carried.extend_from_slice(data);
             &carried
         };
-        if self.router.is_some() && self.conns[key].state == State::ClientHandshake {
+        // (Not once the node is stopping: other loops may already have
+        // exited; hello() below answers DRAINING here.)
+        if self.router.is_some()
+            && self.conns[key].state == State::ClientHandshake
+            && !self.stop.load(Ordering::SeqCst)
+        {
             // Several loops: a client belongs on its user's loop.
             if let Ok(Decoded::Frame(Frame::Hello(h), _)) = protocol::decode(buf, channel) {
                 if let Some(user) = token::claimed_user(h.token) {
@@ -870,7 +900,19 @@ impl Loop {
                         break;
                     }
                 }
-                Ok(Decoded::Incomplete(_)) => break,
+                Ok(Decoded::Incomplete(_)) => {
+                    // §2.4 step 2: refuse a type the state does not allow
+                    // from its type byte, before buffering its body.
+                    let state = self.conns[key].state;
+                    if let Some((_, t)) = f::peek_header(&buf[at..]) {
+                        if !state.allows(t) {
+                            let msg = format!("frame type 0x{t:02x}: {}", state.expects());
+                            self.fail(key, Code::UnexpectedFrame, &msg, now);
+                            ok = false;
+                        }
+                    }
+                    break;
+                }
                 Err(e) => {
                     self.fail(key, e.code(), &e.to_string(), now);
                     ok = false;
@@ -901,11 +943,12 @@ impl Loop {
     /// Handles one frame. Returns false if the connection is now closing.
     fn frame(&mut self, key: usize, frame: Frame<'_>, now: Instant) -> bool {
         let state = self.conns[key].state;
+        if !state.allows(frame.frame_type()) {
+            let msg = format!("frame type 0x{:02x}: {}", frame.frame_type(), state.expects());
+            self.fail(key, Code::UnexpectedFrame, &msg, now);
+            return false;
+        }
         match (state, frame) {
-            (State::ClientHandshake | State::IngestHandshake, Frame::Ping(_) | Frame::Pong(_)) => {
-                self.fail(key, Code::UnexpectedFrame, "the first frame must be a HELLO", now);
-                false
-            }
             (_, Frame::Ping(n)) => {
                 let c = &mut self.conns[key];
                 Frame::Pong(n).encode(&mut c.out.buf);
@@ -995,13 +1038,22 @@ impl Loop {
                 return false;
             }
         };
-        if self.drain.is_some() || self.admin_drain.is_some() {
+        if self.drain.is_some() || self.admin_drain.is_some() || self.stop.load(Ordering::SeqCst) {
             self.fail(key, Code::Draining, "node is draining", now);
             return false;
         }
         let a = self.reg.attach(&claims.user, key, h.resume);
-        if a.first_session && self.owner.is_none() {
-            self.presence_out.push((PresenceOp::Online, claims.user.into_boxed_slice()));
+        match self.owner.as_mut() {
+            // Reported here, before anything later in the same read can
+            // close the session again (its Detached must follow this).
+            Some(o) => {
+                o.report(&claims.user, shard::Change::Attached, true);
+                self.adopt_attached = true;
+            }
+            None if a.first_session => {
+                self.presence_out.push((PresenceOp::Online, claims.user.into_boxed_slice()));
+            }
+            None => {}
         }
         // Session ids are unique in the node: each loop takes every N-th.
         let session = self.next_session * self.shared.n as u64 + self.id as u64;
@@ -1069,10 +1121,17 @@ impl Loop {
             self.dirty.retain(|&k| k != key);
         }
         router.homes.handed_over(&user);
-        router.hand_over(
-            owner,
-            shard::Inbox::Adopt { sock: c.sock, bytes, opened: c.opened, user: user.into() },
-        );
+        let msg = shard::Inbox::Adopt { sock: c.sock, bytes, opened: c.opened, user: user.clone().into() };
+        if !router.hand_over(owner, msg) {
+            // The owner is gone (it failed): the socket closed with the
+            // message; undo the bookkeeping.
+            router.homes.apply(shard::HomeEvent {
+                user: user.into(),
+                change: shard::Change::Refused,
+                known: false,
+            });
+            self.shared.client_closed();
+        }
     }
 
     /// Loops 1..N: takes a client over from loop 0 and runs its HELLO.
@@ -1085,19 +1144,24 @@ impl Loop {
         let key = entry.key();
         let registered =
             self.poll.registry().register(&mut sock, Token(key + FIRST_CONN), Interest::READABLE).is_ok();
-        let mut attached = false;
+        self.adopt_attached = false;
         if registered {
-            entry.insert(Conn::new(sock, State::ClientHandshake, opened));
+            let mut c = Conn::new(sock, State::ClientHandshake, opened);
+            // Its idle clock starts now: loop 0 has just read its HELLO.
+            c.last_rx = now;
+            entry.insert(c);
             self.m.connections += 1;
             self.input(key, &bytes, now);
-            attached = matches!(self.conns.get(key).map(|c| c.state), Some(State::Client { .. }));
         } else {
             self.shared.client_closed();
         }
-        let known = self.reg.find(&user).is_some();
-        if let Some(o) = self.owner.as_mut() {
-            let change = if attached { shard::Change::Attached } else { shard::Change::Refused };
-            o.report(&user, change, known);
+        // hello() reported Attached if the session was established (even if
+        // something later in the same bytes closed it again); else Refused.
+        if !self.adopt_attached {
+            let known = self.reg.find(&user).is_some();
+            if let Some(o) = self.owner.as_mut() {
+                o.report(&user, shard::Change::Refused, known);
+            }
         }
         if registered && self.conns.contains(key) {
             // Anything the client sent after its HELLO.
@@ -1174,10 +1238,14 @@ impl Loop {
         self.turn_msgs += 1;
         for &s in sessions {
             let Some(c) = self.conns.get_mut(s) else { continue };
+            if c.doomed {
+                continue;
+            }
             if c.pending() + frame.len() > self.cfg.queue_bytes {
                 match self.cfg.slow_policy {
                     SlowPolicy::Disconnect => {
                         if !c.closing() {
+                            c.doomed = true;
                             self.to_close.push((s, Code::SlowConsumer));
                         }
                     }
@@ -1273,6 +1341,10 @@ impl Loop {
                     // Everything is out: half-close so the peer reads our last
                     // frame and then EOF; the linger timer or its EOF reaps us.
                     let _ = c.sock.shutdown(std::net::Shutdown::Write);
+                }
+                if c.stalled && c.pending() <= read_stop(c.state, &self.cfg) / 2 {
+                    c.stalled = false;
+                    self.retry_read.push(key);
                 }
             }
         }
@@ -1628,7 +1700,7 @@ impl Loop {
             return;
         }
         for n in list {
-            if n.node_id.as_bytes() <= me.as_bytes() || self.links.values().any(|l| l.peer_id == n.node_id) {
+            if n.node_id.as_bytes() <= me.as_bytes() || self.links.values().any(|l| l.covers(&n.node_id)) {
                 continue;
             }
             if self
@@ -1651,7 +1723,7 @@ impl Loop {
     }
 
     fn dialed(&mut self, peer: String, stream: std::net::TcpStream, now: Instant) {
-        if self.links.values().any(|l| l.peer_id == peer) || stream.set_nonblocking(true).is_err() {
+        if self.links.values().any(|l| l.covers(&peer)) || stream.set_nonblocking(true).is_err() {
             return;
         }
         let mut sock = TcpStream::from_std(stream);
@@ -1673,7 +1745,8 @@ impl Loop {
         .encode(&mut c.out.buf);
         entry.insert(c);
         self.m.connections += 1;
-        self.links.insert(key, Link { peer_id: peer, nonce_i, nonce_a: [0; 16], established: false });
+        self.links
+            .insert(key, Link { peer_id: peer, nonce_i, nonce_a: [0; 16], established: false, ours: true });
         self.mark_dirty(key);
     }
 
@@ -1700,7 +1773,7 @@ impl Loop {
         .encode(&mut c.out.buf);
         c.state = State::PeerAccepting;
         let peer_id = String::from_utf8_lossy(h.node_id).into_owned();
-        self.links.insert(key, Link { peer_id, nonce_i: h.nonce, nonce_a, established: false });
+        self.links.insert(key, Link { peer_id, nonce_i: h.nonce, nonce_a, established: false, ours: false });
         self.mark_dirty(key);
         true
     }
@@ -2041,6 +2114,20 @@ fn process_cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// How much of a connection's own output may be pending before the loop
+/// stops reading it (`Loop::read`). Clients: the delivery queue bound (their
+/// deliveries never exceed it; only answers to their PINGs could). Publishers
+/// and connections still in a handshake: 1 MiB of answers. Mesh links are
+/// always read: two nodes that each stopped reading the other would deadlock,
+/// and their output is bounded by the publisher back-pressure instead.
+fn read_stop(state: State, cfg: &Config) -> usize {
+    match state {
+        State::Client { .. } => cfg.queue_bytes,
+        State::Peer { .. } | State::Http | State::Closing { .. } => usize::MAX,
+        _ => 1 << 20,
+    }
 }
 
 /// Appends an ERROR frame.

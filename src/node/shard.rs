@@ -318,12 +318,13 @@ impl Router {
         push(&mut l.batch, user, payload);
     }
 
-    /// Hands a client connection to loop `id`.
-    pub fn hand_over(&mut self, id: usize, msg: Inbox) {
+    /// Hands a client connection to loop `id`. False if that loop is gone
+    /// (the connection was dropped, closing it).
+    pub fn hand_over(&mut self, id: usize, msg: Inbox) -> bool {
         let l = &mut self.links[id - 1];
-        if l.tx.send(msg).is_ok() {
-            l.wake = true;
-        }
+        let sent = l.tx.send(msg).is_ok();
+        l.wake |= sent;
+        sent
     }
 
     /// End of turn: sends every non-empty batch and wakes each loop that got

@@ -31,6 +31,99 @@ fn expect_error_then_eof(r: &mut Raw, code: Code) {
     assert!(matches!(r.next(Duration::from_secs(5)), Got::Eof));
 }
 
+/// Writes `chunk` over and over, up to `limit` bytes, until a write stalls
+/// for a second; returns how many bytes the node took.
+fn flood(r: &mut Raw, chunk: &[u8], limit: usize) -> usize {
+    use std::io::Write;
+    r.sock.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut sent = 0;
+    while sent < limit {
+        match r.sock.write(chunk) {
+            Ok(n) => sent += n,
+            Err(_) => break,
+        }
+    }
+    sent
+}
+
+#[test]
+fn a_peer_that_never_reads_its_answers_is_not_read_either() {
+    const LIMIT: usize = 256 << 20;
+    let node = TestNode::start(test_config());
+    let (mut healthy, _) = raw_client(&node, "healthy", None);
+    // A client that sends PINGs and never reads the PONGs.
+    let mut pinger = Raw::connect_small(node.client, Channel::ToClient, 4096);
+    send_hello(&mut pinger, &token_for("pinger"), None);
+    assert!(matches!(frame(&pinger.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
+    let mut pings = Vec::new();
+    for i in 0..10_000u64 {
+        Frame::Ping(i).encode(&mut pings);
+    }
+    let took = flood(&mut pinger, &pings, LIMIT);
+    // What it took is its answers' bound (the 256 KiB queue) plus the
+    // kernel's socket buffers, not everything it sent.
+    assert!(took < 48 << 20, "the node read {} MiB of PINGs it could not answer", took >> 20);
+    // A publisher that asks for a result for every publish and never reads.
+    let mut publisher = Raw::connect_small(node.ingest, Channel::FromIngest, 4096);
+    let cred = pub_credential();
+    publisher.send_frame(Frame::PubHello(f::PubHello {
+        min_version: 1,
+        max_version: 1,
+        credential: cred.as_bytes(),
+        agent: b"",
+    }));
+    assert!(matches!(frame(&publisher.expect(Duration::from_secs(5)), Channel::FromIngest), Frame::PubWelcome(_)));
+    let mut publishes = Vec::new();
+    for i in 0..10_000u32 {
+        Frame::Publish(f::Publish {
+            flags: f::PUBLISH_WANT_RESULT,
+            request_id: i,
+            user: b"nobody",
+            key: b"",
+            payload: b"x",
+        })
+        .encode(&mut publishes);
+    }
+    let took = flood(&mut publisher, &publishes, LIMIT);
+    assert!(took < 48 << 20, "the node read {} MiB of publishes whose results pile up", took >> 20);
+    // Nobody else noticed.
+    let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
+    p.publish(b"healthy", b"still here").unwrap();
+    p.flush().unwrap();
+    assert_eq!(read_delivers(&mut healthy, 1), vec![(1, b"still here".to_vec())]);
+}
+
+#[test]
+fn a_frame_the_state_does_not_allow_is_refused_from_its_type_byte() {
+    let mut cfg = test_config();
+    cfg.cluster_secret = b"cluster-secret-for-tests".to_vec();
+    let node = TestNode::start(cfg);
+    let soon = Duration::from_secs(2); // the handshake deadline is 5 s
+    // A PUBLISH before PUB_HELLO announcing a 1 MiB body: refused at once,
+    // before the body is buffered.
+    let mut r = Raw::connect(node.ingest, Channel::FromIngest);
+    r.send(&[0x00, 0x10, 0x00, 0x00, 0x11]);
+    r.send(&[0u8; 1000]);
+    assert_eq!(error_code(&r.expect(soon)), Code::UnexpectedFrame);
+    // A PING header before HELLO on the client port, body never sent.
+    let mut r = Raw::connect(node.client, Channel::ToClient);
+    r.send(&[0, 0, 0, 9, 0x02]);
+    assert_eq!(error_code(&r.expect(soon)), Code::UnexpectedFrame);
+    // PING is keepalive for established links: not half-way through the
+    // mesh handshake, where nobody has proved the cluster secret yet.
+    let mut r = Raw::connect(node.ingest, Channel::FromIngest);
+    r.send_frame(Frame::PeerHello(f::PeerHello {
+        min_version: 1,
+        max_version: 1,
+        node_id: b"evil",
+        incarnation: 1,
+        nonce: [0; 16],
+    }));
+    assert!(matches!(frame(&r.expect(soon), Channel::FromIngest), Frame::PeerWelcome(_)));
+    r.send_frame(Frame::Ping(7));
+    assert_eq!(error_code(&r.expect(soon)), Code::UnexpectedFrame);
+}
+
 #[test]
 fn a_message_reaches_only_its_user() {
     let node = TestNode::start(test_config());
@@ -339,6 +432,43 @@ fn drop_policy_keeps_the_client_and_shows_a_gap() {
     }
     assert_eq!(last, 301);
     assert!(holes > 0);
+}
+
+/// With the Disconnect policy, the message that does not fit dooms the
+/// session: nothing after it is queued, even a smaller message of the same
+/// batch that would fit. What the client missed is then a clean suffix of
+/// its stream, which a resume replays (the client once saw seq 1, then 3,
+/// and a resume from 3 skipped 2 for good).
+#[test]
+fn a_slow_consumer_gets_nothing_after_the_message_that_did_not_fit() {
+    let mut cfg = test_config();
+    cfg.queue_bytes = 64 * 1024;
+    let node = TestNode::start(cfg);
+    let u = "gappy";
+    let (mut c, w) = raw_client(&node, u, None);
+    let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
+    let (a, b) = (vec![b'a'; 60_000], vec![b'b'; 10_000]);
+    p.publish_batch([(u.as_bytes(), &a[..]), (u.as_bytes(), &b[..]), (u.as_bytes(), &b"c"[..])]).unwrap();
+    p.flush().unwrap();
+    let mut seqs = Vec::new();
+    let mut goodbye = false;
+    while let Got::Frame(bytes) = c.next(Duration::from_secs(3)) {
+        match frame(&bytes, Channel::ToClient) {
+            Frame::Deliver(d) => seqs.push(d.seq),
+            Frame::Goodbye(g) => {
+                assert_eq!(g.reason, Code::SlowConsumer);
+                goodbye = true;
+            }
+            _ => {}
+        }
+    }
+    assert!(goodbye);
+    assert_eq!(seqs, vec![1], "nothing after the message that did not fit");
+    // Resuming replays the rest, in order.
+    let (mut back, w2) = raw_client(&node, u, Some(Position { epoch: w.epoch, seq: 1 }));
+    assert_eq!(w2.resume, ResumeResult::Resumed);
+    let got = read_delivers(&mut back, 2);
+    assert_eq!(got, vec![(2, b.clone()), (3, b"c".to_vec())]);
 }
 
 #[test]
