@@ -354,6 +354,53 @@ fn killed_node_is_dropped_and_its_clients_rehome_and_receive_again() {
 }
 
 #[test]
+fn a_spoofed_peer_hello_does_not_keep_the_mesh_link_down() {
+    use herald::protocol::frame::{self as f, Frame};
+    use herald::protocol::Channel;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let mut c = Cluster::new("spoof");
+    c.start_decision();
+    c.start_node("n1", 1000); // n1 < n2: n1 dials n2
+    c.wait_nodes(1);
+    // Someone without the cluster secret keeps claiming to be n2 on n1's
+    // ingest port, reopening before each attempt times out.
+    let ingest: std::net::SocketAddr = c.node_ingest(0).parse().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spoofer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                let mut r = Raw::connect(ingest, Channel::FromIngest);
+                r.send_frame(Frame::PeerHello(f::PeerHello {
+                    min_version: 1,
+                    max_version: 1,
+                    node_id: b"n2",
+                    incarnation: 1,
+                    nonce: [0; 16],
+                }));
+                held.push(r);
+                if held.len() > 3 {
+                    held.remove(0);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_node("n2", 1000);
+    c.wait_nodes(2);
+    // The real n2 still gets linked: a publish through n1 reaches its user.
+    let mut cl = Client::connect(ClientConfig::new(c.node_client(1), token_for("spoofed"))).unwrap();
+    assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
+    publish_until_routed(&c.node_ingest(0), "spoofed", b"through the mesh");
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"through the mesh");
+    stop.store(true, Ordering::SeqCst);
+    spoofer.join().unwrap();
+}
+
+#[test]
 fn killed_decision_server_the_second_one_answers() {
     let mut c = Cluster::new("dkill");
     c.start_decision();
