@@ -398,6 +398,25 @@ fn channel_table_matches_the_codec() {
 }
 
 #[test]
+fn max_lengths_table_matches_the_codec() {
+    let lines = spec_lines();
+    let mut listed = BTreeSet::new();
+    for row in table(&lines, "max-lengths") {
+        let what = format!("max-lengths row `{}`", row[0]);
+        let t = type_byte(&row[0], &what);
+        assert_eq!(
+            herald::protocol::frame::max_frame_len(t),
+            Some(parse_num(&row[1], &what) as u32),
+            "{what}"
+        );
+        assert!(listed.insert(t), "{what}: listed twice");
+    }
+    let bounded: BTreeSet<u8> =
+        (0..=255u8).filter(|&t| herald::protocol::frame::max_frame_len(t).is_some()).collect();
+    assert_eq!(listed, bounded, "protocol.md §2.4 must list exactly the codec's bounded types");
+}
+
+#[test]
 fn limits_table_matches_the_codec() {
     let lines = spec_lines();
     let expected: &[(&str, u64)] = &[

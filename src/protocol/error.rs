@@ -31,6 +31,16 @@ pub enum DecodeError {
         /// The channel it arrived on.
         channel: Channel,
     },
+    /// The length is over the largest valid frame of this type (one whose
+    /// fields are all bounded, [`crate::protocol::frame::max_frame_len`]).
+    LongerThanType {
+        /// The type byte.
+        ty: u8,
+        /// The declared length.
+        len: u32,
+        /// The largest valid length of that type.
+        max: u32,
+    },
     /// A first frame did not start with the magic number `HRLD`.
     BadMagic(u32),
     /// The body ended before `field` was complete.
@@ -68,6 +78,7 @@ impl DecodeError {
             DecodeError::UnexpectedType { .. } => Code::UnexpectedFrame,
             DecodeError::BadMagic(_) => Code::BadMagic,
             DecodeError::EmptyFrame
+            | DecodeError::LongerThanType { .. }
             | DecodeError::Truncated { .. }
             | DecodeError::BadLength { .. }
             | DecodeError::BadValue { .. }
@@ -86,6 +97,9 @@ impl fmt::Display for DecodeError {
             DecodeError::UnknownType(t) => write!(f, "unknown frame type 0x{t:02x}"),
             DecodeError::UnexpectedType { ty, channel } => {
                 write!(f, "frame type 0x{ty:02x} is not allowed on {channel:?}")
+            }
+            DecodeError::LongerThanType { ty, len, max } => {
+                write!(f, "frame length {len} is over {max}, the largest valid frame of type 0x{ty:02x}")
             }
             DecodeError::BadMagic(m) => write!(f, "bad magic 0x{m:08x}, expected 0x4852_4c44"),
             DecodeError::Truncated { field } => write!(f, "frame ends inside field `{field}`"),

@@ -606,8 +606,9 @@ pub enum Decoded<'a> {
 /// Decodes the first frame in `buf`, as read from `channel`.
 ///
 /// Checks, in this order, as soon as the bytes are there: the length prefix
-/// against the channel limit, the type byte, then (once the whole frame is
-/// present) the body.
+/// against the channel limit, the type byte (and the length against the
+/// largest valid frame of that type), then (once the whole frame is present)
+/// the body.
 pub fn decode(buf: &[u8], channel: Channel) -> Result<Decoded<'_>, DecodeError> {
     let Some(len) = buf.get(..4).map(BigEndian::read_u32) else {
         return Ok(Decoded::Incomplete(HEADER_LEN));
@@ -628,12 +629,48 @@ pub fn decode(buf: &[u8], channel: Channel) -> Result<Decoded<'_>, DecodeError> 
     if !channel.allows(t) {
         return Err(DecodeError::UnexpectedType { ty: t, channel });
     }
+    if let Some(max) = max_frame_len(t) {
+        if len > max {
+            return Err(DecodeError::LongerThanType { ty: t, len, max });
+        }
+    }
     let total = 4 + len as usize;
     let Some(body) = buf.get(HEADER_LEN..total) else {
         return Ok(Decoded::Incomplete(total));
     };
     let frame = decode_body(t, body)?;
     Ok(Decoded::Frame(frame, total))
+}
+
+/// The largest valid `length` of a frame of type `t`, for the types whose
+/// fields are all bounded (protocol.md §2.4, step 2); `None` for the types
+/// that carry a payload, a list or a table, which only their channel bounds.
+/// A longer frame of a bounded type cannot be valid, so a receiver refuses it
+/// from its header instead of buffering a body it will reject anyway.
+pub const fn max_frame_len(t: u8) -> Option<u32> {
+    const MAGIC_LEN: usize = 4;
+    let body = match t {
+        // magic, versions, flags, token, agent, resume position
+        ty::HELLO => MAGIC_LEN + 3 + (2 + MAX_TOKEN_LEN) + (1 + MAX_AGENT_LEN) + 16,
+        ty::PING | ty::PONG => 8,
+        // version, resume, heartbeat_ms, session_id, epoch, next_seq, node_id
+        ty::WELCOME => 2 + 4 + 24 + (1 + MAX_NODE_ID_LEN),
+        // reason, action, delay_ms, target
+        ty::GOODBYE => 2 + 1 + 4 + (1 + MAX_ENDPOINT_LEN),
+        ty::ERROR => 2 + (2 + MAX_ERROR_MESSAGE_LEN),
+        // magic, versions, flags, credential, agent
+        ty::PUB_HELLO => MAGIC_LEN + 3 + (2 + MAX_TOKEN_LEN) + (1 + MAX_AGENT_LEN),
+        // version, max_frame, node_id
+        ty::PUB_WELCOME => 1 + 4 + (1 + MAX_NODE_ID_LEN),
+        ty::PUB_RESULT => 4 + 2 * 4,
+        // magic, versions, node_id, incarnation, nonce
+        ty::PEER_HELLO => MAGIC_LEN + 2 + (1 + MAX_NODE_ID_LEN) + 8 + 16,
+        // version, node_id, incarnation, nonce, tag
+        ty::PEER_WELCOME => 1 + (1 + MAX_NODE_ID_LEN) + 8 + 16 + 32,
+        ty::PEER_AUTH => 32,
+        _ => return None,
+    };
+    Some(1 + body as u32)
 }
 
 /// Peeks at a complete frame's type and length without parsing the body.

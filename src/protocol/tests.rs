@@ -168,7 +168,15 @@ fn malformed_inputs_give_the_expected_error() {
         ),
         ("bad magic", fr("01 48524c45 01 01 00 0001 41 00"), Channel::ToNode, BadMagic(0x48524c45)),
         ("ping body short", fr("02 00000000"), Channel::ToNode, Truncated { field: "nonce" }),
-        ("ping body long", fr("02 0000000000000000 00"), Channel::ToNode, TrailingBytes { extra: 1 }),
+        // Longer than any PING can be: refused from the header.
+        (
+            "ping body long",
+            fr("02 0000000000000000 00"),
+            Channel::ToNode,
+            LongerThanType { ty: 2, len: 10, max: 9 },
+        ),
+        // Within the largest ERROR, but more than its fields hold.
+        ("error body long", fr("ff 0001 0000 00"), Channel::ToNode, TrailingBytes { extra: 1 }),
         (
             "empty token",
             fr("01 48524c44 01 01 00 0000 00 0000000000000000 0000000000000000"),
@@ -271,11 +279,15 @@ fn oversized_length_is_rejected_from_the_first_four_bytes() {
         let head = over.to_be_bytes();
         let r = decode(&head, ch);
         assert_eq!(r, Err(DecodeError::FrameTooLarge { len: over, max: ch.max_len() }));
-        // At the limit the decoder asks for exactly that many bytes, no more.
-        let mut at = ch.max_len().to_be_bytes().to_vec();
-        let t = samples::all().into_iter().find(|s| s.channel == ch).unwrap().bytes[4];
-        at.push(t);
-        assert_eq!(decode(&at, ch), Ok(Decoded::Incomplete(4 + ch.max_len() as usize)));
+        // At the limit the decoder asks for exactly that many bytes, no more:
+        // the channel's limit, or for a bounded type its own (smaller) one.
+        for s in samples::all().into_iter().filter(|s| s.channel == ch) {
+            let t = s.bytes[4];
+            let limit = max_frame_len(t).unwrap_or(ch.max_len());
+            let mut at = limit.to_be_bytes().to_vec();
+            at.push(t);
+            assert_eq!(decode(&at, ch), Ok(Decoded::Incomplete(4 + limit as usize)), "{}", s.name);
+        }
     }
 }
 
@@ -399,4 +411,99 @@ fn random_mutations_never_panic_and_decoded_frames_are_stable() {
             }
         }
     }
+}
+
+/// Every bounded type's largest frame (each field at its limit) is exactly
+/// `max_frame_len` long and decodes; one byte more is refused from the header.
+#[test]
+fn max_frame_len_is_the_largest_valid_frame_of_each_bounded_type() {
+    use crate::protocol::limits::*;
+    let token = vec![b't'; MAX_TOKEN_LEN];
+    let agent = vec![b'a'; MAX_AGENT_LEN];
+    let id = vec![b'n'; MAX_NODE_ID_LEN];
+    let target = vec![b'e'; MAX_ENDPOINT_LEN];
+    let message = vec![b'm'; MAX_ERROR_MESSAGE_LEN];
+    let largest = [
+        (
+            Frame::Hello(Hello {
+                min_version: 1,
+                max_version: 1,
+                token: &token,
+                agent: &agent,
+                resume: Some(Position { epoch: 1, seq: 2 }),
+            }),
+            Channel::ToNode,
+        ),
+        (Frame::Ping(1), Channel::ToNode),
+        (Frame::Pong(1), Channel::ToNode),
+        (
+            Frame::Welcome(Welcome {
+                version: 1,
+                resume: ResumeResult::Fresh,
+                heartbeat_ms: 1000,
+                session_id: 1,
+                epoch: 1,
+                next_seq: 1,
+                node_id: &id,
+            }),
+            Channel::ToClient,
+        ),
+        (
+            Frame::Goodbye(Goodbye {
+                reason: Code::Draining,
+                action: GoodbyeAction::GoToNode,
+                delay_ms: 0,
+                target: &target,
+            }),
+            Channel::ToClient,
+        ),
+        (Frame::Error(ErrorFrame { code: Code::Internal, message: &message }), Channel::ToClient),
+        (
+            Frame::PubHello(PubHello { min_version: 1, max_version: 1, credential: &token, agent: &agent }),
+            Channel::Ingest,
+        ),
+        (Frame::PubWelcome(PubWelcome { version: 1, max_frame: 1, node_id: &id }), Channel::FromIngest),
+        (
+            Frame::PubResult(PubResult { request_id: 1, accepted: 1, local: 1, forwarded: 0, no_route: 0 }),
+            Channel::FromIngest,
+        ),
+        (
+            Frame::PeerHello(PeerHello {
+                min_version: 1,
+                max_version: 1,
+                node_id: &id,
+                incarnation: 1,
+                nonce: [1; 16],
+            }),
+            Channel::Ingest,
+        ),
+        (
+            Frame::PeerWelcome(PeerWelcome {
+                version: 1,
+                node_id: &id,
+                incarnation: 1,
+                nonce: [1; 16],
+                tag: [2; 32],
+            }),
+            Channel::FromIngest,
+        ),
+        (Frame::PeerAuth(PeerAuth { tag: [2; 32] }), Channel::Ingest),
+    ];
+    let mut bounded = 0;
+    for (frame, channel) in largest {
+        let t = frame.frame_type();
+        let bytes = frame.to_vec();
+        let len = (bytes.len() - 4) as u32;
+        assert_eq!(max_frame_len(t), Some(len), "type 0x{t:02x}");
+        assert!(matches!(decode(&bytes, channel), Ok(Decoded::Frame(..))), "type 0x{t:02x} decodes");
+        let mut over = (len + 1).to_be_bytes().to_vec();
+        over.push(t);
+        assert!(
+            matches!(decode(&over, channel), Err(DecodeError::LongerThanType { .. })),
+            "type 0x{t:02x}: one byte longer is refused from the header"
+        );
+        bounded += 1;
+    }
+    let all = (0..=255u8).filter(|&t| max_frame_len(t).is_some()).count();
+    assert_eq!(bounded, all, "every bounded type is checked here");
 }

@@ -105,6 +105,11 @@ fn a_frame_the_state_does_not_allow_is_refused_from_its_type_byte() {
     r.send(&[0x00, 0x10, 0x00, 0x00, 0x11]);
     r.send(&[0u8; 1000]);
     assert_eq!(error_code(&r.expect(soon)), Code::UnexpectedFrame);
+    // A PUB_HELLO announcing 1 MiB: no PUB_HELLO is longer than 587 bytes,
+    // so it is refused from its header too.
+    let mut r = Raw::connect(node.ingest, Channel::FromIngest);
+    r.send(&[0x00, 0x10, 0x00, 0x00, 0x10]);
+    assert_eq!(error_code(&r.expect(soon)), Code::ProtocolError);
     // A PING header before HELLO on the client port, body never sent.
     let mut r = Raw::connect(node.client, Channel::ToClient);
     r.send(&[0, 0, 0, 9, 0x02]);
