@@ -153,6 +153,10 @@ impl ClientConfig {
 
 /// How many times the cached node is retried before asking the decision servers again.
 const CACHED_TRIES: u32 = 2;
+/// How long a handshake (or a publisher's wait for one answer) may take in
+/// all (protocol.md §3.6: give up after about 10 s).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Per-decision-server timeout.
 const DECISION_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -400,8 +404,9 @@ impl Client {
                     if d.seq <= last.seq {
                         return After::Nothing; // already delivered (cannot happen with a correct node)
                     }
-                    if d.seq != last.seq + 1 {
-                        self.queued.push_back(Event::Gap { expected: last.seq + 1, got: d.seq });
+                    if d.seq != last.seq.wrapping_add(1) {
+                        self.queued
+                            .push_back(Event::Gap { expected: last.seq.saturating_add(1), got: d.seq });
                     }
                 }
                 let position = Position { epoch: d.epoch, seq: d.seq };
@@ -540,7 +545,9 @@ impl Client {
         })
         .encode(&mut out);
         sock.write_all(&out)?;
-        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // One deadline for the whole handshake (protocol.md §3.6), however
+        // slowly the node dribbles its WELCOME.
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         self.rbuf.clear();
         let mut chunk = [0u8; 16 * 1024];
         loop {
@@ -554,13 +561,13 @@ impl Client {
                     }
                     let node_id = String::from_utf8_lossy(w.node_id).into_owned();
                     let lost = match (w.resume, self.last) {
-                        (ResumeResult::Gap, Some(p)) => w.next_seq.saturating_sub(p.seq + 1),
+                        (ResumeResult::Gap, Some(p)) => w.next_seq.saturating_sub(p.seq.saturating_add(1)),
                         _ => 0,
                     };
                     if w.resume == ResumeResult::Restarted {
                         self.queued.push_back(Event::Gap { expected: 0, got: w.next_seq });
                     } else if w.resume == ResumeResult::Gap {
-                        let expected = self.last.map_or(0, |p| p.seq + 1);
+                        let expected = self.last.map_or(0, |p| p.seq.saturating_add(1));
                         self.queued.push_back(Event::Gap { expected, got: w.next_seq });
                     }
                     if w.resume != ResumeResult::Resumed {
@@ -573,16 +580,15 @@ impl Client {
                         self.reconnects += 1;
                     }
                     self.connected_once = true;
-                    self.session = Some(Session {
-                        sock,
-                        addr,
-                        epoch: w.epoch,
-                        // protocol.md §3.4: 0 means "use 10 s"; below 100 ms, use 100 ms.
-                        heartbeat: Duration::from_millis(match w.heartbeat_ms {
-                            0 => 10_000,
-                            ms => ms.max(100) as u64,
-                        }),
+                    // protocol.md §3.4: 0 means "use 10 s"; below 100 ms, use 100 ms.
+                    let heartbeat = Duration::from_millis(match w.heartbeat_ms {
+                        0 => 10_000,
+                        ms => ms.max(100) as u64,
                     });
+                    // A node that stops reading must not block us in a
+                    // write (a PONG) for longer than it may stay silent.
+                    sock.set_write_timeout(Some(heartbeat * 3))?;
+                    self.session = Some(Session { sock, addr, epoch: w.epoch, heartbeat });
                     self.backoff = self.cfg.backoff_min;
                     return Ok(());
                 }
@@ -605,6 +611,11 @@ impl Client {
                 Err(e) => return Err(ClientError::Protocol(e)),
             }
             self.rbuf = rbuf;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Io(io::Error::new(ErrorKind::TimedOut, "no WELCOME within 10 s")));
+            }
+            sock.set_read_timeout(Some(left))?;
             let n = sock.read(&mut chunk)?;
             if n == 0 {
                 return Err(ClientError::Closed);
@@ -858,6 +869,11 @@ impl Publisher {
         self.sock.set_nonblocking(true)?;
         let mut chunk = [0u8; 4096];
         let r = loop {
+            // Take at most 64 KiB a call (plus one frame in progress): a node
+            // streaming at us cannot grow this buffer without bound.
+            if self.rbuf.len() >= 64 * 1024 {
+                break Ok(());
+            }
             match self.sock.read(&mut chunk) {
                 Ok(0) => break Err(ClientError::Closed),
                 Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
@@ -907,6 +923,8 @@ impl Publisher {
         mut pick: impl FnMut(Frame<'_>) -> Result<Option<T>, ClientError>,
     ) -> Result<T, ClientError> {
         let mut chunk = [0u8; 4096];
+        // One deadline for the answer, however many PINGs come first.
+        let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
         loop {
             while let Decoded::Frame(frame, n) =
                 protocol::decode(&self.rbuf, Channel::FromIngest).map_err(ClientError::Protocol)?
@@ -925,6 +943,14 @@ impl Publisher {
                     return Ok(t);
                 }
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Io(io::Error::new(
+                    ErrorKind::TimedOut,
+                    "no answer from the node within 10 s",
+                )));
+            }
+            self.sock.set_read_timeout(Some(left))?;
             let n = self.sock.read(&mut chunk)?;
             if n == 0 {
                 return Err(ClientError::Closed);
@@ -944,8 +970,17 @@ fn check_welcome(w: &f::Welcome<'_>, asked: Option<Position>) -> Result<(), Stri
         (None, ResumeResult::Fresh) | (Some(_), ResumeResult::Restarted) => Ok(()),
         (None, r) => Err(format!("{r:?} without a resume request")),
         (Some(_), ResumeResult::Fresh) => Err("FRESH answer to a resume request".into()),
-        (Some(p), ResumeResult::Resumed) if w.epoch == p.epoch && w.next_seq == p.seq + 1 => Ok(()),
-        (Some(p), ResumeResult::Gap) if w.epoch == p.epoch && w.next_seq > p.seq + 1 => Ok(()),
+        // (checked: a hostile node may have sent seq u64::MAX before)
+        (Some(p), ResumeResult::Resumed)
+            if w.epoch == p.epoch && p.seq.checked_add(1) == Some(w.next_seq) =>
+        {
+            Ok(())
+        }
+        (Some(p), ResumeResult::Gap)
+            if w.epoch == p.epoch && p.seq.checked_add(1).is_some_and(|n| w.next_seq > n) =>
+        {
+            Ok(())
+        }
         (Some(p), r) => Err(format!(
             "{r:?} with epoch {:x}/next_seq {} for a resume from {:x}/{}",
             w.epoch, w.next_seq, p.epoch, p.seq

@@ -1,0 +1,146 @@
+//! The reference client and publisher against a node that misbehaves, over
+//! real sockets: a fake node on a TCP listener sends what a broken or
+//! hostile server might. The libraries must neither panic nor hang; each
+//! case here once did one or the other.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use herald::client::{Client, ClientConfig, Publisher};
+use herald::protocol::frame::{self as f, Frame};
+use herald::protocol::ResumeResult;
+
+fn welcome(resume: ResumeResult, epoch: u64, next_seq: u64, heartbeat_ms: u32) -> Vec<u8> {
+    Frame::Welcome(f::Welcome {
+        version: 1,
+        resume,
+        heartbeat_ms,
+        session_id: 1,
+        epoch,
+        next_seq,
+        node_id: b"evil",
+    })
+    .to_vec()
+}
+
+/// Reads (and ignores) what the client sent first, its HELLO.
+fn read_hello(s: &mut TcpStream) {
+    let mut b = [0u8; 4096];
+    let _ = s.read(&mut b);
+}
+
+/// Runs `f` on a thread; its result, or None if it is still running after `within`.
+fn within<T: Send + 'static>(within: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(within).ok()
+}
+
+#[test]
+fn a_resume_from_the_largest_seq_does_not_overflow() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        // First session: a DELIVER with seq u64::MAX, then the node leaves.
+        let (mut s, _) = l.accept().unwrap();
+        read_hello(&mut s);
+        s.write_all(&welcome(ResumeResult::Fresh, 7, 1, 10_000)).unwrap();
+        let mut d = Vec::new();
+        f::encode_deliver(&mut d, 7, u64::MAX, b"x");
+        s.write_all(&d).unwrap();
+        drop(s);
+        // The client resumes from u64::MAX; the node claims RESUMED.
+        let (mut s, _) = l.accept().unwrap();
+        read_hello(&mut s);
+        let _ = s.write_all(&welcome(ResumeResult::Resumed, 7, 5, 10_000));
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let ran = std::thread::spawn(move || {
+        let mut c = Client::connect(ClientConfig::new(addr.to_string(), "t")).unwrap();
+        for _ in 0..6 {
+            let _ = c.next_event_timeout(Duration::from_millis(300));
+        }
+    })
+    .join();
+    assert!(ran.is_ok(), "the client panicked");
+}
+
+#[test]
+fn a_welcome_trickled_byte_by_byte_times_out() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        read_hello(&mut s);
+        // A real WELCOME, one byte a second: it would take 25 s.
+        let w = welcome(ResumeResult::Fresh, 7, 1, 10_000);
+        assert!(w.len() > 20);
+        for b in w {
+            if s.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let t0 = Instant::now();
+    let r = within(Duration::from_secs(20), move || {
+        Client::connect(ClientConfig::new(addr.to_string(), "t")).is_ok()
+    });
+    assert_eq!(r, Some(false), "connect must give up (after about 10 s), not wait for every byte");
+    assert!(t0.elapsed() >= Duration::from_secs(9), "{:?}", t0.elapsed());
+}
+
+#[test]
+fn a_node_that_floods_pings_and_never_reads_does_not_block_the_client() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        read_hello(&mut s);
+        s.write_all(&welcome(ResumeResult::Fresh, 7, 1, 1000)).unwrap();
+        let mut pings = Vec::new();
+        for i in 0..10_000u64 {
+            Frame::Ping(i).encode(&mut pings);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            if s.write_all(&pings).is_err() {
+                return;
+            }
+        }
+    });
+    // The PONGs back up; a write blocked past 3 heartbeats (3 s) drops the
+    // session, and the client's calls return on time again.
+    let r = within(Duration::from_secs(15), move || {
+        let mut c = Client::connect(ClientConfig::new(addr.to_string(), "t")).unwrap();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            let _ = c.next_event_timeout(Duration::from_secs(1));
+        }
+    });
+    assert!(r.is_some(), "the client was stuck writing PONGs");
+}
+
+#[test]
+fn a_publisher_gives_up_on_a_node_that_only_pings() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        read_hello(&mut s);
+        // Never a PUB_WELCOME, only a PING a second.
+        for i in 0..30u64 {
+            if s.write_all(&Frame::Ping(i).to_vec()).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let r =
+        within(Duration::from_secs(20), move || Publisher::connect(&addr.to_string(), "credential").is_ok());
+    assert_eq!(r, Some(false), "the publisher must give up (after about 10 s)");
+}
