@@ -107,6 +107,8 @@ pub struct Conn {
     /// To be closed as a slow consumer: it gets no more messages, so what
     /// it missed is a clean suffix of its stream, all of it in retention.
     pub doomed: bool,
+    /// Accepted on the metrics port (counted against its own small cap).
+    pub http: bool,
 }
 
 impl Conn {
@@ -124,6 +126,7 @@ impl Conn {
             session: 0,
             stalled: false,
             doomed: false,
+            http: state == State::Http,
         }
     }
 

@@ -512,6 +512,8 @@ struct Loop {
     failure_seen: bool,
     /// Set by hello() when a session handed to this loop was established.
     adopt_attached: bool,
+    /// Open connections on the metrics port.
+    http_conns: usize,
 }
 
 /// A mesh link's identity and handshake material.
@@ -548,6 +550,8 @@ const READ_BUDGET: usize = 256 * 1024;
 const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.
 const TICK: Duration = Duration::from_millis(100);
+/// Open connections the metrics port takes at once; more are closed at accept.
+const MAX_HTTP_CONNS: usize = 32;
 /// Timer ticks per full sweep of the connections.
 const SWEEP_TICKS: usize = 10;
 /// Most keepalive PINGs sent in one timer tick (bounds the burst).
@@ -625,6 +629,7 @@ impl Loop {
             turn_start: now,
             failure_seen: false,
             adopt_attached: false,
+            http_conns: 0,
         }
     }
 
@@ -709,6 +714,10 @@ impl Loop {
                 if self.timers(now) {
                     return Ok(());
                 }
+                // Accepts resumed by the timers may have handed clients over.
+                if let Some(r) = self.router.as_mut() {
+                    r.flush();
+                }
                 self.flush_dirty(now);
                 if let Some(o) = self.owner.as_mut() {
                     o.flush();
@@ -778,7 +787,15 @@ impl Loop {
                 State::ClientHandshake
             }
             INGEST_LISTENER => State::IngestHandshake,
-            _ => State::Http,
+            _ => {
+                // The metrics port is for a scraper or two: a flood of
+                // connections must not use up the descriptors clients need.
+                if self.http_conns >= MAX_HTTP_CONNS {
+                    return;
+                }
+                self.http_conns += 1;
+                State::Http
+            }
         };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
@@ -1442,6 +1459,9 @@ impl Loop {
         }
         let mut c = self.conns.remove(key);
         let _ = self.poll.registry().deregister(&mut c.sock);
+        if c.http {
+            self.http_conns -= 1;
+        }
         self.client_gone(key, c.state, Instant::now());
         if let Some(l) = self.links.remove(&key) {
             self.presence.clear_peer(key);
@@ -1779,6 +1799,15 @@ impl Loop {
     }
 
     fn peer_welcome(&mut self, key: usize, w: f::PeerWelcome<'_>, now: Instant) -> bool {
+        if w.version != protocol::VERSION {
+            self.fail(
+                key,
+                Code::UnsupportedVersion,
+                "PEER_WELCOME chose a version this node did not offer",
+                now,
+            );
+            return false;
+        }
         let Some(link) = self.links.get_mut(&key) else { return false };
         let me = self.cfg.node_id.as_bytes();
         let expected = sign::peer_acceptor_tag(

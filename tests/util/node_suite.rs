@@ -130,6 +130,30 @@ fn a_frame_the_state_does_not_allow_is_refused_from_its_type_byte() {
 }
 
 #[test]
+fn the_metrics_port_takes_a_few_connections_not_every_descriptor() {
+    use std::io::Read;
+    let node = TestNode::start(test_config());
+    let addr = node.metrics.unwrap();
+    let held: Vec<std::net::TcpStream> = (0..32).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    // The 33rd is closed at once (the node accepts in arrival order).
+    let mut extra = std::net::TcpStream::connect(addr).unwrap();
+    extra.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    assert!(matches!(extra.read(&mut [0u8; 64]), Ok(0)), "the 33rd metrics connection must be closed");
+    drop(held);
+    // Served again once the node has seen those close (until then a new
+    // connection may still be turned away, so no unwrap in here).
+    let healthy = || {
+        use std::io::Write;
+        let Ok(mut s) = std::net::TcpStream::connect(addr) else { return false };
+        let mut out = String::new();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").is_ok()
+            && s.read_to_string(&mut out).is_ok()
+            && out.starts_with("HTTP/1.1 200")
+    };
+    assert!(eventually(healthy, true));
+}
+
+#[test]
 fn a_message_reaches_only_its_user() {
     let node = TestNode::start(test_config());
     let users: Vec<String> = (0..8).map(|i| format!("user-{i}")).collect();
