@@ -355,7 +355,6 @@ fn killed_node_is_dropped_and_its_clients_rehome_and_receive_again() {
 
 #[test]
 fn a_spoofed_peer_hello_does_not_keep_the_mesh_link_down() {
-    use herald::protocol::frame::{self as f, Frame};
     use herald::protocol::Channel;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -373,13 +372,7 @@ fn a_spoofed_peer_hello_does_not_keep_the_mesh_link_down() {
             let mut held = Vec::new();
             while !stop.load(Ordering::SeqCst) {
                 let mut r = Raw::connect(ingest, Channel::FromIngest);
-                r.send_frame(Frame::PeerHello(f::PeerHello {
-                    min_version: 1,
-                    max_version: 1,
-                    node_id: b"n2",
-                    incarnation: 1,
-                    nonce: [0; 16],
-                }));
+                send_peer_hello(&mut r, b"n2", [0; 16]);
                 held.push(r);
                 if held.len() > 3 {
                     held.remove(0);

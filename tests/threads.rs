@@ -31,13 +31,7 @@ const CLUSTER: &[u8] = b"cluster-secret-for-thread-tests";
 fn fake_peer(node: &TestNode) -> Raw {
     let mut r = Raw::connect(node.ingest, Channel::FromIngest);
     let nonce_i = [0x11u8; 16];
-    r.send_frame(Frame::PeerHello(f::PeerHello {
-        min_version: VERSION,
-        max_version: VERSION,
-        node_id: b"a0",
-        incarnation: 1,
-        nonce: nonce_i,
-    }));
+    send_peer_hello(&mut r, b"a0", nonce_i);
     let w = r.expect(Duration::from_secs(5));
     let nonce_a = match frame(&w, Channel::FromIngest) {
         Frame::PeerWelcome(w) => w.nonce,

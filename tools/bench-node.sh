@@ -6,6 +6,9 @@
 # with --threads N, e.g. TARGETS="forwarder herald herald2". RATES overrides
 # C's rate ladder. Target "base" runs $BASE/herald (another build's release
 # directory, e.g. of the previous commit) with one loop, for before/after runs.
+# HERALD_ARGS adds flags to every herald node, and a target "heraldx" is a
+# one-loop herald with HERALD_X_ARGS as well, for A/B runs of a setting, e.g.
+# TARGETS="herald heraldx" HERALD_X_ARGS="--retain-total 1048576".
 # NODE_WRAP / PROBE_WRAP prefix the node's / probe's command (they must exec
 # it, keeping the pid), e.g. NODE_WRAP="chrt -f 50" or NODE_WRAP="taskset -c 1"
 # PROBE_WRAP="taskset -c 0", to tell the node's own tail from scheduling.
@@ -35,10 +38,12 @@ start() { # forwarder|herald|heraldN|base
     $NODE_WRAP "$BASE/herald" node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
       --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s 2>>"$dir/node.log" &
   elif [ "${1#herald}" != "$1" ]; then
-    local threads=${1#herald}
+    local threads=${1#herald} extra=""
+    if [ "$threads" = x ]; then threads=1; extra=${HERALD_X_ARGS:-}; fi
+    # shellcheck disable=SC2086 # word splitting of the extra flags is wanted
     $NODE_WRAP $R/herald node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
       --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s --threads "${threads:-1}" \
-      --metrics 127.0.0.1:17502 2>>"$dir/node.log" &
+      --metrics 127.0.0.1:17502 ${HERALD_ARGS:-} $extra 2>>"$dir/node.log" &
   else
     $NODE_WRAP $R/herald-forwarder --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 2>>"$dir/node.log" &
   fi

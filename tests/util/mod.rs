@@ -225,6 +225,17 @@ pub fn send_hello(r: &mut Raw, token: &str, resume: Option<Position>) {
     }));
 }
 
+/// Sends a raw PEER_HELLO claiming to be node `node_id` (no secret needed).
+pub fn send_peer_hello(r: &mut Raw, node_id: &[u8], nonce: [u8; 16]) {
+    r.send_frame(Frame::PeerHello(f::PeerHello {
+        min_version: VERSION,
+        max_version: VERSION,
+        node_id,
+        incarnation: 1,
+        nonce,
+    }));
+}
+
 /// Connects a raw client for `user`, sends HELLO, returns it with the WELCOME's
 /// (epoch, next_seq, resume result).
 pub fn raw_client(node: &TestNode, user: &str, resume: Option<Position>) -> (Raw, f::Welcome<'static>) {

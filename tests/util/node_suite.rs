@@ -117,13 +117,7 @@ fn a_frame_the_state_does_not_allow_is_refused_from_its_type_byte() {
     // PING is keepalive for established links: not half-way through the
     // mesh handshake, where nobody has proved the cluster secret yet.
     let mut r = Raw::connect(node.ingest, Channel::FromIngest);
-    r.send_frame(Frame::PeerHello(f::PeerHello {
-        min_version: 1,
-        max_version: 1,
-        node_id: b"evil",
-        incarnation: 1,
-        nonce: [0; 16],
-    }));
+    send_peer_hello(&mut r, b"evil", [0; 16]);
     assert!(matches!(frame(&r.expect(soon), Channel::FromIngest), Frame::PeerWelcome(_)));
     r.send_frame(Frame::Ping(7));
     assert_eq!(error_code(&r.expect(soon)), Code::UnexpectedFrame);
