@@ -13,6 +13,9 @@ use hdrhistogram::Histogram;
 
 use crate::protocol::Code;
 
+/// Labels of [`Metrics::welcomes`], in the order of [`Metrics::welcome`]'s index.
+pub const RESUME_RESULTS: [&str; 4] = ["fresh", "resumed", "gap", "restarted"];
+
 /// Close reasons counted by the node, one label value each.
 pub const CLOSE_REASONS: &[&str] = &[
     "peer_closed",
@@ -75,6 +78,8 @@ pub struct Metrics {
     pub dropped: u64,
     /// Messages replayed on resume.
     pub replayed: u64,
+    /// Sessions welcomed, by resume outcome (index into [`RESUME_RESULTS`]).
+    pub welcomes: [u64; 4],
     /// Bytes read from sockets.
     pub bytes_in: u64,
     /// Bytes written to sockets.
@@ -100,6 +105,7 @@ impl Default for Metrics {
             no_route: 0,
             dropped: 0,
             replayed: 0,
+            welcomes: [0; 4],
             bytes_in: 0,
             bytes_out: 0,
             writes: 0,
@@ -149,6 +155,9 @@ impl Metrics {
         self.no_route += o.no_route;
         self.dropped += o.dropped;
         self.replayed += o.replayed;
+        for (a, b) in self.welcomes.iter_mut().zip(o.welcomes.iter()) {
+            *a += b;
+        }
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
         self.writes += o.writes;
@@ -170,6 +179,7 @@ impl Metrics {
         self.no_route = o.no_route;
         self.dropped = o.dropped;
         self.replayed = o.replayed;
+        self.welcomes = o.welcomes;
         self.bytes_in = o.bytes_in;
         self.bytes_out = o.bytes_out;
         self.writes = o.writes;
@@ -180,6 +190,18 @@ impl Metrics {
         self.copy_counters(o);
         self.latency_us.reset();
         let _ = self.latency_us.add(&o.latency_us);
+    }
+
+    /// Counts a welcomed session by its resume outcome.
+    pub fn welcome(&mut self, r: crate::protocol::ResumeResult) {
+        use crate::protocol::ResumeResult as R;
+        let i = match r {
+            R::Fresh => 0,
+            R::Resumed => 1,
+            R::Gap => 2,
+            R::Restarted => 3,
+        };
+        self.welcomes[i] += 1;
     }
 
     /// Counts a close.
@@ -239,6 +261,19 @@ impl Metrics {
         for (i, r) in CLOSE_REASONS.iter().enumerate() {
             let _ =
                 writeln!(s, "herald_closes_total{{node=\"{node_id}\",reason=\"{r}\"}} {}", self.closes[i]);
+        }
+        let _ = writeln!(
+            s,
+            "# HELP herald_welcomes_total Sessions welcomed, by resume outcome (gap: a resume within the \
+             grace period found messages no longer retained; raise --retain-total).\n\
+             # TYPE herald_welcomes_total counter"
+        );
+        for (i, r) in RESUME_RESULTS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "herald_welcomes_total{{node=\"{node_id}\",resume=\"{r}\"}} {}",
+                self.welcomes[i]
+            );
         }
         let h = &self.latency_us;
         let _ = writeln!(

@@ -108,7 +108,7 @@ pub struct Config {
     pub retain_count: usize,
     /// Retained bytes per user.
     pub retain_bytes: usize,
-    /// Retained bytes in total.
+    /// Retained bytes in total (size it to DELIVER bytes per second × `grace`).
     pub retain_total: usize,
     /// Spread drain goodbyes over this window.
     pub drain_window: Duration,
@@ -1093,6 +1093,7 @@ impl Loop {
             self.m.replayed += n as u64;
         }
         self.m.clients += 1;
+        self.m.welcome(a.result);
         self.mark_dirty(key);
         true
     }

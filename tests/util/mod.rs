@@ -80,6 +80,18 @@ impl TestNode {
     }
 
     /// The value of `herald_closes_total` for one reason.
+    /// `herald_welcomes_total` for one resume outcome.
+    pub fn welcomes(&self, resume: &str) -> u64 {
+        let body = http_get(self.metrics.unwrap(), "/metrics");
+        let want = format!("resume=\"{resume}\"}}");
+        for line in body.lines() {
+            if line.starts_with("herald_welcomes_total{") && line.contains(&want) {
+                return line.rsplit(' ').next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no resume outcome {resume}");
+    }
+
     pub fn closes(&self, reason: &str) -> u64 {
         let body = http_get(self.metrics.unwrap(), "/metrics");
         let want = format!("reason=\"{reason}\"}}");

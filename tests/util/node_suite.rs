@@ -329,6 +329,10 @@ fn resume_returns_exactly_the_missed_messages_in_order() {
     p.publish(b"alice", b"m10").unwrap();
     p.flush().unwrap();
     assert_eq!(read_delivers(&mut c, 1), vec![(10, b"m10".to_vec())]);
+    // Operators see how sessions came in.
+    assert_eq!(eventually(|| node.welcomes("resumed"), 1), 1);
+    assert_eq!(eventually(|| node.welcomes("fresh"), 1), 1);
+    assert_eq!(node.welcomes("gap") + node.welcomes("restarted"), 0);
     assert!(matches!(c.next(Duration::from_millis(100)), Got::Timeout));
     // An unknown epoch restarts, visibly.
     let (_c, w3) = raw_client(&node, "alice", Some(Position { epoch: w.epoch ^ 1, seq: 3 }));
@@ -351,6 +355,8 @@ fn gap_is_reported_when_retention_is_exceeded() {
     assert_eq!((w2.resume, w2.next_seq), (ResumeResult::Gap, 7));
     let got: Vec<u64> = read_delivers(&mut c, 4).into_iter().map(|(s, _)| s).collect();
     assert_eq!(got, vec![7, 8, 9, 10]);
+    // The sign for operators that retention is too small for their grace.
+    assert_eq!(eventually(|| node.welcomes("gap"), 1), 1);
 }
 
 #[test]
