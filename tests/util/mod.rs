@@ -79,28 +79,27 @@ impl TestNode {
         panic!("metric {name} not found in\n{body}");
     }
 
-    /// The value of `herald_closes_total` for one reason.
-    /// `herald_welcomes_total` for one resume outcome.
-    pub fn welcomes(&self, resume: &str) -> u64 {
+    /// The value of labelled counter `metric` where `label` is `value`
+    /// (its last label).
+    pub fn labelled(&self, metric: &str, label: &str, value: &str) -> u64 {
         let body = http_get(self.metrics.unwrap(), "/metrics");
-        let want = format!("resume=\"{resume}\"}}");
+        let (head, want) = (format!("{metric}{{"), format!("{label}=\"{value}\"}}"));
         for line in body.lines() {
-            if line.starts_with("herald_welcomes_total{") && line.contains(&want) {
+            if line.starts_with(&head) && line.contains(&want) {
                 return line.rsplit(' ').next().unwrap().parse().unwrap();
             }
         }
-        panic!("no resume outcome {resume}");
+        panic!("no {metric} with {label}={value} in\n{body}");
     }
 
+    /// `herald_welcomes_total` for one resume outcome.
+    pub fn welcomes(&self, resume: &str) -> u64 {
+        self.labelled("herald_welcomes_total", "resume", resume)
+    }
+
+    /// `herald_closes_total` for one close reason.
     pub fn closes(&self, reason: &str) -> u64 {
-        let body = http_get(self.metrics.unwrap(), "/metrics");
-        let want = format!("reason=\"{reason}\"}}");
-        for line in body.lines() {
-            if line.starts_with("herald_closes_total{") && line.contains(&want) {
-                return line.rsplit(' ').next().unwrap().parse().unwrap();
-            }
-        }
-        panic!("no close reason {reason}");
+        self.labelled("herald_closes_total", "reason", reason)
     }
 }
 
