@@ -324,3 +324,29 @@ fn a_hello_during_the_drain_is_answered_draining_whoever_owns_the_user() {
     let _ = stopping.join();
     assert!(got.contains("Draining"), "expected ERROR DRAINING, got {got}");
 }
+
+/// protocol.md §6.4: the first PRESENCE on a link must begin a snapshot. A
+/// peer that starts with a delta is refused; one that sends its snapshot
+/// first may then send deltas.
+#[test]
+fn a_peer_whose_first_presence_is_a_delta_is_refused() {
+    let node =
+        TestNode::start(Config { threads: THREADS, cluster_secret: CLUSTER.to_vec(), ..test_config() });
+    let mut delta = Vec::new();
+    herald::node::mesh::encode_delta(&mut delta, &[(PresenceOp::Online, b"x".to_vec().into_boxed_slice())]);
+    let mut rude = fake_peer(&node);
+    rude.send(&delta);
+    match frame(&rude.expect(Duration::from_secs(5)), Channel::FromIngest) {
+        Frame::Error(e) => assert_eq!(e.code, Code::UnexpectedFrame),
+        other => panic!("{other:?}"),
+    }
+    let mut polite = fake_peer(&node);
+    let mut snapshot = Vec::new();
+    herald::node::mesh::encode_snapshot(&mut snapshot, std::iter::empty());
+    polite.send(&snapshot);
+    polite.send(&delta);
+    assert!(
+        matches!(polite.next(Duration::from_millis(300)), Got::Timeout),
+        "a snapshot, then deltas, is fine"
+    );
+}

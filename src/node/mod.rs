@@ -526,6 +526,8 @@ struct Link {
     /// nothing about who is at the other end, so only links we dialled or
     /// that have authenticated stop us dialling that peer.
     ours: bool,
+    /// A PRESENCE has arrived on it (the first must begin a snapshot).
+    snapshot_seen: bool,
 }
 
 impl Link {
@@ -983,6 +985,18 @@ impl Loop {
             (State::PeerDialing, Frame::PeerWelcome(w)) => self.peer_welcome(key, w, now),
             (State::PeerAccepting, Frame::PeerAuth(a)) => self.peer_auth(key, a, now),
             (State::Peer { .. }, Frame::Presence(p)) => {
+                // §6.4: a link's first PRESENCE must begin a snapshot.
+                let first =
+                    self.links.get_mut(&key).is_some_and(|l| !std::mem::replace(&mut l.snapshot_seen, true));
+                if first && p.flags & f::PRESENCE_SNAPSHOT_BEGIN == 0 {
+                    self.fail(
+                        key,
+                        Code::UnexpectedFrame,
+                        "the first PRESENCE on a link must begin a snapshot",
+                        now,
+                    );
+                    return false;
+                }
                 self.presence.apply(key, p.flags, &p.entries);
                 true
             }
@@ -1766,8 +1780,17 @@ impl Loop {
         .encode(&mut c.out.buf);
         entry.insert(c);
         self.m.connections += 1;
-        self.links
-            .insert(key, Link { peer_id: peer, nonce_i, nonce_a: [0; 16], established: false, ours: true });
+        self.links.insert(
+            key,
+            Link {
+                peer_id: peer,
+                nonce_i,
+                nonce_a: [0; 16],
+                established: false,
+                ours: true,
+                snapshot_seen: false,
+            },
+        );
         self.mark_dirty(key);
     }
 
@@ -1794,7 +1817,17 @@ impl Loop {
         .encode(&mut c.out.buf);
         c.state = State::PeerAccepting;
         let peer_id = String::from_utf8_lossy(h.node_id).into_owned();
-        self.links.insert(key, Link { peer_id, nonce_i: h.nonce, nonce_a, established: false, ours: false });
+        self.links.insert(
+            key,
+            Link {
+                peer_id,
+                nonce_i: h.nonce,
+                nonce_a,
+                established: false,
+                ours: false,
+                snapshot_seen: false,
+            },
+        );
         self.mark_dirty(key);
         true
     }
