@@ -25,10 +25,21 @@ fn welcome(resume: ResumeResult, epoch: u64, next_seq: u64, heartbeat_ms: u32) -
     .to_vec()
 }
 
-/// Reads (and ignores) what the client sent first, its HELLO.
-fn read_hello(s: &mut TcpStream) {
+/// A fake node: runs `script` on a thread with the listener; returns its address.
+fn fake_node(script: impl FnOnce(TcpListener) + Send + 'static) -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || script(l));
+    addr
+}
+
+/// Accepts the next connection and reads (and ignores) its first bytes,
+/// the HELLO.
+fn accept_hello(l: &TcpListener) -> TcpStream {
+    let (mut s, _) = l.accept().unwrap();
     let mut b = [0u8; 4096];
     let _ = s.read(&mut b);
+    s
 }
 
 /// Runs `f` on a thread; its result, or None if it is still running after `within`.
@@ -42,20 +53,16 @@ fn within<T: Send + 'static>(within: Duration, f: impl FnOnce() -> T + Send + 's
 
 #[test]
 fn a_resume_from_the_largest_seq_does_not_overflow() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
+    let addr = fake_node(|l| {
         // First session: a DELIVER with seq u64::MAX, then the node leaves.
-        let (mut s, _) = l.accept().unwrap();
-        read_hello(&mut s);
+        let mut s = accept_hello(&l);
         s.write_all(&welcome(ResumeResult::Fresh, 7, 1, 10_000)).unwrap();
         let mut d = Vec::new();
         f::encode_deliver(&mut d, 7, u64::MAX, b"x");
         s.write_all(&d).unwrap();
         drop(s);
         // The client resumes from u64::MAX; the node claims RESUMED.
-        let (mut s, _) = l.accept().unwrap();
-        read_hello(&mut s);
+        let mut s = accept_hello(&l);
         let _ = s.write_all(&welcome(ResumeResult::Resumed, 7, 5, 10_000));
         std::thread::sleep(Duration::from_secs(2));
     });
@@ -71,11 +78,8 @@ fn a_resume_from_the_largest_seq_does_not_overflow() {
 
 #[test]
 fn a_welcome_trickled_byte_by_byte_times_out() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        read_hello(&mut s);
+    let addr = fake_node(|l| {
+        let mut s = accept_hello(&l);
         // A real WELCOME, one byte a second: it would take 25 s.
         let w = welcome(ResumeResult::Fresh, 7, 1, 10_000);
         assert!(w.len() > 20);
@@ -96,11 +100,8 @@ fn a_welcome_trickled_byte_by_byte_times_out() {
 
 #[test]
 fn a_node_that_floods_pings_and_never_reads_does_not_block_the_client() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        read_hello(&mut s);
+    let addr = fake_node(|l| {
+        let mut s = accept_hello(&l);
         s.write_all(&welcome(ResumeResult::Fresh, 7, 1, 1000)).unwrap();
         let mut pings = Vec::new();
         for i in 0..10_000u64 {
@@ -127,11 +128,8 @@ fn a_node_that_floods_pings_and_never_reads_does_not_block_the_client() {
 
 #[test]
 fn a_publisher_gives_up_on_a_node_that_only_pings() {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        read_hello(&mut s);
+    let addr = fake_node(|l| {
+        let mut s = accept_hello(&l);
         // Never a PUB_WELCOME, only a PING a second.
         for i in 0..30u64 {
             if s.write_all(&Frame::Ping(i).to_vec()).is_err() {

@@ -57,7 +57,6 @@ const UDP_BUDGET: usize = 1024;
 pub const WBUF_HIGH: usize = 256 * 1024;
 /// …and resume once it is under this.
 const WBUF_LOW: usize = 64 * 1024;
-/// Output capacity kept after a flush; larger buffers are released.
 /// How long a closing connection may linger to flush its last frame.
 const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.

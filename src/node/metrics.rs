@@ -13,7 +13,7 @@ use hdrhistogram::Histogram;
 
 use crate::protocol::Code;
 
-/// Labels of [`Metrics::welcomes`], in the order of [`Metrics::welcome`]'s index.
+/// Labels of [`Metrics::welcomes`], indexed by the resume result's wire value.
 pub const RESUME_RESULTS: [&str; 4] = ["fresh", "resumed", "gap", "restarted"];
 
 /// Close reasons counted by the node, one label value each.
@@ -194,14 +194,7 @@ impl Metrics {
 
     /// Counts a welcomed session by its resume outcome.
     pub fn welcome(&mut self, r: crate::protocol::ResumeResult) {
-        use crate::protocol::ResumeResult as R;
-        let i = match r {
-            R::Fresh => 0,
-            R::Resumed => 1,
-            R::Gap => 2,
-            R::Restarted => 3,
-        };
-        self.welcomes[i] += 1;
+        self.welcomes[r.to_u8() as usize] += 1;
     }
 
     /// Counts a close.

@@ -531,6 +531,11 @@ struct Link {
 }
 
 impl Link {
+    /// A link in its handshake; `ours` if we dialled it.
+    fn new(peer_id: String, nonce_i: [u8; 16], nonce_a: [u8; 16], ours: bool) -> Link {
+        Link { peer_id, nonce_i, nonce_a, established: false, ours, snapshot_seen: false }
+    }
+
     /// Whether this link stands for `peer` (stops another dial to it).
     fn covers(&self, peer: &str) -> bool {
         self.peer_id == peer && (self.established || self.ours)
@@ -547,7 +552,6 @@ enum Ctl {
 
 /// Bytes read from one connection per turn before yielding to the others.
 const READ_BUDGET: usize = 256 * 1024;
-/// Output capacity kept after a flush; larger buffers are released.
 /// How long a closing connection may linger to flush its last frame.
 const LINGER: Duration = Duration::from_millis(500);
 /// Timer granularity.
@@ -1153,15 +1157,11 @@ impl Loop {
             self.dirty.retain(|&k| k != key);
         }
         router.homes.handed_over(&user);
-        let msg = shard::Inbox::Adopt { sock: c.sock, bytes, opened: c.opened, user: user.clone().into() };
-        if !router.hand_over(owner, msg) {
-            // The owner is gone (it failed): the socket closed with the
-            // message; undo the bookkeeping.
-            router.homes.apply(shard::HomeEvent {
-                user: user.into(),
-                change: shard::Change::Refused,
-                known: false,
-            });
+        let msg = shard::Inbox::Adopt { sock: c.sock, bytes, opened: c.opened, user: user.into() };
+        if let Err(shard::Inbox::Adopt { user, .. }) = router.hand_over(owner, msg) {
+            // The owner is gone (it failed): the socket closes as the
+            // message drops here; undo the bookkeeping.
+            router.homes.apply(shard::HomeEvent { user, change: shard::Change::Refused, known: false });
             self.shared.client_closed();
         }
     }
@@ -1780,17 +1780,7 @@ impl Loop {
         .encode(&mut c.out.buf);
         entry.insert(c);
         self.m.connections += 1;
-        self.links.insert(
-            key,
-            Link {
-                peer_id: peer,
-                nonce_i,
-                nonce_a: [0; 16],
-                established: false,
-                ours: true,
-                snapshot_seen: false,
-            },
-        );
+        self.links.insert(key, Link::new(peer, nonce_i, [0; 16], true));
         self.mark_dirty(key);
     }
 
@@ -1817,17 +1807,7 @@ impl Loop {
         .encode(&mut c.out.buf);
         c.state = State::PeerAccepting;
         let peer_id = String::from_utf8_lossy(h.node_id).into_owned();
-        self.links.insert(
-            key,
-            Link {
-                peer_id,
-                nonce_i: h.nonce,
-                nonce_a,
-                established: false,
-                ours: false,
-                snapshot_seen: false,
-            },
-        );
+        self.links.insert(key, Link::new(peer_id, h.nonce, nonce_a, false));
         self.mark_dirty(key);
         true
     }

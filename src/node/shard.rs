@@ -318,13 +318,13 @@ impl Router {
         push(&mut l.batch, user, payload);
     }
 
-    /// Hands a client connection to loop `id`. False if that loop is gone
-    /// (the connection was dropped, closing it).
-    pub fn hand_over(&mut self, id: usize, msg: Inbox) -> bool {
+    /// Hands a client connection to loop `id`; gives the message back if
+    /// that loop is gone.
+    pub fn hand_over(&mut self, id: usize, msg: Inbox) -> Result<(), Inbox> {
         let l = &mut self.links[id - 1];
-        let sent = l.tx.send(msg).is_ok();
-        l.wake |= sent;
-        sent
+        l.tx.send(msg).map_err(|e| e.into_inner())?;
+        l.wake = true;
+        Ok(())
     }
 
     /// End of turn: sends every non-empty batch and wakes each loop that got
