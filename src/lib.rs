@@ -10,6 +10,7 @@
 //! - [`demo`]: `herald demo`, a whole cluster on loopback with simulated traffic.
 //! - [`swarm`]: thousands of simulated clients on one loop (demo and probe).
 //! - [`cli`]: helpers shared by the command-line tools (secrets, durations).
+//! - [`logging`]: the stderr logger behind the [`log`] facade the library logs through.
 //!
 //! The `herald` binary (`src/bin/herald.rs`) is a thin command-line front end
 //! over this library.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod decision;
 pub mod demo;
+pub mod logging;
 pub mod node;
 mod outbox;
 pub mod protocol;

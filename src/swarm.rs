@@ -666,7 +666,7 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
     let mut swarm = match Swarm::new(cfg) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("swarm worker: {e}");
+            log::error!("swarm worker: {e}");
             return 1;
         }
     };

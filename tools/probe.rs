@@ -91,6 +91,8 @@ enum Cmd {
 
 fn main() {
     let a = Args::parse();
+    // The library's swarm logs through `log`; the probe's own messages stay eprintln!.
+    herald::logging::init(log::LevelFilter::Info);
     let code = match a.cmd {
         Cmd::Worker { common, first, count, record_after } => worker(common, first, count, record_after),
         Cmd::Load(args) => load(*args),
@@ -118,6 +120,7 @@ fn main() {
             }
         }
     };
+    herald::logging::flush();
     std::process::exit(code);
 }
 

@@ -7,8 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 
+use log::{error, info, LevelFilter};
+
 use herald::cli::{parse_duration, read_secret};
 use herald::client::{Client, ClientConfig, Event, Publisher};
+use herald::logging;
 use herald::node::{Config, Node, SlowPolicy};
 
 fn unix_now() -> u64 {
@@ -23,7 +26,7 @@ fn run_demo(
     chaos: bool,
 ) -> ExitCode {
     if clients > 18_000 {
-        eprintln!(
+        error!(
             "herald demo: at most 18,000 clients: the demo's nodes share one process and its 20,000 files; \
              for more, run herald node processes and herald-probe"
         );
@@ -61,41 +64,42 @@ fn run_demo(
             }
         }
         Err(e) => {
-            eprintln!("herald demo: {e}");
+            error!("herald demo: {e}");
             ExitCode::from(1)
         }
     }
 }
 
 fn run_node(a: NodeArgs) -> ExitCode {
+    logging::init(a.log_level);
     let secrets = read_secret(&a.secret_file).and_then(|c| Ok((c, read_secret(&a.publisher_secret_file)?)));
     let (client_secret, publisher_secret) = match secrets {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("herald node: {e}");
+            error!("herald node: {e}");
             return ExitCode::from(2);
         }
     };
     let cluster_secret = match a.cluster_secret_file.as_deref().map(read_secret).transpose() {
         Ok(s) => s.unwrap_or_default(),
         Err(e) => {
-            eprintln!("herald node: {e}");
+            error!("herald node: {e}");
             return ExitCode::from(2);
         }
     };
     if !a.decision.is_empty() && cluster_secret.is_empty() {
-        eprintln!("herald node: --decision needs --cluster-secret-file");
+        error!("herald node: --decision needs --cluster-secret-file");
         return ExitCode::from(2);
     }
     if a.threads == 0 || a.threads > herald::node::MAX_THREADS {
-        eprintln!("herald node: --threads must be 1..={}, not {}", herald::node::MAX_THREADS, a.threads);
+        error!("herald node: --threads must be 1..={}, not {}", herald::node::MAX_THREADS, a.threads);
         return ExitCode::from(2);
     }
     let slow_policy = match a.slow_policy.as_str() {
         "disconnect" => SlowPolicy::Disconnect,
         "drop" => SlowPolicy::Drop,
         other => {
-            eprintln!("herald node: --slow-policy must be disconnect or drop, not {other}");
+            error!("herald node: --slow-policy must be disconnect or drop, not {other}");
             return ExitCode::from(2);
         }
     };
@@ -128,16 +132,16 @@ fn run_node(a: NodeArgs) -> ExitCode {
     let node = match Node::bind(cfg.clone()) {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("herald node: cannot bind: {e}");
+            error!("herald node: cannot bind: {e}");
             return ExitCode::from(1);
         }
     };
     let h = node.shutdown_handle();
     if let Err(e) = ctrlc::set_handler(move || h.trigger()) {
-        eprintln!("herald node: cannot install signal handler: {e}");
+        error!("herald node: cannot install signal handler: {e}");
         return ExitCode::from(1);
     }
-    eprintln!(
+    info!(
         "herald node {}: clients on {}, ingest on {}, capacity {}{}",
         cfg.node_id,
         node.client_addr(),
@@ -145,10 +149,13 @@ fn run_node(a: NodeArgs) -> ExitCode {
         cfg.capacity,
         node.metrics_addr().map(|a| format!(", metrics on http://{a}/metrics")).unwrap_or_default()
     );
+    // The first line names the bound addresses (tests and tools parse it):
+    // have it out before the node starts writing its own.
+    logging::flush();
     match node.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("herald node: {e}");
+            error!("herald node: {e}");
             ExitCode::from(1)
         }
     }
@@ -234,6 +241,9 @@ enum Cmd {
         /// Kill one node halfway and show its clients re-homed.
         #[arg(long)]
         chaos: bool,
+        /// Least severe messages logged: error, warn, info, debug or trace.
+        #[arg(long, default_value = "info", value_parser = logging::parse_level)]
+        log_level: LevelFilter,
     },
     /// Print the herald and protocol versions.
     Version,
@@ -324,11 +334,22 @@ struct NodeArgs {
     /// also serves publishers, mesh links and metrics.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Least severe messages logged: error, warn, info, debug or trace. At
+    /// info the first line names the bound addresses (tools read it); warn
+    /// and error leave it out, trace puts mio's lines before it.
+    #[arg(long, default_value = "info", value_parser = logging::parse_level)]
+    log_level: LevelFilter,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.cmd {
+    let code = run(Cli::parse().cmd);
+    // Lines still queued for stderr would be lost when the process exits.
+    logging::flush();
+    code
+}
+
+fn run(cmd: Cmd) -> ExitCode {
+    match cmd {
         Cmd::Token { secret_file, user, ttl } => {
             let secret = match read_secret(&secret_file) {
                 Ok(s) => s,
@@ -424,10 +445,12 @@ fn main() -> ExitCode {
         }
         Cmd::Decision(a) => herald::decision::cli::run_decision(a),
         Cmd::Admin(a) => herald::decision::cli::run_admin(a),
-        Cmd::Demo { clients, rate, nodes, duration, chaos } => {
+        Cmd::Demo { clients, rate, nodes, duration, chaos, log_level } => {
+            logging::init(log_level);
             run_demo(clients, rate, nodes, duration, chaos)
         }
         Cmd::SwarmWorker { first, count, decision, record_after } => {
+            logging::init(LevelFilter::Info);
             let hex = std::env::var("HERALD_SWARM_SECRET_HEX").unwrap_or_default();
             let secret: Vec<u8> = (0..hex.len() / 2)
                 .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use log::{error, info};
+
 use crate::cli::{parse_duration, read_secret};
+use crate::logging;
 use crate::protocol::AdminOp;
 
 use super::client::{self, AdminReply, StatusRow};
@@ -42,6 +45,11 @@ pub struct DecisionArgs {
     /// Log a one-line summary this often (0 disables).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub log_every: Duration,
+    /// Least severe messages logged: error, warn, info, debug or trace. At
+    /// info the first line names the bound addresses (tools read it); warn
+    /// and error leave it out, trace puts mio's lines before it.
+    #[arg(long, default_value = "info", value_parser = logging::parse_level)]
+    pub log_level: log::LevelFilter,
 }
 
 /// `herald admin`: change or show the settings of every decision server given.
@@ -110,14 +118,22 @@ impl AdminCmd {
 }
 
 /// Runs a decision server until SIGINT/SIGTERM; exit 0 on a clean stop,
-/// 2 on bad arguments or secrets, 1 on a bind or runtime failure.
+/// 2 on bad arguments or secrets, 1 on a bind or runtime failure. Logs
+/// through [`logging`] at `--log-level`; every line is written on return.
 pub fn run_decision(a: DecisionArgs) -> ExitCode {
+    logging::init(a.log_level);
+    let code = decision_main(a);
+    logging::flush();
+    code
+}
+
+fn decision_main(a: DecisionArgs) -> ExitCode {
     let secrets =
         read_secret(&a.cluster_secret_file).and_then(|c| Ok((c, read_secret(&a.admin_secret_file)?)));
     let (cluster_secret, admin_secret) = match secrets {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("herald decision: {e}");
+            error!("herald decision: {e}");
             return ExitCode::from(2);
         }
     };
@@ -135,19 +151,19 @@ pub fn run_decision(a: DecisionArgs) -> ExitCode {
     let server = match DecisionServer::bind(cfg) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("herald decision: cannot start: {e}");
+            error!("herald decision: cannot start: {e}");
             return ExitCode::from(1);
         }
     };
     let h = server.shutdown_handle();
     if let Err(e) = ctrlc::set_handler(move || h.trigger()) {
-        eprintln!("herald decision: cannot install signal handler: {e}");
+        error!("herald decision: cannot install signal handler: {e}");
         return ExitCode::from(1);
     }
-    eprintln!("herald decision: requests on {}, heartbeats on {}", server.tcp_addr(), server.udp_addr());
+    info!("herald decision: requests on {}, heartbeats on {}", server.tcp_addr(), server.udp_addr());
     if server.ceiling_pct() != a.ceiling {
         if let Some(p) = &a.state_file {
-            eprintln!(
+            info!(
                 "herald decision: global ceiling {} % from {} (overrides --ceiling {})",
                 server.ceiling_pct(),
                 p.display(),
@@ -155,16 +171,19 @@ pub fn run_decision(a: DecisionArgs) -> ExitCode {
             );
         }
     }
+    // The first line names the bound addresses (tools parse it): have it
+    // out before the server starts writing its own.
+    logging::flush();
     match server.run() {
         Ok(stats) => {
-            eprintln!(
+            info!(
                 "herald decision: stopped; {} assignments, {} no capacity",
                 stats.assignments, stats.no_capacity
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("herald decision: {e}");
+            error!("herald decision: {e}");
             ExitCode::from(1)
         }
     }
