@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// Minimum secret length, in bytes, after trimming.
@@ -60,6 +61,40 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_millis(ms))
 }
 
+/// Writes a duration the way [`parse_duration`] reads it, in the largest
+/// unit that divides it (`10s`, `1m`, `250ms`); below a millisecond is cut.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0 => "0s".to_owned(),
+        _ if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+/// A duration argument: parsed by [`parse_duration`] and shown by
+/// [`format_duration`], so that clap's `default_value_t` can take it from a
+/// `Config` and `--help` shows it the way the flag is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CliDuration(pub Duration);
+
+impl FromStr for CliDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        parse_duration(s).map(CliDuration)
+    }
+}
+
+impl fmt::Display for CliDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&format_duration(self.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +107,17 @@ mod tests {
         assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn durations_format_as_they_parse() {
+        for s in ["0s", "250ms", "1500ms", "1s", "10s", "90s", "1m", "30m", "1h", "25h", "7d"] {
+            assert_eq!(format_duration(parse_duration(s).unwrap()), s);
+            assert_eq!(s.parse::<CliDuration>().unwrap().to_string(), s);
+        }
+        assert_eq!(format_duration(Duration::from_secs(60)), "1m");
+        assert_eq!(format_duration(Duration::from_micros(1500)), "1ms");
+        assert!("5y".parse::<CliDuration>().is_err());
     }
 
     #[test]

@@ -7,12 +7,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 
-use log::{error, info, LevelFilter};
+use log::{error, LevelFilter};
 
 use herald::cli::{parse_duration, read_secret};
 use herald::client::{Client, ClientConfig, Event, Publisher};
 use herald::logging;
-use herald::node::{Config, Node, SlowPolicy};
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -70,97 +69,6 @@ fn run_demo(
     }
 }
 
-fn run_node(a: NodeArgs) -> ExitCode {
-    logging::init(a.log_level);
-    let secrets = read_secret(&a.secret_file).and_then(|c| Ok((c, read_secret(&a.publisher_secret_file)?)));
-    let (client_secret, publisher_secret) = match secrets {
-        Ok(s) => s,
-        Err(e) => {
-            error!("herald node: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let cluster_secret = match a.cluster_secret_file.as_deref().map(read_secret).transpose() {
-        Ok(s) => s.unwrap_or_default(),
-        Err(e) => {
-            error!("herald node: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if !a.decision.is_empty() && cluster_secret.is_empty() {
-        error!("herald node: --decision needs --cluster-secret-file");
-        return ExitCode::from(2);
-    }
-    if a.threads == 0 || a.threads > herald::node::MAX_THREADS {
-        error!("herald node: --threads must be 1..={}, not {}", herald::node::MAX_THREADS, a.threads);
-        return ExitCode::from(2);
-    }
-    let slow_policy = match a.slow_policy.as_str() {
-        "disconnect" => SlowPolicy::Disconnect,
-        "drop" => SlowPolicy::Drop,
-        other => {
-            error!("herald node: --slow-policy must be disconnect or drop, not {other}");
-            return ExitCode::from(2);
-        }
-    };
-    let defaults = Config::default();
-    let cfg = Config {
-        node_id: a.id,
-        listen: a.listen,
-        ingest: a.ingest,
-        metrics: a.metrics,
-        advertise: a.advertise,
-        capacity: a.capacity.unwrap_or(defaults.capacity),
-        client_secret,
-        publisher_secret,
-        heartbeat: a.heartbeat,
-        queue_bytes: a.queue_bytes,
-        slow_policy,
-        grace: a.grace,
-        retain_count: a.retain_count,
-        retain_bytes: a.retain_bytes,
-        retain_total: a.retain_total,
-        drain_window: a.drain_window,
-        log_every: a.log_every,
-        decision: a.decision,
-        cluster_secret,
-        advertise_ingest: a.advertise_ingest,
-        heartbeat_interval: a.heartbeat_interval,
-        threads: a.threads,
-        ..defaults
-    };
-    let node = match Node::bind(cfg.clone()) {
-        Ok(n) => n,
-        Err(e) => {
-            error!("herald node: cannot bind: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let h = node.shutdown_handle();
-    if let Err(e) = ctrlc::set_handler(move || h.trigger()) {
-        error!("herald node: cannot install signal handler: {e}");
-        return ExitCode::from(1);
-    }
-    info!(
-        "herald node {}: clients on {}, ingest on {}, capacity {}{}",
-        cfg.node_id,
-        node.client_addr(),
-        node.ingest_addr(),
-        cfg.capacity,
-        node.metrics_addr().map(|a| format!(", metrics on http://{a}/metrics")).unwrap_or_default()
-    );
-    // The first line names the bound addresses (tests and tools parse it):
-    // have it out before the node starts writing its own.
-    logging::flush();
-    match node.run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("herald node: {e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
 #[derive(Parser)]
 #[command(name = "herald", version, about = "Low-latency personal push messaging")]
 struct Cli {
@@ -183,7 +91,7 @@ enum Cmd {
         ttl: std::time::Duration,
     },
     /// Run a node: accept clients, take messages from publishers, deliver.
-    Node(Box<NodeArgs>),
+    Node(Box<herald::node::cli::NodeArgs>),
     /// Connect as a client and print every message that arrives.
     Subscribe {
         /// Node client endpoint, host:port (several allowed, tried in order).
@@ -261,86 +169,6 @@ enum Cmd {
     },
 }
 
-#[derive(clap::Args)]
-struct NodeArgs {
-    /// This node's id, unique in the cluster.
-    #[arg(long, default_value = "node-1")]
-    id: String,
-    /// Client endpoint.
-    #[arg(long, default_value = "0.0.0.0:7400")]
-    listen: std::net::SocketAddr,
-    /// Publisher and mesh endpoint.
-    #[arg(long, default_value = "127.0.0.1:7401")]
-    ingest: std::net::SocketAddr,
-    /// Address clients are told to use (default: the listen address).
-    #[arg(long)]
-    advertise: Option<String>,
-    /// Maximum client sessions (default: 95% of the open-file limit).
-    #[arg(long)]
-    capacity: Option<usize>,
-    /// File holding the client-token secret.
-    #[arg(long)]
-    secret_file: PathBuf,
-    /// File holding the publisher secret.
-    #[arg(long)]
-    publisher_secret_file: PathBuf,
-    /// Serve GET /metrics (Prometheus) and /healthz here.
-    #[arg(long)]
-    metrics: Option<std::net::SocketAddr>,
-    /// Keepalive interval: ping a silent client after this, close it after 3x.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    heartbeat: std::time::Duration,
-    /// Per-client bound on pending output, bytes.
-    #[arg(long, default_value_t = 256 * 1024)]
-    queue_bytes: usize,
-    /// What to do with a client whose queue is full: disconnect or drop.
-    #[arg(long, default_value = "disconnect")]
-    slow_policy: String,
-    /// How long a disconnected user's stream is kept for resume.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
-    grace: std::time::Duration,
-    /// Retained messages per user.
-    #[arg(long, default_value_t = 1024)]
-    retain_count: usize,
-    /// Retained bytes per user.
-    #[arg(long, default_value_t = 256 * 1024)]
-    retain_bytes: usize,
-    /// Retained bytes in total. Size it to the node's DELIVER bytes per
-    /// second times --grace, or resumes within the grace find messages gone
-    /// (counted as herald_welcomes_total{resume="gap"}): 128 MiB holds about
-    /// 8 s of 20,000 users at 4 messages a second of ~200 bytes.
-    #[arg(long, default_value_t = 128 << 20)]
-    retain_total: usize,
-    /// Spread drain goodbyes over this window.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    drain_window: std::time::Duration,
-    /// Log a one-line summary this often (0 disables).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    log_every: std::time::Duration,
-    /// Decision servers, host:port (heartbeats go to the same port over UDP;
-    /// host:tcp/udp names both). Without it the node runs standalone.
-    #[arg(long, value_delimiter = ',')]
-    decision: Vec<String>,
-    /// File holding the cluster secret (heartbeats and mesh links).
-    #[arg(long)]
-    cluster_secret_file: Option<PathBuf>,
-    /// Ingest address other nodes are told to use (default: the --ingest address).
-    #[arg(long)]
-    advertise_ingest: Option<String>,
-    /// How often to heartbeat and refresh the node list.
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
-    heartbeat_interval: std::time::Duration,
-    /// Event loops (threads). Users are split among them by hash; loop 0
-    /// also serves publishers, mesh links and metrics.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
-    /// Least severe messages logged: error, warn, info, debug or trace. At
-    /// info the first line names the bound addresses (tools read it); warn
-    /// and error leave it out, trace puts mio's lines before it.
-    #[arg(long, default_value = "info", value_parser = logging::parse_level)]
-    log_level: LevelFilter,
-}
-
 fn main() -> ExitCode {
     let code = run(Cli::parse().cmd);
     // Lines still queued for stderr would be lost when the process exits.
@@ -370,7 +198,7 @@ fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
-        Cmd::Node(a) => run_node(*a),
+        Cmd::Node(a) => herald::node::cli::run_node(*a),
         Cmd::Subscribe { node, user: _, token, count } => {
             let mut client = match Client::connect(ClientConfig {
                 nodes: node.clone(),

@@ -32,6 +32,7 @@
 //! threads, so a dead peer never blocks it), sends UDP heartbeats, and drains
 //! itself when an admin marks it draining.
 
+pub mod cli;
 pub mod conn;
 pub mod fxhash;
 pub mod mesh;

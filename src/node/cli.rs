@@ -1,0 +1,329 @@
+//! `herald node`: the argument struct and the entry point the binary calls.
+//! Kept in the library, as `herald decision`'s is, so that the binary stays
+//! a thin dispatcher and the defaults are tested.
+//!
+//! Every default is taken from [`Config::default()`], so the flags and the
+//! library cannot disagree; the test below checks that arguments with only
+//! the required flags give exactly `Config::default()`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use log::{error, info, LevelFilter};
+
+use crate::cli::{read_secret, CliDuration};
+use crate::logging;
+
+use super::{Config, Node, SlowPolicy, MAX_THREADS};
+
+/// `herald node`: run a node.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// This node's id, unique in the cluster.
+    #[arg(long, default_value_t = Config::default().node_id)]
+    pub id: String,
+    /// Client endpoint.
+    #[arg(long, default_value_t = Config::default().listen)]
+    pub listen: SocketAddr,
+    /// Publisher and mesh endpoint.
+    #[arg(long, default_value_t = Config::default().ingest)]
+    pub ingest: SocketAddr,
+    /// Address clients are told to use (default: the listen address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Maximum client sessions (default: 95% of the open-file limit).
+    #[arg(long)]
+    pub capacity: Option<usize>,
+    /// File holding the client-token secret.
+    #[arg(long)]
+    pub secret_file: PathBuf,
+    /// File holding the publisher secret.
+    #[arg(long)]
+    pub publisher_secret_file: PathBuf,
+    /// Serve GET /metrics (Prometheus) and /healthz here.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// Keepalive interval: ping a silent client after this, close it after 3x.
+    #[arg(long, default_value_t = CliDuration(Config::default().heartbeat))]
+    pub heartbeat: CliDuration,
+    /// Per-client bound on pending output, bytes.
+    #[arg(long, default_value_t = Config::default().queue_bytes)]
+    pub queue_bytes: usize,
+    /// What to do with a client whose queue is full: disconnect or drop.
+    #[arg(long, default_value = policy_name(Config::default().slow_policy), value_parser = parse_policy)]
+    pub slow_policy: SlowPolicy,
+    /// How long a disconnected user's stream is kept for resume.
+    #[arg(long, default_value_t = CliDuration(Config::default().grace))]
+    pub grace: CliDuration,
+    /// Retained messages per user.
+    #[arg(long, default_value_t = Config::default().retain_count)]
+    pub retain_count: usize,
+    /// Retained bytes per user.
+    #[arg(long, default_value_t = Config::default().retain_bytes)]
+    pub retain_bytes: usize,
+    /// Retained bytes in total. Size it to the node's DELIVER bytes per
+    /// second times --grace, or resumes within the grace find messages gone
+    /// (counted as herald_welcomes_total{resume="gap"}): 128 MiB holds about
+    /// 8 s of 20,000 users at 4 messages a second of ~200 bytes.
+    #[arg(long, default_value_t = Config::default().retain_total)]
+    pub retain_total: usize,
+    /// Spread drain goodbyes over this window.
+    #[arg(long, default_value_t = CliDuration(Config::default().drain_window))]
+    pub drain_window: CliDuration,
+    /// Log a one-line summary this often (0 disables).
+    #[arg(long, default_value_t = CliDuration(Config::default().log_every))]
+    pub log_every: CliDuration,
+    /// Decision servers, host:port (heartbeats go to the same port over UDP;
+    /// host:tcp/udp names both). Without it the node runs standalone.
+    #[arg(long, value_delimiter = ',')]
+    pub decision: Vec<String>,
+    /// File holding the cluster secret (heartbeats and mesh links).
+    #[arg(long)]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Ingest address other nodes are told to use (default: the --ingest address).
+    #[arg(long)]
+    pub advertise_ingest: Option<String>,
+    /// How often to heartbeat and refresh the node list.
+    #[arg(long, default_value_t = CliDuration(Config::default().heartbeat_interval))]
+    pub heartbeat_interval: CliDuration,
+    /// Event loops (threads). Users are split among them by hash; loop 0
+    /// also serves publishers, mesh links and metrics.
+    #[arg(long, default_value_t = Config::default().threads)]
+    pub threads: usize,
+    /// Least severe messages logged: error, warn, info, debug or trace. At
+    /// info the first line names the bound addresses (tools read it); warn
+    /// and error leave it out, trace puts mio's lines before it.
+    #[arg(long, default_value = "info", value_parser = logging::parse_level)]
+    pub log_level: LevelFilter,
+}
+
+/// The `--slow-policy` word for a policy.
+fn policy_name(p: SlowPolicy) -> &'static str {
+    match p {
+        SlowPolicy::Disconnect => "disconnect",
+        SlowPolicy::Drop => "drop",
+    }
+}
+
+fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
+    match s {
+        "disconnect" => Ok(SlowPolicy::Disconnect),
+        "drop" => Ok(SlowPolicy::Drop),
+        _ => Err("must be disconnect or drop".to_owned()),
+    }
+}
+
+impl NodeArgs {
+    /// The node's configuration: the secrets read from their files, the
+    /// flags given, and [`Config::default()`] for everything else. The
+    /// error is the message to print.
+    pub fn config(&self) -> Result<Config, String> {
+        let client_secret = read_secret(&self.secret_file).map_err(|e| e.to_string())?;
+        let publisher_secret = read_secret(&self.publisher_secret_file).map_err(|e| e.to_string())?;
+        let cluster_secret = match &self.cluster_secret_file {
+            Some(f) => read_secret(f).map_err(|e| e.to_string())?,
+            None => Vec::new(),
+        };
+        self.config_with(client_secret, publisher_secret, cluster_secret)
+    }
+
+    /// [`NodeArgs::config`] with the secrets already read.
+    fn config_with(
+        &self,
+        client_secret: Vec<u8>,
+        publisher_secret: Vec<u8>,
+        cluster_secret: Vec<u8>,
+    ) -> Result<Config, String> {
+        if !self.decision.is_empty() && cluster_secret.is_empty() {
+            return Err("--decision needs --cluster-secret-file".to_owned());
+        }
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            return Err(format!("--threads must be 1..={MAX_THREADS}, not {}", self.threads));
+        }
+        let defaults = Config::default();
+        Ok(Config {
+            node_id: self.id.clone(),
+            listen: self.listen,
+            ingest: self.ingest,
+            metrics: self.metrics,
+            advertise: self.advertise.clone(),
+            capacity: self.capacity.unwrap_or(defaults.capacity),
+            client_secret,
+            publisher_secret,
+            heartbeat: self.heartbeat.0,
+            queue_bytes: self.queue_bytes,
+            slow_policy: self.slow_policy,
+            grace: self.grace.0,
+            retain_count: self.retain_count,
+            retain_bytes: self.retain_bytes,
+            retain_total: self.retain_total,
+            drain_window: self.drain_window.0,
+            log_every: self.log_every.0,
+            decision: self.decision.clone(),
+            cluster_secret,
+            advertise_ingest: self.advertise_ingest.clone(),
+            heartbeat_interval: self.heartbeat_interval.0,
+            threads: self.threads,
+            ..defaults
+        })
+    }
+}
+
+/// Runs a node until SIGINT/SIGTERM (then drains it); exit 0 on a clean
+/// stop, 2 on bad arguments or secrets, 1 on a bind or runtime failure.
+/// Logs through [`logging`] at `--log-level`; every line is written on
+/// return.
+pub fn run_node(a: NodeArgs) -> ExitCode {
+    logging::init(a.log_level);
+    let code = node_main(&a);
+    logging::flush();
+    code
+}
+
+fn node_main(a: &NodeArgs) -> ExitCode {
+    let cfg = match a.config() {
+        Ok(c) => c,
+        Err(e) => {
+            error!("herald node: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let node = match Node::bind(cfg.clone()) {
+        Ok(n) => n,
+        Err(e) => {
+            error!("herald node: cannot bind: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let h = node.shutdown_handle();
+    if let Err(e) = ctrlc::set_handler(move || h.trigger()) {
+        error!("herald node: cannot install signal handler: {e}");
+        return ExitCode::from(1);
+    }
+    info!(
+        "herald node {}: clients on {}, ingest on {}, capacity {}{}",
+        cfg.node_id,
+        node.client_addr(),
+        node.ingest_addr(),
+        cfg.capacity,
+        node.metrics_addr().map(|a| format!(", metrics on http://{a}/metrics")).unwrap_or_default()
+    );
+    // The first line names the bound addresses (tests and tools parse it):
+    // have it out before the node starts writing its own.
+    logging::flush();
+    match node.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("herald node: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{Args as _, FromArgMatches as _};
+
+    fn parse(args: &[&str]) -> Result<NodeArgs, clap::Error> {
+        let cmd = NodeArgs::augment_args(clap::Command::new("node"));
+        let m = cmd.try_get_matches_from(std::iter::once("node").chain(args.iter().copied()))?;
+        NodeArgs::from_arg_matches(&m)
+    }
+
+    const REQUIRED: [&str; 4] = ["--secret-file", "c", "--publisher-secret-file", "p"];
+
+    #[test]
+    fn only_required_flags_give_config_default() {
+        let cfg = parse(&REQUIRED).unwrap().config_with(Vec::new(), Vec::new(), Vec::new()).unwrap();
+        let d = Config::default();
+        // Field by field, for a readable failure...
+        assert_eq!(cfg.node_id, d.node_id);
+        assert_eq!(cfg.listen, d.listen);
+        assert_eq!(cfg.ingest, d.ingest);
+        assert_eq!(cfg.metrics, d.metrics);
+        assert_eq!(cfg.advertise, d.advertise);
+        assert_eq!(cfg.capacity, d.capacity);
+        assert_eq!(cfg.heartbeat, d.heartbeat);
+        assert_eq!(cfg.queue_bytes, d.queue_bytes);
+        assert_eq!(cfg.slow_policy, d.slow_policy);
+        assert_eq!(cfg.grace, d.grace);
+        assert_eq!(cfg.retain_count, d.retain_count);
+        assert_eq!(cfg.retain_bytes, d.retain_bytes);
+        assert_eq!(cfg.retain_total, d.retain_total);
+        assert_eq!(cfg.drain_window, d.drain_window);
+        assert_eq!(cfg.log_every, d.log_every);
+        assert_eq!(cfg.decision, d.decision);
+        assert_eq!(cfg.advertise_ingest, d.advertise_ingest);
+        assert_eq!(cfg.heartbeat_interval, d.heartbeat_interval);
+        assert_eq!(cfg.threads, d.threads);
+        // ...and whole, so a field added later is covered too (the secrets
+        // are empty in both: Config::default() has none, none were read).
+        assert_eq!(format!("{cfg:?}"), format!("{d:?}"));
+    }
+
+    #[test]
+    fn flags_override_defaults() {
+        let mut args = REQUIRED.to_vec();
+        args.extend([
+            "--id",
+            "n7",
+            "--heartbeat",
+            "250ms",
+            "--slow-policy",
+            "drop",
+            "--capacity",
+            "12",
+            "--threads",
+            "3",
+            "--decision",
+            "a:1,b:2",
+        ]);
+        let a = parse(&args).unwrap();
+        let cfg = a.config_with(vec![1; 16], vec![2; 16], vec![3; 16]).unwrap();
+        assert_eq!(cfg.node_id, "n7");
+        assert_eq!(cfg.heartbeat, std::time::Duration::from_millis(250));
+        assert_eq!(cfg.slow_policy, SlowPolicy::Drop);
+        assert_eq!(cfg.capacity, 12);
+        assert_eq!(cfg.threads, 3);
+        assert_eq!(cfg.decision, ["a:1", "b:2"]);
+        assert_eq!(cfg.cluster_secret, [3; 16]);
+        let e = a.config_with(vec![1; 16], vec![2; 16], Vec::new()).unwrap_err();
+        assert_eq!(e, "--decision needs --cluster-secret-file");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let with = |extra: &[&str]| parse(&[&REQUIRED[..], extra].concat());
+        assert!(with(&["--slow-policy", "block"]).is_err());
+        assert!(with(&["--grace", "5y"]).is_err());
+        assert!(with(&["--log-level", "loud"]).is_err());
+        let a = with(&["--threads", "0"]).unwrap();
+        let e = a.config_with(Vec::new(), Vec::new(), Vec::new()).unwrap_err();
+        assert_eq!(e, format!("--threads must be 1..={MAX_THREADS}, not 0"));
+        assert!(parse(&["--secret-file", "c"]).is_err(), "--publisher-secret-file is required");
+    }
+
+    #[test]
+    fn help_shows_the_defaults() {
+        let help = NodeArgs::augment_args(clap::Command::new("node")).render_long_help().to_string();
+        let d = Config::default();
+        let shown = |v: &dyn std::fmt::Display| format!("[default: {v}]");
+        for want in [
+            shown(&d.node_id),
+            shown(&d.listen),
+            shown(&d.ingest),
+            shown(&CliDuration(d.heartbeat)),
+            shown(&d.queue_bytes),
+            shown(&policy_name(d.slow_policy)),
+            shown(&CliDuration(d.grace)),
+            shown(&d.retain_total),
+            shown(&CliDuration(d.drain_window)),
+            shown(&CliDuration(d.heartbeat_interval)),
+            shown(&"info"),
+        ] {
+            assert!(help.contains(&want), "{want} missing from:\n{help}");
+        }
+    }
+}
