@@ -6,8 +6,8 @@
 
 use std::fmt;
 
+use super::channel::Channel;
 use super::codes::Code;
-use super::frame::Channel;
 
 /// Why a byte slice is not a valid frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,12 +6,14 @@
 //! pass `now` in). `protocol.md` at the repository root is the normative
 //! specification; section numbers in doc comments refer to it.
 //!
-//! - [`frame`]: frame types, [`decode`] and encoding.
+//! - [`frame`]: frame types, [`decode`] and encoding; [`Channel`] and the
+//!   type bytes ([`frame::ty`]) that say which frames a stream may carry.
 //! - [`codes`]: error/close codes and small enums carried on the wire.
 //! - [`error`]: the decoder's typed error.
 //! - [`token`]: client and publisher tokens (mint and verify).
 //! - [`sign`]: HMAC-SHA256 tags for heartbeats, admin requests and the mesh handshake.
 
+mod channel;
 pub mod codes;
 pub mod error;
 pub mod frame;
@@ -23,9 +25,10 @@ pub mod token;
 #[cfg(test)]
 mod tests;
 
+pub use channel::Channel;
 pub use codes::{AdminOp, Code, GoodbyeAction, PresenceOp, ResumeResult};
 pub use error::DecodeError;
-pub use frame::{decode, Channel, Decoded, Frame, Position};
+pub use frame::{decode, Decoded, Frame, Position};
 
 /// The magic number that opens every first frame: ASCII `HRLD`.
 pub const MAGIC: u32 = 0x4852_4C44;
