@@ -173,7 +173,7 @@ fn start_cluster(
         })?;
         let ingest = node.ingest_addr().to_string();
         let handle = node.shutdown_handle();
-        let thread = Some(std::thread::spawn(move || node.run()));
+        let thread = Some(std::thread::spawn(move || node.run().map_err(io::Error::from)));
         nodes.push(NodeRun { id, ingest, handle, thread });
     }
     Ok(Cluster { admin_secret, decisions, nodes })

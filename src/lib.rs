@@ -2,9 +2,23 @@
 //! tens of thousands of connected clients.
 //!
 //! # Layout
+//! Calls only go down this map: a server's event loop calls its roles, the
+//! roles call the connection layer, and everything calls the codec.
+//!
+//! - [`node`]: the node's roles, one room each: client sessions
+//!   (`node/session.rs`), publishers (`publish.rs`), mesh links (`link.rs`),
+//!   HTTP (`http.rs`), the authentication step (`auth.rs`), routing
+//!   (`route.rs`), timed duties (`duty.rs`), and what they stand on
+//!   (registry, retention ring, presence, several loops, metrics, CLI).
+//! - [`decision`]: the decision server (heartbeat table, assignment, admin)
+//!   on the same event loop, and its client helpers.
+//! - `net` (crate-private): the one readiness loop both servers run on
+//!   (`net/event_loop.rs`: poll, accept, budgeted reads, decode-and-dispatch,
+//!   flushes, closes), the connection layer (`net/conns.rs`, `net/outbox.rs`),
+//!   the transport seam (`net/transport.rs`: plain TCP, later TLS) and the
+//!   typed close reasons (`net/close.rs`).
 //! - [`protocol`]: the wire protocol, sans-IO (frames, codec, tokens, signatures).
 //!   `protocol.md` is its normative specification.
-//! - [`node`]: the node's event loop, connections, registry, retention, metrics.
 //! - [`client`]: the reference client and the publisher library.
 //! - [`decision`]: the decision server (heartbeat table, assignment, admin) and its client helpers.
 //! - [`demo`]: `herald demo`, a whole cluster on loopback with simulated traffic.
@@ -22,7 +36,7 @@ pub mod client;
 pub mod decision;
 pub mod demo;
 pub mod logging;
+pub(crate) mod net;
 pub mod node;
-mod outbox;
 pub mod protocol;
 pub mod swarm;

@@ -11,46 +11,14 @@ use std::fmt::Write as _;
 
 use hdrhistogram::Histogram;
 
-use crate::protocol::Code;
+use crate::net::conns::IoCounts;
+use crate::net::{CloseCounts, CloseReason};
 
 /// Labels of [`Metrics::welcomes`], indexed by the resume result's wire value.
 pub const RESUME_RESULTS: [&str; 4] = ["fresh", "resumed", "gap", "restarted"];
 
-/// Close reasons counted by the node, one label value each.
-pub const CLOSE_REASONS: &[&str] = &[
-    "peer_closed",
-    "io_error",
-    "protocol_error",
-    "auth_failed",
-    "token_expired",
-    "unsupported_version",
-    "handshake_timeout",
-    "idle_timeout",
-    "slow_consumer",
-    "server_full",
-    "draining",
-    "other",
-];
-
-/// Index into [`CLOSE_REASONS`] for a wire code.
-pub fn reason_index(code: Code) -> usize {
-    match code {
-        Code::ProtocolError
-        | Code::BadMagic
-        | Code::FrameTooLarge
-        | Code::UnknownFrameType
-        | Code::UnexpectedFrame => 2,
-        Code::AuthFailed => 3,
-        Code::TokenExpired => 4,
-        Code::UnsupportedVersion => 5,
-        Code::HandshakeTimeout => 6,
-        Code::IdleTimeout => 7,
-        Code::SlowConsumer => 8,
-        Code::ServerFull => 9,
-        Code::Draining => 10,
-        _ => 11,
-    }
-}
+/// The slow-consumer close.
+const SLOW: CloseReason = CloseReason::Sent(crate::protocol::Code::SlowConsumer);
 
 /// Everything the node counts.
 pub struct Metrics {
@@ -64,8 +32,8 @@ pub struct Metrics {
     pub rejects_full: u64,
     /// Accept failures for lack of file descriptors (EMFILE/ENFILE).
     pub accept_emfile: u64,
-    /// Closes by reason (index into [`CLOSE_REASONS`]).
-    pub closes: [u64; 12],
+    /// Closes by reason.
+    pub closes: CloseCounts,
     /// Messages received from publishers and peers.
     pub msgs_in: u64,
     /// DELIVER frames queued to client sessions.
@@ -98,7 +66,7 @@ impl Default for Metrics {
             accepts: 0,
             rejects_full: 0,
             accept_emfile: 0,
-            closes: [0; 12],
+            closes: CloseCounts::default(),
             msgs_in: 0,
             msgs_out: 0,
             forwarded: 0,
@@ -146,9 +114,7 @@ impl Metrics {
         self.accepts += o.accepts;
         self.rejects_full += o.rejects_full;
         self.accept_emfile += o.accept_emfile;
-        for (a, b) in self.closes.iter_mut().zip(o.closes.iter()) {
-            *a += b;
-        }
+        self.closes.merge(&o.closes);
         self.msgs_in += o.msgs_in;
         self.msgs_out += o.msgs_out;
         self.forwarded += o.forwarded;
@@ -198,8 +164,17 @@ impl Metrics {
     }
 
     /// Counts a close.
-    pub fn close(&mut self, reason: usize) {
-        self.closes[reason.min(self.closes.len() - 1)] += 1;
+    pub fn close(&mut self, reason: CloseReason) {
+        self.closes.add(reason);
+    }
+
+    /// Takes the connection count and I/O counters the event loop keeps.
+    pub fn take_io(&mut self, connections: usize, io: &IoCounts) {
+        self.connections = connections as u64;
+        self.bytes_in = io.bytes_in;
+        self.bytes_out = io.bytes_out;
+        self.writes = io.writes;
+        self.accept_emfile = io.accept_emfile;
     }
 
     /// Records `n` messages that spent `us` microseconds from ingest to write.
@@ -243,7 +218,12 @@ impl Metrics {
         g("bytes_in_total", "counter", "Bytes read from sockets.", self.bytes_in);
         g("bytes_out_total", "counter", "Bytes written to sockets.", self.bytes_out);
         g("writes_total", "counter", "Write syscalls.", self.writes);
-        g("slow_consumer_disconnects_total", "counter", "Clients closed for a full queue.", self.closes[8]);
+        g(
+            "slow_consumer_disconnects_total",
+            "counter",
+            "Clients closed for a full queue.",
+            self.closes.get(SLOW),
+        );
         g("queue_depth_max_bytes", "gauge", "Largest pending output of one client.", q.max);
         g("queue_depth_p50_bytes", "gauge", "Median pending output per client.", q.p50);
         g("queue_depth_p99_bytes", "gauge", "99th percentile pending output per client.", q.p99);
@@ -251,9 +231,8 @@ impl Metrics {
             s,
             "# HELP herald_closes_total Connections closed, by reason.\n# TYPE herald_closes_total counter"
         );
-        for (i, r) in CLOSE_REASONS.iter().enumerate() {
-            let _ =
-                writeln!(s, "herald_closes_total{{node=\"{node_id}\",reason=\"{r}\"}} {}", self.closes[i]);
+        for (r, n) in self.closes.labelled() {
+            let _ = writeln!(s, "herald_closes_total{{node=\"{node_id}\",reason=\"{r}\"}} {n}");
         }
         let _ = writeln!(
             s,
@@ -294,7 +273,7 @@ impl Metrics {
             self.msgs_out,
             self.no_route,
             self.dropped,
-            self.closes[8],
+            self.closes.get(SLOW),
             q.max,
             h.value_at_quantile(0.5),
             h.value_at_quantile(0.99),
@@ -307,11 +286,14 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Code;
+
+    const IDLE: CloseReason = CloseReason::Sent(Code::IdleTimeout);
 
     #[test]
     fn renders_counters_and_quantiles() {
         let mut m = Metrics { msgs_in: 5, ..Default::default() };
-        m.close(reason_index(Code::SlowConsumer));
+        m.close(SLOW);
         m.record_latency(40, 10);
         let q = QueueDepth::from_depths(vec![0, 10, 300]);
         assert_eq!(q.max, 300);
@@ -329,12 +311,12 @@ mod tests {
         a.record_latency(10, 3);
         let mut b = Metrics { msgs_out: 5, clients: 2, ..Default::default() };
         b.record_latency(1000, 1);
-        b.close(reason_index(Code::IdleTimeout));
+        b.close(IDLE);
         let mut snap = Metrics { msgs_out: 99, ..Default::default() };
         snap.copy_from(&b);
-        assert_eq!((snap.msgs_out, snap.clients, snap.closes[7], snap.latency_us.len()), (5, 2, 1, 1));
+        assert_eq!((snap.msgs_out, snap.clients, snap.closes.get(IDLE), snap.latency_us.len()), (5, 2, 1, 1));
         a.merge(&snap);
-        assert_eq!((a.msgs_out, a.clients, a.closes[7], a.latency_us.len()), (7, 3, 1, 4));
+        assert_eq!((a.msgs_out, a.clients, a.closes.get(IDLE), a.latency_us.len()), (7, 3, 1, 4));
         assert!(a.latency_us.max() >= 1000);
     }
 }

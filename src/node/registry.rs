@@ -205,11 +205,6 @@ impl Registry {
     pub fn online(&self) -> impl Iterator<Item = &[u8]> {
         self.users.iter().filter(|(_, u)| !u.sessions.is_empty()).map(|(_, u)| &u.id[..])
     }
-
-    /// Total retention capacity in bytes.
-    pub fn ring_capacity(&self) -> usize {
-        self.ring.capacity()
-    }
 }
 
 #[cfg(test)]

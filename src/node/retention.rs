@@ -26,11 +26,6 @@ impl Ring {
         Ring { buf: vec![0u8; cap.max(1)].into_boxed_slice(), written: 0 }
     }
 
-    /// Capacity in bytes.
-    pub fn capacity(&self) -> usize {
-        self.buf.len()
-    }
-
     /// Appends `bytes`; returns its absolute position, or `None` if it can
     /// never fit.
     pub fn push(&mut self, bytes: &[u8]) -> Option<u64> {
@@ -143,16 +138,19 @@ impl UserLog {
     }
 
     /// Messages indexed.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
     /// Whether nothing is retained.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Bytes indexed.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }

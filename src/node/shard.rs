@@ -354,6 +354,42 @@ impl Router {
     }
 }
 
+/// What one event loop is in its node.
+pub enum Role {
+    /// The only loop: owns every user, the listeners and the mesh.
+    Single,
+    /// Loop 0 of several: owns the listeners, publishers, mesh links and a
+    /// share of the users, and routes the rest to their owners.
+    Router(Router),
+    /// Loops 1..N: own their share of the users; everything reaches them
+    /// through loop 0.
+    Owner(Owner),
+}
+
+impl Role {
+    /// Loop 0 of several: the way to the other loops.
+    #[inline]
+    pub fn router(&mut self) -> Option<&mut Router> {
+        match self {
+            Role::Router(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Loops 1..N: the inbox and the way back.
+    pub fn owner(&mut self) -> Option<&mut Owner> {
+        match self {
+            Role::Owner(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Whether this loop is one of loops 1..N.
+    pub fn is_owner(&self) -> bool {
+        matches!(self, Role::Owner(_))
+    }
+}
+
 /// The side of loops 1..N: their inbox and the way back to loop 0.
 pub struct Owner {
     /// Batches and hand-overs from loop 0.

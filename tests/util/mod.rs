@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use herald::node::{Config, Node, ShutdownHandle};
+use herald::node::{Config, Node, NodeError, ShutdownHandle};
 use herald::protocol::frame::{self as f, Frame};
 use herald::protocol::{decode, token, Channel, Decoded, Position, VERSION};
 
@@ -35,7 +35,7 @@ pub struct TestNode {
     pub ingest: SocketAddr,
     pub metrics: Option<SocketAddr>,
     handle: ShutdownHandle,
-    thread: Option<JoinHandle<std::io::Result<()>>>,
+    thread: Option<JoinHandle<Result<(), NodeError>>>,
 }
 
 pub fn test_config() -> Config {
@@ -63,7 +63,7 @@ impl TestNode {
     }
 
     /// Triggers the drain and waits for `run` to return.
-    pub fn stop(mut self) -> std::io::Result<()> {
+    pub fn stop(mut self) -> Result<(), NodeError> {
         self.handle.trigger();
         self.thread.take().unwrap().join().unwrap()
     }

@@ -1,4 +1,4 @@
-//! Pending output of one non-blocking TCP connection, as the node's and the
+//! Pending output of one non-blocking connection, as the node's and the
 //! decision server's event loops keep it: frames are appended to a buffer
 //! during a turn, and each flush makes one `write` of whatever is pending;
 //! WRITABLE interest is registered only while output is left over, and a
@@ -7,7 +7,7 @@
 
 use std::io::{self, ErrorKind, Write};
 
-use mio::net::TcpStream;
+use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
 /// An emptied buffer larger than this is freed rather than kept for reuse.
@@ -57,9 +57,9 @@ impl Outbox {
     /// compacted away once it is half the buffer and WRITABLE interest is
     /// asked for, so the loop hears when the socket drains. An error means
     /// the connection is broken.
-    pub fn flush(
+    pub fn flush<S: Write + Source>(
         &mut self,
-        sock: &mut TcpStream,
+        sock: &mut S,
         registry: &Registry,
         token: Token,
         release: bool,
@@ -107,6 +107,7 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mio::net::TcpStream;
     use mio::{Events, Poll};
     use std::io::Read;
     use std::time::Duration;

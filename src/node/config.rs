@@ -1,0 +1,121 @@
+//! The node's configuration: every setting, with the defaults `herald
+//! node` uses (the CLI takes its defaults from [`Config::default`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Most event loops a node runs.
+pub const MAX_THREADS: usize = 64;
+
+/// What to do with a client whose queue bound is hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowPolicy {
+    /// Close it with SLOW_CONSUMER; its messages stay retained for resume.
+    Disconnect,
+    /// Keep it, drop the messages that do not fit; the client sees a seq gap.
+    Drop,
+}
+
+/// Node configuration. `Default` gives the CLI defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This node's id (unique in the cluster).
+    pub node_id: String,
+    /// Client endpoint.
+    pub listen: SocketAddr,
+    /// Publisher and mesh endpoint.
+    pub ingest: SocketAddr,
+    /// `/metrics` and `/healthz` endpoint, if any.
+    pub metrics: Option<SocketAddr>,
+    /// Address clients are told to use (defaults to the bound client address).
+    pub advertise: Option<String>,
+    /// Maximum client sessions.
+    pub capacity: usize,
+    /// Client-token secret.
+    pub client_secret: Vec<u8>,
+    /// Publisher-credential secret.
+    pub publisher_secret: Vec<u8>,
+    /// Ping a client silent for this long; close it after 3×.
+    pub heartbeat: Duration,
+    /// A client must complete its HELLO within this.
+    pub handshake_timeout: Duration,
+    /// Per-client bound on pending output, bytes.
+    pub queue_bytes: usize,
+    /// What to do when the bound is hit.
+    pub slow_policy: SlowPolicy,
+    /// How long a user without sessions keeps its stream for resume.
+    pub grace: Duration,
+    /// Retained messages per user.
+    pub retain_count: usize,
+    /// Retained bytes per user.
+    pub retain_bytes: usize,
+    /// Retained bytes in total (size it to DELIVER bytes per second × `grace`).
+    pub retain_total: usize,
+    /// Spread drain goodbyes over this window.
+    pub drain_window: Duration,
+    /// Log a summary line this often (zero: never).
+    pub log_every: Duration,
+    /// Decision servers (`host:port`; heartbeats go to the same port over
+    /// UDP, or `host:tcp/udp` to name both). Empty: standalone.
+    pub decision: Vec<String>,
+    /// Cluster secret: signs heartbeats and authenticates mesh links.
+    pub cluster_secret: Vec<u8>,
+    /// Ingest address peers are told to use (default: the bound ingest address).
+    pub advertise_ingest: Option<String>,
+    /// How often to send heartbeats and poll the node list.
+    pub heartbeat_interval: Duration,
+    /// Stop reading publishers while a mesh link has this much pending output.
+    pub peer_backlog: usize,
+    /// Event loops (threads); users are split among them by hash.
+    pub threads: usize,
+    /// Tests only: the loop with this id (1..N) panics when it is handed a
+    /// client; 0 never.
+    #[cfg(test)]
+    pub(crate) fail_on_adopt: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node_id: "node-1".into(),
+            listen: "0.0.0.0:7400".parse().expect("valid"),
+            ingest: "127.0.0.1:7401".parse().expect("valid"),
+            metrics: None,
+            advertise: None,
+            capacity: default_capacity(),
+            client_secret: Vec::new(),
+            publisher_secret: Vec::new(),
+            heartbeat: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            queue_bytes: 256 * 1024,
+            slow_policy: SlowPolicy::Disconnect,
+            grace: Duration::from_secs(30),
+            retain_count: 1024,
+            retain_bytes: 256 * 1024,
+            retain_total: 128 << 20,
+            drain_window: Duration::from_secs(10),
+            log_every: Duration::from_secs(10),
+            decision: Vec::new(),
+            cluster_secret: Vec::new(),
+            advertise_ingest: None,
+            heartbeat_interval: Duration::from_secs(1),
+            peer_backlog: 8 << 20,
+            threads: 1,
+            #[cfg(test)]
+            fail_on_adopt: 0,
+        }
+    }
+}
+
+/// Capacity from the open-file limit: 95 % of it, keeping the rest for
+/// listeners, publishers, peers and metrics.
+pub fn default_capacity() -> usize {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass and has no other effect.
+    let n = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
+        rl.rlim_cur as usize
+    } else {
+        1024
+    };
+    n.saturating_sub((n / 20).max(32)).max(1)
+}

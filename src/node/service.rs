@@ -1,0 +1,448 @@
+//! The node's roles on the shared event loop: [`NodeLoop`] implements
+//! [`Service`], dispatching each frame to the room that handles it
+//! (sessions, publishers, mesh links, HTTP) and wiring what one room reports
+//! to the others (a session that came online becomes presence for the mesh,
+//! or a report to loop 0). Its timed duties are in [`super::duty`].
+//!
+//! Calls only go down from here: to the rooms, to [`Conns`], to the codec.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+
+use crate::net::{CloseReason, ConnId, Conns, Flow, Service, Tick, Transport};
+use crate::protocol::frame::{self as f, Frame};
+use crate::protocol::{token, Code, PresenceOp};
+
+use super::cluster::{self, Ctl};
+use super::config::Config;
+use super::conn::{listener, Peer};
+use super::duty::Duties;
+use super::http::{self, Request};
+use super::link::Mesh;
+use super::metrics::Metrics;
+use super::publish;
+use super::route::{Route, Turn};
+use super::session::{Ended, Sessions};
+use super::shard::{self, Change, HomeEvent, Inbox, Role, Shared};
+
+/// Stop reading publishers while this many bytes wait for another loop.
+const ROUTE_BACKLOG: usize = 4 << 20;
+
+/// Loop 0's link to its helper threads (discovery, dials).
+pub struct Control {
+    /// Where helpers send.
+    pub tx: crossbeam_channel::Sender<Ctl>,
+    /// What they sent.
+    pub rx: Receiver<Ctl>,
+    /// Wakes this loop (helpers call it after sending).
+    pub waker: Arc<mio::Waker>,
+}
+
+/// One event loop's worth of the node.
+pub struct NodeLoop {
+    /// The configuration.
+    pub cfg: Config,
+    /// This loop's index (0: the ingest loop).
+    pub id: usize,
+    /// What all loops of the node share.
+    pub shared: Arc<Shared>,
+    /// What this loop is in the node.
+    pub role: Role,
+    /// Client sessions and streams.
+    pub sessions: Sessions,
+    /// Mesh links and presence.
+    pub mesh: Mesh,
+    /// Counters.
+    pub m: Metrics,
+    /// This turn's delivery figures.
+    pub turn: Turn,
+    /// Wall clock at the start of the turn, seconds (token expiry).
+    pub unix: u64,
+    /// Timed duties: sweep, drains, heartbeats, stats.
+    pub duties: Duties,
+    /// Publishers not read while a mesh link or another loop is behind.
+    pub parked: Vec<ConnId>,
+    /// Set by the shutdown handle: drain and stop.
+    pub stop: Arc<AtomicBool>,
+    /// Set by the shutdown handle: stop at once.
+    pub kill: Arc<AtomicBool>,
+    /// Loop 0: helper threads.
+    pub control: Option<Control>,
+}
+
+impl NodeLoop {
+    /// The parts one delivery touches.
+    #[inline]
+    fn route<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> Route<'a> {
+        Route {
+            conns,
+            sessions: &mut self.sessions,
+            m: &mut self.m,
+            presence: &self.mesh.presence,
+            router: self.role.router(),
+            loops: self.shared.n,
+            turn: &mut self.turn,
+        }
+    }
+
+    /// Loops 1..N, at exit: the last figures for loop 0.
+    pub fn final_stats(&mut self, conns: &Conns<Peer>) {
+        let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
+        let mut p = super::duty::Parts { cfg, loop_id: *id, shared, role, sessions, m, stop };
+        duties.publish_stats(true, &mut p, conns);
+    }
+
+    /// Whether new sessions are refused with DRAINING.
+    fn draining(&self) -> bool {
+        self.duties.draining() || self.stop.load(Ordering::SeqCst)
+    }
+
+    fn hello(
+        &mut self,
+        conns: &mut Conns<Peer>,
+        id: ConnId,
+        h: &f::Hello<'_>,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Flow {
+        // Several loops: a client belongs on its user's loop. (Not once the
+        // node is stopping: other loops may already have exited; the
+        // session step below answers DRAINING here.)
+        if let Role::Router(r) = &mut self.role {
+            if !self.stop.load(Ordering::SeqCst) {
+                if let Some(user) = token::claimed_user(h.token) {
+                    let owner = shard::owner(&user, self.shared.n);
+                    if owner != 0 {
+                        let Some(c) = conns.take(id) else { return Flow::Gone };
+                        r.homes.handed_over(&user);
+                        let msg = Inbox::Adopt {
+                            sock: c.io.into_tcp(),
+                            bytes: bytes.to_vec(),
+                            opened: c.opened,
+                            user: user.into(),
+                        };
+                        if let Err(Inbox::Adopt { user, .. }) = r.hand_over(owner, msg) {
+                            // The owner is gone (it failed): the socket closes
+                            // as the message drops here; undo the bookkeeping.
+                            r.homes.apply(HomeEvent { user, change: Change::Refused, known: false });
+                            self.shared.client_closed();
+                        }
+                        return Flow::Gone;
+                    }
+                }
+            }
+        }
+        let draining = self.draining();
+        let Some(w) = self.sessions.hello(conns, id, h, &self.cfg, draining, self.unix, &mut self.m, now)
+        else {
+            return Flow::Stop;
+        };
+        match &mut self.role {
+            // Reported here, before anything later in the same read can
+            // close the session again (its Detached must follow this).
+            Role::Owner(o) => o.report(&w.user, Change::Attached, true),
+            _ if w.first_session => {
+                self.mesh.presence_out.push((PresenceOp::Online, w.user.into_boxed_slice()))
+            }
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    /// Whether publishers must wait: a mesh link or another loop is behind.
+    fn backlogged(&mut self, conns: &Conns<Peer>) -> bool {
+        self.mesh.backlogged(conns, self.cfg.peer_backlog)
+            || self.role.router().is_some_and(|r| r.backlogged(ROUTE_BACKLOG))
+    }
+
+    /// Loops 1..N: runs what loop 0 sent (hand-overs and message batches).
+    fn inbox(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+        loop {
+            let Some(msg) = self.role.owner().and_then(|o| o.inbox.try_recv().ok()) else { return };
+            match msg {
+                Inbox::Adopt { sock, bytes, opened, user } => {
+                    #[cfg(test)]
+                    if self.cfg.fail_on_adopt == self.id {
+                        panic!("test: loop {} fails on adopting a client", self.id);
+                    }
+                    // Its idle clock starts now: loop 0 has just read its
+                    // HELLO, which is parsed in this turn.
+                    let state = Peer::ClientHandshake { handed: Some(user) };
+                    conns.adopt(Transport::plain(sock), state, listener::CLIENT, opened, bytes, now);
+                }
+                Inbox::Msgs { buf, since } => {
+                    self.turn.origin = Some(self.turn.origin.map_or(since, |t| t.min(since)));
+                    let mut r = self.route(conns);
+                    for (user, payload) in shard::messages(&buf) {
+                        r.local(user, payload);
+                    }
+                    if let Some(o) = self.role.owner() {
+                        o.done(buf);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Loop 0: reports from the other loops and messages from helper threads.
+    fn control(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+        self.duties.check_loops(&self.shared, &self.stop, &self.cfg.node_id);
+        if let Some(r) = self.role.router() {
+            while let Ok(events) = r.events.try_recv() {
+                for ev in events {
+                    if let Some(change) = r.homes.apply(ev) {
+                        self.mesh.presence_out.push(change);
+                    }
+                }
+            }
+        }
+        while let Some(msg) = self.control.as_ref().and_then(|c| c.rx.try_recv().ok()) {
+            match msg {
+                Ctl::Nodes(list) => {
+                    self.duties.follow_admin(&list, &self.shared, &self.cfg.node_id);
+                    if self.cfg.cluster_secret.is_empty() || self.duties.stopping() {
+                        continue;
+                    }
+                    let Some(ctl) = self.control.as_ref() else { continue };
+                    for (peer, endpoint) in self.mesh.dials_due(conns, &list, &self.cfg.node_id, now) {
+                        cluster::spawn_dial(peer, endpoint, ctl.tx.clone(), ctl.waker.clone());
+                    }
+                }
+                Ctl::Dialed(peer, Ok(stream)) => self.mesh.dialed(conns, peer, stream, &self.cfg, now),
+                Ctl::Dialed(peer, Err(e)) => {
+                    log::warn!("herald node {}: cannot reach peer {peer}: {e}", self.cfg.node_id)
+                }
+            }
+        }
+    }
+
+    fn http(&mut self, conns: &mut Conns<Peer>, id: ConnId, data: &[u8], now: Instant) -> Flow {
+        let req = match http::input(conns, id, data) {
+            Ok(r) => r,
+            Err(flow) => return flow,
+        };
+        let (status, body) = match req {
+            Request::Metrics => {
+                let (m, q, users) = self.duties.node_stats(&self.m, conns, &self.sessions, &self.shared);
+                ("200 OK", m.render(&self.cfg.node_id, q, users))
+            }
+            Request::Health => {
+                let failed = self.shared.failed.load(Ordering::SeqCst);
+                if failed != 0 {
+                    ("503 Service Unavailable", format!("event loop {failed} failed\n"))
+                } else if self.duties.stopping() {
+                    ("503 Service Unavailable", "draining\n".to_owned())
+                } else {
+                    ("200 OK", "ok\n".to_owned())
+                }
+            }
+            Request::Other => ("404 Not Found", "not found\n".to_owned()),
+        };
+        http::respond(conns, id, status, &body, now)
+    }
+}
+
+impl Service for NodeLoop {
+    type State = Peer;
+
+    fn turn(&mut self, now: Instant) {
+        self.turn = Turn::new(now);
+        self.unix = cluster::unix_ms() / 1000;
+    }
+
+    fn accept(
+        &mut self,
+        _conns: &mut Conns<Peer>,
+        l: usize,
+        io: &mut Transport,
+        _now: Instant,
+    ) -> Result<Peer, CloseReason> {
+        match l {
+            listener::CLIENT => {
+                self.m.accepts += 1;
+                if self.shared.clients.load(Ordering::Relaxed) >= self.cfg.capacity {
+                    self.m.rejects_full += 1;
+                    let mut out = Vec::with_capacity(64);
+                    let msg = "node is full; ask the decision server again";
+                    Frame::Error(f::ErrorFrame { code: Code::ServerFull, message: msg.as_bytes() })
+                        .encode(&mut out);
+                    let _ = std::io::Write::write(io, &out);
+                    return Err(CloseReason::Sent(Code::ServerFull));
+                }
+                self.shared.client_opened();
+                Ok(Peer::ClientHandshake { handed: None })
+            }
+            listener::INGEST => Ok(Peer::IngestHandshake),
+            _ => Ok(Peer::Http),
+        }
+    }
+
+    fn refused(&mut self, _l: usize, reason: CloseReason) {
+        self.m.close(reason);
+    }
+
+    #[inline]
+    fn frame(
+        &mut self,
+        conns: &mut Conns<Peer>,
+        id: ConnId,
+        frame: Frame<'_>,
+        bytes: &[u8],
+        _len: usize,
+        now: Instant,
+    ) -> Flow {
+        // The event loop has checked the type against the state (§2.4), so
+        // the frame alone says which room it is for.
+        match frame {
+            Frame::Publish(p) => {
+                publish::publish(&mut self.route(conns), id, &p);
+                Flow::Continue
+            }
+            Frame::PublishBatch(b) => {
+                publish::batch(&mut self.route(conns), id, &b);
+                Flow::Continue
+            }
+            Frame::Forward(fw) => {
+                self.route(conns).deliver(fw.user, fw.payload, false);
+                Flow::Continue
+            }
+            Frame::Ping(n) => {
+                if let Some(out) = conns.queue(id) {
+                    Frame::Pong(n).encode(out);
+                }
+                Flow::Continue
+            }
+            Frame::Pong(_) => Flow::Continue,
+            Frame::Error(_) => {
+                conns.peer_gone(id, CloseReason::PeerError);
+                Flow::Stop
+            }
+            Frame::Goodbye(_) => {
+                conns.peer_gone(id, CloseReason::PeerGoodbye);
+                Flow::Stop
+            }
+            Frame::Hello(h) => self.hello(conns, id, &h, bytes, now),
+            Frame::PubHello(h) => publish::hello(conns, id, &h, &self.cfg, self.unix, now),
+            Frame::PeerHello(h) => self.mesh.peer_hello(conns, id, &h, &self.cfg, now),
+            Frame::PeerWelcome(w) => {
+                let homes = self.role.router().map(|r| r.homes.online()).into_iter().flatten();
+                self.mesh.peer_welcome(conns, id, &w, &self.cfg, self.sessions.reg.online().chain(homes), now)
+            }
+            Frame::PeerAuth(a) => {
+                let homes = self.role.router().map(|r| r.homes.online()).into_iter().flatten();
+                self.mesh.peer_auth(conns, id, &a, &self.cfg, self.sessions.reg.online().chain(homes), now)
+            }
+            Frame::Presence(p) => self.mesh.presence_frame(conns, id, &p, now),
+            other => {
+                let msg = format!("frame type 0x{:02x} is not allowed now", other.frame_type());
+                conns.fail(id, Code::UnexpectedFrame, &msg, now);
+                Flow::Stop
+            }
+        }
+    }
+
+    fn raw(&mut self, conns: &mut Conns<Peer>, id: ConnId, data: &[u8], now: Instant) -> Flow {
+        self.http(conns, id, data, now)
+    }
+
+    #[inline]
+    fn may_read(&mut self, conns: &Conns<Peer>, id: ConnId) -> bool {
+        let publisher = conns.get(id).is_some_and(|c| matches!(c.state, Peer::Publisher { .. }));
+        if publisher && self.backlogged(conns) {
+            // Back-pressure: leave its bytes in the kernel until the mesh drains.
+            if !self.parked.contains(&id) {
+                self.parked.push(id);
+            }
+            return false;
+        }
+        true
+    }
+
+    fn closed(&mut self, conns: &mut Conns<Peer>, id: ConnId, reason: CloseReason, now: Instant) {
+        self.m.close(reason);
+        let Some(c) = conns.get_mut(id) else { return };
+        match self.sessions.ended(&mut c.state, id, &mut self.m, now) {
+            Ended::Session { user, last } => {
+                self.shared.client_closed();
+                match &mut self.role {
+                    Role::Owner(o) => o.report(&user, Change::Detached, true),
+                    _ if last => self.mesh.presence_out.push((PresenceOp::Offline, user)),
+                    _ => {}
+                }
+            }
+            Ended::Handshake(handed) => {
+                self.shared.client_closed();
+                // A handed-over client whose HELLO failed: loop 0 is owed a report.
+                if let (Some(user), Role::Owner(o)) = (handed, &mut self.role) {
+                    let known = self.sessions.reg.find(&user).is_some();
+                    o.report(&user, Change::Refused, known);
+                }
+            }
+            Ended::NotASession => {
+                if let Some(link) = c.state.link() {
+                    self.mesh.closed(id, link);
+                }
+                self.parked.retain(|&k| k != id);
+            }
+        }
+    }
+
+    fn woken(&mut self, conns: &mut Conns<Peer>, now: Instant) -> bool {
+        if self.kill.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.role.is_owner() {
+            self.inbox(conns, now);
+        } else {
+            self.control(conns, now);
+        }
+        false
+    }
+
+    fn before_flush(&mut self, conns: &mut Conns<Peer>, _now: Instant) {
+        self.mesh.send_presence(conns);
+        if let Some(r) = self.role.router() {
+            r.flush();
+        }
+    }
+
+    fn after_flush(&mut self, conns: &mut Conns<Peer>, _now: Instant) {
+        if let Some(o) = self.role.owner() {
+            o.flush();
+        }
+        if !self.parked.is_empty() && !self.backlogged(conns) {
+            for id in self.parked.drain(..) {
+                conns.read_again(id);
+            }
+        }
+        if self.turn.msgs > 0 {
+            let us = self.turn.origin.unwrap_or(self.turn.start).elapsed().as_micros() as u64;
+            self.m.record_latency(us, self.turn.msgs);
+            self.turn.msgs = 0;
+        }
+    }
+
+    fn timeout(&self, now: Instant) -> Duration {
+        if !self.parked.is_empty() && matches!(self.role, Role::Router(_)) {
+            // Publishers wait for another loop to catch up; it does not
+            // wake us when it does, so look again soon.
+            return Duration::from_millis(1);
+        }
+        self.duties.timeout(now)
+    }
+
+    fn timers(&mut self, conns: &mut Conns<Peer>, now: Instant) -> Tick {
+        if self.kill.load(Ordering::Relaxed) {
+            return Tick::Exit;
+        }
+        let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
+        duties.tick(conns, now, super::duty::Parts { cfg, loop_id: *id, shared, role, sessions, m, stop })
+    }
+
+    fn listening(&self, l: usize) -> bool {
+        l == listener::METRICS || !self.duties.stopping()
+    }
+}
