@@ -40,3 +40,4 @@ pub(crate) mod net;
 pub mod node;
 pub mod protocol;
 pub mod swarm;
+pub mod tls;

@@ -350,3 +350,43 @@ fn a_peer_whose_first_presence_is_a_delta_is_refused() {
         "a snapshot, then deltas, is fine"
     );
 }
+
+/// Regression (review of the shared event loop): a message published right
+/// behind a HELLO that loop 0 hands to another loop must find the session;
+/// the owner used to take the batch behind the hand-over before running the
+/// HELLO, so the message was neither delivered nor retained.
+#[test]
+fn a_publish_right_behind_a_handed_over_hello_reaches_the_new_session() {
+    let node = TestNode::start(config());
+    let mut p = Raw::connect(node.ingest, Channel::FromIngest);
+    let cred = pub_credential();
+    p.send_frame(Frame::PubHello(f::PubHello {
+        min_version: VERSION,
+        max_version: VERSION,
+        credential: cred.as_bytes(),
+        agent: b"",
+    }));
+    let _ = p.expect(Duration::from_secs(5));
+    let users = users_on(1, "behind", 40);
+    let mut got = 0;
+    for u in &users {
+        let mut c = Raw::connect(node.client, Channel::ToClient);
+        let publish = Frame::Publish(f::Publish {
+            flags: 0,
+            request_id: 0,
+            user: u.as_bytes(),
+            key: b"",
+            payload: b"x",
+        });
+        send_hello(&mut c, &token_for(u), None);
+        p.send_frame(publish);
+        assert!(matches!(frame(&c.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
+        if let Got::Frame(b) = c.next(Duration::from_millis(300)) {
+            got += matches!(frame(&b, Channel::ToClient), Frame::Deliver(_)) as usize;
+        }
+    }
+    // The HELLO and the PUBLISH travel on two connections, so loop 0 may
+    // now and then read the PUBLISH first (then it has no route, correctly);
+    // without the fix almost none arrive.
+    assert!(got >= users.len() - 4, "{got} of {} delivered", users.len());
+}

@@ -106,6 +106,13 @@ enum Cmd {
         /// Exit after this many messages.
         #[arg(long)]
         count: Option<u64>,
+        /// Connect over TLS, trusting the system's CA certificates.
+        #[arg(long)]
+        tls: bool,
+        /// Connect over TLS, trusting the CA certificates in this PEM file
+        /// (e.g. the one `herald cert` made).
+        #[arg(long)]
+        tls_ca: Option<std::path::PathBuf>,
     },
     /// Publish a message to a user through a node's ingest endpoint.
     Publish {
@@ -199,9 +206,20 @@ fn run(cmd: Cmd) -> ExitCode {
             }
         }
         Cmd::Node(a) => herald::node::cli::run_node(*a),
-        Cmd::Subscribe { node, user: _, token, count } => {
+        Cmd::Subscribe { node, user: _, token, count, tls, tls_ca } => {
+            let tls = match (tls, tls_ca) {
+                (false, None) => None,
+                (_, ca) => match herald::tls::client_config(ca.as_deref()) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        eprintln!("herald subscribe: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let mut client = match Client::connect(ClientConfig {
                 nodes: node.clone(),
+                tls,
                 ..ClientConfig::new(node[0].clone(), token)
             }) {
                 Ok(c) => c,

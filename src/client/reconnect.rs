@@ -107,7 +107,7 @@ impl Client {
                     continue;
                 }
             };
-            match self.handshake(addr) {
+            match self.handshake(addr, &name) {
                 Ok(()) => {
                     self.cached = Some(name);
                     self.cached_failures = 0;
@@ -127,8 +127,8 @@ impl Client {
         Err(last)
     }
 
-    fn handshake(&mut self, addr: SocketAddr) -> Result<(), ClientError> {
-        let mut sock = wire::dial(&addr, self.cfg.connect_timeout)?;
+    fn handshake(&mut self, addr: SocketAddr, endpoint: &str) -> Result<(), ClientError> {
+        let mut sock = wire::dial_stream(&addr, endpoint, self.cfg.connect_timeout, self.cfg.tls.as_ref())?;
         let mut out = Vec::with_capacity(256);
         Frame::Hello(f::Hello {
             min_version: VERSION,

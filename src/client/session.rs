@@ -7,7 +7,7 @@
 //! an event.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::reconnect::Jitter;
@@ -77,6 +77,9 @@ pub struct ClientConfig {
     pub decision: Vec<String>,
     /// The user id, sent to the decision servers (informational).
     pub user: Option<String>,
+    /// TLS: connect over TLS, verifying the node's certificate with this
+    /// configuration ([`crate::tls::client_config`]); none: plaintext.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -91,6 +94,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(5),
             decision: Vec::new(),
             user: None,
+            tls: None,
         }
     }
 
@@ -102,7 +106,7 @@ impl ClientConfig {
 
 /// One live connection to a node, made by the handshake.
 pub(super) struct Session {
-    pub(super) sock: TcpStream,
+    pub(super) sock: super::wire::Stream,
     pub(super) addr: SocketAddr,
     pub(super) epoch: u64,
     pub(super) heartbeat: Duration,

@@ -1,13 +1,15 @@
 //! Socket plumbing shared by the [`Client`](super::Client) and the
-//! [`Publisher`](super::Publisher): opening a connection, the one deadline a
-//! handshake (or a publisher's wait for one answer) gets, and reading more
-//! bytes before that deadline.
+//! [`Publisher`](super::Publisher): opening a connection (plain TCP, or TLS
+//! verifying the node's certificate for the host name dialled), the one
+//! deadline a handshake (or a publisher's wait for one answer) gets, and
+//! reading more bytes before that deadline.
 //!
 //! It must not decode frames, keep state, or retry: callers decide what a
 //! timeout or a closed connection means for them.
 
-use std::io::{self, ErrorKind, Read};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::ClientError;
@@ -30,11 +32,120 @@ pub(super) fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream
     Ok(sock)
 }
 
+/// A connection to a node: plain TCP or TLS over it.
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS (the handshake is complete once [`dial_stream`] returns it).
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => &t.sock,
+        }
+    }
+
+    /// See [`TcpStream::set_read_timeout`].
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.tcp().set_read_timeout(t)
+    }
+
+    /// See [`TcpStream::set_write_timeout`].
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.tcp().set_write_timeout(t)
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(t) => match t.read(buf) {
+                // A node that closes without close_notify is gone all the same.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(0),
+                r => r,
+            },
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(t) => t.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(t) => t.flush(),
+        }
+    }
+}
+
+/// A blocking reader whose reads can be given a timeout.
+pub(super) trait TimedRead: Read {
+    /// See [`TcpStream::set_read_timeout`].
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()>;
+}
+
+impl TimedRead for TcpStream {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+impl TimedRead for Stream {
+    fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(t)
+    }
+}
+
+/// The host part of a `host:port` endpoint (brackets of an IPv6 literal removed).
+fn host_of(endpoint: &str) -> &str {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// Connects to `addr`, the address of `endpoint` (`host:port`), within
+/// `timeout`. With `tls`, completes a TLS handshake that verifies the node's
+/// certificate for the endpoint's host name (or IP address), within the
+/// same timeout; a certificate that does not verify is an error naming why.
+pub(super) fn dial_stream(
+    addr: &SocketAddr,
+    endpoint: &str,
+    timeout: Duration,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> io::Result<Stream> {
+    let sock = dial(addr, timeout)?;
+    let Some(cfg) = tls else { return Ok(Stream::Plain(sock)) };
+    let name = rustls_pki_types::ServerName::try_from(host_of(endpoint).to_owned())
+        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, format!("{endpoint}: {e}")))?;
+    let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
+    let mut t = rustls::StreamOwned::new(conn, sock);
+    t.sock.set_read_timeout(Some(timeout))?;
+    t.sock.set_write_timeout(Some(timeout))?;
+    while t.conn.is_handshaking() {
+        t.conn.complete_io(&mut t.sock).map_err(|e| match e.kind() {
+            ErrorKind::InvalidData => {
+                io::Error::new(ErrorKind::InvalidData, format!("TLS to {endpoint}: {e}"))
+            }
+            _ => e,
+        })?;
+    }
+    Ok(Stream::Tls(Box::new(t)))
+}
+
 /// One read of at most `chunk.len()` bytes, appended to `buf`, waiting no
 /// later than `deadline`. Past the deadline it fails with `TimedOut` ("no
 /// `what` within 10 s"); a closed connection is [`ClientError::Closed`].
 pub(super) fn read_before(
-    sock: &mut TcpStream,
+    sock: &mut impl TimedRead,
     buf: &mut Vec<u8>,
     chunk: &mut [u8],
     deadline: Instant,
@@ -45,7 +156,7 @@ pub(super) fn read_before(
         let msg = format!("no {what} within {} s", HANDSHAKE_TIMEOUT.as_secs());
         return Err(ClientError::Io(io::Error::new(ErrorKind::TimedOut, msg)));
     }
-    sock.set_read_timeout(Some(left))?;
+    sock.read_timeout(Some(left))?;
     let n = sock.read(chunk)?;
     if n == 0 {
         return Err(ClientError::Closed);

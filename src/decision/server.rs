@@ -46,9 +46,10 @@ const HEARTBEATS: Token = Token(1);
 
 /// Datagrams handled per turn before yielding to the connections.
 const UDP_BUDGET: usize = 1024;
-/// Stop reading a connection whose pending output is over this (and resume
-/// once it is under half of it).
+/// Stop reading a connection whose pending output is over this…
 pub const WBUF_HIGH: usize = 256 * 1024;
+/// …and read it again once its output is down to this.
+const WBUF_LOW: usize = 64 * 1024;
 /// Timer granularity.
 const TICK: Duration = Duration::from_millis(100);
 /// How often the table forgets long-expired nodes and old admin nonces.
@@ -241,7 +242,7 @@ impl DecisionServer {
     /// Runs the event loop until a shutdown is triggered; returns the counters.
     pub fn run(self) -> io::Result<Stats> {
         let now = Instant::now();
-        let listener = Listener { sock: self.listener, cap: self.cfg.max_connections };
+        let listener = Listener { sock: self.listener, cap: self.cfg.max_connections, tls: None };
         let roles = Decision {
             udp: self.udp,
             stop: self.handle.stop,
@@ -276,6 +277,10 @@ impl ConnState for Requester {
 
     fn read_stop(&self, _cx: &()) -> usize {
         WBUF_HIGH
+    }
+
+    fn read_resume(&self, _cx: &()) -> usize {
+        WBUF_LOW
     }
 }
 

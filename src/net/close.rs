@@ -30,11 +30,14 @@ pub enum CloseReason {
     RequestTooLarge,
     /// An HTTP exchange is over: the response was written.
     Served,
+    /// The TLS session failed (a bad handshake, a certificate refused, or
+    /// bytes that are not TLS on a TLS port).
+    Tls,
 }
 
 /// Every label [`CloseReason::label`] can return, in the order `/metrics`
 /// lists them (the first twelve are the node's original set).
-pub const LABELS: [&str; 17] = [
+pub const LABELS: [&str; 18] = [
     "peer_closed",
     "io_error",
     "protocol_error",
@@ -52,6 +55,7 @@ pub const LABELS: [&str; 17] = [
     "too_many_connections",
     "replaced",
     "request_too_large",
+    "tls_error",
 ];
 
 /// Index of `served` (not a failure; not listed in [`LABELS`]' metric
@@ -88,6 +92,7 @@ impl CloseReason {
             CloseReason::TooMany => 14,
             CloseReason::Replaced => 15,
             CloseReason::RequestTooLarge => 16,
+            CloseReason::Tls => 17,
             CloseReason::Served => SERVED,
         }
     }
@@ -148,6 +153,7 @@ mod tests {
             CloseReason::TooMany,
             CloseReason::Replaced,
             CloseReason::RequestTooLarge,
+            CloseReason::Tls,
             CloseReason::Served,
         ];
         let mut seen: Vec<&str> = all.iter().map(|r| r.label()).collect();

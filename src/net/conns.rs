@@ -92,6 +92,11 @@ pub trait ConnState {
         usize::MAX
     }
 
+    /// Pending output under which a stalled connection is read again.
+    fn read_resume(&self, cx: &Self::Cx) -> usize {
+        self.read_stop(cx) / 2
+    }
+
     /// Whether the read buffer's capacity is kept between reads (busy
     /// publishers and links) rather than freed when no partial frame is
     /// left (idle clients hold no buffer).
@@ -463,7 +468,7 @@ impl<S: ConnState> Conns<S> {
                         let _ = c.io.shutdown(Shutdown::Write);
                     }
                 }
-                if c.stalled && c.pending() <= c.state.read_stop(&self.cx) / 2 {
+                if c.stalled && c.pending() <= c.state.read_resume(&self.cx) {
                     c.stalled = false;
                     self.retry.push(id);
                 }

@@ -142,19 +142,14 @@ pub trait Service {
     }
 }
 
-/// A listening socket and its connection cap.
+/// A listening socket, its connection cap and its TLS, if any.
 pub struct Listener {
     /// The socket.
     pub sock: TcpListener,
     /// Most connections open from it at once; more are closed at accept.
     pub cap: usize,
-}
-
-impl Listener {
-    /// A listener with no cap of its own.
-    pub fn new(sock: TcpListener) -> Listener {
-        Listener { sock, cap: usize::MAX }
-    }
+    /// TLS on this port: every accepted connection starts a TLS handshake.
+    pub tls: Option<crate::tls::Acceptor>,
 }
 
 /// Binds a listening TCP socket with a deep backlog (a reconnect storm of
@@ -264,16 +259,17 @@ impl<S: Service> EventLoop<S> {
             self.service.after_flush(&mut self.conns, now);
 
             let now = Instant::now();
-            if self.accept_paused_until.is_some_and(|t| now >= t) {
+            let resumed = self.accept_paused_until.is_some_and(|t| now >= t);
+            if resumed {
                 self.accept_paused_until = None;
                 for l in 0..self.listeners.len() {
                     self.accept(l, now);
                 }
             }
             match self.service.timers(&mut self.conns, now) {
-                Tick::Idle => {}
+                Tick::Idle if !resumed => {}
                 Tick::Exit => return Ok(()),
-                Tick::Ran => {
+                Tick::Idle | Tick::Ran => {
                     self.close_pending(now);
                     for (i, slot) in self.listeners.iter_mut().enumerate() {
                         if slot.is_some() && !self.service.listening(i) {
@@ -337,14 +333,23 @@ impl<S: Service> EventLoop<S> {
     }
 
     fn admit(&mut self, l: usize, sock: TcpStream, now: Instant) {
-        let cap = self.listeners[l].as_ref().map_or(0, |x| x.cap);
-        if self.conns.open_on(l) >= cap {
+        let Some(listener) = self.listeners[l].as_ref() else { return };
+        if self.conns.open_on(l) >= listener.cap {
             // Dropping the socket closes it: a flood on one port cannot use
             // up the descriptors another port's connections need.
             self.service.refused(l, CloseReason::TooMany);
             return;
         }
-        let mut io = Transport::plain(sock);
+        let mut io = match &listener.tls {
+            None => Transport::plain(sock),
+            Some(a) => match Transport::tls_server(sock, a.config()) {
+                Ok(t) => t,
+                Err(_) => {
+                    self.service.refused(l, CloseReason::Tls);
+                    return;
+                }
+            },
+        };
         match self.service.accept(&mut self.conns, l, &mut io, now) {
             Ok(state) => {
                 let id = self.conns.insert(io, state, l, now);
@@ -398,6 +403,11 @@ impl<S: Service> EventLoop<S> {
                     self.conns.peer_gone(id, CloseReason::PeerClosed);
                     break;
                 }
+                Err(e) if e.kind() == ErrorKind::InvalidData => {
+                    // TLS refused the peer's bytes (its alert is already sent).
+                    self.conns.close(id, CloseReason::Tls, super::conns::Mode::Drop);
+                    break;
+                }
                 Err(_) => {
                     self.conns.close(id, CloseReason::Io, super::conns::Mode::Drop);
                     break;
@@ -405,6 +415,10 @@ impl<S: Service> EventLoop<S> {
             }
         }
         self.scratch = scratch;
+        // A TLS handshake step may have left records to send.
+        if self.conns.get(id).is_some_and(|c| c.io.wants_write()) {
+            self.conns.mark_dirty(id);
+        }
     }
 
     /// Feeds input to a connection: the carried bytes plus `data`, cut into

@@ -10,6 +10,18 @@ use std::io::{self, ErrorKind, Write};
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
+/// Where an outbox writes: a socket, or a TLS session that may hold output
+/// of its own (handshake messages, records the socket did not take).
+pub trait Sink: Write + Source {
+    /// Whether the sink itself holds output not yet on the wire.
+    #[inline]
+    fn backlog(&self) -> bool {
+        false
+    }
+}
+
+impl Sink for mio::net::TcpStream {}
+
 /// An emptied buffer larger than this is freed rather than kept for reuse.
 const KEEP: usize = 16 * 1024;
 
@@ -57,7 +69,7 @@ impl Outbox {
     /// compacted away once it is half the buffer and WRITABLE interest is
     /// asked for, so the loop hears when the socket drains. An error means
     /// the connection is broken.
-    pub fn flush<S: Write + Source>(
+    pub fn flush<S: Sink>(
         &mut self,
         sock: &mut S,
         registry: &Registry,
@@ -77,8 +89,10 @@ impl Outbox {
                 }
                 Err(e) => return Err(e),
             }
+        } else if sock.backlog() {
+            sock.flush()?;
         }
-        let empty = self.pending() == 0;
+        let empty = self.pending() == 0 && !sock.backlog();
         if empty {
             self.pos = 0;
             if release || self.buf.capacity() > KEEP {

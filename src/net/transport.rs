@@ -1,22 +1,42 @@
 //! The transport seam: what a connection's bytes travel over.
 //!
 //! Everything above this file reads and writes plaintext through
-//! [`Transport`]; only this file knows whether a socket is plain TCP or (once
-//! TLS lands) a TLS session over TCP, which becomes a second variant here and
-//! nowhere else. It is registered with mio like the socket it wraps.
+//! [`Transport`]; only this file knows whether a socket is plain TCP or a
+//! TLS session over TCP (rustls, driven sans-IO: ciphertext is read and
+//! written here, plaintext handed up). It is registered with mio like the
+//! socket it wraps.
+//!
+//! With TLS, one plaintext write becomes one TLS record (herald coalesces a
+//! turn's frames into one write, so this is one record per turn, not per
+//! message). rustls holds at most [`TLS_BUFFER`] bytes of not yet sent
+//! ciphertext; the outbox keeps the rest, so the queue bound still holds.
 
-use std::io::{self, Read, Write};
+use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
+use std::sync::Arc;
 
 use mio::event::Source;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+
+/// Most ciphertext (and plaintext not yet encrypted) rustls holds for one
+/// connection.
+pub const TLS_BUFFER: usize = 64 * 1024;
 
 /// A connection's byte stream.
 #[derive(Debug)]
 pub enum Transport {
     /// Plain TCP.
     Plain(TcpStream),
+    /// TLS over TCP (boxed: plaintext connections do not pay for its size).
+    Tls(Box<Tls>),
+}
+
+/// A TLS session and its socket.
+#[derive(Debug)]
+pub struct Tls {
+    sock: TcpStream,
+    conn: rustls::Connection,
 }
 
 impl Transport {
@@ -27,26 +47,100 @@ impl Transport {
         Transport::Plain(sock)
     }
 
-    /// Shuts down one or both directions of the underlying socket.
-    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+    /// The server side of a TLS session over an accepted socket.
+    pub fn tls_server(sock: TcpStream, cfg: Arc<rustls::ServerConfig>) -> io::Result<Transport> {
+        let _ = sock.set_nodelay(true);
+        let mut conn = rustls::ServerConnection::new(cfg).map_err(io::Error::other)?;
+        conn.set_buffer_limit(Some(TLS_BUFFER));
+        Ok(Transport::Tls(Box::new(Tls { sock, conn: conn.into() })))
+    }
+
+    /// The client side of a TLS session over a dialled socket, verifying
+    /// the server as `name`.
+    pub fn tls_client(
+        sock: TcpStream,
+        cfg: Arc<rustls::ClientConfig>,
+        name: rustls_pki_types::ServerName<'static>,
+    ) -> io::Result<Transport> {
+        let _ = sock.set_nodelay(true);
+        let mut conn = rustls::ClientConnection::new(cfg, name).map_err(io::Error::other)?;
+        conn.set_buffer_limit(Some(TLS_BUFFER));
+        Ok(Transport::Tls(Box::new(Tls { sock, conn: conn.into() })))
+    }
+
+    /// Whether TLS output (handshake or records) waits to be written.
+    #[inline]
+    pub fn wants_write(&self) -> bool {
         match self {
-            Transport::Plain(s) => s.shutdown(how),
+            Transport::Plain(_) => false,
+            Transport::Tls(t) => t.conn.wants_write(),
         }
     }
 
-    /// The socket, to hand it to another event loop.
-    pub fn into_tcp(self) -> TcpStream {
+    /// The peer's certificate chain, once a TLS handshake has completed.
+    pub fn peer_certificates(&self) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
         match self {
-            Transport::Plain(s) => s,
+            Transport::Plain(_) => None,
+            Transport::Tls(t) => t.conn.peer_certificates(),
         }
+    }
+
+    /// Shuts down one or both directions of the underlying socket (after a
+    /// TLS close_notify, best effort).
+    pub fn shutdown(&mut self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.shutdown(how),
+            Transport::Tls(t) => {
+                t.conn.send_close_notify();
+                let _ = t.send();
+                t.sock.shutdown(how)
+            }
+        }
+    }
+}
+
+impl Tls {
+    /// Writes ciphertext until the socket is full or nothing is left.
+    fn send(&mut self) -> io::Result<()> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 }
 
 impl Read for Transport {
     #[inline]
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(s) => s.read(buf),
+        let t = match self {
+            Transport::Plain(s) => return s.read(buf),
+            Transport::Tls(t) => t,
+        };
+        loop {
+            match t.conn.reader().read(buf) {
+                Ok(n) => return Ok(n), // 0: the peer's close_notify
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                // EOF without close_notify: the peer is gone all the same.
+                Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(0),
+                Err(e) => return Err(e),
+            }
+            match t.conn.read_tls(&mut t.sock) {
+                Ok(0) => return Ok(0),
+                Ok(_) => {
+                    if let Err(e) = t.conn.process_new_packets() {
+                        // rustls has queued an alert saying why: send it.
+                        let _ = t.send();
+                        return Err(io::Error::new(ErrorKind::InvalidData, e));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -54,13 +148,35 @@ impl Read for Transport {
 impl Write for Transport {
     #[inline]
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Transport::Plain(s) => s.write(buf),
+        let t = match self {
+            Transport::Plain(s) => return s.write(buf),
+            Transport::Tls(t) => t,
+        };
+        t.send()?;
+        // Encrypts what the buffer limit takes (one record per write, up
+        // to the record size), then writes as much as the socket takes.
+        // (During the handshake rustls keeps the plaintext until it is done.)
+        let n = t.conn.writer().write(buf)?;
+        t.send()?;
+        if n == 0 && !buf.is_empty() {
+            return Err(ErrorKind::WouldBlock.into());
         }
+        Ok(n)
     }
 
+    /// Writes TLS output rustls holds (handshake messages, alerts, records).
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Transport::Plain(_) => Ok(()),
+            Transport::Tls(t) => t.send(),
+        }
+    }
+}
+
+impl super::outbox::Sink for Transport {
+    #[inline]
+    fn backlog(&self) -> bool {
+        self.wants_write()
     }
 }
 
@@ -68,18 +184,21 @@ impl Source for Transport {
     fn register(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Transport::Plain(s) => s.register(r, t, i),
+            Transport::Tls(x) => x.sock.register(r, t, i),
         }
     }
 
     fn reregister(&mut self, r: &Registry, t: Token, i: Interest) -> io::Result<()> {
         match self {
             Transport::Plain(s) => s.reregister(r, t, i),
+            Transport::Tls(x) => x.sock.reregister(r, t, i),
         }
     }
 
     fn deregister(&mut self, r: &Registry) -> io::Result<()> {
         match self {
             Transport::Plain(s) => s.deregister(r),
+            Transport::Tls(x) => x.sock.deregister(r),
         }
     }
 }

@@ -91,6 +91,17 @@ pub struct NodeArgs {
     /// also serves publishers, mesh links and metrics.
     #[arg(long, default_value_t = Config::default().threads)]
     pub threads: usize,
+    /// The node's TLS certificate chain (PEM, leaf first). With --tls-key,
+    /// the client port speaks TLS 1.3 (protocol.md §11); without, every
+    /// port is plaintext and the node warns so. SIGHUP reloads both files.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: clients must present a certificate that chains to this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// Least severe messages logged: error, warn, info, debug or trace. At
     /// info the first line names the bound addresses (tools read it); warn
     /// and error leave it out, trace puts mio's lines before it.
@@ -165,6 +176,14 @@ impl NodeArgs {
             advertise_ingest: self.advertise_ingest.clone(),
             heartbeat_interval: self.heartbeat_interval.0,
             threads: self.threads,
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::ServerFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: self.client_ca.clone(),
+                }),
+                _ => None,
+            },
             ..defaults
         })
     }
@@ -196,8 +215,7 @@ fn node_main(a: &NodeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let h = node.shutdown_handle();
-    if let Err(e) = ctrlc::set_handler(move || h.trigger()) {
+    if let Err(e) = handle_signals(node.shutdown_handle(), node.tls(), cfg.node_id.clone()) {
         error!("herald node: cannot install signal handler: {e}");
         return ExitCode::from(1);
     }
@@ -219,6 +237,37 @@ fn node_main(a: &NodeArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Handles signals on a thread of its own: SIGINT and SIGTERM start the
+/// drain (the handler only sets a flag and wakes the loops); SIGHUP reloads
+/// the TLS certificate and key: new handshakes use the new certificate,
+/// sessions already up keep theirs, and a bad new file leaves the old
+/// certificate in use.
+fn handle_signals(
+    stop: super::ShutdownHandle,
+    tls: Option<crate::tls::Acceptor>,
+    id: String,
+) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new().name("herald-signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            match (sig, &tls) {
+                (SIGHUP, Some(tls)) => match tls.reload() {
+                    Ok(()) => {
+                        info!("herald node {id}: reloaded the TLS certificate {}", tls.cert_path().display())
+                    }
+                    Err(e) => {
+                        error!("herald node {id}: TLS reload refused, the old certificate stays in use: {e}")
+                    }
+                },
+                (SIGHUP, None) => info!("herald node {id}: SIGHUP: no TLS certificate to reload"),
+                _ => stop.trigger(),
+            }
+        }
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

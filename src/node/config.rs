@@ -4,6 +4,24 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Which of a node's ports speak TLS (protocol.md §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsPorts {
+    /// The client port.
+    pub client: bool,
+    /// The ingest port (publishers and mesh links).
+    pub ingest: bool,
+    /// The metrics port.
+    pub metrics: bool,
+}
+
+impl Default for TlsPorts {
+    /// The client port only.
+    fn default() -> Self {
+        TlsPorts { client: true, ingest: false, metrics: false }
+    }
+}
+
 /// Most event loops a node runs.
 pub const MAX_THREADS: usize = 64;
 
@@ -68,6 +86,11 @@ pub struct Config {
     pub peer_backlog: usize,
     /// Event loops (threads); users are split among them by hash.
     pub threads: usize,
+    /// The node's TLS certificate and key (and, for mutual TLS, the CA
+    /// client certificates must chain to); none: every port is plaintext.
+    pub tls: Option<crate::tls::ServerFiles>,
+    /// Which ports speak TLS when [`Config::tls`] is given.
+    pub tls_ports: TlsPorts,
     /// Tests only: the loop with this id (1..N) panics when it is handed a
     /// client; 0 never.
     #[cfg(test)]
@@ -101,6 +124,8 @@ impl Default for Config {
             heartbeat_interval: Duration::from_secs(1),
             peer_backlog: 8 << 20,
             threads: 1,
+            tls: None,
+            tls_ports: TlsPorts::default(),
             #[cfg(test)]
             fail_on_adopt: 0,
         }

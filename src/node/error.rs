@@ -18,6 +18,8 @@ pub enum NodeError {
         /// The OS's error.
         source: io::Error,
     },
+    /// The TLS certificate, key or CA could not be loaded.
+    Tls(crate::tls::TlsError),
     /// The OS refused a poll, waker or thread.
     Setup(io::Error),
     /// An event loop failed with an I/O error.
@@ -39,7 +41,7 @@ impl NodeError {
     /// setting).
     pub fn kind(&self) -> io::ErrorKind {
         match self {
-            NodeError::Config(_) => io::ErrorKind::InvalidInput,
+            NodeError::Config(_) | NodeError::Tls(_) => io::ErrorKind::InvalidInput,
             NodeError::Bind { source, .. }
             | NodeError::LoopFailed { source, .. }
             | NodeError::Setup(source) => source.kind(),
@@ -52,6 +54,7 @@ impl fmt::Display for NodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NodeError::Config(m) => write!(f, "{m}"),
+            NodeError::Tls(e) => write!(f, "{e}"),
             NodeError::Bind { what, addr, source } => {
                 write!(f, "cannot bind the {what} address {addr}: {source}")
             }
@@ -67,6 +70,7 @@ impl std::error::Error for NodeError {
         match self {
             NodeError::Bind { source, .. } | NodeError::LoopFailed { source, .. } => Some(source),
             NodeError::Setup(e) => Some(e),
+            NodeError::Tls(e) => Some(e),
             _ => None,
         }
     }

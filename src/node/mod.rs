@@ -61,6 +61,6 @@ pub(crate) mod session;
 pub mod shard;
 
 pub use cluster::decision_endpoints;
-pub use config::{default_capacity, Config, SlowPolicy, MAX_THREADS};
+pub use config::{default_capacity, Config, SlowPolicy, TlsPorts, MAX_THREADS};
 pub use error::NodeError;
 pub use server::{Node, ShutdownHandle};

@@ -11,6 +11,7 @@ use mio::net::TcpListener;
 use mio::{Poll, Waker};
 
 use crate::net::{self, EventLoop, Listener};
+use crate::tls::Acceptor;
 
 use super::cluster::{self, Heartbeater};
 use super::config::{Config, MAX_THREADS};
@@ -65,6 +66,8 @@ pub struct Node {
     handle: ShutdownHandle,
     /// Polls of loops 1..N.
     others: Vec<Poll>,
+    /// The node's TLS, if any (shared by its TLS ports; reloadable).
+    tls: Option<Acceptor>,
     cfg: Config,
 }
 
@@ -82,6 +85,14 @@ impl Node {
         if cfg.threads == 0 || cfg.threads > MAX_THREADS {
             return Err(NodeError::Config(format!("threads must be 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
+        if cfg.tls.is_some() && (cfg.tls_ports.ingest || cfg.tls_ports.metrics) {
+            return Err(NodeError::Config(
+                "TLS is implemented on the client port only so far; the ingest and metrics ports stay plaintext \
+                 (mesh links do not dial with TLS yet)"
+                    .into(),
+            ));
+        }
+        let tls = cfg.tls.clone().map(Acceptor::load).transpose().map_err(NodeError::Tls)?;
         let poll = Poll::new().map_err(NodeError::Setup)?;
         let client_l = bind("client", cfg.listen)?;
         let ingest_l = bind("ingest", cfg.ingest)?;
@@ -100,7 +111,7 @@ impl Node {
             waker,
             others: other_wakers,
         };
-        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, others, cfg })
+        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, others, tls, cfg })
     }
 
     /// The bound client address.
@@ -115,6 +126,12 @@ impl Node {
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics_l.as_ref().map(|l| l.local_addr().expect("bound"))
     }
+    /// The node's TLS, to reload its certificate (e.g. on SIGHUP):
+    /// [`Acceptor::reload`] keeps the old one if the new files are bad.
+    pub fn tls(&self) -> Option<Acceptor> {
+        self.tls.clone()
+    }
+
     /// A handle that makes [`Node::run`] drain and return.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.handle.clone()
@@ -145,6 +162,7 @@ impl Node {
             stop: self.handle.stop.clone(),
             kill: self.handle.kill.clone(),
             control,
+            inbox_held: false,
         }
     }
 
@@ -241,11 +259,26 @@ impl Node {
         };
         let control = Control { tx: ctl_tx, rx: ctl_rx, waker: self.handle.waker.clone() };
         let roles = self.roles(0, &common, role, Some(hb), Some(control));
-        let mut listeners = vec![Listener::new(self.client_l), Listener::new(self.ingest_l)];
+        let tls_on = |on: bool| if on { self.tls.clone() } else { None };
+        let ports = self.cfg.tls_ports;
+        let id = &self.cfg.node_id;
+        for (what, on, addr) in [
+            ("client", ports.client, Some(self.client_addr())),
+            ("ingest", ports.ingest, Some(self.ingest_addr())),
+            ("metrics", ports.metrics, self.metrics_addr()),
+        ] {
+            if let (Some(a), None) = (addr, tls_on(on)) {
+                log::warn!("herald node {id}: the {what} port {a} is plaintext (unencrypted); give --tls-cert/--tls-key for TLS");
+            }
+        }
+        let mut listeners = vec![
+            Listener { sock: self.client_l, cap: usize::MAX, tls: tls_on(ports.client) },
+            Listener { sock: self.ingest_l, cap: usize::MAX, tls: tls_on(ports.ingest) },
+        ];
         if let Some(m) = self.metrics_l {
             // The metrics port is for a scraper or two: a flood of
             // connections must not use up the descriptors clients need.
-            listeners.push(Listener { sock: m, cap: MAX_HTTP_CONNS });
+            listeners.push(Listener { sock: m, cap: MAX_HTTP_CONNS, tls: tls_on(ports.metrics) });
         }
         let r = EventLoop::new(self.poll, listeners, roles, limits).and_then(|mut l| l.run());
         if r.is_err() {

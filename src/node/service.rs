@@ -71,6 +71,9 @@ pub struct NodeLoop {
     pub kill: Arc<AtomicBool>,
     /// Loop 0: helper threads.
     pub control: Option<Control>,
+    /// Loops 1..N: the inbox was left at a hand-over, whose HELLO must run
+    /// before the messages behind it (they may be for that very user).
+    pub inbox_held: bool,
 }
 
 impl NodeLoop {
@@ -119,7 +122,7 @@ impl NodeLoop {
                         let Some(c) = conns.take(id) else { return Flow::Gone };
                         r.homes.handed_over(&user);
                         let msg = Inbox::Adopt {
-                            sock: c.io.into_tcp(),
+                            sock: c.io,
                             bytes: bytes.to_vec(),
                             opened: c.opened,
                             user: user.into(),
@@ -171,7 +174,12 @@ impl NodeLoop {
                     // Its idle clock starts now: loop 0 has just read its
                     // HELLO, which is parsed in this turn.
                     let state = Peer::ClientHandshake { handed: Some(user) };
-                    conns.adopt(Transport::plain(sock), state, listener::CLIENT, opened, bytes, now);
+                    conns.adopt(sock, state, listener::CLIENT, opened, bytes, now);
+                    // The event loop parses its HELLO next (it is listed for
+                    // reading); the rest of the inbox waits for that, so a
+                    // message right behind the hand-over finds the session.
+                    self.inbox_held = true;
+                    return;
                 }
                 Inbox::Msgs { buf, since } => {
                     self.turn.origin = Some(self.turn.origin.map_or(since, |t| t.min(since)));
@@ -402,7 +410,11 @@ impl Service for NodeLoop {
         false
     }
 
-    fn before_flush(&mut self, conns: &mut Conns<Peer>, _now: Instant) {
+    fn before_flush(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+        if std::mem::take(&mut self.inbox_held) {
+            // The hand-overs' HELLOs have run: take the rest of the inbox.
+            self.inbox(conns, now);
+        }
         self.mesh.send_presence(conns);
         if let Some(r) = self.role.router() {
             r.flush();
@@ -426,6 +438,9 @@ impl Service for NodeLoop {
     }
 
     fn timeout(&self, now: Instant) -> Duration {
+        if self.inbox_held {
+            return Duration::ZERO;
+        }
         if !self.parked.is_empty() && matches!(self.role, Role::Router(_)) {
             // Publishers wait for another loop to catch up; it does not
             // wake us when it does, so look again soon.

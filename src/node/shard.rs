@@ -80,8 +80,8 @@ pub enum Inbox {
     /// Take over this client connection: its HELLO (and anything after it)
     /// is in `bytes`, not yet processed.
     Adopt {
-        /// The socket, already deregistered from loop 0.
-        sock: mio::net::TcpStream,
+        /// The connection (plain or TLS), already deregistered from loop 0.
+        sock: crate::net::Transport,
         /// Bytes read so far, starting with the HELLO frame.
         bytes: Vec<u8>,
         /// When the connection was accepted (the handshake deadline's base).

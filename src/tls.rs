@@ -1,0 +1,197 @@
+//! TLS for herald's ports, with rustls (protocol.md §11): the node's or
+//! decision server's certificate and key, the trust a client or a dialling
+//! node uses, and reloading a certificate on SIGHUP without dropping anyone.
+//!
+//! Only TLS 1.3 is offered, with the ALPN protocol `herald/1`. The crypto
+//! is ring's. No sockets here: the event loop drives rustls through
+//! the event loop's transport seam (`net/transport.rs`), the client library through a blocking
+//! stream.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The ALPN protocol id every herald TLS connection negotiates.
+pub const ALPN: &[u8] = b"herald/1";
+
+/// Why TLS settings could not be loaded.
+#[derive(Debug)]
+pub enum TlsError {
+    /// A file could not be read.
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS's error.
+        source: io::Error,
+    },
+    /// A certificate file holds no PEM certificate.
+    NoCertificate(PathBuf),
+    /// A key file holds no PEM private key.
+    NoKey(PathBuf),
+    /// rustls refused the certificate, key or CA (e.g. a key that does not
+    /// match the certificate).
+    Rustls(rustls::Error),
+    /// The trust anchors could not be built (no usable CA certificate).
+    Roots(String),
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::Read { path, source } => write!(f, "cannot read {}: {source}", path.display()),
+            TlsError::NoCertificate(p) => write!(f, "{} holds no PEM certificate", p.display()),
+            TlsError::NoKey(p) => write!(f, "{} holds no PEM private key", p.display()),
+            TlsError::Rustls(e) => write!(f, "TLS: {e}"),
+            TlsError::Roots(m) => write!(f, "TLS trust anchors: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+impl From<rustls::Error> for TlsError {
+    fn from(e: rustls::Error) -> TlsError {
+        TlsError::Rustls(e)
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+}
+
+/// The certificates of a PEM file, in order (a leaf and its chain).
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok).collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(path.to_owned()));
+    }
+    Ok(certs)
+}
+
+/// The private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let pem = read(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoKey(path.to_owned()))
+}
+
+/// Trust anchors from a PEM file of CA certificates.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in load_certs(path)? {
+        roots.add(c).map_err(|e| TlsError::Roots(format!("{}: {e}", path.display())))?;
+    }
+    Ok(roots)
+}
+
+/// The system's trust anchors.
+pub fn system_roots() -> Result<RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(TlsError::Roots(format!("no system CA certificates found ({:?})", found.errors)));
+    }
+    Ok(roots)
+}
+
+/// What a server port presents and whom it asks for a certificate.
+#[derive(Debug, Clone)]
+pub struct ServerFiles {
+    /// The certificate chain (PEM: the leaf first).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// Client certificates must chain to this CA (mutual TLS); none: no
+    /// client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ServerFiles {
+    /// Builds the rustls server configuration from the files.
+    pub fn config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let certs = load_certs(&self.cert)?;
+        let key = load_key(&self.key)?;
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let v = WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
+                    .build()
+                    .map_err(|e| TlsError::Roots(e.to_string()))?;
+                builder.with_client_cert_verifier(v)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut cfg = builder.with_single_cert(certs, key)?;
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+/// A server port's TLS: the configuration in force, which a reload
+/// replaces. New handshakes take the configuration current when they start;
+/// connections already up keep theirs.
+#[derive(Clone)]
+pub struct Acceptor {
+    files: ServerFiles,
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl Acceptor {
+    /// Loads the files; an error names the file and what is wrong with it.
+    pub fn load(files: ServerFiles) -> Result<Acceptor, TlsError> {
+        let cfg = files.config()?;
+        Ok(Acceptor { files, current: Arc::new(RwLock::new(cfg)) })
+    }
+
+    /// The configuration for a new handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Loads the files again. On success new handshakes use the new
+    /// certificate; on failure the old one stays in use and the error says why.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let cfg = self.files.config()?;
+        match self.current.write() {
+            Ok(mut c) => *c = cfg,
+            Err(poisoned) => *poisoned.into_inner() = cfg,
+        }
+        Ok(())
+    }
+
+    /// The certificate file.
+    pub fn cert_path(&self) -> &Path {
+        &self.files.cert
+    }
+}
+
+/// A TLS client configuration trusting the CA certificates in `ca` (PEM),
+/// or the system's roots when `ca` is none.
+pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = match ca {
+        Some(p) => load_roots(p)?,
+        None => system_roots()?,
+    };
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}

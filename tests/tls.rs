@@ -1,0 +1,231 @@
+//! TLS on the client port (protocol.md §11), over real sockets: a TLS
+//! client gets its messages; a client that trusts another CA, or a node
+//! with an expired certificate, is refused; plaintext bytes on a TLS port
+//! get a clean close; SIGHUP swaps the certificate for new connections
+//! while old ones keep receiving, and a broken new key keeps the old one.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald::client::{Client, ClientConfig, Event, Publisher};
+use herald::protocol::frame::{self as f, Frame};
+use herald::protocol::VERSION;
+use herald::tls::ServerFiles;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+use util::proc::Proc;
+use util::*;
+
+/// A test CA in a directory of its own.
+struct Pki {
+    dir: PathBuf,
+    ca_pem: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new(tag: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("herald-tls-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, format!("herald test CA {tag}"));
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let ca_pem = dir.join("ca.pem");
+        std::fs::write(&ca_pem, cert.pem()).unwrap();
+        Pki { dir, ca_pem, issuer: Issuer::new(params, key) }
+    }
+
+    /// A certificate for localhost and 127.0.0.1, written as NAME.pem and
+    /// NAME.key; returns (cert path, key path, the leaf's DER).
+    fn issue(&self, name: &str, expired: bool) -> (PathBuf, PathBuf, Vec<u8>) {
+        let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        p.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        if expired {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let (cp, kp) = (self.dir.join(format!("{name}.pem")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&cp, cert.pem()).unwrap();
+        std::fs::write(&kp, key.serialize_pem()).unwrap();
+        (cp, kp, cert.der().to_vec())
+    }
+
+    fn files(&self, name: &str, expired: bool) -> ServerFiles {
+        let (cert, key, _) = self.issue(name, expired);
+        ServerFiles { cert, key, client_ca: None }
+    }
+
+    fn client(&self) -> Arc<rustls::ClientConfig> {
+        herald::tls::client_config(Some(&self.ca_pem)).unwrap()
+    }
+}
+
+fn tls_node(files: ServerFiles) -> TestNode {
+    TestNode::start(herald::node::Config { tls: Some(files), ..test_config() })
+}
+
+fn tls_client(addr: SocketAddr, user: &str, tls: Arc<rustls::ClientConfig>) -> Result<Client, String> {
+    let cfg = ClientConfig {
+        tls: Some(tls),
+        ..ClientConfig::new(format!("localhost:{}", addr.port()), token_for(user))
+    };
+    Client::connect(cfg).map_err(|e| e.to_string())
+}
+
+fn expect_message(c: &mut Client, want: &[u8]) {
+    loop {
+        match c.next_event().unwrap() {
+            Event::Message(m) => {
+                assert_eq!(&m.payload[..], want);
+                return;
+            }
+            Event::Connected { .. } => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn publish(ingest: SocketAddr, user: &[u8], msg: &[u8]) {
+    let mut p = Publisher::connect(&ingest.to_string(), &pub_credential()).unwrap();
+    p.publish(user, msg).unwrap();
+    p.flush().unwrap();
+}
+
+#[test]
+fn a_tls_client_gets_its_messages() {
+    let pki = Pki::new("ok");
+    let node = tls_node(pki.files("node", false));
+    let mut c = tls_client(node.client, "tina", pki.client()).expect("TLS client connects");
+    publish(node.ingest, b"tina", b"over tls");
+    expect_message(&mut c, b"over tls");
+    // A plaintext client on the TLS port gets nowhere.
+    let plain = Client::connect(ClientConfig::new(node.client.to_string(), token_for("plain")));
+    assert!(plain.is_err(), "a plaintext client on a TLS port must not be welcomed");
+}
+
+#[test]
+fn a_client_that_trusts_another_ca_is_refused() {
+    let (pki, other) = (Pki::new("node-ca"), Pki::new("other-ca"));
+    let node = tls_node(pki.files("node", false));
+    let err = tls_client(node.client, "eve", other.client()).err().expect("must be refused");
+    assert!(err.contains("UnknownIssuer") || err.contains("certificate"), "{err}");
+    // The node keeps serving everyone else.
+    let mut c = tls_client(node.client, "ok", pki.client()).unwrap();
+    publish(node.ingest, b"ok", b"still here");
+    expect_message(&mut c, b"still here");
+}
+
+#[test]
+fn an_expired_certificate_is_refused() {
+    let pki = Pki::new("expired");
+    let node = tls_node(pki.files("old", true));
+    let err = tls_client(node.client, "x", pki.client()).err().expect("must be refused");
+    assert!(err.contains("Expired") || err.contains("expired"), "{err}");
+}
+
+#[test]
+fn a_plaintext_hello_on_a_tls_port_gets_a_clean_close() {
+    let pki = Pki::new("plain");
+    let node = tls_node(pki.files("node", false));
+    let mut s = TcpStream::connect(node.client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let token = token_for("p");
+    let hello = Frame::Hello(f::Hello {
+        min_version: VERSION,
+        max_version: VERSION,
+        token: token.as_bytes(),
+        agent: b"",
+        resume: None,
+    });
+    s.write_all(&hello.to_vec()).unwrap();
+    let t0 = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => continue, // a TLS alert
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("no close within 5 s: {e}"),
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(eventually(|| node.closes("tls_error"), 1), 1);
+}
+
+/// The leaf certificate a TLS handshake with `addr` is shown.
+fn served_cert(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let mut sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut conn = rustls::ClientConnection::new(tls, name).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut sock).unwrap();
+    }
+    conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn write_secret(dir: &Path, name: &str, s: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+#[test]
+fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_the_old_sessions() {
+    let pki = Pki::new("reload");
+    let (cert, key, first) = pki.issue("node", false);
+    let cs = write_secret(&pki.dir, "c", CLIENT_SECRET);
+    let ps = write_secret(&pki.dir, "p", PUBLISHER_SECRET);
+    let node = Proc::spawn(
+        [
+            "node",
+            "--listen",
+            "127.0.0.1:0",
+            "--ingest",
+            "127.0.0.1:0",
+            "--secret-file",
+            cs.to_str().unwrap(),
+            "--publisher-secret-file",
+            ps.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        None,
+    );
+    let addr: SocketAddr = node.after("clients on ").unwrap().parse().unwrap();
+    let ingest: SocketAddr = node.after("ingest on ").unwrap().parse().unwrap();
+    assert_eq!(served_cert(addr, pki.client()), first);
+    let mut old = tls_client(addr, "old", pki.client()).unwrap();
+
+    // A new certificate under the same paths, then SIGHUP.
+    let (_, _, second) = pki.issue("node", false);
+    assert_ne!(first, second);
+    node.signal(libc::SIGHUP);
+    let t0 = Instant::now();
+    while served_cert(addr, pki.client()) != second {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the new certificate is never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    publish(ingest, b"old", b"after reload");
+    expect_message(&mut old, b"after reload");
+
+    // A broken key: refused, and the last good certificate stays in use.
+    std::fs::write(&key, b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n").unwrap();
+    node.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(served_cert(addr, pki.client()), second, "a bad reload must keep the old certificate");
+    let mut fresh = tls_client(addr, "fresh", pki.client()).unwrap();
+    publish(ingest, b"fresh", b"still served");
+    expect_message(&mut fresh, b"still served");
+}
