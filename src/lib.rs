@@ -23,6 +23,8 @@
 //! - [`decision`]: the decision server (heartbeat table, assignment, admin) and its client helpers.
 //! - [`demo`]: `herald demo`, a whole cluster on loopback with simulated traffic.
 //! - [`swarm`]: thousands of simulated clients on one loop (demo and probe).
+//! - [`cert`]: `herald cert`, a development CA and the TLS certificates it
+//!   issues to nodes and decision servers (rcgen).
 //! - [`cli`]: helpers shared by the command-line tools (secrets, durations).
 //! - [`logging`]: the stderr logger behind the [`log`] facade the library logs through.
 //!
@@ -31,6 +33,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cert;
 pub mod cli;
 pub mod client;
 pub mod decision;

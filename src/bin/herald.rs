@@ -1,6 +1,7 @@
 //! `herald`: the command-line front end. Parses arguments and calls into the
 //! library; no logic lives here.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use log::{error, LevelFilter};
 
+use herald::cert::{CertError, DEFAULT_CA_DAYS, DEFAULT_CA_NAME, DEFAULT_LEAF_DAYS};
 use herald::cli::{parse_duration, read_secret};
 use herald::client::{Client, ClientConfig, Event, Publisher};
 use herald::logging;
@@ -89,6 +91,11 @@ enum Cmd {
         /// How long the token is valid: 90s, 30m, 1h, 7d.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: std::time::Duration,
+    },
+    /// Make a development CA and TLS certificates for nodes and decision servers.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
     },
     /// Run a node: accept clients, take messages from publishers, deliver.
     Node(Box<herald::node::cli::NodeArgs>),
@@ -176,6 +183,99 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create a CA: DIR/ca.pem (certificate) and DIR/ca.key (private key, mode 0600).
+    Ca {
+        /// Directory to write into (created if need be).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The CA's name (subject common name).
+        #[arg(long, default_value = DEFAULT_CA_NAME)]
+        name: String,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = DEFAULT_CA_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a certificate signed by a CA: OUT/NAME.pem (leaf, then CA) and OUT/NAME.key (0600).
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// Directory to write into (created if need be).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The node id or server name: subject common name and first DNS name.
+        #[arg(long)]
+        name: String,
+        /// Another DNS name the certificate is valid for (repeatable).
+        #[arg(long, value_name = "NAME")]
+        dns: Vec<String>,
+        /// An IP address the certificate is valid for (repeatable).
+        #[arg(long, value_name = "ADDR")]
+        ip: Vec<IpAddr>,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = DEFAULT_LEAF_DAYS, value_parser = clap::value_parser!(u32).range(1..))]
+        days: u32,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// A CA and a certificate per node and decision server, for localhost (DNS NAME and
+    /// localhost, IP 127.0.0.1).
+    Dev {
+        /// Directory to write into (created if need be).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Node ids.
+        #[arg(long, default_value = "n1,n2", value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Decision server names ('' for none).
+        #[arg(long, default_value = "d1,d2", value_delimiter = ',')]
+        decision: Vec<String>,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn run_cert(cmd: CertCmd) -> ExitCode {
+    let print = |written: Vec<PathBuf>| {
+        for p in written {
+            println!("wrote {}", p.display());
+        }
+    };
+    let r = match cmd {
+        CertCmd::Ca { out, name, days, force } => {
+            herald::cert::new_ca(&name, days).and_then(|ca| ca.save(&out, force)).map(print)
+        }
+        CertCmd::Issue { ca, out, name, dns, ip, days, force } => herald::cert::Ca::load(&ca)
+            .and_then(|ca| ca.issue(&name, &dns, &ip, days))
+            .and_then(|leaf| leaf.save(&out, force))
+            .map(print),
+        CertCmd::Dev { out, nodes, decision, force } => {
+            herald::cert::write_dev_set(&out, &nodes, &decision, force).map(|written| {
+                print(written);
+                println!("{}", herald::cert::dev_hint(&out, &nodes));
+            })
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (CertError::FileExists(_) | CertError::BadName(..))) => {
+            eprintln!("herald cert: {e}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("herald cert: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let code = run(Cli::parse().cmd);
     // Lines still queued for stderr would be lost when the process exits.
@@ -205,6 +305,7 @@ fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
+        Cmd::Cert { cmd } => run_cert(cmd),
         Cmd::Node(a) => herald::node::cli::run_node(*a),
         Cmd::Subscribe { node, user: _, token, count, tls, tls_ca } => {
             let tls = match (tls, tls_ca) {
