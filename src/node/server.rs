@@ -268,7 +268,12 @@ impl Node {
             ("metrics", ports.metrics, self.metrics_addr()),
         ] {
             if let (Some(a), None) = (addr, tls_on(on)) {
-                log::warn!("herald node {id}: the {what} port {a} is plaintext (unencrypted); give --tls-cert/--tls-key for TLS");
+                let how = if self.tls.is_none() {
+                    "give --tls-cert/--tls-key for TLS"
+                } else {
+                    "this version has TLS on the client port only"
+                };
+                log::warn!("herald node {id}: the {what} port {a} is plaintext (unencrypted); {how}");
             }
         }
         let mut listeners = vec![
