@@ -8,7 +8,7 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use super::session::{error_bytes, Client, Event, Session};
 use super::{wire, ClientError};
@@ -20,27 +20,6 @@ const CACHED_TRIES: u32 = 2;
 
 /// Per-decision-server timeout.
 const DECISION_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Small PRNG for backoff jitter.
-pub(super) struct Jitter(u64);
-
-impl Jitter {
-    pub(super) fn new() -> Jitter {
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
-        Jitter(t ^ ((std::process::id() as u64) << 17) | 1)
-    }
-    pub(super) fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    /// A duration uniformly in [d/2, d].
-    pub(super) fn spread(&mut self, d: Duration) -> Duration {
-        let ms = d.as_millis().max(1) as u64;
-        Duration::from_millis(ms / 2 + self.next() % (ms / 2 + 1))
-    }
-}
 
 impl Client {
     /// Sets when to try connecting again (jittered backoff, doubling up to

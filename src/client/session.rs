@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::reconnect::Jitter;
+use super::backoff::Jitter;
 use super::ClientError;
 use crate::protocol::frame::{self as f, Frame};
 use crate::protocol::{self, Channel, Code, Decoded, GoodbyeAction, Position, ResumeResult};
