@@ -116,6 +116,10 @@ pub struct ServerFiles {
     /// Client certificates must chain to this CA (mutual TLS); none: no
     /// client certificate is asked for.
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: a client may also present no certificate at all
+    /// (the ingest port, where publishers have none and mesh peers have
+    /// one); a certificate it presents must still chain to the CA.
+    pub client_cert_optional: bool,
 }
 
 impl ServerFiles {
@@ -127,9 +131,12 @@ impl ServerFiles {
             .with_protocol_versions(&[&rustls::version::TLS13])?;
         let builder = match &self.client_ca {
             Some(ca) => {
-                let v = WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
-                    .build()
-                    .map_err(|e| TlsError::Roots(e.to_string()))?;
+                let mut b =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider());
+                if self.client_cert_optional {
+                    b = b.allow_unauthenticated();
+                }
+                let v = b.build().map_err(|e| TlsError::Roots(e.to_string()))?;
                 builder.with_client_cert_verifier(v)
             }
             None => builder.with_no_client_auth(),
@@ -179,6 +186,30 @@ impl Acceptor {
     pub fn cert_path(&self) -> &Path {
         &self.files.cert
     }
+}
+
+/// The configuration a node dials its mesh peers with: it trusts only the
+/// cluster CA (a peer must prove it is a node of this cluster) and presents
+/// the node's own certificate, so the peer can check its node id in turn.
+pub fn mesh_client_config(cert: &Path, key: &Path, cluster_ca: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(load_roots(cluster_ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Whether the certificate `der` names `name` among its DNS subject
+/// alternative names (how a node's id is bound to its certificate).
+pub fn names(der: &[u8], name: &str) -> bool {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return false };
+    let Ok(Some(san)) = cert.subject_alternative_name() else { return false };
+    san.value
+        .general_names
+        .iter()
+        .any(|g| matches!(g, GeneralName::DNSName(d) if d.eq_ignore_ascii_case(name)))
 }
 
 /// A TLS client configuration trusting the CA certificates in `ca` (PEM),

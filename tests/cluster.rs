@@ -41,6 +41,8 @@ struct Cluster {
     dir: PathBuf,
     decisions: Vec<Member>,
     nodes: Vec<Member>,
+    /// With TLS: every node gets its own certificate from `herald cert dev`.
+    tls: bool,
 }
 
 impl Cluster {
@@ -56,7 +58,7 @@ impl Cluster {
         ] {
             std::fs::write(dir.join(f), s).unwrap();
         }
-        Cluster { dir, decisions: Vec::new(), nodes: Vec::new() }
+        Cluster { dir, decisions: Vec::new(), nodes: Vec::new(), tls: false }
     }
 
     fn start_decision(&mut self) {
@@ -107,7 +109,7 @@ impl Cluster {
             "n2" => "2",
             _ => "1",
         };
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "node",
             "--id",
             id,
@@ -139,6 +141,21 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if self.tls {
+            let (cert, key) = (format!("pki/{id}.pem"), format!("pki/{id}.key"));
+            for a in [
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-ports",
+                "client,ingest",
+                "--cluster-ca",
+                "pki/ca.pem",
+            ] {
+                args.push(a.to_owned());
+            }
+        }
         self.nodes.push(Member::spawn(&args, &self.dir, |l| {
             [
                 after(l, "clients on "),
@@ -481,4 +498,43 @@ fn mesh_links_reopen_after_a_peer_restarts_and_publishers_fail_over() {
     let n1_ingest = c.nodes.last().unwrap().addrs[1].clone();
     publish_until_routed(&n1_ingest, "rs", b"after restart");
     assert_eq!(next_message(&mut cl, Duration::from_secs(5)).as_deref(), Some(&b"after restart"[..]));
+}
+
+/// TLS on both node ports: the nodes dial each other over TLS, each checks
+/// the other's cluster-CA certificate names the node id it claims, and a
+/// publish reaches a TLS client on another node (protocol.md §11).
+#[test]
+fn the_mesh_routes_over_tls_between_nodes_that_verify_each_other() {
+    let mut c = Cluster::new("tls");
+    let pki = c.dir.join("pki");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["cert", "dev", "--out", pki.to_str().unwrap(), "--nodes", "n3,n4", "--decision", ""])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.tls = true;
+    c.start_decision();
+    for id in ["n3", "n4"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(2);
+    let tls = herald::tls::client_config(Some(&pki.join("ca.pem"))).unwrap();
+    let local = |addr: &str| format!("localhost:{}", addr.rsplit(':').next().unwrap());
+    let cfg = ClientConfig {
+        tls: Some(tls.clone()),
+        ..ClientConfig::new(local(&c.node_client(1)), token_for("tess"))
+    };
+    let mut cl = Client::connect(cfg).unwrap();
+    assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
+    let mut p = Publisher::connect_tls(&[local(&c.node_ingest(0))], &pub_credential(), Some(tls)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = p.publish_confirmed(b"tess", b"via the TLS mesh").unwrap();
+        if r.forwarded > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n3 never linked to n4 over TLS");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via the TLS mesh");
 }

@@ -45,7 +45,12 @@ impl Pki {
     /// A certificate for localhost and 127.0.0.1, written as NAME.pem and
     /// NAME.key; returns (cert path, key path, the leaf's DER).
     fn issue(&self, name: &str, expired: bool) -> (PathBuf, PathBuf, Vec<u8>) {
-        let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        self.issue_for(name, &["localhost"], expired)
+    }
+
+    /// A certificate whose DNS names are `dns` (plus IP 127.0.0.1).
+    fn issue_for(&self, name: &str, dns: &[&str], expired: bool) -> (PathBuf, PathBuf, Vec<u8>) {
+        let mut p = CertificateParams::new(dns.iter().map(|d| d.to_string()).collect::<Vec<_>>()).unwrap();
         p.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
         if expired {
             p.not_before = rcgen::date_time_ymd(2020, 1, 1);
@@ -61,7 +66,7 @@ impl Pki {
 
     fn files(&self, name: &str, expired: bool) -> ServerFiles {
         let (cert, key, _) = self.issue(name, expired);
-        ServerFiles { cert, key, client_ca: None }
+        ServerFiles { cert, key, client_ca: None, client_cert_optional: false }
     }
 
     fn client(&self) -> Arc<rustls::ClientConfig> {
@@ -228,4 +233,90 @@ fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_the_old_sessions
     let mut fresh = tls_client(addr, "fresh", pki.client()).unwrap();
     publish(ingest, b"fresh", b"still served");
     expect_message(&mut fresh, b"still served");
+}
+
+/// A node whose client and ingest ports both speak TLS, mesh peers verified
+/// against `pki`'s CA.
+fn tls_ingest_node(pki: &Pki) -> TestNode {
+    let (cert, key, _) = pki.issue("node", false);
+    TestNode::start(herald::node::Config {
+        tls: Some(ServerFiles { cert, key, client_ca: None, client_cert_optional: false }),
+        tls_ports: herald::node::TlsPorts { client: true, ingest: true, metrics: false },
+        cluster_ca: Some(pki.ca_pem.clone()),
+        cluster_secret: CLUSTER.to_vec(),
+        ..test_config()
+    })
+}
+
+const CLUSTER: &[u8] = b"cluster-secret-for-tls-tests";
+
+#[test]
+fn a_publisher_over_tls_reaches_a_tls_client() {
+    let pki = Pki::new("ingest");
+    let node = tls_ingest_node(&pki);
+    let mut c = tls_client(node.client, "pat", pki.client()).unwrap();
+    let ingest = format!("localhost:{}", node.ingest.port());
+    let mut p = Publisher::connect_tls(&[ingest], &pub_credential(), Some(pki.client())).unwrap();
+    p.publish(b"pat", b"tls both ways").unwrap();
+    p.flush().unwrap();
+    expect_message(&mut c, b"tls both ways");
+    // A plaintext publisher on the TLS ingest port gets nowhere.
+    assert!(Publisher::connect(&node.ingest.to_string(), &pub_credential()).is_err());
+}
+
+/// Sends PEER_HELLO claiming `claim` over TLS to the ingest port, with the
+/// client certificate `cert` (none: no certificate); returns the frame type
+/// and code of the answer.
+fn peer_hello_over_tls(
+    pki: &Pki,
+    ingest: SocketAddr,
+    cert: Option<(&Path, &Path)>,
+    claim: &str,
+) -> (u8, Option<herald::protocol::Code>) {
+    let cfg = match cert {
+        Some((c, k)) => herald::tls::mesh_client_config(c, k, &pki.ca_pem).unwrap(),
+        None => pki.client(),
+    };
+    let sock = TcpStream::connect(ingest).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = rustls::StreamOwned::new(rustls::ClientConnection::new(cfg, name).unwrap(), sock);
+    let hello = Frame::PeerHello(f::PeerHello {
+        min_version: VERSION,
+        max_version: VERSION,
+        node_id: claim.as_bytes(),
+        incarnation: 1,
+        nonce: [7; 16],
+    });
+    s.write_all(&hello.to_vec()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Ok(herald::protocol::Decoded::Frame(fr, _)) =
+            herald::protocol::decode(&buf, herald::protocol::Channel::FromIngest)
+        {
+            return match fr {
+                Frame::Error(e) => (f::ty::ERROR, Some(e.code)),
+                other => (other.frame_type(), None),
+            };
+        }
+        let n = s.read(&mut chunk).expect("an answer");
+        assert!(n > 0, "closed without an answer");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn a_mesh_peer_must_hold_a_cluster_certificate_for_the_node_id_it_claims() {
+    let pki = Pki::new("mesh");
+    let node = tls_ingest_node(&pki);
+    let (a0_cert, a0_key, _) = pki.issue_for("a0", &["a0"], false);
+    let a0 = Some((a0_cert.as_path(), a0_key.as_path()));
+    // The right certificate: the handshake goes on (PEER_WELCOME).
+    assert_eq!(peer_hello_over_tls(&pki, node.ingest, a0, "a0"), (f::ty::PEER_WELCOME, None));
+    // A certificate for a0 claiming to be n2: refused.
+    let refused = (f::ty::ERROR, Some(herald::protocol::Code::AuthFailed));
+    assert_eq!(peer_hello_over_tls(&pki, node.ingest, a0, "n2"), refused);
+    // No certificate at all (as a publisher would connect): refused as a peer.
+    assert_eq!(peer_hello_over_tls(&pki, node.ingest, None, "a0"), refused);
 }

@@ -141,6 +141,12 @@ enum Cmd {
         /// Ask the node for a result and print it.
         #[arg(long)]
         confirm: bool,
+        /// Connect over TLS, trusting the system's CA certificates.
+        #[arg(long)]
+        tls: bool,
+        /// Connect over TLS, trusting the CA certificates in this PEM file.
+        #[arg(long)]
+        tls_ca: Option<std::path::PathBuf>,
     },
     /// Run a decision server: tell clients which node to use.
     Decision(herald::decision::cli::DecisionArgs),
@@ -353,7 +359,17 @@ fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
-        Cmd::Publish { node, user, message, credential, publisher_secret_file, confirm } => {
+        Cmd::Publish { node, user, message, credential, publisher_secret_file, confirm, tls, tls_ca } => {
+            let tls = match (tls, tls_ca) {
+                (false, None) => None,
+                (_, ca) => match herald::tls::client_config(ca.as_deref()) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        eprintln!("herald publish: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
             let cred = match (credential, publisher_secret_file) {
                 (Some(c), _) => c,
                 (None, Some(f)) => match read_secret(&f) {
@@ -369,7 +385,7 @@ fn run(cmd: Cmd) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let r = Publisher::connect(&node, &cred).and_then(|mut p| {
+            let r = Publisher::connect_tls(std::slice::from_ref(&node), &cred, tls).and_then(|mut p| {
                 if confirm {
                     let r = p.publish_confirmed(user.as_bytes(), message.as_bytes())?;
                     println!(

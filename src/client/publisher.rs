@@ -7,7 +7,8 @@
 //! subscribing clients (see `session`).
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::net::ToSocketAddrs;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{wire, ClientError};
@@ -23,7 +24,9 @@ use crate::protocol::{self, limits, Channel, Decoded, VERSION};
 /// plain write; where that matters use [`Publisher::publish_confirmed`],
 /// which waits for the node's PUB_RESULT.
 pub struct Publisher {
-    sock: TcpStream,
+    sock: wire::Stream,
+    /// TLS to the ingest port, if any.
+    tls: Option<Arc<rustls::ClientConfig>>,
     wbuf: Vec<u8>,
     rbuf: Vec<u8>,
     node_id: String,
@@ -53,9 +56,19 @@ impl Publisher {
     /// Connects to the first node of `nodes` that accepts, and fails over
     /// between them afterwards.
     pub fn connect_any(nodes: &[String], credential: &str) -> Result<Publisher, ClientError> {
+        Publisher::connect_tls(nodes, credential, None)
+    }
+
+    /// [`Publisher::connect_any`] over TLS when `tls` is given: each node's
+    /// certificate is verified for the host of its endpoint (protocol.md §11).
+    pub fn connect_tls(
+        nodes: &[String],
+        credential: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Publisher, ClientError> {
         let mut last = ClientError::NoNode;
         for (i, n) in nodes.iter().enumerate() {
-            match Publisher::open(n, credential) {
+            match Publisher::open(n, credential, tls.clone()) {
                 Ok(mut p) => {
                     p.nodes = nodes.to_vec();
                     p.current = i;
@@ -80,7 +93,7 @@ impl Publisher {
         for step in 1..=n.max(1) {
             let i = (self.current + step) % n.max(1);
             let Some(addr) = self.nodes.get(i) else { break };
-            match Publisher::open(addr, &self.credential) {
+            match Publisher::open(addr, &self.credential, self.tls.clone()) {
                 Ok(p) => {
                     self.sock = p.sock;
                     self.rbuf = p.rbuf;
@@ -95,9 +108,13 @@ impl Publisher {
         Err(last)
     }
 
-    fn open(addr: &str, credential: &str) -> Result<Publisher, ClientError> {
+    fn open(
+        addr: &str,
+        credential: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Publisher, ClientError> {
         let a = addr.to_socket_addrs()?.next().ok_or(ClientError::NoNode)?;
-        let mut sock = wire::dial(&a, CONNECT_TIMEOUT)?;
+        let mut sock = wire::dial_stream(&a, addr, CONNECT_TIMEOUT, tls.as_ref())?;
         let hello = Frame::PubHello(f::PubHello {
             min_version: VERSION,
             max_version: VERSION,
@@ -109,6 +126,7 @@ impl Publisher {
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut p = Publisher {
             sock,
+            tls,
             wbuf: Vec::with_capacity(PUB_FLUSH_AT + 1024),
             rbuf: Vec::new(),
             node_id: String::new(),

@@ -53,6 +53,11 @@ impl Stream {
         self.tcp().set_read_timeout(t)
     }
 
+    /// See [`TcpStream::set_nonblocking`].
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.tcp().set_nonblocking(on)
+    }
+
     /// See [`TcpStream::set_write_timeout`].
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.tcp().set_write_timeout(t)
@@ -138,6 +143,9 @@ pub(super) fn dial_stream(
             _ => e,
         })?;
     }
+    // The handshake's deadline only: the caller sets its own timeouts.
+    t.sock.set_read_timeout(None)?;
+    t.sock.set_write_timeout(None)?;
     Ok(Stream::Tls(Box::new(t)))
 }
 

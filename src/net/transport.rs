@@ -68,6 +68,11 @@ impl Transport {
         Ok(Transport::Tls(Box::new(Tls { sock, conn: conn.into() })))
     }
 
+    /// Whether this is a TLS session.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::Tls(_))
+    }
+
     /// Whether TLS output (handshake or records) waits to be written.
     #[inline]
     pub fn wants_write(&self) -> bool {

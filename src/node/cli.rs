@@ -102,6 +102,17 @@ pub struct NodeArgs {
     /// Mutual TLS: clients must present a certificate that chains to this CA (PEM).
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
+    /// Which ports speak TLS with --tls-cert: `client`, `ingest`, or both
+    /// (comma-separated). A TLS ingest port takes publishers with or
+    /// without a certificate and requires --cluster-ca for mesh peers;
+    /// every node of a cluster must agree.
+    #[arg(long, value_delimiter = ',', default_value = "client", requires = "tls_cert")]
+    pub tls_ports: Vec<String>,
+    /// The CA every mesh peer's certificate must chain to; a peer's node id
+    /// must be a DNS name of its certificate (both ways), on top of the
+    /// cluster secret's HMAC challenge.
+    #[arg(long, requires = "tls_cert")]
+    pub cluster_ca: Option<PathBuf>,
     /// Least severe messages logged: error, warn, info, debug or trace. At
     /// info the first line names the bound addresses (tools read it); warn
     /// and error leave it out, trace puts mio's lines before it.
@@ -176,11 +187,24 @@ impl NodeArgs {
             advertise_ingest: self.advertise_ingest.clone(),
             heartbeat_interval: self.heartbeat_interval.0,
             threads: self.threads,
+            tls_ports: {
+                let mut p = super::TlsPorts { client: false, ingest: false, metrics: false };
+                for port in &self.tls_ports {
+                    match port.as_str() {
+                        "client" => p.client = true,
+                        "ingest" => p.ingest = true,
+                        other => return Err(format!("--tls-ports: {other}: must be client or ingest")),
+                    }
+                }
+                p
+            },
+            cluster_ca: self.cluster_ca.clone(),
             tls: match (&self.tls_cert, &self.tls_key) {
                 (Some(cert), Some(key)) => Some(crate::tls::ServerFiles {
                     cert: cert.clone(),
                     key: key.clone(),
                     client_ca: self.client_ca.clone(),
+                    client_cert_optional: false,
                 }),
                 _ => None,
             },
@@ -246,24 +270,29 @@ fn node_main(a: &NodeArgs) -> ExitCode {
 /// certificate in use.
 fn handle_signals(
     stop: super::ShutdownHandle,
-    tls: Option<crate::tls::Acceptor>,
+    tls: Vec<crate::tls::Acceptor>,
     id: String,
 ) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new().name("herald-signals".into()).spawn(move || {
         for sig in signals.forever() {
-            match (sig, &tls) {
-                (SIGHUP, Some(tls)) => match tls.reload() {
+            if sig != SIGHUP {
+                stop.trigger();
+                continue;
+            }
+            if tls.is_empty() {
+                info!("herald node {id}: SIGHUP: no TLS certificate to reload");
+            }
+            for t in &tls {
+                match t.reload() {
                     Ok(()) => {
-                        info!("herald node {id}: reloaded the TLS certificate {}", tls.cert_path().display())
+                        info!("herald node {id}: reloaded the TLS certificate {}", t.cert_path().display())
                     }
                     Err(e) => {
                         error!("herald node {id}: TLS reload refused, the old certificate stays in use: {e}")
                     }
-                },
-                (SIGHUP, None) => info!("herald node {id}: SIGHUP: no TLS certificate to reload"),
-                _ => stop.trigger(),
+                }
             }
         }
     })?;

@@ -91,6 +91,9 @@ pub struct Config {
     pub tls: Option<crate::tls::ServerFiles>,
     /// Which ports speak TLS when [`Config::tls`] is given.
     pub tls_ports: TlsPorts,
+    /// The CA mesh peers' certificates must chain to (needed with TLS on
+    /// the ingest port when the node is in a cluster).
+    pub cluster_ca: Option<std::path::PathBuf>,
     /// Tests only: the loop with this id (1..N) panics when it is handed a
     /// client; 0 never.
     #[cfg(test)]
@@ -126,6 +129,7 @@ impl Default for Config {
             threads: 1,
             tls: None,
             tls_ports: TlsPorts::default(),
+            cluster_ca: None,
             #[cfg(test)]
             fail_on_adopt: 0,
         }

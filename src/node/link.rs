@@ -22,6 +22,7 @@ use super::cluster::random_nonce;
 use super::config::Config;
 use super::conn::{listener, Link, LinkPhase, Peer};
 use super::mesh::{self, Presence};
+use crate::tls;
 
 /// What spans the node's mesh links.
 #[derive(Default)]
@@ -38,12 +39,19 @@ pub struct Mesh {
     pub incarnation: u64,
     /// This node's id (for log lines).
     node_id: String,
+    /// With TLS on the ingest port: how to dial peers (trusting the cluster
+    /// CA, presenting this node's certificate).
+    dial_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl Mesh {
     /// The mesh of node `node_id`, started at `incarnation`.
-    pub fn new(node_id: &str, incarnation: u64) -> Mesh {
-        Mesh { incarnation, node_id: node_id.to_owned(), ..Mesh::default() }
+    pub fn new(
+        node_id: &str,
+        incarnation: u64,
+        dial_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Mesh {
+        Mesh { incarnation, node_id: node_id.to_owned(), dial_tls, ..Mesh::default() }
     }
 
     /// Whether a link to `peer` exists that stops another dial to it.
@@ -69,6 +77,20 @@ impl Mesh {
                 return Flow::Stop;
             }
         };
+        // On a TLS ingest port a peer must also hold a cluster-CA certificate
+        // (the handshake checked the chain) that names the node it claims.
+        if let Some(c) = conns.get(id).filter(|c| c.io.is_tls()) {
+            let claimed = String::from_utf8_lossy(h.node_id);
+            let named =
+                c.io.peer_certificates()
+                    .and_then(|certs| certs.first())
+                    .is_some_and(|leaf| tls::names(leaf, &claimed));
+            if !named {
+                let msg = format!("a mesh peer must present a cluster certificate naming {claimed}");
+                conns.fail(id, Code::AuthFailed, &msg, now);
+                return Flow::Stop;
+            }
+        }
         let nonce_a = random_nonce();
         let me = cfg.node_id.as_bytes();
         let tag = sign::peer_acceptor_tag(&cfg.cluster_secret, &h.nonce, &nonce_a, h.node_id, me);
@@ -273,8 +295,22 @@ impl Mesh {
             return;
         }
         let nonce_i = random_nonce();
+        let sock = TcpStream::from_std(stream);
+        let io = match &self.dial_tls {
+            None => Transport::plain(sock),
+            // The peer's certificate must name its node id.
+            Some(t) => match rustls_pki_types::ServerName::try_from(peer.clone())
+                .map_err(std::io::Error::other)
+                .and_then(|name| Transport::tls_client(sock, t.clone(), name))
+            {
+                Ok(io) => io,
+                Err(e) => {
+                    log::warn!("herald node {}: cannot dial {peer} over TLS: {e}", self.node_id);
+                    return;
+                }
+            },
+        };
         let link = Link::new(peer, nonce_i, [0; 16], true);
-        let io = Transport::plain(TcpStream::from_std(stream));
         let id = conns.insert(io, Peer::Link(Box::new(link)), listener::INGEST, now);
         self.links.push(id);
         if let Some(out) = conns.queue(id) {

@@ -11,7 +11,7 @@ use mio::net::TcpListener;
 use mio::{Poll, Waker};
 
 use crate::net::{self, EventLoop, Listener};
-use crate::tls::Acceptor;
+use crate::tls::{self, Acceptor, ServerFiles};
 
 use super::cluster::{self, Heartbeater};
 use super::config::{Config, MAX_THREADS};
@@ -66,8 +66,13 @@ pub struct Node {
     handle: ShutdownHandle,
     /// Polls of loops 1..N.
     others: Vec<Poll>,
-    /// The node's TLS, if any (shared by its TLS ports; reloadable).
+    /// The client port's TLS, if any (reloadable).
     tls: Option<Acceptor>,
+    /// The ingest port's TLS, if any: publishers with or without a
+    /// certificate, mesh peers with a cluster-CA one (reloadable).
+    ingest_tls: Option<Acceptor>,
+    /// How this node dials its mesh peers over TLS.
+    mesh_tls: Option<Arc<rustls::ClientConfig>>,
     cfg: Config,
 }
 
@@ -85,14 +90,7 @@ impl Node {
         if cfg.threads == 0 || cfg.threads > MAX_THREADS {
             return Err(NodeError::Config(format!("threads must be 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
-        if cfg.tls.is_some() && (cfg.tls_ports.ingest || cfg.tls_ports.metrics) {
-            return Err(NodeError::Config(
-                "TLS is implemented on the client port only so far; the ingest and metrics ports stay plaintext \
-                 (mesh links do not dial with TLS yet)"
-                    .into(),
-            ));
-        }
-        let tls = cfg.tls.clone().map(Acceptor::load).transpose().map_err(NodeError::Tls)?;
+        let (tls, ingest_tls, mesh_tls) = Node::load_tls(&cfg)?;
         let poll = Poll::new().map_err(NodeError::Setup)?;
         let client_l = bind("client", cfg.listen)?;
         let ingest_l = bind("ingest", cfg.ingest)?;
@@ -111,7 +109,44 @@ impl Node {
             waker,
             others: other_wakers,
         };
-        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, others, tls, cfg })
+        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, others, tls, ingest_tls, mesh_tls, cfg })
+    }
+
+    /// The TLS of the client port, of the ingest port, and of mesh dials.
+    #[allow(clippy::type_complexity)]
+    fn load_tls(
+        cfg: &Config,
+    ) -> Result<(Option<Acceptor>, Option<Acceptor>, Option<Arc<rustls::ClientConfig>>), NodeError> {
+        let Some(files) = &cfg.tls else { return Ok((None, None, None)) };
+        let ports = cfg.tls_ports;
+        if ports.metrics {
+            return Err(NodeError::Config(
+                "TLS on the metrics port is not implemented in this version".into(),
+            ));
+        }
+        let client =
+            if ports.client { Some(Acceptor::load(files.clone()).map_err(NodeError::Tls)?) } else { None };
+        if !ports.ingest {
+            return Ok((client, None, None));
+        }
+        if !cfg.decision.is_empty() && cfg.cluster_ca.is_none() {
+            return Err(NodeError::Config(
+                "TLS on the ingest port of a cluster member needs --cluster-ca (mesh peers are verified against it)"
+                    .into(),
+            ));
+        }
+        let ingest = ServerFiles {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            client_ca: cfg.cluster_ca.clone(),
+            client_cert_optional: true,
+        };
+        let ingest = Acceptor::load(ingest).map_err(NodeError::Tls)?;
+        let mesh = match &cfg.cluster_ca {
+            Some(ca) => Some(tls::mesh_client_config(&files.cert, &files.key, ca).map_err(NodeError::Tls)?),
+            None => None,
+        };
+        Ok((client, Some(ingest), mesh))
     }
 
     /// The bound client address.
@@ -128,8 +163,8 @@ impl Node {
     }
     /// The node's TLS, to reload its certificate (e.g. on SIGHUP):
     /// [`Acceptor::reload`] keeps the old one if the new files are bad.
-    pub fn tls(&self) -> Option<Acceptor> {
-        self.tls.clone()
+    pub fn tls(&self) -> Vec<Acceptor> {
+        self.tls.iter().chain(self.ingest_tls.iter()).cloned().collect()
     }
 
     /// A handle that makes [`Node::run`] drain and return.
@@ -153,7 +188,7 @@ impl Node {
             shared: shared.shared.clone(),
             role,
             sessions: Sessions::new(&self.cfg, id, self.cfg.threads, shared.seed),
-            mesh: Mesh::new(&self.cfg.node_id, shared.incarnation),
+            mesh: Mesh::new(&self.cfg.node_id, shared.incarnation, self.mesh_tls.clone()),
             m: Metrics::default(),
             turn: Turn::new(now),
             unix: 0,
@@ -259,31 +294,29 @@ impl Node {
         };
         let control = Control { tx: ctl_tx, rx: ctl_rx, waker: self.handle.waker.clone() };
         let roles = self.roles(0, &common, role, Some(hb), Some(control));
-        let tls_on = |on: bool| if on { self.tls.clone() } else { None };
-        let ports = self.cfg.tls_ports;
         let id = &self.cfg.node_id;
-        for (what, on, addr) in [
-            ("client", ports.client, Some(self.client_addr())),
-            ("ingest", ports.ingest, Some(self.ingest_addr())),
-            ("metrics", ports.metrics, self.metrics_addr()),
+        for (what, tls, addr) in [
+            ("client", &self.tls, Some(self.client_addr())),
+            ("ingest", &self.ingest_tls, Some(self.ingest_addr())),
+            ("metrics", &None, self.metrics_addr()),
         ] {
-            if let (Some(a), None) = (addr, tls_on(on)) {
+            if let (Some(a), None) = (addr, tls) {
                 let how = if self.tls.is_none() {
                     "give --tls-cert/--tls-key for TLS"
                 } else {
-                    "this version has TLS on the client port only"
+                    "it is not in --tls-ports (metrics: no TLS in this version)"
                 };
                 log::warn!("herald node {id}: the {what} port {a} is plaintext (unencrypted); {how}");
             }
         }
         let mut listeners = vec![
-            Listener { sock: self.client_l, cap: usize::MAX, tls: tls_on(ports.client) },
-            Listener { sock: self.ingest_l, cap: usize::MAX, tls: tls_on(ports.ingest) },
+            Listener { sock: self.client_l, cap: usize::MAX, tls: self.tls.clone() },
+            Listener { sock: self.ingest_l, cap: usize::MAX, tls: self.ingest_tls.clone() },
         ];
         if let Some(m) = self.metrics_l {
             // The metrics port is for a scraper or two: a flood of
             // connections must not use up the descriptors clients need.
-            listeners.push(Listener { sock: m, cap: MAX_HTTP_CONNS, tls: tls_on(ports.metrics) });
+            listeners.push(Listener { sock: m, cap: MAX_HTTP_CONNS, tls: None });
         }
         let r = EventLoop::new(self.poll, listeners, roles, limits).and_then(|mut l| l.run());
         if r.is_err() {
