@@ -320,3 +320,24 @@ fn a_mesh_peer_must_hold_a_cluster_certificate_for_the_node_id_it_claims() {
     // No certificate at all (as a publisher would connect): refused as a peer.
     assert_eq!(peer_hello_over_tls(&pki, node.ingest, None, "a0"), refused);
 }
+
+/// With several event loops, loop 0 hands each TLS session (rustls state
+/// and all) to the loop that owns its user.
+#[test]
+fn tls_sessions_are_handed_to_the_loop_that_owns_the_user() {
+    let pki = Pki::new("threads");
+    let node = TestNode::start(herald::node::Config {
+        tls: Some(pki.files("node", false)),
+        threads: 3,
+        ..test_config()
+    });
+    for id in 0..3 {
+        let user = (0..)
+            .map(|i| format!("lp{i}"))
+            .find(|u| herald::node::shard::owner(u.as_bytes(), 3) == id)
+            .unwrap();
+        let mut c = tls_client(node.client, &user, pki.client()).unwrap();
+        publish(node.ingest, user.as_bytes(), b"on its own loop");
+        expect_message(&mut c, b"on its own loop");
+    }
+}
