@@ -12,7 +12,11 @@ Written from protocol.md alone (no look at the Rust sources). Contents:
 * ``Publisher``: the publisher side of publisher <-> node (§5);
 * ``ask_decision``: ASSIGN_REQUEST / ASSIGNMENT / NO_CAPACITY (§7.1);
 * tokens (§9): ``mint``, ``mint_ttl``, ``verify_token``; signed frames (§2.5)
-  and the mesh tags (§6.2, §6.3).
+  and the mesh tags (§6.2, §6.3);
+* TLS on the client port (§11), with the standard ``ssl`` module: ``tls_context``
+  (TLS 1.3 only, ALPN ``herald/1``, the node's certificate verified against a CA
+  file or the system store, for the host of the endpoint dialled) and
+  ``Client(..., tls=...)``. Plaintext stays the default.
 
 Python 3.11, standard library only.
 """
@@ -25,7 +29,9 @@ import hashlib
 import hmac
 import os
 import random
+import re
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass, field
@@ -168,6 +174,31 @@ class RemoteError(Exception):
 
 class ConnectionClosed(Exception):
     """EOF, I/O error, keepalive timeout or handshake timeout."""
+
+
+class TLSError(ConnectionClosed):
+    """The TLS session to the node could not be set up, or does not meet §11: the
+    certificate failed verification (``verify_failed``; ``verify_message`` says why),
+    the node sent an alert (``reason``, e.g. ``TLSV1_ALERT_PROTOCOL_VERSION``), the
+    handshake timed out or was cut, or the version is not TLS 1.3 / the ALPN protocol
+    is not ``herald/1``. No HELLO was sent on such a session (§11)."""
+
+    def __init__(self, message: str, *, reason: Optional[str] = None, verify_failed: bool = False,
+                 verify_message: Optional[str] = None):
+        self.reason = reason
+        self.verify_failed = verify_failed
+        self.verify_message = verify_message
+        super().__init__(message)
+
+
+class TLSPortError(ConnectionClosed):
+    """A plaintext connection heard a TLS alert record where it expected a frame: the
+    port speaks TLS (§11). Connect with ``tls=``. ``alert`` is the alert description
+    code when it was received whole (50 decode_error, 70 protocol_version, ...)."""
+
+    def __init__(self, message: str, alert: Optional[int] = None):
+        self.alert = alert
+        super().__init__(message)
 
 
 # ---------------------------------------------------------------------------
@@ -522,6 +553,102 @@ def verify_token(secret: bytes, token: bytes | str, now: Optional[int] = None) -
 
 
 # ---------------------------------------------------------------------------
+# TLS (§11)
+# ---------------------------------------------------------------------------
+
+ALPN_PROTOCOL = "herald/1"
+TLS_VERSION = "TLSv1.3"
+# TLS alert descriptions (RFC 8446 §6), for messages
+TLS_ALERTS = {0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac",
+              40: "handshake_failure", 42: "bad_certificate", 45: "certificate_expired",
+              46: "certificate_unknown", 48: "unknown_ca", 50: "decode_error",
+              70: "protocol_version", 80: "internal_error", 112: "unrecognized_name",
+              116: "certificate_required", 120: "no_application_protocol"}
+
+
+def tls_context(cafile: Optional[str] = None, *, capath: Optional[str] = None,
+                cadata: Optional[str | bytes] = None, certfile: Optional[str] = None,
+                keyfile: Optional[str] = None) -> ssl.SSLContext:
+    """A client context per §11: TLS 1.3 only; ALPN ``herald/1`` offered; the node's
+    chain verified up to the trust anchors -- ``cafile`` / ``capath`` / ``cadata``
+    when given (only those), else the system's CA store -- with its validity period;
+    the host checked against the certificate's DNS names (IP addresses for an IP
+    literal; no fallback to the subject common name). ``certfile`` / ``keyfile``: a
+    client certificate for a node that asks for one (mutual TLS, §11)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile, capath=capath,
+                                     cadata=cadata)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.hostname_checks_common_name = False
+    ctx.set_alpn_protocols([ALPN_PROTOCOL])
+    if certfile is not None:
+        ctx.load_cert_chain(certfile, keyfile)
+    return ctx
+
+
+def as_tls_context(tls) -> Optional[ssl.SSLContext]:
+    """``tls`` as an SSLContext: None / False -> plaintext; True -> ``tls_context()``
+    (system CA store); a str / path -> ``tls_context(cafile=tls)``; an SSLContext is
+    used as given (the TLS 1.3 and ALPN checks after the handshake still apply)."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return tls_context()
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if isinstance(tls, (str, bytes, os.PathLike)):
+        return tls_context(os.fsdecode(tls))
+    raise TypeError(f"tls must be None, a bool, a CA file or an ssl.SSLContext, not {type(tls).__name__}")
+
+
+def _ssl_reason(e: ssl.SSLError) -> Optional[str]:
+    """OpenSSL reason from the message when Python has no name for it, e.g.
+    "[SSL] tlsv1 alert no application protocol (_ssl.c:1006)" ->
+    "TLSV1_ALERT_NO_APPLICATION_PROTOCOL"."""
+    text = e.args[1] if len(e.args) > 1 and isinstance(e.args[1], str) else str(e)
+    m = re.match(r"\s*(?:\[\w+\]\s*)?(.*?)\s*(?:\(_ssl\.c:\d+\))?\s*$", text)
+    words = m.group(1) if m else ""
+    return "_".join(words.upper().split()) or None
+
+
+def tls_handshake(sock: socket.socket, ctx: ssl.SSLContext, host: str,
+                  timeout: float) -> ssl.SSLSocket:
+    """Run the §11 handshake on a connected TCP socket: SNI / verification for ``host``
+    (the host part of the endpoint dialled), then insist on TLS 1.3 and, if ALPN was
+    negotiated at all, on ``herald/1``. Raises TLSError (the socket is closed)."""
+    sock.settimeout(timeout)
+    try:
+        tsock = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    except (ssl.SSLError, ValueError) as e:
+        sock.close()
+        raise TLSError(f"TLS setup for {host!r}: {e}") from e
+    try:
+        tsock.do_handshake()
+    except ssl.SSLCertVerificationError as e:
+        tsock.close()
+        raise TLSError(f"TLS: the certificate of {host!r} failed verification: "
+                       f"{e.verify_message}", reason=e.reason, verify_failed=True,
+                       verify_message=e.verify_message) from e
+    except ssl.SSLError as e:
+        tsock.close()
+        reason = e.reason or _ssl_reason(e)
+        raise TLSError(f"TLS handshake with {host!r} failed: {reason or e}", reason=reason) from e
+    except (socket.timeout, TimeoutError) as e:
+        tsock.close()
+        raise TLSError(f"TLS handshake with {host!r} timed out", reason="TIMEOUT") from e
+    except OSError as e:
+        tsock.close()
+        raise TLSError(f"TLS handshake with {host!r}: {e}", reason="IO_ERROR") from e
+    version, alpn = tsock.version(), tsock.selected_alpn_protocol()
+    if version != TLS_VERSION or alpn not in (None, ALPN_PROTOCOL):
+        tsock.close()  # never send HELLO on such a session
+        raise TLSError(f"TLS session with {host!r} is {version}, ALPN {alpn!r}; "
+                       f"need {TLS_VERSION} and {ALPN_PROTOCOL!r}", reason="POLICY")
+    return tsock
+
+
+# ---------------------------------------------------------------------------
 # Framed connection (§2.4 receive loop)
 # ---------------------------------------------------------------------------
 
@@ -536,7 +663,8 @@ def parse_endpoint(ep: str | bytes) -> tuple[str, int]:
 
 
 class FrameConn:
-    """One TCP connection: frames out, frames in (checked against ``rx_channel``)."""
+    """One TCP (or TLS, §11) connection: frames out, frames in (checked against
+    ``rx_channel``). ``tls_version`` / ``alpn``: of the TLS session, None in plaintext."""
 
     def __init__(self, sock: socket.socket, rx_channel: str, tx_channel: str):
         self.sock = sock
@@ -545,12 +673,22 @@ class FrameConn:
         self.buf = bytearray()
         self.last_rx = time.monotonic()
         self.closed = False
+        self.frames_in = 0
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls_version = sock.version() if self.tls else None
+        self.alpn = sock.selected_alpn_protocol() if self.tls else None
 
     @classmethod
-    def open(cls, endpoint, rx: str, tx: str, timeout: float = 2.0) -> "FrameConn":
+    def open(cls, endpoint, rx: str, tx: str, timeout: float = 2.0, tls=None) -> "FrameConn":
+        """Connect to ``endpoint`` (``host:port`` or a (host, port) tuple); with ``tls``
+        (see ``as_tls_context``) run the TLS handshake, verifying the certificate for
+        the endpoint's host, within ``timeout``."""
         host, port = parse_endpoint(endpoint) if not isinstance(endpoint, tuple) else endpoint
+        ctx = as_tls_context(tls)
         sock = socket.create_connection((host, port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is not None:
+            sock = tls_handshake(sock, ctx, host, timeout)
         return cls(sock, rx, tx)
 
     def send_raw(self, data: bytes, timeout: float = 5.0) -> None:
@@ -585,6 +723,14 @@ class FrameConn:
 
     def _parse_one(self, allowed) -> Optional[Frame]:
         b = self.buf
+        if not self.tls and self.frames_in == 0 and len(b) >= 2 and b[0] == 0x15 and b[1] == 0x03:
+            # A TLS alert record (content type 21, version 3.x) where the first frame
+            # should be: a TLS port (§11). No frame can start so (length >= 0x15000000).
+            # Not a frame error: send no ERROR into a TLS port.
+            alert = b[6] if len(b) >= 7 and b[3:5] == b"\x00\x02" else None
+            self.close()
+            name = TLS_ALERTS.get(alert, f"alert {alert}") if alert is not None else "an alert"
+            raise TLSPortError(f"the port answered with a TLS {name}: it speaks TLS (§11)", alert)
         if len(b) < 4:
             return None
         length = struct.unpack(">I", b[:4])[0]
@@ -594,6 +740,7 @@ class FrameConn:
             return None
         raw = bytes(b[:4 + length])
         del b[:4 + length]
+        self.frames_in += 1
         return Frame(raw[4], decode_body(raw[4], raw[5:]), raw)
 
     def send_error(self, code: int, message: str = "") -> None:
@@ -676,12 +823,20 @@ class Client:
     3 x heartbeat_ms as dead. Protocol violations by the node are answered with ERROR
     (§2.4) and raised as HeraldError; an ERROR from the node raises RemoteError; EOF or
     I/O errors raise ConnectionClosed. ``position`` survives ``close``.
+
+    TLS (§11): ``tls`` is None (plaintext, the default), an ``ssl.SSLContext`` (e.g.
+    from ``tls_context``), a CA file, or True for the system CA store. Every connect,
+    including one to a GOODBYE target, verifies the node's certificate for the host
+    of the endpoint dialled; a failed handshake raises TLSError before any HELLO. A
+    plaintext client that reaches a TLS port raises TLSPortError.
     """
 
     def __init__(self, endpoint: str, token: str | bytes, *, agent: str = "herald-py/0.1",
                  position: Optional[tuple[int, int]] = None, connect_timeout: float = 2.0,
-                 handshake_timeout: float = 10.0, min_version: int = 1, max_version: int = 1):
+                 handshake_timeout: float = 10.0, min_version: int = 1, max_version: int = 1,
+                 tls=None):
         self.endpoint = endpoint
+        self.tls = as_tls_context(tls)
         self.token = _b(token)
         self.agent = _b(agent)
         self.position = position  # (epoch, seq) of the last message accounted for
@@ -699,7 +854,7 @@ class Client:
         if endpoint is not None:
             self.endpoint = endpoint
         self.close()
-        conn = FrameConn.open(self.endpoint, "ToClient", "ToNode", self.connect_timeout)
+        conn = FrameConn.open(self.endpoint, "ToClient", "ToNode", self.connect_timeout, self.tls)
         self.conn = conn
         resume = self.position is not None
         epoch, seq = self.position if resume else (0, 0)
@@ -752,6 +907,16 @@ class Client:
     @property
     def connected(self) -> bool:
         return self.conn is not None
+
+    @property
+    def tls_version(self) -> Optional[str]:
+        """The TLS version of the current connection ("TLSv1.3"), None in plaintext."""
+        return self.conn.tls_version if self.conn is not None else None
+
+    @property
+    def alpn(self) -> Optional[str]:
+        """The ALPN protocol the node selected ("herald/1"), None if none / plaintext."""
+        return self.conn.alpn if self.conn is not None else None
 
     # -- established ----------------------------------------------------------
     def ping(self, nonce: Optional[int] = None) -> int:

@@ -7,6 +7,11 @@ the tags / HMAC inputs / token vector check out, the normative tables match the
 library's constants, and the client logic (gaps, duplicates, PING, GOODBYE,
 violations) behaves against a scripted fake node. Online: a node subprocess,
 a Python publisher and a Python client: deliver, resume, auth failures, drain.
+TLS (§11): a node with `herald cert dev` certificates on its client port: a TLS
+client is welcomed and receives what the plaintext publisher sends (TLS 1.3,
+ALPN herald/1); another CA, a host the certificate does not name, TLS 1.2 and
+a foreign ALPN are refused; plaintext on the TLS port is closed at once;
+SIGHUP rotates the certificate without cutting sessions.
 Prints "N passed, M failed" last and exits non-zero on any failure.
 """
 
@@ -18,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -353,7 +359,7 @@ def fake_node_checks():
 # ---------------------------------------------------------------------------
 
 class Node:
-    def __init__(self, binary: str, tmp: str):
+    def __init__(self, binary: str, tmp: str, extra: tuple = ()):
         self.client_secret = b"py-client-secret-0123456789abcdef"
         self.pub_secret = b"py-publisher-secret-0123456789ab"
         f = os.path.join(tmp, "client.secret")
@@ -365,7 +371,7 @@ class Node:
         self.proc = subprocess.Popen(
             [binary, "node", "--listen", "127.0.0.1:0", "--ingest", "127.0.0.1:0",
              "--secret-file", f, "--publisher-secret-file", g, "--log-every", "0",
-             "--drain-window", "200ms"],
+             "--drain-window", "200ms", *extra],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.lines: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
@@ -382,6 +388,16 @@ class Node:
             return self.lines.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def startup(self, timeout=5.0):
+        """Wait for the startup line; (node_id, client_ep, ingest_ep) or None."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.first_line(max(0.01, deadline - time.monotonic()))
+            m = re.match(r"herald node (.+?): clients on (\S+), ingest on (\S+), capacity (\d+)", line or "")
+            if m:
+                return m.group(1), m.group(2), m.group(3)
+        return None
 
     def kill(self):
         if self.proc.poll() is None:
@@ -583,6 +599,214 @@ def live_checks(binary: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------
+# TLS on the client port (§11), against the real node
+# ---------------------------------------------------------------------------
+
+def herald_cli(binary: str, *args: str):
+    return subprocess.run([binary, *args], stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+
+
+def expect_tls_failure(name: str, fn, *, verify: bool = False, reason: str = "", says: str = ""):
+    """fn must raise hc.TLSError: a verification failure if ``verify``, else an
+    alert whose reason contains ``reason``; ``says`` must occur in the message."""
+    try:
+        fn()
+    except hc.TLSError as e:
+        ok = e.verify_failed == verify and reason in (e.reason or "") and says in str(e)
+        return check(name, ok, f"TLSError reason {e.reason}: {e}")
+    except Exception as e:  # noqa: BLE001
+        return check(name, False, f"{type(e).__name__}: {e}")
+    return check(name, False, "handshake succeeded")
+
+
+def replace_file(src: str, dst: str) -> None:
+    """Copy src over dst atomically (a reloading node never reads half a file)."""
+    tmp = dst + ".new"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def tls_checks(binary: str):
+    tmp = tempfile.mkdtemp(prefix="herald-py-tls-")
+    nodes: list[Node] = []
+    try:
+        ca_dir, other_dir = os.path.join(tmp, "ca"), os.path.join(tmp, "other-ca")
+        outs = [herald_cli(binary, "cert", "dev", "--out", d, "--nodes", "n1", "--decision", "")
+                for d in (ca_dir, other_dir)]
+        names = ("ca.pem", "n1.pem", "n1.key")
+        if not check("tls: `herald cert dev` writes ca.pem, n1.pem, n1.key (two CAs)",
+                     all(r.returncode == 0 for r in outs)
+                     and all(os.path.exists(os.path.join(d, n)) for d in (ca_dir, other_dir) for n in names),
+                     " / ".join(r.stderr.decode("utf-8", "replace") for r in outs)):
+            return
+        ca, other_ca = os.path.join(ca_dir, "ca.pem"), os.path.join(other_dir, "ca.pem")
+        # the node reads copies, so that the SIGHUP check can rotate them
+        cert, key = os.path.join(tmp, "node.pem"), os.path.join(tmp, "node.key")
+        replace_file(os.path.join(ca_dir, "n1.pem"), cert)
+        replace_file(os.path.join(ca_dir, "n1.key"), key)
+
+        node = Node(binary, tmp, ("--id", "n1", "--tls-cert", cert, "--tls-key", key))
+        nodes.append(node)
+        st = node.startup()
+        if not check("tls: node with --tls-cert/--tls-key prints its startup line", st is not None,
+                     f"stderr: {node.stderr[-5:]}"):
+            return
+        node_id, client_ep, ingest_ep = st
+        port = client_ep.rpartition(":")[2]
+        print(f"     TLS node {node_id!r} clients {client_ep} (TLS) ingest {ingest_ep} (plaintext)")
+        cs, ps = node.client_secret, node.pub_secret
+
+        ctx = hc.tls_context(ca)
+        alice = hc.Client(client_ep, hc.mint_ttl(cs, "py-tls-alice"), tls=ctx)
+        w = alice.connect()
+        check("tls: client welcomed over TLS (WELCOME FRESH v1, node id n1)",
+              w.resume == hc.FRESH and w.version == 1 and w.node_id == b"n1", f"{w}")
+        check("tls: negotiated version is TLSv1.3", alice.tls_version == "TLSv1.3", f"{alice.tls_version}")
+        check("tls: negotiated ALPN is herald/1", alice.alpn == "herald/1", f"{alice.alpn!r}")
+        epoch = w.epoch
+
+        pub = hc.Publisher(ingest_ep, hc.mint_ttl(ps, "py-tls-publisher"))
+        pw = pub.connect()
+        check("tls: publisher welcomed on the plaintext ingest port", pw["node_id"] == b"n1", f"{pw.fields}")
+        pub.publish("py-tls-alice", b"over tls \x00\xff", want_result=True)
+        r = pub.read_result(5)
+        check("tls: publish to the TLS client accepted, local 1", (r.accepted, r.local) == (1, 1), f"{r}")
+        got = drain_messages(alice, 1, 5)
+        check("tls: TLS client receives the published message (seq 1)",
+              [(x.seq, x.payload) for x in got if isinstance(x, hc.Message)] == [(1, b"over tls \x00\xff")],
+              f"{got}")
+        nonce = alice.ping()
+        ev = alice.recv(3)
+        check("tls: PING -> PONG inside the TLS session", isinstance(ev, hc.Pong) and ev.nonce == nonce, f"{ev}")
+
+        # resume over TLS
+        alice.close()
+        time.sleep(0.3)
+        pub.publish("py-tls-alice", b"while away", want_result=True)
+        pub.read_result(5)
+        w2 = alice.connect()
+        got = drain_messages(alice, 1, 5)
+        check("tls: reconnect over TLS resumes (RESUMED, replay of seq 2)",
+              w2.resume == hc.RESUMED and w2.epoch == epoch
+              and [(x.seq, x.payload) for x in got if isinstance(x, hc.Message)] == [(2, b"while away")],
+              f"{w2} {got}")
+
+        # the host of the endpoint, as a DNS name; the CA given as a file name
+        bob = hc.Client(f"localhost:{port}", hc.mint_ttl(cs, "py-tls-bob"), tls=ca)
+        try:
+            wb = bob.connect()
+            check("tls: dialling localhost:PORT (a DNS name of the certificate; tls=CA file) is welcomed",
+                  wb.resume == hc.FRESH and bob.tls_version == "TLSv1.3", f"{wb}")
+        except Exception as e:  # noqa: BLE001
+            check("tls: dialling localhost:PORT (a DNS name of the certificate; tls=CA file) is welcomed",
+                  False, f"{type(e).__name__}: {e}")
+        bob.close()
+
+        tok = hc.mint_ttl(cs, "py-tls-carol")
+        expect_tls_failure("tls: a client trusting another CA fails certificate verification",
+                           lambda: hc.Client(client_ep, tok, tls=hc.tls_context(other_ca)).connect(),
+                           verify=True)
+        expect_tls_failure("tls: the system CA store does not trust the dev CA (tls=True)",
+                           lambda: hc.Client(client_ep, tok, tls=True).connect(), verify=True)
+
+        ctx12 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx12.load_verify_locations(ca)
+        ctx12.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx12.set_alpn_protocols([hc.ALPN_PROTOCOL])
+        expect_tls_failure("tls: a client offering only TLS 1.2 gets a protocol_version alert",
+                           lambda: hc.Client(client_ep, tok, tls=ctx12).connect(), reason="PROTOCOL_VERSION")
+        ctx_h2 = hc.tls_context(ca)
+        ctx_h2.set_alpn_protocols(["h2", "http/1.1"])
+        expect_tls_failure("tls: ALPN offered without herald/1 gets a no_application_protocol alert",
+                           lambda: hc.Client(client_ep, tok, tls=ctx_h2).connect(),
+                           reason="NO_APPLICATION_PROTOCOL")
+        ctx_none = ssl.create_default_context(cafile=ca)
+        ctx_none.minimum_version = ssl.TLSVersion.TLSv1_3
+        carol = hc.Client(client_ep, tok, tls=ctx_none)
+        try:
+            wc = carol.connect()
+            check("tls: a client offering no ALPN is accepted (welcomed, no ALPN selected)",
+                  wc.resume == hc.FRESH and carol.alpn is None, f"{wc} alpn {carol.alpn!r}")
+        except Exception as e:  # noqa: BLE001
+            check("tls: a client offering no ALPN is accepted (welcomed, no ALPN selected)", False,
+                  f"{type(e).__name__}: {e}")
+        carol.close()
+
+        # plaintext on the TLS port: a raw HELLO, then the client's own view
+        conn = hc.FrameConn.open(client_ep, "ToClient", "ToNode")
+        t = time.monotonic()
+        try:
+            conn.send(hc.HELLO, {"min_version": 1, "max_version": 1, "token": tok.encode()})
+            outcome = conn.read_frame(5)
+        except (hc.ConnectionClosed, hc.HeraldError, OSError) as e:
+            outcome = e
+        finally:
+            conn.close()
+        dt = time.monotonic() - t
+        check("tls: plaintext HELLO to the TLS port is closed within 3 s, no WELCOME",
+              isinstance(outcome, (hc.ConnectionClosed, OSError)) and dt < 3.0,
+              f"{outcome!r} after {dt:.2f} s")
+        check("tls: ... after a TLS alert (the client reports TLSPortError)",
+              isinstance(outcome, hc.TLSPortError), f"{outcome!r}")
+        if isinstance(outcome, hc.TLSPortError):
+            print(f"     plaintext HELLO on the TLS port: {outcome} (alert {outcome.alert})")
+        t = time.monotonic()
+        expect_raises("tls: a plaintext Client on the TLS port raises TLSPortError (not a hang)",
+                      lambda: hc.Client(client_ep, tok, handshake_timeout=5).connect(), hc.TLSPortError)
+        check("tls: ... within 3 s", time.monotonic() - t < 3.0)
+
+        # a host the certificate does not name: a second node whose certificate names only n1
+        only_dir = os.path.join(tmp, "only-n1")
+        r = herald_cli(binary, "cert", "issue", "--ca", ca_dir, "--out", only_dir, "--name", "n1")
+        if check("tls: `herald cert issue --name n1` (DNS n1 only)", r.returncode == 0,
+                 r.stderr.decode("utf-8", "replace")):
+            node2 = Node(binary, tmp, ("--id", "n1-only", "--tls-cert", os.path.join(only_dir, "n1.pem"),
+                                       "--tls-key", os.path.join(only_dir, "n1.key")))
+            nodes.append(node2)
+            st2 = node2.startup()
+            if check("tls: second TLS node starts", st2 is not None, f"stderr: {node2.stderr[-5:]}"):
+                port2 = st2[1].rpartition(":")[2]
+                expect_tls_failure("tls: dialling 127.0.0.1, an IP the certificate does not name, fails",
+                                   lambda: hc.Client(f"127.0.0.1:{port2}", tok, tls=ctx).connect(),
+                                   verify=True, says="mismatch")
+                expect_tls_failure("tls: dialling localhost, a DNS name the certificate does not name, fails",
+                                   lambda: hc.Client(f"localhost:{port2}", tok, tls=ctx).connect(),
+                                   verify=True, says="mismatch")
+                node2.kill()
+
+        # rotation: the node's files now hold a certificate of the other CA; SIGHUP
+        replace_file(os.path.join(other_dir, "n1.pem"), cert)
+        replace_file(os.path.join(other_dir, "n1.key"), key)
+        node.proc.send_signal(signal.SIGHUP)
+        other = hc.Client(client_ep, hc.mint_ttl(cs, "py-tls-dave"), tls=hc.tls_context(other_ca))
+        deadline, last = time.monotonic() + 5, None
+        while time.monotonic() < deadline:
+            try:
+                other.connect()
+                break
+            except hc.TLSError as e:
+                last = e
+                time.sleep(0.1)
+        check("tls: after SIGHUP new handshakes use the new certificate (the other CA verifies)",
+              other.connected and other.tls_version == "TLSv1.3", f"{last}")
+        other.close()
+        expect_tls_failure("tls: ... and the first CA no longer verifies new handshakes",
+                           lambda: hc.Client(client_ep, tok, tls=ctx).connect(), verify=True)
+        pub.publish("py-tls-alice", b"after sighup", want_result=True)
+        pub.read_result(5)
+        got = drain_messages(alice, 1, 5)
+        check("tls: the session set up before SIGHUP is not interrupted (receives seq 3)",
+              [(x.seq, x.payload) for x in got if isinstance(x, hc.Message)] == [(3, b"after sighup")],
+              f"{got}")
+        alice.close()
+        pub.close()
+    finally:
+        for n in nodes:
+            n.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     binary = os.environ.get("HERALD_BIN")
     for name, fn in (("offline", offline_checks), ("fake node", fake_node_checks)):
@@ -597,6 +821,10 @@ def main():
             live_checks(binary)
         except Exception:  # noqa: BLE001
             check("live checks ran to completion", False, traceback.format_exc())
+        try:
+            tls_checks(binary)
+        except Exception:  # noqa: BLE001
+            check("TLS checks ran to completion", False, traceback.format_exc())
     print(f"({time.monotonic() - T0:.1f} s)")
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
