@@ -200,6 +200,73 @@ pub fn mesh_client_config(cert: &Path, key: &Path, cluster_ca: &Path) -> Result<
     Ok(Arc::new(cfg))
 }
 
+/// How a node dials its mesh peers: [`mesh_client_config`] from its files,
+/// reloadable like an [`Acceptor`] (SIGHUP rotates the certificate it
+/// presents to peers too).
+#[derive(Clone)]
+pub struct Dialer {
+    cert: PathBuf,
+    key: PathBuf,
+    cluster_ca: PathBuf,
+    current: Arc<RwLock<Arc<ClientConfig>>>,
+}
+
+impl Dialer {
+    /// Loads the node's certificate and key and the cluster CA.
+    pub fn load(cert: &Path, key: &Path, cluster_ca: &Path) -> Result<Dialer, TlsError> {
+        let cfg = mesh_client_config(cert, key, cluster_ca)?;
+        Ok(Dialer {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            cluster_ca: cluster_ca.to_owned(),
+            current: Arc::new(RwLock::new(cfg)),
+        })
+    }
+
+    /// The configuration for a new dial.
+    pub fn config(&self) -> Arc<ClientConfig> {
+        match self.current.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Loads the files again; on failure the old configuration stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let cfg = mesh_client_config(&self.cert, &self.key, &self.cluster_ca)?;
+        match self.current.write() {
+            Ok(mut c) => *c = cfg,
+            Err(poisoned) => *poisoned.into_inner() = cfg,
+        }
+        Ok(())
+    }
+}
+
+/// Everything of a node's TLS that SIGHUP reloads.
+#[derive(Clone, Default)]
+pub struct Reload {
+    /// The TLS ports.
+    pub acceptors: Vec<Acceptor>,
+    /// The mesh dialler.
+    pub dialer: Option<Dialer>,
+}
+
+impl Reload {
+    /// Whether there is nothing to reload.
+    pub fn is_empty(&self) -> bool {
+        self.acceptors.is_empty() && self.dialer.is_none()
+    }
+
+    /// Reloads every part; returns what each reload said, named by file.
+    pub fn reload(&self) -> Vec<(PathBuf, Result<(), TlsError>)> {
+        let mut out: Vec<_> = self.acceptors.iter().map(|a| (a.cert_path().to_owned(), a.reload())).collect();
+        if let Some(d) = &self.dialer {
+            out.push((d.cert.clone(), d.reload()));
+        }
+        out
+    }
+}
+
 /// Whether the certificate `der` names `name` among its DNS subject
 /// alternative names (how a node's id is bound to its certificate).
 pub fn names(der: &[u8], name: &str) -> bool {

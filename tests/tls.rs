@@ -341,3 +341,60 @@ fn tls_sessions_are_handed_to_the_loop_that_owns_the_user() {
         expect_message(&mut c, b"on its own loop");
     }
 }
+
+/// Regression (review of the TLS transport): a burst of more than 128 KiB
+/// to a TLS client that reads as fast as it can is written in full at once.
+/// The transport used to hand rustls 64 KiB per write and stop short with
+/// room left in the socket, so no WRITABLE edge ever came for the rest: it
+/// waited for the next keepalive, and a fast reader could be cut off as a
+/// slow consumer.
+#[test]
+fn a_burst_over_128_kib_reaches_a_fast_tls_reader_at_once() {
+    let pki = Pki::new("burst");
+    let node = tls_node(pki.files("node", false));
+    let sock = TcpStream::connect(node.client).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut s = rustls::StreamOwned::new(rustls::ClientConnection::new(pki.client(), name).unwrap(), sock);
+    let token = token_for("burst");
+    let hello = Frame::Hello(f::Hello {
+        min_version: VERSION,
+        max_version: VERSION,
+        token: token.as_bytes(),
+        agent: b"",
+        resume: None,
+    });
+    s.write_all(&hello.to_vec()).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut next = |s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>, buf: &mut Vec<u8>| loop {
+        if let Ok(herald::protocol::Decoded::Frame(fr, n)) =
+            herald::protocol::decode(buf, herald::protocol::Channel::ToClient)
+        {
+            let t = fr.frame_type();
+            buf.drain(..n);
+            return Some(t);
+        }
+        match s.read(&mut chunk) {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    };
+    assert_eq!(next(&mut s, &mut buf), Some(f::ty::WELCOME));
+    let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
+    let payload = vec![b'x'; 1000];
+    for _ in 0..200 {
+        p.publish(b"burst", &payload).unwrap();
+    }
+    p.flush().unwrap();
+    let t0 = Instant::now();
+    let mut got = 0;
+    while got < 200 {
+        match next(&mut s, &mut buf) {
+            Some(t) if t == f::ty::DELIVER => got += 1,
+            Some(_) => {}
+            None => panic!("{got} of 200 DELIVERs after {:?}", t0.elapsed()),
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+}

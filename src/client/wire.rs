@@ -81,7 +81,16 @@ impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Stream::Plain(s) => s.write(buf),
-            Stream::Tls(t) => t.write(buf),
+            Stream::Tls(t) => {
+                let n = t.write(buf)?;
+                // rustls's stream reports a failed send only at the next
+                // call; push the records out now so a broken connection
+                // fails this write (and a publisher resends this buffer).
+                while t.conn.wants_write() {
+                    t.conn.write_tls(&mut t.sock)?;
+                }
+                Ok(n)
+            }
         }
     }
 

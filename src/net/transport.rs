@@ -105,18 +105,21 @@ impl Transport {
 }
 
 impl Tls {
-    /// Writes ciphertext until the socket is full or nothing is left.
-    fn send(&mut self) -> io::Result<()> {
+    /// Writes ciphertext until the socket is full or nothing is left;
+    /// returns whether the socket was full (then WRITABLE will be reported
+    /// when it drains: mio is edge-triggered, so only a write that hit
+    /// `WouldBlock` may leave output waiting for that event).
+    fn send(&mut self) -> io::Result<bool> {
         while self.conn.wants_write() {
             match self.conn.write_tls(&mut self.sock) {
                 Ok(0) => return Err(ErrorKind::WriteZero.into()),
                 Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(true),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(false)
     }
 }
 
@@ -157,23 +160,31 @@ impl Write for Transport {
             Transport::Plain(s) => return s.write(buf),
             Transport::Tls(t) => t,
         };
-        t.send()?;
-        // Encrypts what the buffer limit takes (one record per write, up
-        // to the record size), then writes as much as the socket takes.
-        // (During the handshake rustls keeps the plaintext until it is done.)
-        let n = t.conn.writer().write(buf)?;
-        t.send()?;
-        if n == 0 && !buf.is_empty() {
+        // Encrypts what rustls's buffer limit takes, sends it, and goes on
+        // until everything is taken or the socket is full. Stopping short
+        // with room left in the socket would strand the rest: no WRITABLE
+        // edge comes for a socket that never refused a write. (During the
+        // handshake rustls keeps the plaintext; the handshake's completion
+        // marks the connection for a flush.)
+        let mut taken = 0;
+        while !t.send()? && taken < buf.len() {
+            let n = t.conn.writer().write(&buf[taken..])?;
+            if n == 0 {
+                break;
+            }
+            taken += n;
+        }
+        if taken == 0 && !buf.is_empty() {
             return Err(ErrorKind::WouldBlock.into());
         }
-        Ok(n)
+        Ok(taken)
     }
 
     /// Writes TLS output rustls holds (handshake messages, alerts, records).
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Transport::Plain(_) => Ok(()),
-            Transport::Tls(t) => t.send(),
+            Transport::Tls(t) => t.send().map(|_| ()),
         }
     }
 }

@@ -268,11 +268,7 @@ fn node_main(a: &NodeArgs) -> ExitCode {
 /// the TLS certificate and key: new handshakes use the new certificate,
 /// sessions already up keep theirs, and a bad new file leaves the old
 /// certificate in use.
-fn handle_signals(
-    stop: super::ShutdownHandle,
-    tls: Vec<crate::tls::Acceptor>,
-    id: String,
-) -> std::io::Result<()> {
+fn handle_signals(stop: super::ShutdownHandle, tls: crate::tls::Reload, id: String) -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new().name("herald-signals".into()).spawn(move || {
@@ -284,11 +280,9 @@ fn handle_signals(
             if tls.is_empty() {
                 info!("herald node {id}: SIGHUP: no TLS certificate to reload");
             }
-            for t in &tls {
-                match t.reload() {
-                    Ok(()) => {
-                        info!("herald node {id}: reloaded the TLS certificate {}", t.cert_path().display())
-                    }
+            for (path, r) in tls.reload() {
+                match r {
+                    Ok(()) => info!("herald node {id}: reloaded the TLS certificate {}", path.display()),
                     Err(e) => {
                         error!("herald node {id}: TLS reload refused, the old certificate stays in use: {e}")
                     }

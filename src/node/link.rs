@@ -41,16 +41,12 @@ pub struct Mesh {
     node_id: String,
     /// With TLS on the ingest port: how to dial peers (trusting the cluster
     /// CA, presenting this node's certificate).
-    dial_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    dial_tls: Option<tls::Dialer>,
 }
 
 impl Mesh {
     /// The mesh of node `node_id`, started at `incarnation`.
-    pub fn new(
-        node_id: &str,
-        incarnation: u64,
-        dial_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
-    ) -> Mesh {
+    pub fn new(node_id: &str, incarnation: u64, dial_tls: Option<tls::Dialer>) -> Mesh {
         Mesh { incarnation, node_id: node_id.to_owned(), dial_tls, ..Mesh::default() }
     }
 
@@ -301,7 +297,7 @@ impl Mesh {
             // The peer's certificate must name its node id.
             Some(t) => match rustls_pki_types::ServerName::try_from(peer.clone())
                 .map_err(std::io::Error::other)
-                .and_then(|name| Transport::tls_client(sock, t.clone(), name))
+                .and_then(|name| Transport::tls_client(sock, t.config(), name))
             {
                 Ok(io) => io,
                 Err(e) => {

@@ -72,7 +72,7 @@ pub struct Node {
     /// certificate, mesh peers with a cluster-CA one (reloadable).
     ingest_tls: Option<Acceptor>,
     /// How this node dials its mesh peers over TLS.
-    mesh_tls: Option<Arc<rustls::ClientConfig>>,
+    mesh_tls: Option<tls::Dialer>,
     cfg: Config,
 }
 
@@ -116,7 +116,7 @@ impl Node {
     #[allow(clippy::type_complexity)]
     fn load_tls(
         cfg: &Config,
-    ) -> Result<(Option<Acceptor>, Option<Acceptor>, Option<Arc<rustls::ClientConfig>>), NodeError> {
+    ) -> Result<(Option<Acceptor>, Option<Acceptor>, Option<tls::Dialer>), NodeError> {
         let Some(files) = &cfg.tls else { return Ok((None, None, None)) };
         let ports = cfg.tls_ports;
         if ports.metrics {
@@ -143,7 +143,7 @@ impl Node {
         };
         let ingest = Acceptor::load(ingest).map_err(NodeError::Tls)?;
         let mesh = match &cfg.cluster_ca {
-            Some(ca) => Some(tls::mesh_client_config(&files.cert, &files.key, ca).map_err(NodeError::Tls)?),
+            Some(ca) => Some(tls::Dialer::load(&files.cert, &files.key, ca).map_err(NodeError::Tls)?),
             None => None,
         };
         Ok((client, Some(ingest), mesh))
@@ -163,8 +163,11 @@ impl Node {
     }
     /// The node's TLS, to reload its certificate (e.g. on SIGHUP):
     /// [`Acceptor::reload`] keeps the old one if the new files are bad.
-    pub fn tls(&self) -> Vec<Acceptor> {
-        self.tls.iter().chain(self.ingest_tls.iter()).cloned().collect()
+    pub fn tls(&self) -> tls::Reload {
+        tls::Reload {
+            acceptors: self.tls.iter().chain(self.ingest_tls.iter()).cloned().collect(),
+            dialer: self.mesh_tls.clone(),
+        }
     }
 
     /// A handle that makes [`Node::run`] drain and return.
