@@ -74,6 +74,19 @@ impl Pki {
     }
 }
 
+/// A fresh session's HELLO for `user`.
+fn hello_bytes(user: &str) -> Vec<u8> {
+    let token = token_for(user);
+    Frame::Hello(f::Hello {
+        min_version: VERSION,
+        max_version: VERSION,
+        token: token.as_bytes(),
+        agent: b"",
+        resume: None,
+    })
+    .to_vec()
+}
+
 fn tls_node(files: ServerFiles) -> TestNode {
     TestNode::start(herald::node::Config { tls: Some(files), ..test_config() })
 }
@@ -143,15 +156,7 @@ fn a_plaintext_hello_on_a_tls_port_gets_a_clean_close() {
     let node = tls_node(pki.files("node", false));
     let mut s = TcpStream::connect(node.client).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let token = token_for("p");
-    let hello = Frame::Hello(f::Hello {
-        min_version: VERSION,
-        max_version: VERSION,
-        token: token.as_bytes(),
-        agent: b"",
-        resume: None,
-    });
-    s.write_all(&hello.to_vec()).unwrap();
+    s.write_all(&hello_bytes("p")).unwrap();
     let t0 = Instant::now();
     let mut buf = [0u8; 256];
     loop {
@@ -356,15 +361,7 @@ fn a_burst_over_128_kib_reaches_a_fast_tls_reader_at_once() {
     sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let mut s = rustls::StreamOwned::new(rustls::ClientConnection::new(pki.client(), name).unwrap(), sock);
-    let token = token_for("burst");
-    let hello = Frame::Hello(f::Hello {
-        min_version: VERSION,
-        max_version: VERSION,
-        token: token.as_bytes(),
-        agent: b"",
-        resume: None,
-    });
-    s.write_all(&hello.to_vec()).unwrap();
+    s.write_all(&hello_bytes("burst")).unwrap();
     let mut buf = Vec::new();
     let mut chunk = vec![0u8; 64 * 1024];
     let mut next = |s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>, buf: &mut Vec<u8>| loop {
