@@ -395,3 +395,22 @@ fn a_burst_over_128_kib_reaches_a_fast_tls_reader_at_once() {
     }
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
 }
+
+/// Mutual TLS on the client port (`--client-ca`): a client without a
+/// certificate from that CA is refused at the handshake; one with it is
+/// welcomed (and still needs its token).
+#[test]
+fn mutual_tls_refuses_a_client_without_a_certificate() {
+    let pki = Pki::new("mtls");
+    let (cert, key, _) = pki.issue("node", false);
+    let node =
+        tls_node(ServerFiles { cert, key, client_ca: Some(pki.ca_pem.clone()), client_cert_optional: false });
+    let err = tls_client(node.client, "anon", pki.client()).err().expect("no client certificate: refused");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let (dc, dk, _) = pki.issue_for("device", &["device"], false);
+    let with_cert = herald::tls::mesh_client_config(&dc, &dk, &pki.ca_pem).unwrap();
+    let mut c =
+        tls_client(node.client, "dev", with_cert).expect("a client certificate from the CA is accepted");
+    publish(node.ingest, b"dev", b"mutual");
+    expect_message(&mut c, b"mutual");
+}
