@@ -196,6 +196,9 @@ pub struct Conns<S: ConnState> {
     pub(super) retry: Vec<ConnId>,
     pub(super) closes: Vec<(ConnId, CloseReason, Mode)>,
     open: [usize; MAX_LISTENERS],
+    /// The time the event loop passed in for this step (linger deadlines
+    /// of closes requested without a `now` of their own).
+    pub(super) now: Instant,
     /// I/O counters.
     pub io: IoCounts,
 }
@@ -211,6 +214,7 @@ impl<S: ConnState> Conns<S> {
             retry: Vec::new(),
             closes: Vec::new(),
             open: [0; MAX_LISTENERS],
+            now: Instant::now(),
             io: IoCounts::default(),
         }
     }
@@ -394,7 +398,7 @@ impl<S: ConnState> Conns<S> {
         let Some(c) = self.slab.get_mut(id.0) else { return };
         if c.closing.is_none() {
             // A deadline far enough for the flush; Linger sets its own.
-            c.closing = Some(Instant::now() + LINGER);
+            c.closing = Some(self.now + LINGER);
             c.reason = reason;
             c.rbuf = Vec::new();
             c.stalled = false;

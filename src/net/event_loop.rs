@@ -222,6 +222,7 @@ impl<S: Service> EventLoop<S> {
                 return Err(e);
             }
             let now = Instant::now();
+            self.conns.now = now;
             self.service.turn(now);
             for ev in events.iter() {
                 match ev.token() {
@@ -259,6 +260,7 @@ impl<S: Service> EventLoop<S> {
             self.service.after_flush(&mut self.conns, now);
 
             let now = Instant::now();
+            self.conns.now = now;
             let resumed = self.accept_paused_until.is_some_and(|t| now >= t);
             if resumed {
                 self.accept_paused_until = None;
@@ -459,8 +461,7 @@ impl<S: Service> EventLoop<S> {
                     }
                     match self.service.frame(&mut self.conns, id, frame, &buf[at..], n, now) {
                         Flow::Continue => at += n,
-                        Flow::Stop => return false,
-                        Flow::Gone => return false,
+                        Flow::Stop | Flow::Gone => return false,
                     }
                 }
                 Ok(Decoded::Incomplete(_)) => {
