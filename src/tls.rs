@@ -293,3 +293,13 @@ pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(cfg))
 }
+
+/// The name a client verifies a server's certificate for, from the
+/// server's endpoint (`host:port`, `[v6]:port`): a DNS name, or an IP
+/// address (checked against the certificate's IP SANs).
+pub fn server_name(endpoint: &str) -> io::Result<rustls_pki_types::ServerName<'static>> {
+    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    rustls_pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{endpoint}: {e}")))
+}

@@ -38,9 +38,9 @@ struct Args {
 
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// Node client endpoints; clients are spread over them.
+    /// Node client endpoints (`host:port`); clients are spread over them.
     #[arg(long, value_delimiter = ',', required_unless_present = "decision")]
-    node: Vec<SocketAddr>,
+    node: Vec<String>,
     /// Decision servers: each client asks them for its node (a real cluster).
     #[arg(long, value_delimiter = ',')]
     decision: Vec<String>,
@@ -56,6 +56,13 @@ struct Common {
     /// Local source addresses to spread connections over (e.g. 127.0.0.1,127.0.0.2).
     #[arg(long, value_delimiter = ',')]
     source: Vec<std::net::IpAddr>,
+    /// Clients speak TLS to the nodes, verifying them against the system's
+    /// roots (or --tls-ca).
+    #[arg(long)]
+    tls: bool,
+    /// Clients speak TLS, trusting this CA file (PEM) instead of the system's roots.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -149,15 +156,26 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
     let Some(secret) = secret_for(c.plain, c.secret_file.as_deref(), "worker", "--secret-file") else {
         return 2;
     };
+    let tls = match (c.tls, &c.tls_ca) {
+        (false, None) => None,
+        (_, ca) => match herald::tls::client_config(ca.as_deref()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("worker: {e}");
+                return 2;
+            }
+        },
+    };
     let cfg = SwarmConfig {
         first,
         count,
-        nodes: c.node.iter().map(|n| n.to_string()).collect(),
+        nodes: c.node.clone(),
         decision: c.decision.clone(),
         secret,
         plain: c.plain,
         source: c.source.clone(),
         reconnect: c.reconnect,
+        tls,
     };
     herald::swarm::run_worker(cfg, record_after)
 }
@@ -284,11 +302,17 @@ fn load(mut a: LoadArgs) -> i32 {
         let mut cmd = Command::new(&exe);
         cmd.arg("worker");
         if !a.common.node.is_empty() {
-            cmd.arg("--node").arg(a.common.node.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","));
+            cmd.arg("--node").arg(a.common.node.join(","));
         }
         cmd.arg("--first").arg(first.to_string()).arg("--count").arg(count.to_string());
         if a.common.plain {
             cmd.arg("--plain");
+        }
+        if a.common.tls {
+            cmd.arg("--tls");
+        }
+        if let Some(ca) = &a.common.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
         }
         if a.common.reconnect {
             cmd.arg("--reconnect");
