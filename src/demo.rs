@@ -11,6 +11,10 @@
 //! and fails if any message went to the wrong user or was lost without the
 //! protocol saying so. `--chaos` kills one node halfway and shows its
 //! clients being re-homed.
+//!
+//! Every connection speaks TLS unless `--plaintext` is given: a throwaway
+//! CA and a certificate per node and decision server (`herald cert dev`'s
+//! set) are made in a temporary directory, which is removed at the end.
 
 use std::fmt::Write as _;
 use std::io;
@@ -42,6 +46,56 @@ pub struct DemoConfig {
     pub chaos: bool,
     /// Set to stop early (ctrl-c).
     pub stop: Arc<AtomicBool>,
+    /// Plain TCP everywhere instead of TLS with throwaway certificates.
+    pub plaintext: bool,
+}
+
+/// The demo's throwaway TLS: a dev CA and certificates in a temporary
+/// directory (removed on drop), and the client configuration trusting it.
+struct DemoTls {
+    dir: std::path::PathBuf,
+    client: Arc<rustls::ClientConfig>,
+}
+
+impl DemoTls {
+    fn new(nodes: &[String], decision: &[String]) -> io::Result<DemoTls> {
+        let dir = std::env::temp_dir().join(format!("herald-demo-{}-{:x}", std::process::id(), mono_ns()));
+        let made = crate::cert::write_dev_set(&dir, nodes, decision, false)
+            .map_err(|e| io::Error::other(e.to_string()))
+            .and_then(|_| {
+                crate::tls::client_config(Some(&dir.join(crate::cert::CA_CERT_FILE)))
+                    .map_err(|e| io::Error::other(e.to_string()))
+            });
+        match made {
+            Ok(client) => Ok(DemoTls { dir, client }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn ca(&self) -> std::path::PathBuf {
+        self.dir.join(crate::cert::CA_CERT_FILE)
+    }
+
+    /// What the server `name` presents; with `peers_ca`, client
+    /// certificates (optional, for mesh peers) must chain to the CA.
+    fn server(&self, name: &str, peers_ca: bool) -> crate::tls::ServerFiles {
+        let (cert, key) = crate::cert::leaf_paths(&self.dir, name);
+        crate::tls::ServerFiles {
+            cert,
+            key,
+            client_ca: peers_ca.then(|| self.ca()),
+            client_cert_optional: peers_ca,
+        }
+    }
+}
+
+impl Drop for DemoTls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// What the demo measured.
@@ -135,6 +189,7 @@ fn start_cluster(
     client_secret: &[u8],
     publisher_secret: &[u8],
     per_node: usize,
+    tls: Option<&DemoTls>,
 ) -> io::Result<Cluster> {
     let cluster_secret = secret("cluster");
     let admin_secret = secret("admin");
@@ -169,6 +224,9 @@ fn start_cluster(
             cluster_secret: cluster_secret.clone(),
             log_every: Duration::ZERO,
             drain_window: Duration::from_secs(1),
+            tls: tls.map(|t| t.server(&id, true)),
+            tls_ports: node::TlsPorts { client: true, ingest: true, metrics: false },
+            cluster_ca: tls.map(DemoTls::ca),
             ..node::Config::default()
         })?;
         let ingest = node.ingest_addr().to_string();
@@ -245,6 +303,7 @@ impl Clients {
         decision: Vec<String>,
         secret: &[u8],
         record_after: u64,
+        tls: Option<(Arc<rustls::ClientConfig>, std::path::PathBuf)>,
     ) -> io::Result<Clients> {
         if cfg.clients <= IN_PROCESS_CLIENTS {
             let mut swarm = Swarm::new(SwarmConfig {
@@ -253,6 +312,7 @@ impl Clients {
                 decision,
                 secret: secret.to_vec(),
                 reconnect: true,
+                tls: tls.map(|t| t.0),
                 ..SwarmConfig::default()
             })?;
             let got = swarm.connect_all(Duration::from_secs(60), |_| {});
@@ -272,9 +332,17 @@ impl Clients {
         for i in 0..n {
             let first = i * per;
             let count = per.min(cfg.clients - first);
-            let mut child = std::process::Command::new(&exe)
-                .args(["swarm-worker", "--first", &first.to_string(), "--count", &count.to_string()])
-                .args(["--decision", &decision.join(","), "--record-after", &record_after.to_string()])
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(["swarm-worker", "--first", &first.to_string(), "--count", &count.to_string()]).args([
+                "--decision",
+                &decision.join(","),
+                "--record-after",
+                &record_after.to_string(),
+            ]);
+            if let Some((_, ca)) = &tls {
+                cmd.arg("--tls-ca").arg(ca);
+            }
+            let mut child = cmd
                 .env("HERALD_SWARM_SECRET_HEX", &hex)
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
@@ -386,13 +454,27 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let client_secret = secret("client");
     let publisher_secret = secret("publisher");
     let n_nodes = cfg.nodes.max(if cfg.chaos { 2 } else { 1 });
-    let cluster = start_cluster(n_nodes, &client_secret, &publisher_secret, cfg.clients)?;
+    let tls = if cfg.plaintext {
+        None
+    } else {
+        let ids: Vec<String> = (1..=n_nodes).map(|i| format!("n{i}")).collect();
+        Some(DemoTls::new(&ids, &[])?)
+    };
+    let cluster = start_cluster(n_nodes, &client_secret, &publisher_secret, cfg.clients, tls.as_ref())?;
     println!(
         "herald demo: {} decision servers and {n_nodes} nodes on loopback; {} clients; {}",
         cluster.decisions.len(),
         cfg.clients,
         if cfg.chaos { "chaos: one node will be killed halfway" } else { "no chaos" }
     );
+    match &tls {
+        Some(t) => println!(
+            "TLS 1.3 on every client, publisher and mesh connection (throwaway CA in {}; --plaintext for none)",
+            t.dir.display()
+        ),
+        None => println!("plaintext: no TLS (--plaintext)"),
+    }
+    let client_tls = tls.as_ref().map(|t| t.client.clone());
     if !cluster.wait_registered() {
         cluster.stop();
         return Err(io::Error::other("nodes never registered with the decision servers"));
@@ -400,7 +482,13 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let t0 = Instant::now();
     // Latency is recorded from the first publishing tick on.
     let start_estimate = mono_ns() + 3_600_000_000_000;
-    let mut clients = match Clients::start(&cfg, cluster.decision_tcp(), &client_secret, start_estimate) {
+    let mut clients = match Clients::start(
+        &cfg,
+        cluster.decision_tcp(),
+        &client_secret,
+        start_estimate,
+        tls.as_ref().map(|t| (t.client.clone(), t.ca())),
+    ) {
         Ok(c) => c,
         Err(e) => {
             cluster.stop();
@@ -421,7 +509,8 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let t_mesh = Instant::now();
     if cluster.nodes.len() > 1 {
         for x in &cluster.nodes {
-            let mut p = Publisher::connect(&x.ingest, &cred).map_err(|e| io::Error::other(e.to_string()))?;
+            let mut p = Publisher::connect_tls(std::slice::from_ref(&x.ingest), &cred, client_tls.clone())
+                .map_err(|e| io::Error::other(e.to_string()))?;
             let mut u = 0;
             loop {
                 let r = p
@@ -459,11 +548,11 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         }
     }
     let publisher = {
-        let (published, pub_done, stop, cred) =
-            (published.clone(), pub_done.clone(), cfg.stop.clone(), cred.clone());
+        let (published, pub_done, stop, cred, tls) =
+            (published.clone(), pub_done.clone(), cfg.stop.clone(), cred.clone(), client_tls.clone());
         let (n, duration, rate) = (cfg.clients, cfg.duration, cfg.rate);
         std::thread::spawn(move || -> io::Result<()> {
-            let r = publish_loop(&ingest, &cred, n, duration, rate, start_ns, &published, &stop);
+            let r = publish_loop(&ingest, &cred, tls, n, duration, rate, start_ns, &published, &stop);
             pub_done.store(true, Ordering::SeqCst);
             r
         })
@@ -556,6 +645,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
 fn publish_loop(
     ingest: &[String],
     cred: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
     clients: usize,
     duration: Duration,
     rate: Option<u64>,
@@ -565,7 +655,10 @@ fn publish_loop(
 ) -> io::Result<()> {
     let mut pubs: Vec<Publisher> = ingest
         .iter()
-        .map(|i| Publisher::connect(i, cred).map_err(|e| io::Error::other(e.to_string())))
+        .map(|i| {
+            Publisher::connect_tls(std::slice::from_ref(i), cred, tls.clone())
+                .map_err(|e| io::Error::other(e.to_string()))
+        })
         .collect::<io::Result<_>>()?;
     // Per-user period: 2, 3 or 4 messages a second (or scaled to --rate).
     let base: Vec<f64> = (0..clients).map(|u| 2.0 + (u % 3) as f64).collect();

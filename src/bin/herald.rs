@@ -25,6 +25,7 @@ fn run_demo(
     nodes: usize,
     duration: std::time::Duration,
     chaos: bool,
+    plaintext: bool,
 ) -> ExitCode {
     if clients > 18_000 {
         error!(
@@ -36,7 +37,7 @@ fn run_demo(
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s2 = stop.clone();
     let _ = ctrlc::set_handler(move || s2.store(true, std::sync::atomic::Ordering::SeqCst));
-    let cfg = herald::demo::DemoConfig { clients, rate, nodes, duration, chaos, stop };
+    let cfg = herald::demo::DemoConfig { clients, rate, nodes, duration, chaos, stop, plaintext };
     match herald::demo::run(cfg) {
         Ok(r) => {
             let t = r.tally;
@@ -169,6 +170,10 @@ enum Cmd {
         /// Kill one node halfway and show its clients re-homed.
         #[arg(long)]
         chaos: bool,
+        /// Plain TCP everywhere. Without it every connection speaks TLS 1.3,
+        /// with a throwaway CA and certificates in a temporary directory.
+        #[arg(long)]
+        plaintext: bool,
         /// Least severe messages logged: error, warn, info, debug or trace.
         #[arg(long, default_value = "info", value_parser = logging::parse_level)]
         log_level: LevelFilter,
@@ -186,6 +191,9 @@ enum Cmd {
         decision: Vec<String>,
         #[arg(long, default_value_t = 0)]
         record_after: u64,
+        /// Speak TLS to the nodes, trusting this CA file.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
 }
 
@@ -408,22 +416,30 @@ fn run(cmd: Cmd) -> ExitCode {
         }
         Cmd::Decision(a) => herald::decision::cli::run_decision(a),
         Cmd::Admin(a) => herald::decision::cli::run_admin(a),
-        Cmd::Demo { clients, rate, nodes, duration, chaos, log_level } => {
+        Cmd::Demo { clients, rate, nodes, duration, chaos, plaintext, log_level } => {
             logging::init(log_level);
-            run_demo(clients, rate, nodes, duration, chaos)
+            run_demo(clients, rate, nodes, duration, chaos, plaintext)
         }
-        Cmd::SwarmWorker { first, count, decision, record_after } => {
+        Cmd::SwarmWorker { first, count, decision, record_after, tls_ca } => {
             logging::init(LevelFilter::Info);
             let hex = std::env::var("HERALD_SWARM_SECRET_HEX").unwrap_or_default();
             let secret: Vec<u8> = (0..hex.len() / 2)
                 .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
                 .collect();
+            let tls = match tls_ca.as_deref().map(|ca| herald::tls::client_config(Some(ca))).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    error!("swarm worker: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let cfg = herald::swarm::SwarmConfig {
                 first,
                 count,
                 decision,
                 secret,
                 reconnect: true,
+                tls,
                 ..Default::default()
             };
             ExitCode::from(herald::swarm::run_worker(cfg, record_after).clamp(0, 255) as u8)
