@@ -10,18 +10,18 @@
 
 mod util;
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald::decision::client::{self, AdminReply, AssignOutcome, DecisionError, Dial, StatusRow};
-use herald::decision::{Config, DecisionServer, ShutdownHandle, Stats};
+use herald::decision::{Config, DecisionServer};
 use herald::protocol::frame::{self as f, Frame, NODE_DRAINING};
 use herald::protocol::{decode, AdminOp, Channel, Code, Decoded};
-use util::proc::Proc;
+use util::proc::{self, Proc};
+use util::TestDecision;
 
 const CLUSTER: &[u8] = b"cluster-secret-for-tests";
 const ADMIN: &[u8] = b"admin-secret-for-tests";
@@ -44,31 +44,7 @@ fn config() -> Config {
     }
 }
 
-/// A decision server on a thread, stopped on drop.
-struct TestDecision {
-    tcp: SocketAddr,
-    udp: SocketAddr,
-    handle: ShutdownHandle,
-    thread: Option<JoinHandle<io::Result<Stats>>>,
-}
-
 impl TestDecision {
-    fn start(cfg: Config) -> TestDecision {
-        let s = DecisionServer::bind(cfg).expect("bind");
-        let (tcp, udp, handle) = (s.tcp_addr(), s.udp_addr(), s.shutdown_handle());
-        let thread = Some(std::thread::spawn(move || s.run()));
-        TestDecision { tcp, udp, handle, thread }
-    }
-
-    fn addr(&self) -> String {
-        self.tcp.to_string()
-    }
-
-    fn stop(mut self) -> Stats {
-        self.handle.trigger();
-        self.thread.take().unwrap().join().unwrap().unwrap()
-    }
-
     fn admin(&self, op: AdminOp, node: &str, value: u32) -> Result<AdminReply, DecisionError> {
         client::admin(&self.addr(), ADMIN, op, node, value, PLAIN)
     }
@@ -105,15 +81,6 @@ impl TestDecision {
             have.sort();
             have == want
         });
-    }
-}
-
-impl Drop for TestDecision {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.handle.trigger();
-            let _ = t.join();
-        }
     }
 }
 
@@ -606,22 +573,9 @@ fn binaries_decision_and_admin_status() {
     let dir = temp_dir("bin");
     let cs = write_file(&dir, "cluster", b"cluster-secret-for-tests\n");
     let admin_secret = write_file(&dir, "admin", b"admin-secret-for-tests\n");
-    let mut server = Proc::spawn(
-        [
-            "decision",
-            "--listen",
-            "127.0.0.1:0",
-            "--heartbeat",
-            "127.0.0.1:0",
-            "--ceiling",
-            "50",
-            "--cluster-secret-file",
-            cs.to_str().unwrap(),
-            "--admin-secret-file",
-            admin_secret.to_str().unwrap(),
-        ],
-        None,
-    );
+    let mut args = proc::decision_args(&cs, &admin_secret);
+    args.extend(["--ceiling".into(), "50".into()]);
+    let mut server = Proc::spawn(args, None);
     // "herald decision: requests on ADDR, heartbeats on ADDR"
     let tcp = server.after("requests on ").unwrap();
     let udp: SocketAddr = server.after("heartbeats on ").unwrap().parse().unwrap();
@@ -651,7 +605,9 @@ fn binaries_decision_and_admin_status() {
     let (ok, _) = admin(&["drain", "nobody"]);
     assert!(!ok, "an unknown node is refused");
     server.signal(libc::SIGTERM);
-    let (status, _) = server.wait();
+    let (status, log) = server.wait();
     assert!(status.success(), "decision server exited with {status}");
+    // protocol.md §11: without --tls-cert the request port is plaintext, and says so.
+    assert!(log.iter().any(|l| l.contains("is plaintext (unencrypted)")), "{log:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
