@@ -317,6 +317,20 @@ mod tests {
     }
 
     #[test]
+    fn decision_tls_flags_choose_the_trust() {
+        use crate::tls::Trust;
+        let cfg = |extra: &[&str]| {
+            let mut args = REQUIRED.to_vec();
+            args.extend(extra);
+            parse(&args).unwrap().config_with(Vec::new(), Vec::new(), Vec::new()).unwrap().decision_tls
+        };
+        assert_eq!(cfg(&[]), None);
+        assert_eq!(cfg(&["--decision-tls"]), Some(Trust::System));
+        assert_eq!(cfg(&["--decision-tls-ca", "ca.pem"]), Some(Trust::Ca("ca.pem".into())));
+        assert_eq!(cfg(&["--decision-tls", "--decision-tls-ca", "ca.pem"]), Some(Trust::Ca("ca.pem".into())));
+    }
+
+    #[test]
     fn flags_override_defaults() {
         let mut args = REQUIRED.to_vec();
         args.extend([
