@@ -1,5 +1,7 @@
-//! Helpers shared by the command-line tools: secrets from files and
-//! human-friendly durations. Kept in the library so they are tested.
+//! Helpers shared by the command-line tools: secrets from files,
+//! human-friendly durations, and the signal thread of the servers (stop on
+//! SIGINT/SIGTERM, reload TLS certificates on SIGHUP). Kept in the library
+//! so they are tested.
 
 use std::fmt;
 use std::path::Path;
@@ -93,6 +95,41 @@ impl fmt::Display for CliDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&format_duration(self.0))
     }
+}
+
+/// Handles a server's signals on a thread of its own: SIGINT and SIGTERM
+/// call `stop` (which only sets a flag and wakes the loops); SIGHUP reloads
+/// the TLS certificates and keys in `tls`: new handshakes use the new
+/// certificate, sessions already up keep theirs, and a bad new file leaves
+/// the old certificate in use. Every outcome is logged, each line starting
+/// with `who` (`herald node n1`, `herald decision`).
+pub fn handle_signals(
+    who: String,
+    tls: crate::tls::Reload,
+    stop: impl Fn() + Send + 'static,
+) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new().name("herald-signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            if sig != SIGHUP {
+                stop();
+                continue;
+            }
+            if tls.is_empty() {
+                log::info!("{who}: SIGHUP: no TLS certificate to reload");
+            }
+            for (path, r) in tls.reload() {
+                match r {
+                    Ok(()) => log::info!("{who}: reloaded the TLS certificate {}", path.display()),
+                    Err(e) => {
+                        log::error!("{who}: TLS reload refused, the old certificate stays in use: {e}")
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -246,9 +246,12 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             let all = self.decisions.iter().all(|d| {
-                decision::client::nodes(std::slice::from_ref(&d.2), Duration::from_secs(1))
-                    .map(|v| v.len() == self.nodes.len())
-                    .unwrap_or(false)
+                decision::client::nodes(
+                    std::slice::from_ref(&d.2),
+                    &decision::client::Dial::plain(Duration::from_secs(1)),
+                )
+                .map(|v| v.len() == self.nodes.len())
+                .unwrap_or(false)
             });
             if all {
                 return true;
@@ -561,7 +564,14 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let admin = cluster.admin_secret.clone();
     let decision0 = cluster.decision_tcp()[0].clone();
     let per_node = || -> Vec<(String, u32)> {
-        match decision::client::admin(&decision0, &admin, AdminOp::Status, "", 0, Duration::from_secs(1)) {
+        match decision::client::admin(
+            &decision0,
+            &admin,
+            AdminOp::Status,
+            "",
+            0,
+            &decision::client::Dial::plain(Duration::from_secs(1)),
+        ) {
             Ok(decision::client::AdminReply::Status { rows, .. }) => rows
                 .into_iter()
                 .filter(|r| r.heartbeat_age_ms < 3000)

@@ -317,7 +317,7 @@ impl Swarm {
                 &self.cfg.decision,
                 name.as_bytes(),
                 3,
-                Duration::from_millis(500),
+                &crate::decision::client::Dial::plain(Duration::from_millis(500)),
             ) {
                 Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
                     n.into_iter().map(|a| a.endpoint).collect()

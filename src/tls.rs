@@ -279,6 +279,36 @@ pub fn names(der: &[u8], name: &str) -> bool {
         .any(|g| matches!(g, GeneralName::DNSName(d) if d.eq_ignore_ascii_case(name)))
 }
 
+/// Whom a TLS client trusts: what `--tls` (the system's CA store) and
+/// `--tls-ca FILE` (only the CA certificates of that PEM file) say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The system's CA store.
+    System,
+    /// Only the CA certificates of this PEM file (replacing the system store).
+    Ca(PathBuf),
+}
+
+impl Trust {
+    /// From a pair of flags: `--tls` alone is the system store, a CA file
+    /// (with or without `--tls`) is that file; neither is plaintext (none).
+    pub fn from_flags(tls: bool, ca: Option<PathBuf>) -> Option<Trust> {
+        match (tls, ca) {
+            (_, Some(ca)) => Some(Trust::Ca(ca)),
+            (true, None) => Some(Trust::System),
+            (false, None) => None,
+        }
+    }
+
+    /// The client configuration ([`client_config`]).
+    pub fn config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        match self {
+            Trust::System => client_config(None),
+            Trust::Ca(p) => client_config(Some(p)),
+        }
+    }
+}
+
 /// A TLS client configuration trusting the CA certificates in `ca` (PEM),
 /// or the system's roots when `ca` is none.
 pub fn client_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, TlsError> {

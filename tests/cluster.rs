@@ -177,7 +177,7 @@ impl Cluster {
 
     fn admin(&self, op: AdminOp, node: &str, value: u32) {
         for d in self.decision_tcp() {
-            dc::admin(&d, ADMIN_SECRET, op, node, value, Duration::from_secs(2)).unwrap();
+            dc::admin(&d, ADMIN_SECRET, op, node, value, &dc::Dial::plain(Duration::from_secs(2))).unwrap();
         }
     }
 
@@ -186,7 +186,10 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ok = self.decision_tcp().iter().all(|d| {
-                dc::nodes(std::slice::from_ref(d), Duration::from_secs(1)).map(|v| v.len()).unwrap_or(0) == n
+                dc::nodes(std::slice::from_ref(d), &dc::Dial::plain(Duration::from_secs(1)))
+                    .map(|v| v.len())
+                    .unwrap_or(0)
+                    == n
             });
             if ok {
                 return;
@@ -277,7 +280,7 @@ fn spread_follows_headroom_and_ceiling_changes_apply_next_assignment() {
     assert_eq!(refused, 600 - per_node.values().sum::<usize>());
     // Raise n1's ceiling: the very next assignment may go there.
     c.admin(AdminOp::SetCeiling, "n1", 60);
-    match dc::assign(&c.decision_tcp(), b"x", 3, Duration::from_secs(1)).unwrap() {
+    match dc::assign(&c.decision_tcp(), b"x", 3, &dc::Dial::plain(Duration::from_secs(1))).unwrap() {
         AssignOutcome::Nodes(n) => assert_eq!(n[0].node_id, "n1"),
         AssignOutcome::NoCapacity { .. } => panic!("n1 has 10 slots now"),
     }
@@ -338,7 +341,7 @@ fn killed_node_is_dropped_and_its_clients_rehome_and_receive_again() {
     c.nodes[0].kill9();
     // Within 3 s the decision servers stop assigning n1.
     loop {
-        let live = dc::nodes(&c.decision_tcp(), Duration::from_secs(1)).unwrap();
+        let live = dc::nodes(&c.decision_tcp(), &dc::Dial::plain(Duration::from_secs(1))).unwrap();
         if live.iter().all(|n| n.node_id != "n1") {
             break;
         }
@@ -347,7 +350,7 @@ fn killed_node_is_dropped_and_its_clients_rehome_and_receive_again() {
     }
     for _ in 0..50 {
         if let AssignOutcome::Nodes(n) =
-            dc::assign(&c.decision_tcp(), b"x", 3, Duration::from_secs(1)).unwrap()
+            dc::assign(&c.decision_tcp(), b"x", 3, &dc::Dial::plain(Duration::from_secs(1))).unwrap()
         {
             assert!(n.iter().all(|a| a.node_id != "n1"));
         }

@@ -10,22 +10,24 @@
 
 mod util;
 
-use std::io::{self, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use herald::decision::client::{self, AdminReply, AssignOutcome, DecisionError, StatusRow};
-use herald::decision::{Config, DecisionServer, ShutdownHandle, Stats};
+use herald::decision::client::{self, AdminReply, AssignOutcome, DecisionError, Dial, StatusRow};
+use herald::decision::{Config, DecisionServer};
 use herald::protocol::frame::{self as f, Frame, NODE_DRAINING};
 use herald::protocol::{decode, AdminOp, Channel, Code, Decoded};
-use util::proc::Proc;
+use util::proc::{self, Proc};
+use util::TestDecision;
 
 const CLUSTER: &[u8] = b"cluster-secret-for-tests";
 const ADMIN: &[u8] = b"admin-secret-for-tests";
 const T: Duration = Duration::from_secs(2);
+/// Plaintext requests, [`T`] per server.
+const PLAIN: &Dial = &Dial { timeout: T, tls: None };
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
@@ -42,33 +44,9 @@ fn config() -> Config {
     }
 }
 
-/// A decision server on a thread, stopped on drop.
-struct TestDecision {
-    tcp: SocketAddr,
-    udp: SocketAddr,
-    handle: ShutdownHandle,
-    thread: Option<JoinHandle<io::Result<Stats>>>,
-}
-
 impl TestDecision {
-    fn start(cfg: Config) -> TestDecision {
-        let s = DecisionServer::bind(cfg).expect("bind");
-        let (tcp, udp, handle) = (s.tcp_addr(), s.udp_addr(), s.shutdown_handle());
-        let thread = Some(std::thread::spawn(move || s.run()));
-        TestDecision { tcp, udp, handle, thread }
-    }
-
-    fn addr(&self) -> String {
-        self.tcp.to_string()
-    }
-
-    fn stop(mut self) -> Stats {
-        self.handle.trigger();
-        self.thread.take().unwrap().join().unwrap().unwrap()
-    }
-
     fn admin(&self, op: AdminOp, node: &str, value: u32) -> Result<AdminReply, DecisionError> {
-        client::admin(&self.addr(), ADMIN, op, node, value, T)
+        client::admin(&self.addr(), ADMIN, op, node, value, PLAIN)
     }
 
     fn status(&self) -> (u8, Vec<StatusRow>) {
@@ -84,7 +62,7 @@ impl TestDecision {
 
     /// The first-ranked node of one assignment, or None on NO_CAPACITY.
     fn assign_one(&self) -> Option<String> {
-        match client::assign(&[self.addr()], b"user", 1, T).unwrap() {
+        match client::assign(&[self.addr()], b"user", 1, PLAIN).unwrap() {
             AssignOutcome::Nodes(n) => Some(n[0].node_id.clone()),
             AssignOutcome::NoCapacity { retry_after } => {
                 assert!((1000..=2000).contains(&retry_after.as_millis()), "{retry_after:?}");
@@ -99,19 +77,10 @@ impl TestDecision {
         want.sort();
         wait_until(&format!("nodes {ids:?}"), || {
             let mut have: Vec<String> =
-                client::nodes(&[self.addr()], T).unwrap().into_iter().map(|n| n.node_id).collect();
+                client::nodes(&[self.addr()], PLAIN).unwrap().into_iter().map(|n| n.node_id).collect();
             have.sort();
             have == want
         });
-    }
-}
-
-impl Drop for TestDecision {
-    fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.handle.trigger();
-            let _ = t.join();
-        }
     }
 }
 
@@ -315,7 +284,7 @@ fn silent_node_expires() {
     assert_eq!(d.assign_one().as_deref(), Some("a"));
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(d.assign_one(), None);
-    assert!(client::nodes(&[d.addr()], T).unwrap().is_empty());
+    assert!(client::nodes(&[d.addr()], PLAIN).unwrap().is_empty());
     a.beat(0, 100, &[&d]);
     d.wait_nodes(&["a"]);
     assert_eq!(d.assign_one().as_deref(), Some("a"));
@@ -334,19 +303,19 @@ fn dead_decision_server_is_skipped() {
     let servers = [d1.addr(), d2.addr()];
     d1.stop();
     let t0 = Instant::now();
-    match client::assign(&servers, b"u", 2, Duration::from_secs(1)).unwrap() {
+    match client::assign(&servers, b"u", 2, &Dial::plain(Duration::from_secs(1))).unwrap() {
         AssignOutcome::Nodes(n) => {
             assert_eq!((n[0].node_id.as_str(), n[0].endpoint.as_str()), ("a", "127.0.0.1:7401"));
         }
         other => panic!("{other:?}"),
     }
-    let nodes = client::nodes(&servers, Duration::from_secs(1)).unwrap();
+    let nodes = client::nodes(&servers, &Dial::plain(Duration::from_secs(1))).unwrap();
     assert_eq!(nodes.len(), 1);
     assert_eq!((nodes[0].incarnation, nodes[0].ingest_endpoint.as_str()), (a.incarnation, "127.0.0.1:7401"));
     assert!(t0.elapsed() < Duration::from_secs(1), "a refused port costs no timeout");
     // With no server alive the caller gets the last error.
     let dead = vec![servers[0].clone()];
-    assert!(matches!(client::assign(&dead, b"u", 1, T), Err(DecisionError::Io(_))));
+    assert!(matches!(client::assign(&dead, b"u", 1, PLAIN), Err(DecisionError::Io(_))));
 }
 
 /// §7.3: a ceiling set by an admin applies from the next assignment,
@@ -393,7 +362,7 @@ fn drain_and_undrain_via_admin() {
     small.beat(0, 100, &[&d]);
     d.wait_nodes(&["big", "small"]);
     let draining = |d: &TestDecision, id: &str| {
-        client::nodes(&[d.addr()], T).unwrap().into_iter().find(|n| n.node_id == id).unwrap().draining
+        client::nodes(&[d.addr()], PLAIN).unwrap().into_iter().find(|n| n.node_id == id).unwrap().draining
     };
     assert!(!draining(&d, "big"));
     assert_eq!(d.assign_one().as_deref(), Some("big"));
@@ -419,7 +388,7 @@ fn drain_and_undrain_via_admin() {
 #[test]
 fn admin_with_wrong_secret_is_refused_and_closed() {
     let d = TestDecision::start(config());
-    match client::admin(&d.addr(), b"not-the-admin-secret", AdminOp::SetCeiling, "", 5, T) {
+    match client::admin(&d.addr(), b"not-the-admin-secret", AdminOp::SetCeiling, "", 5, PLAIN) {
         Err(DecisionError::Rejected { code: Code::AuthFailed, .. }) => {}
         other => panic!("{other:?}"),
     }
@@ -604,22 +573,9 @@ fn binaries_decision_and_admin_status() {
     let dir = temp_dir("bin");
     let cs = write_file(&dir, "cluster", b"cluster-secret-for-tests\n");
     let admin_secret = write_file(&dir, "admin", b"admin-secret-for-tests\n");
-    let mut server = Proc::spawn(
-        [
-            "decision",
-            "--listen",
-            "127.0.0.1:0",
-            "--heartbeat",
-            "127.0.0.1:0",
-            "--ceiling",
-            "50",
-            "--cluster-secret-file",
-            cs.to_str().unwrap(),
-            "--admin-secret-file",
-            admin_secret.to_str().unwrap(),
-        ],
-        None,
-    );
+    let mut args = proc::decision_args(&cs, &admin_secret);
+    args.extend(["--ceiling".into(), "50".into()]);
+    let mut server = Proc::spawn(args, None);
     // "herald decision: requests on ADDR, heartbeats on ADDR"
     let tcp = server.after("requests on ").unwrap();
     let udp: SocketAddr = server.after("heartbeats on ").unwrap().parse().unwrap();
@@ -649,7 +605,9 @@ fn binaries_decision_and_admin_status() {
     let (ok, _) = admin(&["drain", "nobody"]);
     assert!(!ok, "an unknown node is refused");
     server.signal(libc::SIGTERM);
-    let (status, _) = server.wait();
+    let (status, log) = server.wait();
     assert!(status.success(), "decision server exited with {status}");
+    // protocol.md §11: without --tls-cert the request port is plaintext, and says so.
+    assert!(log.iter().any(|l| l.contains("is plaintext (unencrypted)")), "{log:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

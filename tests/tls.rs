@@ -3,6 +3,9 @@
 //! with an expired certificate, is refused; plaintext bytes on a TLS port
 //! get a clean close; SIGHUP swaps the certificate for new connections
 //! while old ones keep receiving, and a broken new key keeps the old one.
+//! The decision server's TLS request port too: ASSIGN, NODES and `herald
+//! admin` over TLS, a plaintext request answered by an alert and a close,
+//! and a client assigned a DNS name (`localhost:PORT`) that it verifies.
 
 mod util;
 
@@ -13,11 +16,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald::client::{Client, ClientConfig, Event, Publisher};
+use herald::decision::client::{self as dc, AssignOutcome, DecisionError, Dial};
 use herald::protocol::frame::{self as f, Frame};
 use herald::protocol::VERSION;
 use herald::tls::ServerFiles;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-use util::proc::Proc;
+use util::proc::{self, Proc};
 use util::*;
 
 /// A test CA in a directory of its own.
@@ -183,6 +187,30 @@ fn served_cert(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Vec<u8> {
     conn.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// Issues a new certificate under `name`'s paths, sends SIGHUP, and waits
+/// until `addr` serves it instead of `first`; returns the new one.
+fn rotate(p: &Proc, pki: &Pki, name: &str, addr: SocketAddr, first: &[u8]) -> Vec<u8> {
+    assert_eq!(served_cert(addr, pki.client()), first);
+    let (_, _, second) = pki.issue(name, false);
+    assert_ne!(first, second);
+    p.signal(libc::SIGHUP);
+    let t0 = Instant::now();
+    while served_cert(addr, pki.client()) != second {
+        assert!(t0.elapsed() < Duration::from_secs(5), "the new certificate is never served");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    second
+}
+
+/// Breaks the key file, sends SIGHUP: the reload is refused and `addr`
+/// keeps serving `current`.
+fn reload_a_broken_key(p: &Proc, pki: &Pki, key: &Path, addr: SocketAddr, current: &[u8]) {
+    std::fs::write(key, b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n").unwrap();
+    p.signal(libc::SIGHUP);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(served_cert(addr, pki.client()), current, "a bad reload must keep the old certificate");
+}
+
 fn write_secret(dir: &Path, name: &str, s: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, s).unwrap();
@@ -219,22 +247,12 @@ fn sighup_serves_a_new_certificate_to_new_connections_and_keeps_the_old_sessions
     let mut old = tls_client(addr, "old", pki.client()).unwrap();
 
     // A new certificate under the same paths, then SIGHUP.
-    let (_, _, second) = pki.issue("node", false);
-    assert_ne!(first, second);
-    node.signal(libc::SIGHUP);
-    let t0 = Instant::now();
-    while served_cert(addr, pki.client()) != second {
-        assert!(t0.elapsed() < Duration::from_secs(5), "the new certificate is never served");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let second = rotate(&node, &pki, "node", addr, &first);
     publish(ingest, b"old", b"after reload");
     expect_message(&mut old, b"after reload");
 
     // A broken key: refused, and the last good certificate stays in use.
-    std::fs::write(&key, b"-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n").unwrap();
-    node.signal(libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(served_cert(addr, pki.client()), second, "a bad reload must keep the old certificate");
+    reload_a_broken_key(&node, &pki, &key, addr, &second);
     let mut fresh = tls_client(addr, "fresh", pki.client()).unwrap();
     publish(ingest, b"fresh", b"still served");
     expect_message(&mut fresh, b"still served");
@@ -413,4 +431,156 @@ fn mutual_tls_refuses_a_client_without_a_certificate() {
         tls_client(node.client, "dev", with_cert).expect("a client certificate from the CA is accepted");
     publish(node.ingest, b"dev", b"mutual");
     expect_message(&mut c, b"mutual");
+}
+
+// ---- The decision server's TCP port (protocol.md §7, §11) ----
+
+const ADMIN_SECRET: &[u8] = b"admin-secret-for-tls-tests";
+
+/// A decision server on loopback; TLS on its request port with `tls`.
+fn decision(tls: Option<ServerFiles>) -> TestDecision {
+    TestDecision::start(herald::decision::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        heartbeat: "127.0.0.1:0".parse().unwrap(),
+        cluster_secret: CLUSTER.to_vec(),
+        admin_secret: ADMIN_SECRET.to_vec(),
+        log_every: Duration::ZERO,
+        tls,
+        ..herald::decision::Config::default()
+    })
+}
+
+fn over_tls(tls: Arc<rustls::ClientConfig>) -> Dial {
+    Dial::new(Duration::from_secs(2), Some(tls))
+}
+
+#[test]
+fn a_tls_decision_server_answers_over_tls_only() {
+    let (pki, other) = (Pki::new("dec"), Pki::new("dec-other"));
+    let d = decision(Some(pki.files("decision", false)));
+    let by_name = vec![format!("localhost:{}", d.tcp.port())];
+    // TLS, verified for the DNS name dialled: an answer (no node yet).
+    assert!(dc::nodes(&by_name, &over_tls(pki.client())).unwrap().is_empty());
+    let a = dc::assign(&by_name, b"u", 1, &over_tls(pki.client())).unwrap();
+    assert!(matches!(a, AssignOutcome::NoCapacity { .. }), "{a:?}");
+    // A client trusting another CA is refused at the handshake.
+    let e = dc::assign(&by_name, b"u", 1, &over_tls(other.client())).unwrap_err();
+    assert!(e.to_string().contains("certificate") || e.to_string().contains("UnknownIssuer"), "{e}");
+    // A plaintext request: the library says it is a TLS port…
+    let plain = Dial::plain(Duration::from_secs(2));
+    let e = dc::assign(&by_name, b"u", 1, &plain).unwrap_err();
+    assert!(matches!(e, DecisionError::TlsPort), "{e:?}");
+    // …because the raw bytes are a TLS alert and a close, not a hang.
+    let mut s = TcpStream::connect(d.tcp).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let req =
+        Frame::AssignRequest(f::AssignRequest { version: VERSION, user: b"u", max_results: 1 }).to_vec();
+    s.write_all(&req).unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("closed, not timed out");
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert_eq!(got, [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32], "a decode_error alert, then EOF");
+    // Still serving TLS requesters.
+    assert!(dc::nodes(&by_name, &over_tls(pki.client())).unwrap().is_empty());
+    d.stop();
+}
+
+/// A port that is free now (for a node that must advertise its own port
+/// before it binds it).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The whole TLS path with DNS names: a node advertising `localhost:PORT`
+/// heartbeats a TLS decision server (and asks it for the node list over
+/// TLS); the client library asks that server over TLS, is handed
+/// `localhost:PORT`, resolves it, verifies the node's certificate for
+/// `localhost`, and receives a message.
+#[test]
+fn a_tls_client_is_assigned_a_dns_name_and_reaches_the_tls_node() {
+    let pki = Pki::new("dec-flow");
+    let d = decision(Some(pki.files("decision", false)));
+    let port = free_port();
+    let advertised = format!("localhost:{port}");
+    let node = TestNode::start(herald::node::Config {
+        node_id: "dns-node".into(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        advertise: Some(advertised.clone()),
+        tls: Some(pki.files("node", false)),
+        decision: vec![format!("localhost:{}/{}", d.tcp.port(), d.udp.port())],
+        decision_tls: Some(herald::tls::Trust::Ca(pki.ca_pem.clone())),
+        cluster_secret: CLUSTER.to_vec(),
+        heartbeat_interval: Duration::from_millis(100),
+        ..test_config()
+    });
+    let servers = vec![format!("localhost:{}", d.tcp.port())];
+    let t0 = Instant::now();
+    let assigned = loop {
+        match dc::assign(&servers, b"dana", 1, &over_tls(pki.client())).unwrap() {
+            AssignOutcome::Nodes(n) => break n,
+            AssignOutcome::NoCapacity { .. } => {
+                assert!(t0.elapsed() < Duration::from_secs(5), "the node's heartbeat never arrived");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    assert_eq!((assigned[0].node_id.as_str(), assigned[0].endpoint.as_str()), ("dns-node", &advertised[..]));
+    let cfg = ClientConfig {
+        tls: Some(pki.client()),
+        decision_tls: Some(pki.client()),
+        user: Some("dana".into()),
+        ..ClientConfig::with_decision(servers, token_for("dana"))
+    };
+    let mut c = Client::connect(cfg).expect("assigned over TLS, connected over TLS");
+    publish(node.ingest, b"dana", b"via a dns name");
+    expect_message(&mut c, b"via a dns name");
+}
+
+/// The real binaries: `herald decision --tls-cert/--tls-key` says so in its
+/// first line; `herald admin --tls-ca` sets a ceiling over TLS, plaintext `herald
+/// admin` is told it is a TLS port; SIGHUP serves a new certificate.
+#[test]
+fn herald_admin_over_tls_and_sighup_on_the_decision_server() {
+    let pki = Pki::new("dec-bin");
+    let (cert, key, first) = pki.issue("decision", false);
+    let cs = write_secret(&pki.dir, "cluster", CLUSTER);
+    let admin_file = write_secret(&pki.dir, "admin", ADMIN_SECRET);
+    let mut args = proc::decision_args(&cs, &admin_file);
+    args.extend(["--tls-cert".into(), cert.clone().into(), "--tls-key".into(), key.clone().into()]);
+    let server = Proc::spawn(args, None);
+    assert!(server.first_line.contains("requests over TLS"), "{}", server.first_line);
+    let tcp: SocketAddr = server.after("requests on ").unwrap().parse().unwrap();
+    let endpoint = format!("localhost:{}", tcp.port());
+    let admin = |extra: &[&str], args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["admin", "--decision", &endpoint, "--admin-secret-file"])
+            .arg(&admin_file)
+            .args(extra)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let ca = pki.ca_pem.to_str().unwrap();
+    let (ok, out) = admin(&["--tls-ca", ca], &["set-ceiling", "55"]);
+    assert!(ok && out.contains(": ok: "), "{out}");
+    let (ok, out) = admin(&["--tls-ca", ca], &["status"]);
+    assert!(ok && out.contains("global ceiling 55 %"), "{out}");
+    let (ok, out) = admin(&[], &["status"]);
+    assert!(!ok && out.contains("speaks TLS"), "plaintext admin to a TLS port: {out}");
+
+    let second = rotate(&server, &pki, "decision", tcp, &first);
+    reload_a_broken_key(&server, &pki, &key, tcp, &second);
+    let (ok, out) = admin(&["--tls-ca", ca], &["status"]);
+    assert!(ok, "{out}");
+    let mut server = server;
+    server.signal(libc::SIGTERM);
+    let (status, log) = server.wait();
+    assert!(status.success(), "{status}");
+    assert!(
+        log.iter().any(|l| l.contains("TLS reload refused, the old certificate stays in use")),
+        "{log:?}"
+    );
 }

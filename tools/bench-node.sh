@@ -9,6 +9,9 @@
 # HERALD_ARGS adds flags to every herald node, and a target "heraldx" is a
 # one-loop herald with HERALD_X_ARGS as well, for A/B runs of a setting, e.g.
 # TARGETS="herald heraldx" HERALD_X_ARGS="--retain-total 1048576".
+# Target "tls" is a one-loop herald whose client port speaks TLS 1.3 (dev
+# certificates from `herald cert dev`), its clients verifying it with the
+# dev CA; the probe's publishers stay on the plaintext ingest port.
 # NODE_WRAP / PROBE_WRAP prefix the node's / probe's command (they must exec
 # it, keeping the pid), e.g. NODE_WRAP="chrt -f 50" or NODE_WRAP="taskset -c 1"
 # PROBE_WRAP="taskset -c 0", to tell the node's own tail from scheduling.
@@ -33,8 +36,14 @@ NODE_WRAP=${NODE_WRAP:-}
 PROBE_WRAP=${PROBE_WRAP:-}
 RATES=${RATES:-100000 200000 400000 600000 800000 1000000 1200000 1500000}
 
-start() { # forwarder|herald|heraldN|base
-  if [ "$1" = base ]; then
+start() { # forwarder|herald|heraldN|base|tls
+  if [ "$1" = tls ]; then
+    [ -f "$dir/certs/ca.pem" ] || $R/herald cert dev --out "$dir/certs" --nodes bench --decision '' >/dev/null
+    # shellcheck disable=SC2086 # word splitting of the extra flags is wanted
+    $NODE_WRAP $R/herald node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
+      --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s --metrics 127.0.0.1:17502 \
+      --tls-cert "$dir/certs/bench.pem" --tls-key "$dir/certs/bench.key" ${HERALD_ARGS:-} 2>>"$dir/node.log" &
+  elif [ "$1" = base ]; then
     $NODE_WRAP "$BASE/herald" node --id bench --listen 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
       --publisher-secret-file "$dir/ps" --log-every 0 --drain-window 1s 2>>"$dir/node.log" &
   elif [ "${1#herald}" != "$1" ]; then
@@ -54,6 +63,8 @@ stop() { kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true;
 probe() { # target args...
   local t=$1; shift
   local plain=""; [ "$t" = forwarder ] && plain="--plain"
+  [ "$t" = tls ] && plain="--tls-ca $dir/certs/ca.pem"
+  # shellcheck disable=SC2086 # $plain is one flag or a flag and its value
   $PROBE_WRAP $R/herald-probe load --node 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
     --publisher-secret-file "$dir/ps" --node-pid "$PID" $plain "$@" 2>/dev/null || true
 }
@@ -71,7 +82,7 @@ run() { # scenario target args...
   probe "$t" "$@" | tee -a "$dir/out" >"$dir/last"
   grep -v '^SUMMARY' "$dir/last" || true
   local extra=""
-  [ "${t#herald}" != "$t" ] && extra=$(internal)
+  if [ "${t#herald}" != "$t" ] || [ "$t" = tls ]; then extra=$(internal); fi
   grep '^SUMMARY' "$dir/last" | sed "s/^SUMMARY /SUMMARY scenario=$s target=$t /; s/\$/$extra/" | tee -a "$dir/summary"
   stop
 }

@@ -410,7 +410,10 @@ fn load(mut a: LoadArgs) -> i32 {
     };
     let mut ingest: Vec<String> = a.ingest.iter().map(|a| a.to_string()).collect();
     if ingest.is_empty() {
-        match herald::decision::client::nodes(&a.common.decision, Duration::from_secs(2)) {
+        match herald::decision::client::nodes(
+            &a.common.decision,
+            &herald::decision::client::Dial::plain(Duration::from_secs(2)),
+        ) {
             Ok(list) => {
                 ingest = list.into_iter().filter(|n| !n.draining).map(|n| n.ingest_endpoint).collect()
             }

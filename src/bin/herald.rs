@@ -322,15 +322,12 @@ fn run(cmd: Cmd) -> ExitCode {
         Cmd::Cert { cmd } => run_cert(cmd),
         Cmd::Node(a) => herald::node::cli::run_node(*a),
         Cmd::Subscribe { node, user: _, token, count, tls, tls_ca } => {
-            let tls = match (tls, tls_ca) {
-                (false, None) => None,
-                (_, ca) => match herald::tls::client_config(ca.as_deref()) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        eprintln!("herald subscribe: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
+            let tls = match herald::tls::Trust::from_flags(tls, tls_ca).map(|t| t.config()).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("herald subscribe: {e}");
+                    return ExitCode::from(2);
+                }
             };
             let mut client = match Client::connect(ClientConfig {
                 nodes: node.clone(),
@@ -368,15 +365,12 @@ fn run(cmd: Cmd) -> ExitCode {
             }
         }
         Cmd::Publish { node, user, message, credential, publisher_secret_file, confirm, tls, tls_ca } => {
-            let tls = match (tls, tls_ca) {
-                (false, None) => None,
-                (_, ca) => match herald::tls::client_config(ca.as_deref()) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        eprintln!("herald publish: {e}");
-                        return ExitCode::from(2);
-                    }
-                },
+            let tls = match herald::tls::Trust::from_flags(tls, tls_ca).map(|t| t.config()).transpose() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("herald publish: {e}");
+                    return ExitCode::from(2);
+                }
             };
             let cred = match (credential, publisher_secret_file) {
                 (Some(c), _) => c,

@@ -28,7 +28,7 @@ mod backoff;
 mod publisher;
 mod reconnect;
 mod session;
-mod wire;
+pub(crate) mod wire;
 
 pub use publisher::Publisher;
 pub use session::{Client, ClientConfig, Event, Message};

@@ -7,7 +7,6 @@
 //! subscribing clients (see `session`).
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -113,8 +112,7 @@ impl Publisher {
         credential: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Publisher, ClientError> {
-        let a = addr.to_socket_addrs()?.next().ok_or(ClientError::NoNode)?;
-        let mut sock = wire::dial_stream(&a, addr, CONNECT_TIMEOUT, tls.as_ref())?;
+        let (mut sock, _) = wire::dial_stream(addr, CONNECT_TIMEOUT, tls.as_ref())?;
         let hello = Frame::PubHello(f::PubHello {
             min_version: VERSION,
             max_version: VERSION,

@@ -7,7 +7,6 @@
 //! and must not retry an error that retrying cannot fix (a rejection).
 
 use std::io::{self, Write};
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use super::session::{error_bytes, Client, Event, Session};
@@ -53,7 +52,7 @@ impl Client {
                 &self.cfg.decision,
                 user.as_bytes(),
                 3,
-                DECISION_TIMEOUT,
+                &crate::decision::client::Dial::new(DECISION_TIMEOUT, self.cfg.decision_tls.clone()),
             ) {
                 Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
                     let mut v: Vec<String> = n.into_iter().map(|a| a.endpoint).collect();
@@ -78,15 +77,7 @@ impl Client {
     pub(super) fn establish(&mut self) -> Result<(), ClientError> {
         let mut last = ClientError::NoNode;
         for name in self.candidates()? {
-            let addr = match name.to_socket_addrs().map(|mut a| a.next()) {
-                Ok(Some(a)) => a,
-                Ok(None) => continue,
-                Err(e) => {
-                    last = e.into();
-                    continue;
-                }
-            };
-            match self.handshake(addr, &name) {
+            match self.handshake(&name) {
                 Ok(()) => {
                     self.cached = Some(name);
                     self.cached_failures = 0;
@@ -106,8 +97,8 @@ impl Client {
         Err(last)
     }
 
-    fn handshake(&mut self, addr: SocketAddr, endpoint: &str) -> Result<(), ClientError> {
-        let mut sock = wire::dial_stream(&addr, endpoint, self.cfg.connect_timeout, self.cfg.tls.as_ref())?;
+    fn handshake(&mut self, endpoint: &str) -> Result<(), ClientError> {
+        let (mut sock, addr) = wire::dial_stream(endpoint, self.cfg.connect_timeout, self.cfg.tls.as_ref())?;
         let mut out = Vec::with_capacity(256);
         Frame::Hello(f::Hello {
             min_version: VERSION,

@@ -80,6 +80,12 @@ pub struct ClientConfig {
     /// TLS: connect over TLS, verifying the node's certificate with this
     /// configuration ([`crate::tls::client_config`]); none: plaintext.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    /// TLS to the decision servers: ask them over TLS, verifying each
+    /// one's certificate with this configuration for the host of its
+    /// `host:port`; none: plaintext. Independent of `tls` (a cluster may
+    /// move its nodes and its decision servers to TLS one at a time); when
+    /// one CA issued both, give the same configuration to both.
+    pub decision_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -95,6 +101,7 @@ impl ClientConfig {
             decision: Vec::new(),
             user: None,
             tls: None,
+            decision_tls: None,
         }
     }
 

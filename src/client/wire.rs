@@ -1,6 +1,8 @@
-//! Socket plumbing shared by the [`Client`](super::Client) and the
-//! [`Publisher`](super::Publisher): opening a connection (plain TCP, or TLS
-//! verifying the node's certificate for the host name dialled), the one
+//! Socket plumbing shared by the [`Client`](super::Client), the
+//! [`Publisher`](super::Publisher) and the decision-server requests
+//! (`crate::decision::client`): opening a connection (each address of the
+//! endpoint's host in turn, then plain TCP, or TLS verifying the server's
+//! certificate for the host name dialled), the one
 //! deadline a handshake (or a publisher's wait for one answer) gets, and
 //! reading more bytes before that deadline.
 //!
@@ -8,7 +10,7 @@
 //! timeout or a closed connection means for them.
 
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,14 +27,29 @@ pub(super) fn handshake_deadline() -> Instant {
     Instant::now() + HANDSHAKE_TIMEOUT
 }
 
-/// Connects to `addr` within `timeout`, with Nagle off.
-pub(super) fn dial(addr: &SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let sock = TcpStream::connect_timeout(addr, timeout)?;
-    sock.set_nodelay(true)?;
-    Ok(sock)
+/// Connects to `endpoint` (`host:port`): each address its host resolves
+/// to in turn (`localhost` may name `::1` before `127.0.0.1`), until one
+/// accepts, all before `deadline`; with Nagle off. Returns the stream and
+/// the address it reached.
+pub(crate) fn connect(endpoint: &str, deadline: Instant) -> io::Result<(TcpStream, SocketAddr)> {
+    let mut last = None;
+    for addr in endpoint.to_socket_addrs()? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(ErrorKind::TimedOut, format!("{endpoint}: connect timed out")));
+        }
+        match TcpStream::connect_timeout(&addr, left) {
+            Ok(sock) => {
+                sock.set_nodelay(true)?;
+                return Ok((sock, addr));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(ErrorKind::NotFound, format!("{endpoint}: no address"))))
 }
 
-/// A connection to a node: plain TCP or TLS over it.
+/// A connection to a node or a decision server: plain TCP or TLS over it.
 pub enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
@@ -126,25 +143,33 @@ fn host_of(endpoint: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-/// Connects to `addr`, the address of `endpoint` (`host:port`), within
-/// `timeout`. With `tls`, completes a TLS handshake that verifies the node's
+/// Connects to `endpoint` (`host:port`, see [`connect`]) within `timeout`.
+/// With `tls`, completes a TLS handshake that verifies the server's
 /// certificate for the endpoint's host name (or IP address), within the
 /// same timeout; a certificate that does not verify is an error naming why.
-pub(super) fn dial_stream(
-    addr: &SocketAddr,
+/// Returns the stream and the address it reached.
+pub(crate) fn dial_stream(
     endpoint: &str,
     timeout: Duration,
     tls: Option<&Arc<rustls::ClientConfig>>,
-) -> io::Result<Stream> {
-    let sock = dial(addr, timeout)?;
-    let Some(cfg) = tls else { return Ok(Stream::Plain(sock)) };
+) -> io::Result<(Stream, SocketAddr)> {
+    let deadline = Instant::now() + timeout;
+    let (sock, addr) = connect(endpoint, deadline)?;
+    let Some(cfg) = tls else { return Ok((Stream::Plain(sock), addr)) };
     let name = rustls_pki_types::ServerName::try_from(host_of(endpoint).to_owned())
         .map_err(|e| io::Error::new(ErrorKind::InvalidInput, format!("{endpoint}: {e}")))?;
     let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
     let mut t = rustls::StreamOwned::new(conn, sock);
-    t.sock.set_read_timeout(Some(timeout))?;
-    t.sock.set_write_timeout(Some(timeout))?;
     while t.conn.is_handshaking() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                ErrorKind::TimedOut,
+                format!("TLS to {endpoint}: handshake timed out"),
+            ));
+        }
+        t.sock.set_read_timeout(Some(left))?;
+        t.sock.set_write_timeout(Some(left))?;
         t.conn.complete_io(&mut t.sock).map_err(|e| match e.kind() {
             ErrorKind::InvalidData => {
                 io::Error::new(ErrorKind::InvalidData, format!("TLS to {endpoint}: {e}"))
@@ -155,7 +180,7 @@ pub(super) fn dial_stream(
     // The handshake's deadline only: the caller sets its own timeouts.
     t.sock.set_read_timeout(None)?;
     t.sock.set_write_timeout(None)?;
-    Ok(Stream::Tls(Box::new(t)))
+    Ok((Stream::Tls(Box::new(t)), addr))
 }
 
 /// One read of at most `chunk.len()` bytes, appended to `buf`, waiting no

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use log::{error, info};
+use log::{error, info, warn};
 
 use crate::cli::{parse_duration, read_secret};
 use crate::logging;
@@ -45,6 +45,15 @@ pub struct DecisionArgs {
     /// Log a one-line summary this often (0 disables).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub log_every: Duration,
+    /// The server's TLS certificate chain (PEM, leaf first). With
+    /// --tls-key, the request port (--listen) speaks TLS 1.3 only
+    /// (protocol.md §11); without, it is plaintext and the server warns so.
+    /// Heartbeats stay UDP (HMAC-signed). SIGHUP reloads both files.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Least severe messages logged: error, warn, info, debug or trace. At
     /// info the first line names the bound addresses (tools read it); warn
     /// and error leave it out, trace puts mio's lines before it.
@@ -61,9 +70,17 @@ pub struct AdminArgs {
     /// File holding the admin secret.
     #[arg(long)]
     pub admin_secret_file: PathBuf,
-    /// Per-server timeout for connect and answer.
+    /// Per-server timeout for connect, TLS handshake and answer.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Connect over TLS (to servers run with --tls-cert), trusting the
+    /// system's CA certificates.
+    #[arg(long)]
+    pub tls: bool,
+    /// Connect over TLS, trusting the CA certificates in this PEM file
+    /// (e.g. the one `herald cert` made).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub cmd: AdminCmd,
@@ -146,6 +163,15 @@ fn decision_main(a: DecisionArgs) -> ExitCode {
         expire_after: a.expire_after,
         ceiling_pct: a.ceiling,
         log_every: a.log_every,
+        tls: match (&a.tls_cert, &a.tls_key) {
+            (Some(cert), Some(key)) => Some(crate::tls::ServerFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: None,
+                client_cert_optional: false,
+            }),
+            _ => None,
+        },
         ..Config::default()
     };
     let server = match DecisionServer::bind(cfg) {
@@ -156,11 +182,22 @@ fn decision_main(a: DecisionArgs) -> ExitCode {
         }
     };
     let h = server.shutdown_handle();
-    if let Err(e) = ctrlc::set_handler(move || h.trigger()) {
+    if let Err(e) = crate::cli::handle_signals("herald decision".into(), server.tls(), move || h.trigger()) {
         error!("herald decision: cannot install signal handler: {e}");
         return ExitCode::from(1);
     }
-    info!("herald decision: requests on {}, heartbeats on {}", server.tcp_addr(), server.udp_addr());
+    info!(
+        "herald decision: requests on {}, heartbeats on {}{}",
+        server.tcp_addr(),
+        server.udp_addr(),
+        if server.is_tls() { ", requests over TLS" } else { "" }
+    );
+    if !server.is_tls() {
+        warn!(
+            "herald decision: the request port {} is plaintext (unencrypted); give --tls-cert/--tls-key for TLS",
+            server.tcp_addr()
+        );
+    }
     if server.ceiling_pct() != a.ceiling {
         if let Some(p) = &a.state_file {
             info!(
@@ -200,10 +237,18 @@ pub fn run_admin(a: AdminArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match crate::tls::Trust::from_flags(a.tls, a.tls_ca.clone()).map(|t| t.config()).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("herald admin: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let dial = client::Dial::new(a.timeout, tls);
     let (op, node, value) = a.cmd.request();
     let mut failed = false;
     for server in &a.decision {
-        match client::admin(server, &secret, op, node, value, a.timeout) {
+        match client::admin(server, &secret, op, node, value, &dial) {
             Ok(AdminReply::Done(msg)) => println!("{server}: ok: {msg}"),
             Ok(AdminReply::Status { ceiling_pct, rows }) => {
                 print!("{}", status_table(server, ceiling_pct, &rows))

@@ -1,23 +1,52 @@
 //! Blocking helpers for talking to decision servers (protocol.md §7): ask
 //! for a node, list the live nodes, send a signed admin request.
 //!
-//! Each call opens one TCP connection per server it tries, sends one
-//! request, reads one response and closes, which is what real clients do
-//! (§7.1: connect, ask, cache the node). Every server gets the caller's
-//! `timeout` for connect and answer together; [`assign`] and [`nodes`] try
-//! the servers in order and the first answer wins, so a dead decision
-//! server costs a requester at most one timeout (usually far less: a closed
-//! port is refused at once).
+//! Each call opens one connection per server it tries, sends one request,
+//! reads one response and closes, which is what real clients do (§7.1:
+//! connect, ask, cache the node). How to connect is a [`Dial`]: the
+//! timeout every server gets for connect, TLS handshake and answer
+//! together, and, for a decision server whose port speaks TLS (§11), the
+//! trust its certificate is verified with, for the host name of the
+//! `host:port` dialled. [`assign`] and [`nodes`] try the servers in order
+//! and the first answer wins, so a dead decision server costs a requester
+//! at most one timeout (usually far less: a closed port is refused at once).
+//!
+//! The sockets come from the client library's `wire` helpers, so a decision
+//! server is dialled exactly as a node is.
 
 use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::table::Rng;
+use crate::client::wire;
 use crate::protocol::frame::{self as f, Frame, NODE_DRAINING};
 use crate::protocol::{decode, limits, AdminOp, Channel, Code, DecodeError, Decoded, VERSION};
+
+/// How to reach decision servers: the time each server gets, and TLS.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// Per server, for connect, TLS handshake, request and answer together.
+    pub timeout: Duration,
+    /// TLS: dial every server over TLS, verifying its certificate with this
+    /// configuration ([`crate::tls::client_config`]) for the host name of
+    /// its `host:port`; none: plaintext.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Dial {
+    /// Plaintext, `timeout` per server.
+    pub fn plain(timeout: Duration) -> Dial {
+        Dial { timeout, tls: None }
+    }
+
+    /// TLS with `tls` (none: plaintext), `timeout` per server.
+    pub fn new(timeout: Duration, tls: Option<Arc<rustls::ClientConfig>>) -> Dial {
+        Dial { timeout, tls }
+    }
+}
 
 /// One node of an ASSIGNMENT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +140,9 @@ pub enum DecisionError {
     Unexpected(u8),
     /// The server closed the connection without answering.
     Closed,
+    /// A plaintext request went to a port that speaks TLS (the answer began
+    /// with a TLS alert record, `15 03`): dial it with TLS.
+    TlsPort,
     /// The list of servers is empty.
     NoServer,
     /// An argument cannot be sent (a user or node id too long).
@@ -125,6 +157,9 @@ impl fmt::Display for DecisionError {
             DecisionError::Rejected { code, message } => write!(f, "refused with {code}: {message}"),
             DecisionError::Unexpected(t) => write!(f, "unexpected response frame type 0x{t:02x}"),
             DecisionError::Closed => write!(f, "the server closed the connection without answering"),
+            DecisionError::TlsPort => {
+                write!(f, "the server's port speaks TLS and this request was plaintext: dial it with TLS")
+            }
             DecisionError::NoServer => write!(f, "no decision server given"),
             DecisionError::InvalidArgument(s) => write!(f, "{s}"),
         }
@@ -156,14 +191,14 @@ pub fn failed_last(candidates: &mut [String], failed: &str) {
 }
 
 /// Asks for a node (ASSIGN_REQUEST, protocol.md §7.1). Tries `servers`
-/// (`host:port`) in order, each with `timeout` for connect and answer; the
+/// (`host:port`) in order, each dialled as `dial` says; the
 /// first answer wins (NO_CAPACITY is an answer). `max_results` is clamped
 /// to 1..=8. If no server answers, the last server's error is returned.
 pub fn assign(
     servers: &[String],
     user: &[u8],
     max_results: u8,
-    timeout: Duration,
+    dial: &Dial,
 ) -> Result<AssignOutcome, DecisionError> {
     if user.len() > limits::MAX_USER_LEN {
         return Err(DecisionError::InvalidArgument(format!(
@@ -178,7 +213,7 @@ pub fn assign(
         max_results: max_results.clamp(1, limits::MAX_ASSIGN_RESULTS),
     })
     .to_vec();
-    first_answer(servers, &req, timeout, |frame| match frame {
+    first_answer(servers, &req, dial, |frame| match frame {
         Frame::Assignment(a) => Ok(AssignOutcome::Nodes(
             a.entries
                 .iter()
@@ -194,9 +229,9 @@ pub fn assign(
 
 /// Live nodes (NODES_REQUEST, protocol.md §7.2) from the first of `servers`
 /// that answers, draining ones included and flagged.
-pub fn nodes(servers: &[String], timeout: Duration) -> Result<Vec<NodeInfo>, DecisionError> {
+pub fn nodes(servers: &[String], dial: &Dial) -> Result<Vec<NodeInfo>, DecisionError> {
     let req = Frame::NodesRequest(f::NodesRequest { version: VERSION }).to_vec();
-    first_answer(servers, &req, timeout, |frame| match frame {
+    first_answer(servers, &req, dial, |frame| match frame {
         Frame::Nodes(n) => Ok(n
             .entries
             .iter()
@@ -213,7 +248,7 @@ pub fn nodes(servers: &[String], timeout: Duration) -> Result<Vec<NodeInfo>, Dec
 }
 
 /// Sends one ADMIN request (protocol.md §7.3), signed with `admin_secret`,
-/// to one server, with a fresh timestamp and random nonce. `node_id` empty
+/// to one server, dialled as `dial` says, with a fresh timestamp and random nonce. `node_id` empty
 /// means global / not applicable. A wrong secret comes back as
 /// `Rejected { code: AuthFailed }`; a refused operation (unknown node,
 /// value out of range) as `Rejected { code: BadRequest }`.
@@ -223,7 +258,7 @@ pub fn admin(
     op: AdminOp,
     node_id: &str,
     value: u32,
-    timeout: Duration,
+    dial: &Dial,
 ) -> Result<AdminReply, DecisionError> {
     if node_id.len() > limits::MAX_NODE_ID_LEN {
         return Err(DecisionError::InvalidArgument(format!(
@@ -244,7 +279,7 @@ pub fn admin(
         value,
     })
     .encode_signed(&mut req, admin_secret);
-    let resp = exchange(server, &req, timeout)?;
+    let resp = exchange(server, &req, dial)?;
     interpret(&resp, |frame| match frame {
         Frame::AdminResult(r) if r.status == 0 => Ok(AdminReply::Done(lossy(r.message))),
         Frame::AdminResult(r) => {
@@ -285,12 +320,12 @@ fn unexpected(frame: Frame<'_>) -> DecisionError {
 fn first_answer<T>(
     servers: &[String],
     req: &[u8],
-    timeout: Duration,
+    dial: &Dial,
     parse: impl Fn(Frame<'_>) -> Result<T, DecisionError>,
 ) -> Result<T, DecisionError> {
     let mut last = DecisionError::NoServer;
     for s in servers {
-        match exchange(s, req, timeout).and_then(|resp| interpret(&resp, &parse)) {
+        match exchange(s, req, dial).and_then(|resp| interpret(&resp, &parse)) {
             Ok(v) => return Ok(v),
             Err(e) => last = e,
         }
@@ -313,32 +348,13 @@ fn interpret<T>(
     }
 }
 
-/// Connects to `server`, sends `req`, returns the bytes of one whole
-/// response frame, all within `timeout`.
-fn exchange(server: &str, req: &[u8], timeout: Duration) -> Result<Vec<u8>, DecisionError> {
-    let deadline = Instant::now() + timeout;
+/// Connects to `server` as `dial` says, sends `req`, returns the bytes of
+/// one whole response frame, all within `dial.timeout`.
+fn exchange(server: &str, req: &[u8], dial: &Dial) -> Result<Vec<u8>, DecisionError> {
+    let deadline = Instant::now() + dial.timeout;
     let timed_out = || DecisionError::Io(io::Error::new(ErrorKind::TimedOut, format!("{server}: timed out")));
-    let mut last: Option<io::Error> = None;
-    let mut sock = None;
-    for addr in server.to_socket_addrs()? {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(timed_out());
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(s) => {
-                sock = Some(s);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let Some(mut s) = sock else {
-        return Err(DecisionError::Io(
-            last.unwrap_or_else(|| io::Error::new(ErrorKind::NotFound, format!("{server}: no address"))),
-        ));
-    };
-    let _ = s.set_nodelay(true);
+    let (mut s, _) =
+        wire::dial_stream(server, dial.timeout, dial.tls.as_ref()).map_err(|e| map_timeout(e, &timed_out))?;
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(timed_out());
@@ -348,6 +364,10 @@ fn exchange(server: &str, req: &[u8], timeout: Duration) -> Result<Vec<u8>, Deci
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 8192];
     loop {
+        if dial.tls.is_none() && buf.starts_with(&[0x15, 0x03]) {
+            // protocol.md §11: no frame starts so; it is a TLS alert record.
+            return Err(DecisionError::TlsPort);
+        }
         match decode(&buf, Channel::FromDecision) {
             Ok(Decoded::Frame(_, n)) => {
                 buf.truncate(n);
@@ -408,7 +428,7 @@ mod tests {
 
     #[test]
     fn no_servers_and_bad_arguments() {
-        let t = Duration::from_millis(100);
+        let t = &Dial::plain(Duration::from_millis(100));
         assert!(matches!(assign(&[], b"u", 1, t), Err(DecisionError::NoServer)));
         assert!(matches!(nodes(&[], t), Err(DecisionError::NoServer)));
         let long = [b'x'; 65];

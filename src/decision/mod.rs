@@ -11,8 +11,10 @@
 //! - [`table`]: the heartbeat table, assignment policy and admin operations,
 //!   sans-IO (no sockets, no clock; `now` is passed in).
 //! - [`state`]: the admin settings and their state file.
-//! - [`server`]: the mio event loop around the table (TCP requests, UDP heartbeats).
-//! - [`client`]: blocking helpers for clients, nodes, publishers and tools.
+//! - [`server`]: the mio event loop around the table (TCP requests, plain
+//!   or TLS-only with [`Config::tls`]; UDP heartbeats, never TLS).
+//! - [`client`]: blocking helpers for clients, nodes, publishers and tools,
+//!   dialling plain or TLS as a [`client::Dial`] says.
 //! - [`cli`]: `herald decision` and `herald admin`.
 
 pub mod cli;

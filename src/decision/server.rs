@@ -2,6 +2,11 @@
 //! a TCP listener for requests, a UDP socket for heartbeats, and the
 //! [`Table`] that answers them.
 //!
+//! With [`Config::tls`] the TCP port is TLS-only (protocol.md §11): every
+//! accepted connection starts a TLS handshake in the event loop's transport
+//! seam, and the roles below see only the decrypted frames. Heartbeats stay
+//! plain UDP: they are HMAC-signed (§8) and carry nothing secret.
+//!
 //! - heartbeats: `recv_from` until `WouldBlock` (or the per-turn budget),
 //!   each datagram to [`Table::on_heartbeat`]; rejects are dropped silently
 //!   and only counted (protocol.md §8);
@@ -40,6 +45,7 @@ use crate::net::{
 };
 use crate::protocol::frame::{self as f, Frame};
 use crate::protocol::{limits, Channel, Code, VERSION};
+use crate::tls;
 
 /// The heartbeat socket's token (the listener is token 0).
 const HEARTBEATS: Token = Token(1);
@@ -79,6 +85,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Log a summary line this often (zero: never).
     pub log_every: Duration,
+    /// TLS on the TCP port (its certificate and key; `client_ca` asks
+    /// requesters for a certificate); none: plaintext.
+    pub tls: Option<crate::tls::ServerFiles>,
 }
 
 impl Default for Config {
@@ -94,6 +103,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(10),
             max_connections: 16_384,
             log_every: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -173,6 +183,7 @@ pub struct DecisionServer {
     udp: UdpSocket,
     handle: ShutdownHandle,
     table: Table,
+    tls: Option<tls::Acceptor>,
     cfg: Config,
 }
 
@@ -193,11 +204,19 @@ impl DecisionServer {
     /// Loads the state file (if any) and binds both sockets. Port 0 picks a
     /// free port (see [`DecisionServer::tcp_addr`], [`DecisionServer::udp_addr`]).
     /// A state file that exists but cannot be read or parsed is an error
-    /// (`InvalidData`), so that a restart never silently forgets a drain.
+    /// (`InvalidData`), so that a restart never silently forgets a drain; so
+    /// are TLS files that do not load (`InvalidInput`, wrapping the
+    /// [`tls::TlsError`]).
     pub fn bind(cfg: Config) -> io::Result<DecisionServer> {
         let settings = match &cfg.state_file {
             Some(p) => state::load(p).map_err(|e| io::Error::new(ErrorKind::InvalidData, e.to_string()))?,
             None => state::Settings::default(),
+        };
+        let tls = match &cfg.tls {
+            Some(files) => Some(
+                tls::Acceptor::load(files.clone()).map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
+            ),
+            None => None,
         };
         let poll = Poll::new()?;
         // Clients connect, ask and close: a reconnect storm after a node dies
@@ -219,7 +238,7 @@ impl DecisionServer {
             settings,
             seed,
         );
-        Ok(DecisionServer { poll, listener, udp, handle, table, cfg })
+        Ok(DecisionServer { poll, listener, udp, handle, table, tls, cfg })
     }
 
     /// The bound TCP (request) address.
@@ -234,6 +253,15 @@ impl DecisionServer {
     pub fn ceiling_pct(&self) -> u8 {
         self.table.ceiling_pct()
     }
+    /// Whether the TCP port speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+    /// The TCP port's TLS, to reload its certificate (e.g. on SIGHUP):
+    /// [`tls::Acceptor::reload`] keeps the old one if the new files are bad.
+    pub fn tls(&self) -> tls::Reload {
+        tls::Reload { acceptors: self.tls.iter().cloned().collect(), dialer: None }
+    }
     /// A handle that makes [`DecisionServer::run`] return.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.handle.clone()
@@ -242,7 +270,7 @@ impl DecisionServer {
     /// Runs the event loop until a shutdown is triggered; returns the counters.
     pub fn run(self) -> io::Result<Stats> {
         let now = Instant::now();
-        let listener = Listener { sock: self.listener, cap: self.cfg.max_connections, tls: None };
+        let listener = Listener { sock: self.listener, cap: self.cfg.max_connections, tls: self.tls };
         let roles = Decision {
             udp: self.udp,
             stop: self.handle.stop,

@@ -113,6 +113,14 @@ pub struct NodeArgs {
     /// cluster secret's HMAC challenge.
     #[arg(long, requires = "tls_cert")]
     pub cluster_ca: Option<PathBuf>,
+    /// Ask the decision servers for the node list over TLS (their TCP port
+    /// runs `herald decision --tls-cert`), trusting the system's CA
+    /// certificates. Heartbeats stay UDP (HMAC-signed).
+    #[arg(long)]
+    pub decision_tls: bool,
+    /// As --decision-tls, trusting only the CA certificates in this PEM file.
+    #[arg(long)]
+    pub decision_tls_ca: Option<PathBuf>,
     /// Least severe messages logged: error, warn, info, debug or trace. At
     /// info the first line names the bound addresses (tools read it); warn
     /// and error leave it out, trace puts mio's lines before it.
@@ -199,6 +207,7 @@ impl NodeArgs {
                 p
             },
             cluster_ca: self.cluster_ca.clone(),
+            decision_tls: crate::tls::Trust::from_flags(self.decision_tls, self.decision_tls_ca.clone()),
             tls: match (&self.tls_cert, &self.tls_key) {
                 (Some(cert), Some(key)) => Some(crate::tls::ServerFiles {
                     cert: cert.clone(),
@@ -239,7 +248,9 @@ fn node_main(a: &NodeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = handle_signals(node.shutdown_handle(), node.tls(), cfg.node_id.clone()) {
+    let stop = node.shutdown_handle();
+    let who = format!("herald node {}", cfg.node_id);
+    if let Err(e) = crate::cli::handle_signals(who, node.tls(), move || stop.trigger()) {
         error!("herald node: cannot install signal handler: {e}");
         return ExitCode::from(1);
     }
@@ -261,36 +272,6 @@ fn node_main(a: &NodeArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-/// Handles signals on a thread of its own: SIGINT and SIGTERM start the
-/// drain (the handler only sets a flag and wakes the loops); SIGHUP reloads
-/// the TLS certificate and key: new handshakes use the new certificate,
-/// sessions already up keep theirs, and a bad new file leaves the old
-/// certificate in use.
-fn handle_signals(stop: super::ShutdownHandle, tls: crate::tls::Reload, id: String) -> std::io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-    std::thread::Builder::new().name("herald-signals".into()).spawn(move || {
-        for sig in signals.forever() {
-            if sig != SIGHUP {
-                stop.trigger();
-                continue;
-            }
-            if tls.is_empty() {
-                info!("herald node {id}: SIGHUP: no TLS certificate to reload");
-            }
-            for (path, r) in tls.reload() {
-                match r {
-                    Ok(()) => info!("herald node {id}: reloaded the TLS certificate {}", path.display()),
-                    Err(e) => {
-                        error!("herald node {id}: TLS reload refused, the old certificate stays in use: {e}")
-                    }
-                }
-            }
-        }
-    })?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -333,6 +314,20 @@ mod tests {
         // ...and whole, so a field added later is covered too (the secrets
         // are empty in both: Config::default() has none, none were read).
         assert_eq!(format!("{cfg:?}"), format!("{d:?}"));
+    }
+
+    #[test]
+    fn decision_tls_flags_choose_the_trust() {
+        use crate::tls::Trust;
+        let cfg = |extra: &[&str]| {
+            let mut args = REQUIRED.to_vec();
+            args.extend(extra);
+            parse(&args).unwrap().config_with(Vec::new(), Vec::new(), Vec::new()).unwrap().decision_tls
+        };
+        assert_eq!(cfg(&[]), None);
+        assert_eq!(cfg(&["--decision-tls"]), Some(Trust::System));
+        assert_eq!(cfg(&["--decision-tls-ca", "ca.pem"]), Some(Trust::Ca("ca.pem".into())));
+        assert_eq!(cfg(&["--decision-tls", "--decision-tls-ca", "ca.pem"]), Some(Trust::Ca("ca.pem".into())));
     }
 
     #[test]

@@ -57,23 +57,38 @@ pub fn decision_endpoints(s: &str) -> (String, String) {
     }
 }
 
-/// Asks the decision servers for the node list every `interval` and hands it
-/// to the loop; exits when the node stops.
+/// Asks the decision servers for the node list every `interval` (over TLS
+/// with `tls`, see `--decision-tls`) and hands it to the loop; exits when
+/// the node stops. A failure is logged when it differs from the last one
+/// (a decision server that is down is not logged every second).
 pub(crate) fn spawn_discovery(
     servers: Vec<String>,
     interval: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     tx: Sender<Ctl>,
 ) {
     let tcp: Vec<String> = servers.iter().map(|s| decision_endpoints(s).0).collect();
+    let dial = crate::decision::client::Dial::new(Duration::from_millis(500), tls);
     std::thread::spawn(move || {
+        let mut last_error = String::new();
         while !stop.load(Ordering::SeqCst) {
-            if let Ok(list) = crate::decision::client::nodes(&tcp, Duration::from_millis(500)) {
-                if tx.send(Ctl::Nodes(list)).is_err() {
-                    return;
+            match crate::decision::client::nodes(&tcp, &dial) {
+                Ok(list) => {
+                    last_error.clear();
+                    if tx.send(Ctl::Nodes(list)).is_err() {
+                        return;
+                    }
+                    let _ = waker.wake();
                 }
-                let _ = waker.wake();
+                Err(e) => {
+                    let e = e.to_string();
+                    if e != last_error {
+                        log::warn!("herald node: no node list from the decision servers: {e}");
+                        last_error = e;
+                    }
+                }
             }
             std::thread::sleep(interval);
         }

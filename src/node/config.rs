@@ -94,6 +94,9 @@ pub struct Config {
     /// The CA mesh peers' certificates must chain to (needed with TLS on
     /// the ingest port when the node is in a cluster).
     pub cluster_ca: Option<std::path::PathBuf>,
+    /// Ask the decision servers for the node list (TCP) over TLS, trusting
+    /// these CAs; none: plaintext. Heartbeats are UDP either way.
+    pub decision_tls: Option<crate::tls::Trust>,
     /// Tests only: the loop with this id (1..N) panics when it is handed a
     /// client; 0 never.
     #[cfg(test)]
@@ -130,6 +133,7 @@ impl Default for Config {
             tls: None,
             tls_ports: TlsPorts::default(),
             cluster_ca: None,
+            decision_tls: None,
             #[cfg(test)]
             fail_on_adopt: 0,
         }

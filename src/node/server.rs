@@ -73,6 +73,9 @@ pub struct Node {
     ingest_tls: Option<Acceptor>,
     /// How this node dials its mesh peers over TLS.
     mesh_tls: Option<tls::Dialer>,
+    /// How this node asks the decision servers for the node list: TLS with
+    /// this configuration; none: plaintext.
+    decision_tls: Option<Arc<rustls::ClientConfig>>,
     cfg: Config,
 }
 
@@ -91,6 +94,8 @@ impl Node {
             return Err(NodeError::Config(format!("threads must be 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
         let (tls, ingest_tls, mesh_tls) = Node::load_tls(&cfg)?;
+        let decision_tls =
+            cfg.decision_tls.as_ref().map(tls::Trust::config).transpose().map_err(NodeError::Tls)?;
         let poll = Poll::new().map_err(NodeError::Setup)?;
         let client_l = bind("client", cfg.listen)?;
         let ingest_l = bind("ingest", cfg.ingest)?;
@@ -109,7 +114,19 @@ impl Node {
             waker,
             others: other_wakers,
         };
-        Ok(Node { poll, client_l, ingest_l, metrics_l, handle, others, tls, ingest_tls, mesh_tls, cfg })
+        Ok(Node {
+            poll,
+            client_l,
+            ingest_l,
+            metrics_l,
+            handle,
+            others,
+            tls,
+            ingest_tls,
+            mesh_tls,
+            decision_tls,
+            cfg,
+        })
     }
 
     /// The TLS of the client port, of the ingest port, and of mesh dials.
@@ -222,6 +239,7 @@ impl Node {
             cluster::spawn_discovery(
                 self.cfg.decision.clone(),
                 self.cfg.heartbeat_interval,
+                self.decision_tls.clone(),
                 self.handle.stop.clone(),
                 self.handle.waker.clone(),
                 ctl_tx.clone(),

@@ -10,7 +10,8 @@ Written from protocol.md alone (no look at the Rust sources). Contents:
   (position tracking, gap detection, duplicate discard), PING -> PONG,
   keepalive watch, GOODBYE, ERROR, reconnect with resume;
 * ``Publisher``: the publisher side of publisher <-> node (§5);
-* ``ask_decision``: ASSIGN_REQUEST / ASSIGNMENT / NO_CAPACITY (§7.1);
+* ``ask_decision``: ASSIGN_REQUEST / ASSIGNMENT / NO_CAPACITY (§7.1), plaintext or
+  over TLS (``tls=``, as for the client port) to a decision server whose port speaks TLS;
 * tokens (§9): ``mint``, ``mint_ttl``, ``verify_token``; signed frames (§2.5)
   and the mesh tags (§6.2, §6.3);
 * TLS on the client port (§11), with the standard ``ssl`` module: ``tls_context``
@@ -1177,13 +1178,15 @@ class Publisher:
 # ---------------------------------------------------------------------------
 
 def ask_decision(servers: list[str], user: bytes | str = b"", max_results: int = 3,
-                 timeout: float = 1.0):
+                 timeout: float = 1.0, tls=None):
     """Ask the decision servers in order; returns a list of (node_id, endpoint) or
-    ("retry", retry_after_ms) on NO_CAPACITY. Raises ConnectionClosed if none answers."""
+    ("retry", retry_after_ms) on NO_CAPACITY. Raises ConnectionClosed if none answers.
+    ``tls`` (see ``as_tls_context``): for decision servers whose TCP port speaks TLS
+    (§7, §11), each verified for the host of its ``host:port``."""
     for s in servers:
         try:
-            conn = FrameConn.open(s, "FromDecision", "ToDecision", timeout)
-        except OSError:
+            conn = FrameConn.open(s, "FromDecision", "ToDecision", timeout, tls=tls)
+        except (OSError, TLSError):
             continue
         try:
             conn.send(ASSIGN_REQUEST, {"version": 1, "user": user, "max_results": max_results})

@@ -11,7 +11,9 @@ TLS (§11): a node with `herald cert dev` certificates on its client port: a TLS
 client is welcomed and receives what the plaintext publisher sends (TLS 1.3,
 ALPN herald/1); another CA, a host the certificate does not name, TLS 1.2 and
 a foreign ALPN are refused; plaintext on the TLS port is closed at once;
-SIGHUP rotates the certificate without cutting sessions.
+SIGHUP rotates the certificate without cutting sessions. A decision server
+with `--tls-cert` answers ASSIGN_REQUEST over TLS (the ssl module, localhost
+verified against the dev CA) and nothing in plaintext.
 Prints "N passed, M failed" last and exits non-zero on any failure.
 """
 
@@ -807,6 +809,47 @@ def tls_checks(binary: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def decision_tls_checks(binary: str):
+    """§7 over §11: ASSIGN_REQUEST to `herald decision --tls-cert` with the ssl module."""
+    tmp = tempfile.mkdtemp(prefix="herald-py-dtls-")
+    proc = None
+    try:
+        d = os.path.join(tmp, "certs")
+        r = herald_cli(binary, "cert", "dev", "--out", d, "--nodes", "n1", "--decision", "d1")
+        if not check("decision tls: `herald cert dev --decision d1` writes d1.pem", r.returncode == 0
+                     and os.path.exists(os.path.join(d, "d1.pem")), r.stderr.decode("utf-8", "replace")):
+            return
+        secrets = []
+        for name in ("cluster", "admin"):
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as fh:
+                fh.write(b"py-" + name.encode() + b"-secret-0123456789abcdef")
+            secrets.append(path)
+        proc = subprocess.Popen(
+            [binary, "decision", "--listen", "127.0.0.1:0", "--heartbeat", "127.0.0.1:0",
+             "--cluster-secret-file", secrets[0], "--admin-secret-file", secrets[1],
+             "--tls-cert", os.path.join(d, "d1.pem"), "--tls-key", os.path.join(d, "d1.key")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        line = proc.stderr.readline().decode("utf-8", "replace")
+        m = re.search(r"requests on (\S+?),", line)
+        if not check("decision tls: startup line names the request port and says TLS",
+                     m is not None and "requests over TLS" in line, line):
+            return
+        port = m.group(1).rpartition(":")[2]
+        ca = os.path.join(d, "ca.pem")
+        ans = hc.ask_decision([f"localhost:{port}"], "py", 1, timeout=2.0, tls=ca)
+        check("decision tls: ASSIGN_REQUEST over TLS (localhost, dev CA) is answered (NO_CAPACITY: no nodes)",
+              isinstance(ans, tuple) and ans[0] == "retry" and 1000 <= ans[1] <= 2000, f"{ans}")
+        expect_raises("decision tls: a plaintext ASSIGN_REQUEST to the TLS port gets no answer",
+                      lambda: hc.ask_decision([f"127.0.0.1:{port}"], "py", 1, timeout=2.0),
+                      hc.ConnectionClosed)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     binary = os.environ.get("HERALD_BIN")
     for name, fn in (("offline", offline_checks), ("fake node", fake_node_checks)):
@@ -825,6 +868,10 @@ def main():
             tls_checks(binary)
         except Exception:  # noqa: BLE001
             check("TLS checks ran to completion", False, traceback.format_exc())
+        try:
+            decision_tls_checks(binary)
+        except Exception:  # noqa: BLE001
+            check("decision TLS checks ran to completion", False, traceback.format_exc())
     print(f"({time.monotonic() - T0:.1f} s)")
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

@@ -1,5 +1,6 @@
-//! Shared helpers for integration tests: start a node on port 0 in-process,
-//! mint tokens, and speak raw protocol frames over real sockets.
+//! Shared helpers for integration tests: start a node or a decision server
+//! on port 0 in-process, mint tokens, and speak raw protocol frames over
+//! real sockets.
 
 #![allow(dead_code)]
 
@@ -104,6 +105,41 @@ impl TestNode {
 }
 
 impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.handle.trigger();
+            let _ = t.join();
+        }
+    }
+}
+
+/// A decision server on a thread, stopped on drop.
+pub struct TestDecision {
+    pub tcp: SocketAddr,
+    pub udp: SocketAddr,
+    handle: herald::decision::ShutdownHandle,
+    thread: Option<JoinHandle<std::io::Result<herald::decision::Stats>>>,
+}
+
+impl TestDecision {
+    pub fn start(cfg: herald::decision::Config) -> TestDecision {
+        let s = herald::decision::DecisionServer::bind(cfg).expect("bind");
+        let (tcp, udp, handle) = (s.tcp_addr(), s.udp_addr(), s.shutdown_handle());
+        let thread = Some(std::thread::spawn(move || s.run()));
+        TestDecision { tcp, udp, handle, thread }
+    }
+
+    pub fn addr(&self) -> String {
+        self.tcp.to_string()
+    }
+
+    pub fn stop(mut self) -> herald::decision::Stats {
+        self.handle.trigger();
+        self.thread.take().unwrap().join().unwrap().unwrap()
+    }
+}
+
+impl Drop for TestDecision {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.handle.trigger();

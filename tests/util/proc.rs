@@ -80,6 +80,19 @@ impl Drop for Proc {
     }
 }
 
+/// `herald decision` on loopback, both ports picked by the OS, with these
+/// secret files; add more flags after it.
+pub fn decision_args(cluster_secret: &Path, admin_secret: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> =
+        ["decision", "--listen", "127.0.0.1:0", "--heartbeat", "127.0.0.1:0", "--cluster-secret-file"]
+            .map(Into::into)
+            .into();
+    v.push(cluster_secret.into());
+    v.push("--admin-secret-file".into());
+    v.push(admin_secret.into());
+    v
+}
+
 /// The words after `marker` in `line`, up to the next ',' or the end of the line.
 pub fn after(line: &str, marker: &str) -> Option<String> {
     let rest = line.split(marker).nth(1)?;
