@@ -173,6 +173,8 @@ fn broker_payload(buf: &mut Vec<u8>, stamp: Stamp, u: usize) {
 
 struct Cluster {
     admin_secret: Vec<u8>,
+    /// How the demo asks its decision servers (over TLS unless --plaintext).
+    dial: decision::client::Dial,
     decisions: Vec<(decision::ShutdownHandle, std::thread::JoinHandle<io::Result<decision::Stats>>, String)>,
     nodes: Vec<NodeRun>,
 }
@@ -195,7 +197,7 @@ fn start_cluster(
     let admin_secret = secret("admin");
     let mut decisions = Vec::new();
     let mut endpoints = Vec::new();
-    for _ in 0..2 {
+    for i in 0..2 {
         let d = DecisionServer::bind(decision::Config {
             listen: "127.0.0.1:0".parse().expect("valid"),
             heartbeat: "127.0.0.1:0".parse().expect("valid"),
@@ -203,6 +205,7 @@ fn start_cluster(
             admin_secret: admin_secret.clone(),
             state_file: None,
             log_every: Duration::ZERO,
+            tls: tls.map(|t| t.server(&format!("d{}", i + 1), false)),
             ..decision::Config::default()
         })?;
         let tcp = d.tcp_addr().to_string();
@@ -227,6 +230,7 @@ fn start_cluster(
             tls: tls.map(|t| t.server(&id, true)),
             tls_ports: node::TlsPorts { client: true, ingest: true, metrics: false },
             cluster_ca: tls.map(DemoTls::ca),
+            decision_tls: tls.map(|t| crate::tls::Trust::Ca(t.ca())),
             ..node::Config::default()
         })?;
         let ingest = node.ingest_addr().to_string();
@@ -234,7 +238,8 @@ fn start_cluster(
         let thread = Some(std::thread::spawn(move || node.run().map_err(io::Error::from)));
         nodes.push(NodeRun { id, ingest, handle, thread });
     }
-    Ok(Cluster { admin_secret, decisions, nodes })
+    let dial = decision::client::Dial::new(Duration::from_secs(1), tls.map(|t| t.client.clone()));
+    Ok(Cluster { admin_secret, dial, decisions, nodes })
 }
 
 impl Cluster {
@@ -246,12 +251,9 @@ impl Cluster {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             let all = self.decisions.iter().all(|d| {
-                decision::client::nodes(
-                    std::slice::from_ref(&d.2),
-                    &decision::client::Dial::plain(Duration::from_secs(1)),
-                )
-                .map(|v| v.len() == self.nodes.len())
-                .unwrap_or(false)
+                decision::client::nodes(std::slice::from_ref(&d.2), &self.dial)
+                    .map(|v| v.len() == self.nodes.len())
+                    .unwrap_or(false)
             });
             if all {
                 return true;
@@ -315,7 +317,8 @@ impl Clients {
                 decision,
                 secret: secret.to_vec(),
                 reconnect: true,
-                tls: tls.map(|t| t.0),
+                tls: tls.as_ref().map(|t| t.0.clone()),
+                decision_tls: tls.map(|t| t.0),
                 ..SwarmConfig::default()
             })?;
             let got = swarm.connect_all(Duration::from_secs(60), |_| {});
@@ -461,7 +464,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         None
     } else {
         let ids: Vec<String> = (1..=n_nodes).map(|i| format!("n{i}")).collect();
-        Some(DemoTls::new(&ids, &[])?)
+        Some(DemoTls::new(&ids, &["d1".to_owned(), "d2".to_owned()])?)
     };
     let cluster = start_cluster(n_nodes, &client_secret, &publisher_secret, cfg.clients, tls.as_ref())?;
     println!(
@@ -472,7 +475,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     );
     match &tls {
         Some(t) => println!(
-            "TLS 1.3 on every client, publisher and mesh connection (throwaway CA in {}; --plaintext for none)",
+            "TLS 1.3 on every client, publisher, mesh and decision-server connection (throwaway CA in {}; --plaintext for none)",
             t.dir.display()
         ),
         None => println!("plaintext: no TLS (--plaintext)"),
@@ -563,15 +566,9 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
 
     let admin = cluster.admin_secret.clone();
     let decision0 = cluster.decision_tcp()[0].clone();
+    let dial = cluster.dial.clone();
     let per_node = || -> Vec<(String, u32)> {
-        match decision::client::admin(
-            &decision0,
-            &admin,
-            AdminOp::Status,
-            "",
-            0,
-            &decision::client::Dial::plain(Duration::from_secs(1)),
-        ) {
+        match decision::client::admin(&decision0, &admin, AdminOp::Status, "", 0, &dial) {
             Ok(decision::client::AdminReply::Status { rows, .. }) => rows
                 .into_iter()
                 .filter(|r| r.heartbeat_age_ms < 3000)

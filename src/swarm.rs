@@ -93,6 +93,9 @@ pub struct SwarmConfig {
     /// Speak TLS to the nodes, verifying each node's certificate for the
     /// host (or IP address) of its endpoint with this configuration.
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Speak TLS to the decision servers, verifying them with this
+    /// configuration.
+    pub decision_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What the swarm counted.
@@ -211,7 +214,7 @@ pub struct Swarm {
     pub rehome_welcome: Histogram<u64>,
     /// Kill to the first message on the new node, ns, per re-homed client.
     pub rehome_message: Histogram<u64>,
-    decision_conn: Option<TcpStream>,
+    decision_conn: Option<crate::client::wire::Stream>,
     restarts_pending: bool,
 }
 
@@ -317,7 +320,10 @@ impl Swarm {
                 &self.cfg.decision,
                 name.as_bytes(),
                 3,
-                &crate::decision::client::Dial::plain(Duration::from_millis(500)),
+                &crate::decision::client::Dial::new(
+                    Duration::from_millis(500),
+                    self.cfg.decision_tls.clone(),
+                ),
             ) {
                 Ok(crate::decision::client::AssignOutcome::Nodes(n)) => {
                     n.into_iter().map(|a| a.endpoint).collect()
@@ -342,10 +348,9 @@ impl Swarm {
         use crate::protocol::frame::AssignRequest;
         for _ in 0..2 {
             if self.decision_conn.is_none() {
+                let tls = self.cfg.decision_tls.as_ref();
                 self.decision_conn = self.cfg.decision.iter().find_map(|d| {
-                    let a = std::net::ToSocketAddrs::to_socket_addrs(d).ok()?.next()?;
-                    let s = TcpStream::connect_timeout(&a, Duration::from_millis(500)).ok()?;
-                    s.set_nodelay(true).ok()?;
+                    let (s, _) = crate::client::wire::dial_stream(d, Duration::from_millis(500), tls).ok()?;
                     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
                     Some(s)
                 });

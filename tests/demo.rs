@@ -15,7 +15,10 @@ fn demo_finishes_green() {
     assert!(out.contains("OK: every message reached its own user"), "{out}");
     assert!(out.contains("wrong user         0"), "{out}");
     assert!(out.lines().any(|l| l.starts_with("t=") && l.contains("n1:") && l.contains("n2:")), "{out}");
-    assert!(out.contains("TLS 1.3 on every client, publisher and mesh connection"), "TLS by default: {out}");
+    assert!(
+        out.contains("TLS 1.3 on every client, publisher, mesh and decision-server connection"),
+        "TLS by default: {out}"
+    );
     let dir =
         out.split("throwaway CA in ").nth(1).and_then(|r| r.split(';').next()).expect("names its CA dir");
     assert!(!std::path::Path::new(dir).exists(), "the throwaway CA {dir} is removed at the end");

@@ -17,6 +17,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -63,6 +64,26 @@ struct Common {
     /// Clients speak TLS, trusting this CA file (PEM) instead of the system's roots.
     #[arg(long)]
     tls_ca: Option<PathBuf>,
+    /// Requests to the decision servers (clients' ASSIGN, the probe's node
+    /// list) speak TLS, verified against the system's roots (or --decision-tls-ca).
+    #[arg(long)]
+    decision_tls: bool,
+    /// Requests to the decision servers speak TLS, trusting this CA file.
+    #[arg(long)]
+    decision_tls_ca: Option<PathBuf>,
+}
+
+impl Common {
+    /// The clients' TLS to nodes, and the TLS to decision servers.
+    #[allow(clippy::type_complexity)]
+    fn tls(&self) -> Result<(Option<Arc<rustls::ClientConfig>>, Option<Arc<rustls::ClientConfig>>), String> {
+        let cfg =
+            |t: Option<herald::tls::Trust>| t.map(|t| t.config()).transpose().map_err(|e| e.to_string());
+        Ok((
+            cfg(herald::tls::Trust::from_flags(self.tls, self.tls_ca.clone()))?,
+            cfg(herald::tls::Trust::from_flags(self.decision_tls, self.decision_tls_ca.clone()))?,
+        ))
+    }
 }
 
 #[derive(Subcommand)]
@@ -156,15 +177,12 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
     let Some(secret) = secret_for(c.plain, c.secret_file.as_deref(), "worker", "--secret-file") else {
         return 2;
     };
-    let tls = match (c.tls, &c.tls_ca) {
-        (false, None) => None,
-        (_, ca) => match herald::tls::client_config(ca.as_deref()) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                eprintln!("worker: {e}");
-                return 2;
-            }
-        },
+    let (tls, decision_tls) = match c.tls() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("worker: {e}");
+            return 2;
+        }
     };
     let cfg = SwarmConfig {
         first,
@@ -176,6 +194,7 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
         source: c.source.clone(),
         reconnect: c.reconnect,
         tls,
+        decision_tls,
     };
     herald::swarm::run_worker(cfg, record_after)
 }
@@ -314,6 +333,12 @@ fn load(mut a: LoadArgs) -> i32 {
         if let Some(ca) = &a.common.tls_ca {
             cmd.arg("--tls-ca").arg(ca);
         }
+        if a.common.decision_tls {
+            cmd.arg("--decision-tls");
+        }
+        if let Some(ca) = &a.common.decision_tls_ca {
+            cmd.arg("--decision-tls-ca").arg(ca);
+        }
         if a.common.reconnect {
             cmd.arg("--reconnect");
         }
@@ -412,7 +437,16 @@ fn load(mut a: LoadArgs) -> i32 {
     if ingest.is_empty() {
         match herald::decision::client::nodes(
             &a.common.decision,
-            &herald::decision::client::Dial::plain(Duration::from_secs(2)),
+            &herald::decision::client::Dial::new(
+                Duration::from_secs(2),
+                match a.common.tls() {
+                    Ok((_, d)) => d,
+                    Err(e) => {
+                        eprintln!("probe: {e}");
+                        return 2;
+                    }
+                },
+            ),
         ) {
             Ok(list) => {
                 ingest = list.into_iter().filter(|n| !n.draining).map(|n| n.ingest_endpoint).collect()

@@ -191,7 +191,7 @@ enum Cmd {
         decision: Vec<String>,
         #[arg(long, default_value_t = 0)]
         record_after: u64,
-        /// Speak TLS to the nodes, trusting this CA file.
+        /// Speak TLS to the nodes and decision servers, trusting this CA file.
         #[arg(long)]
         tls_ca: Option<PathBuf>,
     },
@@ -433,6 +433,7 @@ fn run(cmd: Cmd) -> ExitCode {
                 decision,
                 secret,
                 reconnect: true,
+                decision_tls: tls.clone(),
                 tls,
                 ..Default::default()
             };

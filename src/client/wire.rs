@@ -137,12 +137,6 @@ impl TimedRead for Stream {
     }
 }
 
-/// The host part of a `host:port` endpoint (brackets of an IPv6 literal removed).
-fn host_of(endpoint: &str) -> &str {
-    let host = endpoint.rsplit_once(':').map_or(endpoint, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
-}
-
 /// Connects to `endpoint` (`host:port`, see [`connect`]) within `timeout`.
 /// With `tls`, completes a TLS handshake that verifies the server's
 /// certificate for the endpoint's host name (or IP address), within the
@@ -156,8 +150,7 @@ pub(crate) fn dial_stream(
     let deadline = Instant::now() + timeout;
     let (sock, addr) = connect(endpoint, deadline)?;
     let Some(cfg) = tls else { return Ok((Stream::Plain(sock), addr)) };
-    let name = rustls_pki_types::ServerName::try_from(host_of(endpoint).to_owned())
-        .map_err(|e| io::Error::new(ErrorKind::InvalidInput, format!("{endpoint}: {e}")))?;
+    let name = crate::tls::server_name(endpoint)?;
     let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
     let mut t = rustls::StreamOwned::new(conn, sock);
     while t.conn.is_handshaking() {
