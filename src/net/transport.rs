@@ -59,7 +59,7 @@ pub struct Tls {
 
 /// The server side of a TLS session and its socket, with the buffers
 /// rustls's unbuffered API leaves to the caller. Each is empty (and holds
-/// no memory, but for a small kept output buffer) while the session idles.
+/// no memory) while the session idles.
 pub struct ServerTls {
     sock: TcpStream,
     conn: UnbufferedServerConnection,
@@ -98,10 +98,6 @@ const SCRATCH: usize = 96 * 1024;
 const READ_CHUNK: usize = 32 * 1024;
 /// Most carried-over ciphertext (see [`SCRATCH`]).
 const MAX_CARRY: usize = SCRATCH - READ_CHUNK;
-/// An emptied ciphertext output buffer up to this size is kept for the
-/// next write (no allocation per turn for small messages); a larger one is
-/// freed.
-const KEEP_OUT: usize = 1024;
 /// A TLS 1.3 record's overhead: header, content type, AEAD tag.
 const RECORD_OVERHEAD: usize = 5 + 1 + 16;
 /// Largest plaintext fragment of one record.
@@ -109,6 +105,9 @@ const MAX_FRAGMENT: usize = 16 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Where a server session's records are encrypted before they are
+    /// written (its capacity is kept: no allocation per write).
+    static OUT_SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Transport {
@@ -187,7 +186,7 @@ impl Transport {
                 // A close_notify once the session is up (rustls's unbuffered
                 // API has none to give during the handshake).
                 if !t.conn.is_handshaking() {
-                    let _ = t.with_write_traffic(|w, out| match w.queue_close_notify(out) {
+                    let _ = t.with_write_traffic(None, |w, out| match w.queue_close_notify(out) {
                         Err(EncryptError::InsufficientSize(e)) => Err(e.required_size),
                         Ok(n) => Ok(n),
                         Err(_) => Ok(0),
@@ -222,7 +221,7 @@ impl Tls {
 impl ServerTls {
     /// Writes ciphertext until the socket is full or nothing is left;
     /// returns whether the socket was full (see [`Tls::send`]). An emptied
-    /// buffer is freed unless it is small.
+    /// buffer is freed (it holds only what the socket did not take).
     fn send(&mut self) -> io::Result<bool> {
         while self.out_pos < self.out.len() {
             match self.sock.write(&self.out[self.out_pos..]) {
@@ -240,11 +239,7 @@ impl ServerTls {
             }
         }
         self.out_pos = 0;
-        if self.out.capacity() > KEEP_OUT {
-            self.out = Vec::new();
-        } else {
-            self.out.clear();
-        }
+        self.out = Vec::new();
         Ok(false)
     }
 
@@ -411,6 +406,7 @@ impl ServerTls {
     /// `out`; `f` returns the bytes it wrote or the size it needs.
     fn with_write_traffic(
         &mut self,
+        mut dest: Option<&mut Vec<u8>>,
         mut f: impl FnMut(
             &mut WriteTraffic<'_, rustls::server::ServerConnectionData>,
             &mut [u8],
@@ -424,7 +420,11 @@ impl ServerTls {
             let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut inbuf);
             match state {
                 Ok(ConnectionState::WriteTraffic(mut w)) => {
-                    Self::emit(&mut self.out, |o| f(&mut w, o), 0);
+                    let out = match dest {
+                        Some(ref mut d) => &mut **d,
+                        None => &mut self.out,
+                    };
+                    Self::emit(out, |o| f(&mut w, o), 0);
                     done = Some(Ok(()));
                 }
                 Ok(ConnectionState::EncodeTlsData(mut e)) => Self::emit(
@@ -531,17 +531,35 @@ impl ServerTls {
         }
         if !self.early_out.is_empty() {
             let early = std::mem::take(&mut self.early_out);
-            self.write_all_now(&early)?;
+            self.encrypt_all(None, &early)?;
         }
         // As for the buffered side: encrypt what the limit takes, send it,
-        // and go on until everything is taken or the socket is full.
+        // and go on until everything is taken or the socket is full. The
+        // records are encrypted into a per-thread scratch buffer and
+        // written from there; only what the socket does not take is kept.
         let mut taken = 0;
         while !self.send()? && taken < buf.len() {
-            let n = (buf.len() - taken).min(TLS_BUFFER.saturating_sub(self.out_pending()));
-            if n == 0 {
-                break;
-            }
-            self.write_all_now(&buf[taken..taken + n])?;
+            // `send` returned false: nothing is pending, the whole limit is free.
+            let n = (buf.len() - taken).min(TLS_BUFFER);
+            OUT_SCRATCH.with(|s| -> io::Result<()> {
+                let mut s = s.borrow_mut();
+                s.clear();
+                self.encrypt_all(Some(&mut s), &buf[taken..taken + n])?;
+                let mut sent = 0;
+                if self.out_pending() == 0 {
+                    while sent < s.len() {
+                        match self.sock.write(&s[sent..]) {
+                            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                            Ok(k) => sent += k,
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                self.out.extend_from_slice(&s[sent..]);
+                Ok(())
+            })?;
             taken += n;
         }
         if taken == 0 && !buf.is_empty() {
@@ -550,11 +568,12 @@ impl ServerTls {
         Ok(taken)
     }
 
-    /// Encrypts all of `data` into `out`.
-    fn write_all_now(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Encrypts all of `data` into records at the end of `dest` (none:
+    /// `out`). Records rustls queued first go to `out`.
+    fn encrypt_all(&mut self, dest: Option<&mut Vec<u8>>, data: &[u8]) -> io::Result<()> {
         let guess = data.len() + data.len().div_ceil(MAX_FRAGMENT).max(1) * RECORD_OVERHEAD;
         let mut first = true;
-        self.with_write_traffic(|w, o| {
+        self.with_write_traffic(dest, |w, o| {
             if first && o.len() < guess {
                 first = false;
                 return Err(guess);
