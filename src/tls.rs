@@ -122,9 +122,19 @@ pub struct ServerFiles {
     pub client_cert_optional: bool,
 }
 
+/// The ALPN protocol id of a node's metrics port over TLS (HTTPS).
+pub const ALPN_HTTP: &[u8] = b"http/1.1";
+
 impl ServerFiles {
-    /// Builds the rustls server configuration from the files.
+    /// Builds the rustls server configuration from the files, for a herald
+    /// port (ALPN `herald/1`).
     pub fn config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        self.config_for(ALPN)
+    }
+
+    /// Builds the rustls server configuration from the files, offering the
+    /// one ALPN protocol `alpn`.
+    pub fn config_for(&self, alpn: &[u8]) -> Result<Arc<ServerConfig>, TlsError> {
         let certs = load_certs(&self.cert)?;
         let key = load_key(&self.key)?;
         let builder = ServerConfig::builder_with_provider(provider())
@@ -142,7 +152,7 @@ impl ServerFiles {
             None => builder.with_no_client_auth(),
         };
         let mut cfg = builder.with_single_cert(certs, key)?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = vec![alpn.to_vec()];
         Ok(Arc::new(cfg))
     }
 }
@@ -153,14 +163,20 @@ impl ServerFiles {
 #[derive(Clone)]
 pub struct Acceptor {
     files: ServerFiles,
+    alpn: &'static [u8],
     current: Arc<RwLock<Arc<ServerConfig>>>,
 }
 
 impl Acceptor {
     /// Loads the files; an error names the file and what is wrong with it.
     pub fn load(files: ServerFiles) -> Result<Acceptor, TlsError> {
-        let cfg = files.config()?;
-        Ok(Acceptor { files, current: Arc::new(RwLock::new(cfg)) })
+        Acceptor::load_for(files, ALPN)
+    }
+
+    /// [`Acceptor::load`] for a port that speaks `alpn` (e.g. [`ALPN_HTTP`]).
+    pub fn load_for(files: ServerFiles, alpn: &'static [u8]) -> Result<Acceptor, TlsError> {
+        let cfg = files.config_for(alpn)?;
+        Ok(Acceptor { files, alpn, current: Arc::new(RwLock::new(cfg)) })
     }
 
     /// The configuration for a new handshake.
@@ -174,7 +190,7 @@ impl Acceptor {
     /// Loads the files again. On success new handshakes use the new
     /// certificate; on failure the old one stays in use and the error says why.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let cfg = self.files.config()?;
+        let cfg = self.files.config_for(self.alpn)?;
         match self.current.write() {
             Ok(mut c) => *c = cfg,
             Err(poisoned) => *poisoned.into_inner() = cfg,

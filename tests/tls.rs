@@ -6,6 +6,7 @@
 //! The decision server's TLS request port too: ASSIGN, NODES and `herald
 //! admin` over TLS, a plaintext request answered by an alert and a close,
 //! and a client assigned a DNS name (`localhost:PORT`) that it verifies.
+//! The metrics port over HTTPS.
 
 mod util;
 
@@ -583,4 +584,47 @@ fn herald_admin_over_tls_and_sighup_on_the_decision_server() {
         log.iter().any(|l| l.contains("TLS reload refused, the old certificate stays in use")),
         "{log:?}"
     );
+}
+
+/// One HTTP/1.0 GET over TLS (ALPN http/1.1); returns the whole answer.
+fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConfig>) -> String {
+    let mut cfg = (*tls).clone();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => panic!("reading the HTTPS answer: {e}"),
+    }
+    assert_eq!(s.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn the_metrics_port_speaks_https_when_asked() {
+    let pki = Pki::new("metrics");
+    let node = TestNode::start(herald::node::Config {
+        tls: Some(pki.files("node", false)),
+        tls_ports: herald::node::TlsPorts { client: true, ingest: false, metrics: true },
+        ..test_config()
+    });
+    let m = node.metrics.expect("a metrics port");
+    let got = https_get(m, "/metrics", pki.client());
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    assert!(got.contains("herald_messages_in_total"), "{got}");
+    assert!(https_get(m, "/healthz", pki.client()).starts_with("HTTP/1.1 200"));
+    // Plaintext HTTP on the HTTPS port: an alert and a close, no answer.
+    let mut s = TcpStream::connect(m).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.starts_with(&[0x15, 0x03]), "an alert record, not HTTP: {out:?}");
+    assert!(!String::from_utf8_lossy(&out).contains("herald_"), "no metrics over plaintext");
 }

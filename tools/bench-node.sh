@@ -12,6 +12,10 @@
 # Target "tls" is a one-loop herald whose client port speaks TLS 1.3 (dev
 # certificates from `herald cert dev`), its clients verifying it with the
 # dev CA; the probe's publishers stay on the plaintext ingest port.
+# PROBE_ARGS adds flags to every probe run, e.g. PROBE_ARGS="--source
+# 127.0.0.2,127.0.0.3" to spread clients over source addresses (runs close
+# with the node, leaving its sockets in TIME_WAIT: back-to-back runs from
+# one address can run short of ports).
 # NODE_WRAP / PROBE_WRAP prefix the node's / probe's command (they must exec
 # it, keeping the pid), e.g. NODE_WRAP="chrt -f 50" or NODE_WRAP="taskset -c 1"
 # PROBE_WRAP="taskset -c 0", to tell the node's own tail from scheduling.
@@ -64,9 +68,9 @@ probe() { # target args...
   local t=$1; shift
   local plain=""; [ "$t" = forwarder ] && plain="--plain"
   [ "$t" = tls ] && plain="--tls-ca $dir/certs/ca.pem"
-  # shellcheck disable=SC2086 # $plain is one flag or a flag and its value
+  # shellcheck disable=SC2086 # $plain and $PROBE_ARGS are flags and values
   $PROBE_WRAP $R/herald-probe load --node 127.0.0.1:17500 --ingest 127.0.0.1:17501 --secret-file "$dir/cs" \
-    --publisher-secret-file "$dir/ps" --node-pid "$PID" $plain "$@" 2>/dev/null || true
+    --publisher-secret-file "$dir/ps" --node-pid "$PID" $plain ${PROBE_ARGS:-} "$@" 2>/dev/null || true
 }
 internal() { # herald's own ingest-to-write p99 and p99.9 (µs), from /metrics
   exec 3<>/dev/tcp/127.0.0.1/17502 || return 0

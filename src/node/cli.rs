@@ -102,10 +102,11 @@ pub struct NodeArgs {
     /// Mutual TLS: clients must present a certificate that chains to this CA (PEM).
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    /// Which ports speak TLS with --tls-cert: `client`, `ingest`, or both
-    /// (comma-separated). A TLS ingest port takes publishers with or
-    /// without a certificate and requires --cluster-ca for mesh peers;
-    /// every node of a cluster must agree.
+    /// Which ports speak TLS with --tls-cert: any of `client`, `ingest` and
+    /// `metrics` (comma-separated). A TLS ingest port takes publishers with
+    /// or without a certificate and requires --cluster-ca for mesh peers;
+    /// every node of a cluster must agree. A TLS metrics port is HTTPS
+    /// (ALPN http/1.1, no client certificate).
     #[arg(long, value_delimiter = ',', default_value = "client", requires = "tls_cert")]
     pub tls_ports: Vec<String>,
     /// The CA every mesh peer's certificate must chain to; a peer's node id
@@ -201,7 +202,10 @@ impl NodeArgs {
                     match port.as_str() {
                         "client" => p.client = true,
                         "ingest" => p.ingest = true,
-                        other => return Err(format!("--tls-ports: {other}: must be client or ingest")),
+                        "metrics" => p.metrics = true,
+                        other => {
+                            return Err(format!("--tls-ports: {other}: must be client, ingest or metrics"))
+                        }
                     }
                 }
                 p
@@ -260,7 +264,12 @@ fn node_main(a: &NodeArgs) -> ExitCode {
         node.client_addr(),
         node.ingest_addr(),
         cfg.capacity,
-        node.metrics_addr().map(|a| format!(", metrics on http://{a}/metrics")).unwrap_or_default()
+        node.metrics_addr()
+            .map(|a| {
+                let scheme = if cfg.tls.is_some() && cfg.tls_ports.metrics { "https" } else { "http" };
+                format!(", metrics on {scheme}://{a}/metrics")
+            })
+            .unwrap_or_default()
     );
     // The first line names the bound addresses (tests and tools parse it):
     // have it out before the node starts writing its own.

@@ -71,12 +71,23 @@ pub struct Node {
     /// The ingest port's TLS, if any: publishers with or without a
     /// certificate, mesh peers with a cluster-CA one (reloadable).
     ingest_tls: Option<Acceptor>,
+    /// The metrics port's TLS (HTTPS), if any (reloadable).
+    metrics_tls: Option<Acceptor>,
     /// How this node dials its mesh peers over TLS.
     mesh_tls: Option<tls::Dialer>,
     /// How this node asks the decision servers for the node list: TLS with
     /// this configuration; none: plaintext.
     decision_tls: Option<Arc<rustls::ClientConfig>>,
     cfg: Config,
+}
+
+/// The TLS of each port, from the configuration (none: plaintext).
+#[derive(Default)]
+struct PortTls {
+    client: Option<Acceptor>,
+    ingest: Option<Acceptor>,
+    metrics: Option<Acceptor>,
+    mesh: Option<tls::Dialer>,
 }
 
 fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, NodeError> {
@@ -93,7 +104,8 @@ impl Node {
         if cfg.threads == 0 || cfg.threads > MAX_THREADS {
             return Err(NodeError::Config(format!("threads must be 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
-        let (tls, ingest_tls, mesh_tls) = Node::load_tls(&cfg)?;
+        let PortTls { client: tls, ingest: ingest_tls, metrics: metrics_tls, mesh: mesh_tls } =
+            Node::load_tls(&cfg)?;
         let decision_tls =
             cfg.decision_tls.as_ref().map(tls::Trust::config).transpose().map_err(NodeError::Tls)?;
         let poll = Poll::new().map_err(NodeError::Setup)?;
@@ -123,6 +135,7 @@ impl Node {
             others,
             tls,
             ingest_tls,
+            metrics_tls,
             mesh_tls,
             decision_tls,
             cfg,
@@ -131,20 +144,24 @@ impl Node {
 
     /// The TLS of the client port, of the ingest port, and of mesh dials.
     #[allow(clippy::type_complexity)]
-    fn load_tls(
-        cfg: &Config,
-    ) -> Result<(Option<Acceptor>, Option<Acceptor>, Option<tls::Dialer>), NodeError> {
-        let Some(files) = &cfg.tls else { return Ok((None, None, None)) };
+    fn load_tls(cfg: &Config) -> Result<PortTls, NodeError> {
+        let Some(files) = &cfg.tls else { return Ok(PortTls::default()) };
         let ports = cfg.tls_ports;
-        if ports.metrics {
-            return Err(NodeError::Config(
-                "TLS on the metrics port is not implemented in this version".into(),
-            ));
-        }
         let client =
             if ports.client { Some(Acceptor::load(files.clone()).map_err(NodeError::Tls)?) } else { None };
+        let metrics = match (ports.metrics, cfg.metrics) {
+            (true, None) => {
+                return Err(NodeError::Config("--tls-ports metrics needs --metrics ADDR".into()));
+            }
+            (true, Some(_)) => {
+                // HTTPS for a scraper: no client certificate, ALPN http/1.1.
+                let f = ServerFiles { client_ca: None, client_cert_optional: false, ..files.clone() };
+                Some(Acceptor::load_for(f, tls::ALPN_HTTP).map_err(NodeError::Tls)?)
+            }
+            (false, _) => None,
+        };
         if !ports.ingest {
-            return Ok((client, None, None));
+            return Ok(PortTls { client, metrics, ..PortTls::default() });
         }
         if !cfg.decision.is_empty() && cfg.cluster_ca.is_none() {
             return Err(NodeError::Config(
@@ -163,7 +180,7 @@ impl Node {
             Some(ca) => Some(tls::Dialer::load(&files.cert, &files.key, ca).map_err(NodeError::Tls)?),
             None => None,
         };
-        Ok((client, Some(ingest), mesh))
+        Ok(PortTls { client, ingest: Some(ingest), metrics, mesh })
     }
 
     /// The bound client address.
@@ -182,7 +199,7 @@ impl Node {
     /// [`Acceptor::reload`] keeps the old one if the new files are bad.
     pub fn tls(&self) -> tls::Reload {
         tls::Reload {
-            acceptors: self.tls.iter().chain(self.ingest_tls.iter()).cloned().collect(),
+            acceptors: self.tls.iter().chain(&self.ingest_tls).chain(&self.metrics_tls).cloned().collect(),
             dialer: self.mesh_tls.clone(),
         }
     }
@@ -319,13 +336,13 @@ impl Node {
         for (what, tls, addr) in [
             ("client", &self.tls, Some(self.client_addr())),
             ("ingest", &self.ingest_tls, Some(self.ingest_addr())),
-            ("metrics", &None, self.metrics_addr()),
+            ("metrics", &self.metrics_tls, self.metrics_addr()),
         ] {
             if let (Some(a), None) = (addr, tls) {
                 let how = if self.tls.is_none() {
                     "give --tls-cert/--tls-key for TLS"
                 } else {
-                    "it is not in --tls-ports (metrics: no TLS in this version)"
+                    "it is not in --tls-ports"
                 };
                 log::warn!("herald node {id}: the {what} port {a} is plaintext (unencrypted); {how}");
             }
@@ -337,7 +354,7 @@ impl Node {
         if let Some(m) = self.metrics_l {
             // The metrics port is for a scraper or two: a flood of
             // connections must not use up the descriptors clients need.
-            listeners.push(Listener { sock: m, cap: MAX_HTTP_CONNS, tls: None });
+            listeners.push(Listener { sock: m, cap: MAX_HTTP_CONNS, tls: self.metrics_tls.clone() });
         }
         let r = EventLoop::new(self.poll, listeners, roles, limits).and_then(|mut l| l.run());
         if r.is_err() {
