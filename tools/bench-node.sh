@@ -19,7 +19,7 @@
 # NODE_WRAP / PROBE_WRAP prefix the node's / probe's command (they must exec
 # it, keeping the pid), e.g. NODE_WRAP="chrt -f 50" or NODE_WRAP="taskset -c 1"
 # PROBE_WRAP="taskset -c 0", to tell the node's own tail from scheduling.
-#   A: 10,000 clients, 80,000 msg/s, 100 B payload, 1 ms ticks
+#   A: 10,000 clients, 80,000 msg/s (ARATE overrides), 100 B payload, 1 ms ticks
 #   B: 10,000 clients, 20,000 msg/s
 #   C: 1,000 clients, rising rate until p99 > 10 ms or loss
 #   D: 19,000 idle authenticated connections: node RSS per connection
@@ -93,7 +93,7 @@ run() { # scenario target args...
 
 for s in $scenarios; do
   case $s in
-    A) for i in $(seq "$REPS"); do for t in $TARGETS; do run A $t --clients 10000 --rate 80000 --duration "$DUR" --warmup 2; done; done ;;
+    A) for i in $(seq "$REPS"); do for t in $TARGETS; do run A $t --clients 10000 --rate "${ARATE:-80000}" --duration "$DUR" --warmup 2; done; done ;;
     B) for i in $(seq "$REPS"); do for t in $TARGETS; do run B $t --clients 10000 --rate 20000 --duration "$DUR" --warmup 2; done; done ;;
     C) for rate in $RATES; do
          for t in $TARGETS; do run "C@$rate" $t --clients 1000 --rate $rate --duration 5 --warmup 1; done
