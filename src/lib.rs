@@ -15,7 +15,7 @@
 //! - `net` (crate-private): the one readiness loop both servers run on
 //!   (`net/event_loop.rs`: poll, accept, budgeted reads, decode-and-dispatch,
 //!   flushes, closes), the connection layer (`net/conns.rs`, `net/outbox.rs`),
-//!   the transport seam (`net/transport.rs`: plain TCP, later TLS) and the
+//!   the transport seam (`net/transport.rs`: plain TCP or TLS) and the
 //!   typed close reasons (`net/close.rs`).
 //! - [`protocol`]: the wire protocol, sans-IO (frames, codec, tokens, signatures).
 //!   `protocol.md` is its normative specification.

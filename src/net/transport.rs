@@ -31,7 +31,9 @@ use mio::event::Source;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus, WriteTraffic};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, EncryptError, UnbufferedStatus, WriteTraffic,
+};
 
 /// Most ciphertext (and plaintext not yet encrypted) rustls holds for one
 /// connection.
@@ -268,6 +270,19 @@ impl ServerTls {
         }
     }
 
+    /// Appends the handshake message or alert rustls has to send to `out`.
+    fn encode(out: &mut Vec<u8>, e: &mut EncodeTlsData<'_, rustls::server::ServerConnectionData>) {
+        Self::emit(
+            out,
+            |o| match e.encode(o) {
+                Ok(n) => Ok(n),
+                Err(EncodeError::InsufficientSize(s)) => Err(s.required_size),
+                Err(_) => Ok(0),
+            },
+            0,
+        );
+    }
+
     /// Keeps plaintext a read had no room for.
     fn keep_plain(plain: &mut Vec<u8>, pos: &mut usize, data: &[u8]) {
         if *pos == plain.len() {
@@ -319,17 +334,7 @@ impl ServerTls {
                         }
                     }
                 }
-                Ok(ConnectionState::EncodeTlsData(mut e)) => {
-                    Self::emit(
-                        &mut self.out,
-                        |o| match e.encode(o) {
-                            Ok(n) => Ok(n),
-                            Err(EncodeError::InsufficientSize(s)) => Err(s.required_size),
-                            Err(_) => Ok(0),
-                        },
-                        0,
-                    );
-                }
+                Ok(ConnectionState::EncodeTlsData(mut e)) => Self::encode(&mut self.out, &mut e),
                 // The bytes are in `out`, which is sent in order.
                 Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
                 Ok(ConnectionState::BlockedHandshake) => {
@@ -369,15 +374,7 @@ impl ServerTls {
             let UnbufferedStatus { state, .. } = self.conn.process_tls_records(incoming);
             match state {
                 Ok(ConnectionState::ReadTraffic(mut r)) => while r.next_record().is_some() {},
-                Ok(ConnectionState::EncodeTlsData(mut e)) => Self::emit(
-                    &mut self.out,
-                    |o| match e.encode(o) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(s)) => Err(s.required_size),
-                        Err(_) => Ok(0),
-                    },
-                    0,
-                ),
+                Ok(ConnectionState::EncodeTlsData(mut e)) => Self::encode(&mut self.out, &mut e),
                 _ => return,
             }
         }
@@ -427,15 +424,7 @@ impl ServerTls {
                     Self::emit(out, |o| f(&mut w, o), 0);
                     done = Some(Ok(()));
                 }
-                Ok(ConnectionState::EncodeTlsData(mut e)) => Self::emit(
-                    &mut self.out,
-                    |o| match e.encode(o) {
-                        Ok(n) => Ok(n),
-                        Err(EncodeError::InsufficientSize(s)) => Err(s.required_size),
-                        Err(_) => Ok(0),
-                    },
-                    0,
-                ),
+                Ok(ConnectionState::EncodeTlsData(mut e)) => Self::encode(&mut self.out, &mut e),
                 Ok(ConnectionState::TransmitTlsData(t)) => t.done(),
                 Ok(ConnectionState::ReadTraffic(mut r)) => {
                     // Not reached (reads take every record), but keep the bytes.
