@@ -692,3 +692,23 @@ fn reject_vectors(md: &str) -> Vec<(State, Vec<u8>, u16)> {
         })
         .collect()
 }
+
+/// §5.2: a PUBLISH pipelined behind PUB_HELLO, in the same write, is
+/// processed once the PUB_HELLO is accepted (PUB_WELCOME, then its
+/// PUB_RESULT); behind a refused PUB_HELLO it is discarded.
+#[test]
+fn publish_pipelined_behind_pub_hello() {
+    let node = TestNode::start(test_config());
+    let publish =
+        Frame::Publish(f::Publish { flags: 1, request_id: 5, user: b"bob", key: b"", payload: b"x" });
+    let mut bytes = pub_hello(&pub_credential());
+    bytes.extend(publish.to_vec());
+    let mut r = Raw::connect(node.ingest, Channel::FromIngest);
+    r.send(&bytes);
+    assert_eq!(r.expect(Duration::from_secs(5))[4], PUB_WELCOME);
+    assert_eq!(r.expect(Duration::from_secs(5))[4], PUB_RESULT);
+    let mut bytes = pub_hello("v1.YWxpY2U.1767225600.00");
+    bytes.extend(publish.to_vec());
+    let got = observe(&node, State::IngestHandshake, &bytes);
+    assert_eq!((got.answers, got.end), (vec![], End::Error(AUTH_FAILED)));
+}
