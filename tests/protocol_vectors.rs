@@ -507,3 +507,47 @@ fn flags_table_matches_the_codec() {
         .collect();
     assert_eq!(got, want, "protocol.md §1 flags table");
 }
+
+// ---------------------------------------------------------------- rejections
+
+/// The `<!-- reject-vectors -->` of §10.6 against the codec: each string,
+/// decoded on its state's channel with the types the state allows (§3, §5),
+/// fails with its code; the two that pass the decoder are a PEER_HELLO,
+/// refused by version negotiation (UNSUPPORTED_VERSION) or, on a node
+/// without a cluster secret, AUTH_FAILED (§6.1).
+#[test]
+fn reject_vectors_fail_with_their_codes() {
+    let lines = spec_lines();
+    let at = marker(&lines, "reject-vectors");
+    let body = fenced_after(&lines, at, "text", "reject-vectors");
+    let mut n = 0;
+    for l in body.lines().map(|l| l.split('#').next().unwrap_or("").trim()).filter(|l| !l.is_empty()) {
+        let cols: Vec<&str> = l.split_whitespace().collect();
+        let (channel, allowed): (Channel, &[u8]) = match cols[0] {
+            "client-handshake" => (Channel::ToNode, &[ty::HELLO, ty::ERROR]),
+            "client-established" => (Channel::ToNode, &[ty::PING, ty::PONG, ty::ERROR]),
+            "ingest-handshake" => (Channel::Ingest, &[ty::PUB_HELLO, ty::PEER_HELLO, ty::ERROR]),
+            "publisher-established" => {
+                (Channel::Ingest, &[ty::PUBLISH, ty::PUBLISH_BATCH, ty::PING, ty::PONG, ty::ERROR])
+            }
+            other => panic!("reject-vectors: unknown state `{other}`"),
+        };
+        let code = *cols.last().unwrap();
+        let bytes = parse_hex(&cols[1..cols.len() - 1].concat()).unwrap_or_else(|e| panic!("`{l}`: {e}"));
+        match frame::decode_in(&bytes, channel, |t| allowed.contains(&t)) {
+            Err(e) => assert_eq!(screaming(&format!("{:?}", e.code())), code, "`{l}`: {e}"),
+            Ok(Decoded::Frame(frame::Frame::PeerHello(h), used)) => {
+                assert_eq!(used, bytes.len(), "`{l}`: the string is one frame");
+                let want = if frame::negotiate(h.min_version, h.max_version).is_none() {
+                    "UNSUPPORTED_VERSION"
+                } else {
+                    "AUTH_FAILED"
+                };
+                assert_eq!(code, want, "`{l}`");
+            }
+            other => panic!("`{l}`: expected {code}, the codec says {other:?}"),
+        }
+        n += 1;
+    }
+    assert!(n >= 10, "reject-vectors: expected the §10.6 list, found {n} lines");
+}

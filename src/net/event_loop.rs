@@ -27,8 +27,8 @@ use mio::{Events, Interest, Poll, Token};
 use super::close::CloseReason;
 use super::conns::{ConnId, ConnState, Conns, Framing, MAX_LISTENERS};
 use super::transport::Transport;
-use crate::protocol::frame::peek_header;
-use crate::protocol::{decode, Code, Decoded, Frame};
+use crate::protocol::frame::decode_in;
+use crate::protocol::{Code, DecodeError, Decoded, Frame};
 
 /// The waker's token (below [`super::FIRST_CONN`], above the listeners).
 pub const WAKER: Token = Token(super::FIRST_CONN - 1);
@@ -450,31 +450,23 @@ impl<S: Service> EventLoop<S> {
                 ok = false;
                 break;
             }
-            match decode(&buf[at..], channel) {
+            let Some(c) = self.conns.get(id) else { return false };
+            // §2.4 step 2: the state's check rides on the type byte, ahead of
+            // the type's length bound and the body, before anything is
+            // buffered.
+            let state = &c.state;
+            match decode_in(&buf[at..], channel, |t| state.allows(t)) {
                 Ok(Decoded::Frame(frame, n)) => {
-                    let Some(c) = self.conns.get(id) else { return false };
-                    let t = frame.frame_type();
-                    if !c.state.allows(t) {
-                        let msg = format!("frame type 0x{t:02x}: {}", c.state.expects());
-                        self.conns.fail(id, Code::UnexpectedFrame, &msg, now);
-                        return false;
-                    }
                     match self.service.frame(&mut self.conns, id, frame, &buf[at..], n, now) {
                         Flow::Continue => at += n,
                         Flow::Stop | Flow::Gone => return false,
                     }
                 }
-                Ok(Decoded::Incomplete(_)) => {
-                    // §2.4 step 2: refuse a type the state does not allow
-                    // from its type byte, before buffering its body.
-                    if let (Some((_, t)), Some(c)) = (peek_header(&buf[at..]), self.conns.get(id)) {
-                        if !c.state.allows(t) {
-                            let msg = format!("frame type 0x{t:02x}: {}", c.state.expects());
-                            self.conns.fail(id, Code::UnexpectedFrame, &msg, now);
-                            return false;
-                        }
-                    }
-                    break;
+                Ok(Decoded::Incomplete(_)) => break,
+                Err(DecodeError::NotNow(t)) => {
+                    let msg = format!("frame type 0x{t:02x}: {}", c.state.expects());
+                    self.conns.fail(id, Code::UnexpectedFrame, &msg, now);
+                    return false;
                 }
                 Err(e) => {
                     self.conns.fail(id, e.code(), &e.to_string(), now);

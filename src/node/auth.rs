@@ -59,14 +59,16 @@ impl Refusal {
 
 /// Checks a hello offering versions `min..=max` with `cred`, at `unix` seconds.
 pub fn authenticate(min: u8, max: u8, cred: Credential<'_>, unix: u64) -> Result<Admitted, Refusal> {
+    // Version first, then the credential (protocol.md §3.1 steps 3 and 4,
+    // §6.1), also for a node that takes no mesh links.
+    let Some(version) = negotiate(min, max) else {
+        return Err(Refusal::new(Code::UnsupportedVersion, "this node speaks protocol version 1"));
+    };
     if let Credential::Peer { secret } = cred {
         if secret.is_empty() {
             return Err(Refusal::new(Code::AuthFailed, "this node has no cluster secret"));
         }
     }
-    let Some(version) = negotiate(min, max) else {
-        return Err(Refusal::new(Code::UnsupportedVersion, "this node speaks protocol version 1"));
-    };
     let (presented, secret, what) = match cred {
         Credential::Client { token, secret } => (token, secret, "token"),
         Credential::Publisher { credential, secret } => (credential, secret, "publisher credential"),

@@ -31,6 +31,9 @@ pub enum DecodeError {
         /// The channel it arrived on.
         channel: Channel,
     },
+    /// The type is allowed on the channel, but not in the connection's
+    /// current state (e.g. PING before the handshake is done).
+    NotNow(u8),
     /// The length is over the largest valid frame of this type (one whose
     /// fields are all bounded, [`crate::protocol::frame::max_frame_len`]).
     LongerThanType {
@@ -75,7 +78,7 @@ impl DecodeError {
         match self {
             DecodeError::FrameTooLarge { .. } => Code::FrameTooLarge,
             DecodeError::UnknownType(_) => Code::UnknownFrameType,
-            DecodeError::UnexpectedType { .. } => Code::UnexpectedFrame,
+            DecodeError::UnexpectedType { .. } | DecodeError::NotNow(_) => Code::UnexpectedFrame,
             DecodeError::BadMagic(_) => Code::BadMagic,
             DecodeError::EmptyFrame
             | DecodeError::LongerThanType { .. }
@@ -98,6 +101,7 @@ impl fmt::Display for DecodeError {
             DecodeError::UnexpectedType { ty, channel } => {
                 write!(f, "frame type 0x{ty:02x} is not allowed on {channel:?}")
             }
+            DecodeError::NotNow(t) => write!(f, "frame type 0x{t:02x} is not allowed now"),
             DecodeError::LongerThanType { ty, len, max } => {
                 write!(f, "frame length {len} is over {max}, the largest valid frame of type 0x{ty:02x}")
             }

@@ -40,6 +40,19 @@ pub fn all() -> Vec<Sample> {
         Channel::ToNode,
         Frame::Hello(Hello { min_version: 1, max_version: 1, token, agent: b"rs/0.1", resume: None }),
     );
+    // The §9 worked example: a token that verifies under the sample secret.
+    let signed = super::token::mint(SAMPLE_SECRET, b"alice", 1_767_225_600).expect("valid user");
+    add(
+        "hello-signed",
+        Channel::ToNode,
+        Frame::Hello(Hello {
+            min_version: 1,
+            max_version: 1,
+            token: signed.as_bytes(),
+            agent: b"rs/0.1",
+            resume: None,
+        }),
+    );
     add(
         "hello-resume",
         Channel::ToNode,

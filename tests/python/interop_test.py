@@ -150,6 +150,9 @@ def offline_checks():
     f = frames.get("hello")
     check("hello fields", f and f["token"] == b"v1.YWxpY2U.1767225600.00" and f["agent"] == b"rs/0.1"
           and f["flags"] == 0 and (f["min_version"], f["max_version"]) == (1, 1))
+    f = frames.get("hello-signed")
+    check("hello-signed token verifies (§9 worked example)",
+          f and hc.verify_token(TEST_SECRET, f["token"].decode(), now=1767225599) == b"alice")
     f = frames.get("hello-resume")
     check("hello-resume fields", f and f["flags"] & hc.FLAG_RESUME and f["resume_epoch"] == 0x1122334455667788
           and f["resume_seq"] == 41 and f["agent"] == b"")

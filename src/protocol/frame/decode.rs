@@ -1,5 +1,6 @@
 //! Decoding: [`decode`] checks a frame's header against its channel before
 //! anything is buffered, then parses the body of each frame type;
+//! [`decode_in`] adds the connection state's check on the type byte;
 //! [`max_frame_len`] and [`peek_header`] are the header-only checks.
 
 use byteorder::{BigEndian, ByteOrder};
@@ -59,10 +60,25 @@ pub enum Decoded<'a> {
 /// Decodes the first frame in `buf`, as read from `channel`.
 ///
 /// Checks, in this order, as soon as the bytes are there: the length prefix
-/// against the channel limit, the type byte (and the length against the
-/// largest valid frame of that type), then (once the whole frame is present)
-/// the body.
+/// (0, then the channel limit), the type byte (defined, allowed on the
+/// channel, then the length against the largest valid frame of that type),
+/// then (once the whole frame is present) the body. Every type the channel
+/// allows is taken as allowed now; a connection with states uses
+/// [`decode_in`].
 pub fn decode(buf: &[u8], channel: Channel) -> Result<Decoded<'_>, DecodeError> {
+    decode_in(buf, channel, |_| true)
+}
+
+/// [`decode`] for a connection whose state allows only the types for which
+/// `allowed` says yes (protocol.md §2.4 step 2: the channel and the state are
+/// checked together, from the type byte, before the length against the
+/// type's largest frame and before the body). A type the channel allows but
+/// the state does not is [`DecodeError::NotNow`].
+pub fn decode_in(
+    buf: &[u8],
+    channel: Channel,
+    allowed: impl Fn(u8) -> bool,
+) -> Result<Decoded<'_>, DecodeError> {
     let Some(len) = buf.get(..4).map(BigEndian::read_u32) else {
         return Ok(Decoded::Incomplete(HEADER_LEN));
     };
@@ -81,6 +97,9 @@ pub fn decode(buf: &[u8], channel: Channel) -> Result<Decoded<'_>, DecodeError> 
     }
     if !channel.allows(t) {
         return Err(DecodeError::UnexpectedType { ty: t, channel });
+    }
+    if !allowed(t) {
+        return Err(DecodeError::NotNow(t));
     }
     if let Some(max) = max_frame_len(t) {
         if len > max {

@@ -30,7 +30,7 @@ mod types;
 mod wire;
 
 pub use super::channel::{ty, Channel};
-pub use decode::{decode, max_frame_len, peek_header, Decoded};
+pub use decode::{decode, decode_in, max_frame_len, peek_header, Decoded};
 pub use encode::{deliver_len, encode_deliver, encode_forward, encode_publish, BatchWriter};
 pub use entries::{
     encode_entries, AssignEntry, BatchEntry, Entry, List, ListIter, NodeEntry, PresenceEntry, StatusEntry,
