@@ -155,9 +155,23 @@ pub struct Listener {
 /// Binds a listening TCP socket with a deep backlog (a reconnect storm of
 /// thousands of clients arrives at once and must not overflow it).
 pub fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    listen_with(addr, None)
+}
+
+/// [`listen`], with every accepted socket's kernel send buffer fixed at
+/// `sndbuf` bytes (`SO_SNDBUF`, set on the listener: accepted sockets
+/// inherit it, so no syscall per accept). Linux doubles the value for its
+/// own bookkeeping and turns off send-buffer autotuning for these sockets,
+/// so the kernel holds at most about twice `sndbuf` of a connection's
+/// unsent or unacknowledged output. None: the kernel's default (autotuned,
+/// up to `net.ipv4.tcp_wmem`'s maximum, 4 MiB by default).
+pub fn listen_with(addr: std::net::SocketAddr, sndbuf: Option<usize>) -> io::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     s.set_reuse_address(true)?;
+    if let Some(n) = sndbuf {
+        s.set_send_buffer_size(n)?;
+    }
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     s.listen(4096)?;

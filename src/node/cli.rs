@@ -50,6 +50,12 @@ pub struct NodeArgs {
     /// Per-client bound on pending output, bytes.
     #[arg(long, default_value_t = Config::default().queue_bytes)]
     pub queue_bytes: usize,
+    /// Kernel send buffer of each client connection, bytes (SO_SNDBUF;
+    /// Linux accounts twice this). With --queue-bytes it bounds what one
+    /// session can hold: the queue plus about twice this in the kernel.
+    /// 0: the kernel's default, autotuned up to 4 MiB per socket.
+    #[arg(long, default_value_t = Config::default().client_sndbuf)]
+    pub client_sndbuf: usize,
     /// What to do with a client whose queue is full: disconnect or drop.
     #[arg(long, default_value = policy_name(Config::default().slow_policy), value_parser = parse_policy)]
     pub slow_policy: SlowPolicy,
@@ -184,6 +190,7 @@ impl NodeArgs {
             publisher_secret,
             heartbeat: self.heartbeat.0,
             queue_bytes: self.queue_bytes,
+            client_sndbuf: self.client_sndbuf,
             slow_policy: self.slow_policy,
             grace: self.grace.0,
             retain_count: self.retain_count,
@@ -258,8 +265,12 @@ fn node_main(a: &NodeArgs) -> ExitCode {
         error!("herald node: cannot install signal handler: {e}");
         return ExitCode::from(1);
     }
+    let sndbuf = match cfg.client_sndbuf {
+        0 => ", client send buffers autotuned by the kernel".to_owned(),
+        _ => format!(", client send buffer {} B in the kernel", node.client_sndbuf()),
+    };
     info!(
-        "herald node {}: clients on {}, ingest on {}, capacity {}{}",
+        "herald node {}: clients on {}, ingest on {}, capacity {}{sndbuf}{}",
         cfg.node_id,
         node.client_addr(),
         node.ingest_addr(),
@@ -309,6 +320,7 @@ mod tests {
         assert_eq!(cfg.capacity, d.capacity);
         assert_eq!(cfg.heartbeat, d.heartbeat);
         assert_eq!(cfg.queue_bytes, d.queue_bytes);
+        assert_eq!(cfg.client_sndbuf, d.client_sndbuf);
         assert_eq!(cfg.slow_policy, d.slow_policy);
         assert_eq!(cfg.grace, d.grace);
         assert_eq!(cfg.retain_count, d.retain_count);
@@ -392,6 +404,7 @@ mod tests {
             shown(&d.ingest),
             shown(&CliDuration(d.heartbeat)),
             shown(&d.queue_bytes),
+            shown(&d.client_sndbuf),
             shown(&policy_name(d.slow_policy)),
             shown(&CliDuration(d.grace)),
             shown(&d.retain_total),

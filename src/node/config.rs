@@ -59,6 +59,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Per-client bound on pending output, bytes.
     pub queue_bytes: usize,
+    /// The kernel send buffer of every client connection, bytes
+    /// (`SO_SNDBUF`; Linux accounts twice this); 0: the kernel's default,
+    /// autotuned up to 4 MiB per socket.
+    pub client_sndbuf: usize,
     /// What to do when the bound is hit.
     pub slow_policy: SlowPolicy,
     /// How long a user without sessions keeps its stream for resume.
@@ -117,6 +121,7 @@ impl Default for Config {
             heartbeat: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
             queue_bytes: 256 * 1024,
+            client_sndbuf: 64 * 1024,
             slow_policy: SlowPolicy::Disconnect,
             grace: Duration::from_secs(30),
             retain_count: 1024,

@@ -109,7 +109,8 @@ impl Node {
         let decision_tls =
             cfg.decision_tls.as_ref().map(tls::Trust::config).transpose().map_err(NodeError::Tls)?;
         let poll = Poll::new().map_err(NodeError::Setup)?;
-        let client_l = bind("client", cfg.listen)?;
+        let client_l = net::listen_with(cfg.listen, (cfg.client_sndbuf > 0).then_some(cfg.client_sndbuf))
+            .map_err(|source| NodeError::Bind { what: "client", addr: cfg.listen, source })?;
         let ingest_l = bind("ingest", cfg.ingest)?;
         let metrics_l = cfg.metrics.map(|a| bind("metrics", a)).transpose()?;
         let waker = Arc::new(Waker::new(poll.registry(), net::WAKER).map_err(NodeError::Setup)?);
@@ -186,6 +187,11 @@ impl Node {
     /// The bound client address.
     pub fn client_addr(&self) -> std::net::SocketAddr {
         self.client_l.local_addr().expect("bound")
+    }
+    /// The kernel send buffer a client connection gets, as the kernel
+    /// accounts it (twice `--client-sndbuf`; autotuned when that is 0).
+    pub fn client_sndbuf(&self) -> usize {
+        socket2::SockRef::from(&self.client_l).send_buffer_size().unwrap_or(0)
     }
     /// The bound ingest address.
     pub fn ingest_addr(&self) -> std::net::SocketAddr {
