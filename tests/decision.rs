@@ -438,6 +438,49 @@ fn admin_with_wrong_secret_is_refused_and_closed() {
     assert_eq!(st.admin_auth_failures, 2);
 }
 
+/// The trickle attack (§7): a connection that sends part of a request and
+/// then one byte at a time, never finishing it, is closed by the idle rule
+/// like a silent one: only whole requests count as activity.
+#[test]
+fn a_trickled_partial_request_is_closed_as_idle() {
+    let idle = Duration::from_millis(400);
+    let d = TestDecision::start(Config { idle_timeout: idle, ..config() });
+    let long_user = vec![b'u'; 200];
+    let req =
+        Frame::AssignRequest(f::AssignRequest { version: 1, user: &long_user, max_results: 1 }).to_vec();
+    let mut s = TcpStream::connect(d.tcp).unwrap();
+    s.set_nodelay(true).unwrap();
+    // One whole request first: answered, and the idle clock starts again.
+    s.write_all(&Frame::NodesRequest(f::NodesRequest { version: 1 }).to_vec()).unwrap();
+    let mut buf = Vec::new();
+    assert!(matches!(frame(&read_frame(&mut s, &mut buf).unwrap()), Frame::Nodes(_)));
+    let t0 = Instant::now();
+    s.write_all(&req[..8]).unwrap();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let mut w = s.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        // A byte every 100 ms for up to 3 s (7.5 idle periods): far more
+        // than the rule allows, far less than the request needs.
+        for b in &req[8..38] {
+            if done_rx.try_recv().is_ok() || w.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    match read_frame(&mut s, &mut buf).map(|v| match frame(&v) {
+        Frame::Error(e) => Some(e.code),
+        _ => None,
+    }) {
+        Some(Some(Code::IdleTimeout)) | None => {}
+        other => panic!("expected IDLE_TIMEOUT or a close, got {other:?}"),
+    }
+    let took = t0.elapsed();
+    let _ = done_tx.send(());
+    trickle.join().unwrap();
+    assert!(took < idle * 3, "closed {took:?} after the partial request began, the idle rule is {idle:?}");
+}
+
 /// §2.4, §7: framing errors and wrong versions get ERROR with the right
 /// code, then the connection closes; requests split at every byte are
 /// answered; an idle connection is closed with IDLE_TIMEOUT.

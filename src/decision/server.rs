@@ -293,8 +293,12 @@ impl DecisionServer {
     }
 }
 
-/// A request connection: nothing but what the event loop keeps.
-pub(crate) struct Requester;
+/// A request connection: when its last whole request arrived (the idle
+/// rule counts requests, not bytes: a peer trickling a partial frame a
+/// byte at a time is idle all the same).
+pub(crate) struct Requester {
+    last_request: Instant,
+}
 
 impl ConnState for Requester {
     type Cx = ();
@@ -444,10 +448,10 @@ impl Service for Decision {
         _conns: &mut Conns<Requester>,
         _listener: usize,
         _io: &mut net::Transport,
-        _now: Instant,
+        now: Instant,
     ) -> Result<Requester, CloseReason> {
         self.stats.accepted += 1;
-        Ok(Requester)
+        Ok(Requester { last_request: now })
     }
 
     fn refused(&mut self, _listener: usize, reason: CloseReason) {
@@ -464,6 +468,9 @@ impl Service for Decision {
         len: usize,
         now: Instant,
     ) -> Flow {
+        if let Some(c) = conns.get_mut(id) {
+            c.state.last_request = now;
+        }
         self.request(conns, id, frame, &bytes[..len], now)
     }
 
@@ -510,7 +517,7 @@ impl Service for Decision {
                 if c.linger_over(now) {
                     expired.push((id, false));
                 }
-            } else if now.saturating_duration_since(c.last_rx) >= idle {
+            } else if now.saturating_duration_since(c.state.last_request) >= idle {
                 expired.push((id, true));
             }
         }
