@@ -44,3 +44,11 @@ pub mod node;
 pub mod protocol;
 pub mod swarm;
 pub mod tls;
+
+/// Entry points for the fuzz targets (`fuzz/`): the sans-IO pieces of
+/// crate-private code. Not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::net::transport::fuzz::{server_session, Outcome};
+    pub use crate::node::http::{take as http_take, Head, Request, MAX_HEAD_BYTES};
+}

@@ -326,3 +326,188 @@ pub const TARGETS: [(&str, &[Channel], bool); 5] = [
     ("decode_decision", &DECISION, true),
     ("token_verify", &[], false),
 ];
+
+/// The two targets outside the codec: the node's HTTP request reader and
+/// the server side of TLS (their seeds are written by `write_seeds` too).
+pub const OTHER_TARGETS: [&str; 2] = ["http_request", "tls_server"];
+
+/// The size of the pieces an input's stream is cut into, from its first
+/// byte: 0 → one piece; 1..=127 → that many bytes; 128..=255 → 512-byte
+/// steps up to 64 KiB.
+pub fn piece_len(shape: u8, stream_len: usize) -> usize {
+    match shape {
+        0 => stream_len.max(1),
+        1..=127 => usize::from(shape),
+        _ => usize::from(shape - 127) * 512,
+    }
+}
+
+/// The HTTP target. The first byte cuts the rest into pieces
+/// ([`piece_len`]), fed one by one to `http_take` (as the node reads them
+/// from the socket) until it answers other than `Partial`:
+///
+/// - `Partial` and `Complete` keep exactly the bytes fed so far; `Partial`
+///   only while they hold no `\r\n\r\n`, `Complete` only once they do.
+/// - `TooLarge` exactly when the piece would take the buffer past 8 KiB
+///   (and the buffer is left as it was); the buffer never exceeds 8 KiB.
+/// - `Complete(Metrics)` / `Complete(Health)` only if the head holds the
+///   path; the answer is the same as for all the bytes fed in one piece
+///   (how the request was cut does not matter).
+pub fn check_http(data: &[u8]) {
+    use herald::fuzzing::{http_take, Head, Request, MAX_HEAD_BYTES};
+    let Some((&shape, stream)) = data.split_first() else { return };
+    let has_end = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
+    let mut rbuf = Vec::new();
+    let mut fed = 0;
+    for piece in stream.chunks(piece_len(shape, stream.len())) {
+        let r = http_take(&mut rbuf, piece);
+        if r == Head::TooLarge {
+            assert!(fed + piece.len() > MAX_HEAD_BYTES, "refused at {} + {} bytes", fed, piece.len());
+            assert_eq!(rbuf, &stream[..fed], "a refused piece changed the buffer");
+            return;
+        }
+        assert!(fed + piece.len() <= MAX_HEAD_BYTES, "took {} + {} bytes", fed, piece.len());
+        fed += piece.len();
+        assert_eq!(rbuf, &stream[..fed], "the buffer is not the bytes fed");
+        match r {
+            Head::Partial => assert!(!has_end(&rbuf), "Partial with a complete head"),
+            Head::Complete(req) => {
+                assert!(has_end(&rbuf), "Complete without the end of the head");
+                let end = rbuf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                let head = &rbuf[..end];
+                let holds = |p: &[u8]| head.windows(p.len()).any(|w| w == p);
+                match req {
+                    Request::Metrics => assert!(holds(b"/metrics")),
+                    Request::Health => assert!(holds(b"/healthz")),
+                    Request::Other => {}
+                }
+                let mut whole = Vec::new();
+                assert_eq!(http_take(&mut whole, &stream[..fed]), r, "the answer depends on the cuts");
+                return;
+            }
+            Head::TooLarge => unreachable!(),
+        }
+    }
+}
+
+/// The server configuration the TLS target runs under: herald's own
+/// (`tls::ServerFiles::config`: TLS 1.3, ALPN `herald/1`) for a certificate
+/// issued at startup by a fresh development CA, asking for an optional
+/// client certificate from that CA (as the ingest port does).
+pub fn tls_config() -> std::sync::Arc<rustls::ServerConfig> {
+    use std::sync::OnceLock;
+    static CFG: OnceLock<std::sync::Arc<rustls::ServerConfig>> = OnceLock::new();
+    CFG.get_or_init(|| {
+        let dir = tls_dir();
+        let files = herald::tls::ServerFiles {
+            cert: dir.join("localhost.pem"),
+            key: dir.join("localhost.key"),
+            client_ca: Some(dir.join("ca.pem")),
+            client_cert_optional: true,
+        };
+        files.config().expect("server config")
+    })
+    .clone()
+}
+
+/// A fresh CA and a `localhost` certificate in a per-process temporary
+/// directory (`ca.pem`, `localhost.pem`, `localhost.key`).
+pub fn tls_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-fuzz-tls-{}", std::process::id()));
+    if !dir.join("localhost.key").exists() {
+        let ca = herald::cert::new_ca("herald fuzz CA", 3650).expect("CA");
+        ca.save(&dir, true).expect("save CA");
+        let leaf = ca.issue("localhost", &[], &[], 3650).expect("certificate");
+        leaf.save(&dir, true).expect("save certificate");
+    }
+    dir
+}
+
+/// The TLS target. Byte 0 cuts the rest into the pieces each readiness
+/// event finds on the socket ([`piece_len`]); byte 1 is the socket's write
+/// budget per event (0: unlimited, else 16-byte steps), so that sends
+/// stop short. `herald::fuzzing::server_session` drives herald's
+/// `ServerTls` over them (and panics if its buffers' invariants break);
+/// then:
+///
+/// - everything sent is whole TLS records (type 20..=23, version 3.1 or
+///   3.3, at most 2^14 + 256 bytes of fragment), none cut off;
+/// - a session rustls refused for anything but an alert of the peer's
+///   ends with an alert sent (plaintext, type 21; or, once the ServerHello
+///   is out, encrypted under the handshake keys: type 23), unless rustls's
+///   buffered `ServerConnection` fed the same bytes sends none either
+///   (rustls refuses some input silently: a handshake message over its
+///   size limit, a record interleaved with a fragmented handshake message);
+/// - no plaintext comes out of a handshake the input cannot complete
+///   (it never knows the server's random).
+pub fn check_tls(data: &[u8]) {
+    if data.len() < 2 {
+        return;
+    }
+    let (shape, budget, stream) = (data[0], data[1], &data[2..]);
+    let turns: Vec<&[u8]> = stream.chunks(piece_len(shape, stream.len())).collect();
+    let budget = if budget == 0 { None } else { Some(usize::from(budget) * 16) };
+    let out = herald::fuzzing::server_session(tls_config(), &turns, budget);
+    let sent = &out.sent;
+    let mut i = 0;
+    let mut last = None;
+    let mut hello_sent = false;
+    while i < sent.len() {
+        assert!(i + 5 <= sent.len(), "a record header cut off at {i} of {}", sent.len());
+        let (typ, ver, len) =
+            (sent[i], [sent[i + 1], sent[i + 2]], u16::from_be_bytes([sent[i + 3], sent[i + 4]]));
+        assert!((20..=23).contains(&typ), "record type {typ} at {i}");
+        assert!(ver == [3, 3] || ver == [3, 1], "record version {ver:?} at {i}");
+        assert!(usize::from(len) <= 16384 + 256, "record of {len} bytes at {i}");
+        assert!(i + 5 + usize::from(len) <= sent.len(), "a record cut off at {i} of {}", sent.len());
+        hello_sent |= typ == 22;
+        last = Some(typ);
+        i += 5 + usize::from(len);
+    }
+    assert_eq!(out.plaintext, 0, "plaintext without a handshake");
+    if let Some(e) = &out.error {
+        if let Some(re) = e.get_ref().and_then(|x| x.downcast_ref::<rustls::Error>()) {
+            // Not every refusal has an alert (e.g. a handshake message
+            // over rustls's size limit): where herald sent none, rustls's
+            // buffered ServerConnection given the same bytes sends none
+            // either (a mismatch would be herald's alert code at fault).
+            let alert = last == Some(21) || (hello_sent && last == Some(23));
+            if !matches!(re, rustls::Error::AlertReceived(_)) && !alert {
+                let (err, sent) = buffered_server(stream);
+                assert!(err.is_some(), "refused ({re}); rustls's buffered connection did not refuse");
+                assert!(!ends_with_alert(&sent), "refused ({re}) without the alert rustls sends");
+            }
+        }
+    }
+}
+
+/// rustls's buffered `ServerConnection` under [`tls_config`] fed `stream`
+/// at once: its error, if any, and what it sent.
+pub fn buffered_server(stream: &[u8]) -> (Option<rustls::Error>, Vec<u8>) {
+    let mut c = rustls::ServerConnection::new(tls_config()).expect("session");
+    let mut rd = stream;
+    let mut err = None;
+    while !rd.is_empty() && err.is_none() {
+        match c.read_tls(&mut rd) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => err = c.process_new_packets().err(),
+        }
+    }
+    let mut sent = Vec::new();
+    while c.wants_write() {
+        c.write_tls(&mut sent).expect("write to a Vec");
+    }
+    (err, sent)
+}
+
+/// Whether the last whole record in `sent` is an alert (type 21, or 23
+/// after a handshake record: encrypted).
+fn ends_with_alert(sent: &[u8]) -> bool {
+    let (mut i, mut last, mut hello) = (0, None, false);
+    while i + 5 <= sent.len() {
+        hello |= sent[i] == 22;
+        last = Some(sent[i]);
+        i += 5 + usize::from(u16::from_be_bytes([sent[i + 3], sent[i + 4]]));
+    }
+    last == Some(21) || (hello && last == Some(23))
+}

@@ -61,9 +61,10 @@ pub struct Tls {
 
 /// The server side of a TLS session and its socket, with the buffers
 /// rustls's unbuffered API leaves to the caller. Each is empty (and holds
-/// no memory) while the session idles.
-pub struct ServerTls {
-    sock: TcpStream,
+/// no memory) while the session idles. `S` is the socket: a mio
+/// `TcpStream`, or an in-memory one for the fuzzing hook ([`fuzz`]).
+pub struct ServerTls<S = TcpStream> {
+    sock: S,
     conn: UnbufferedServerConnection,
     /// Ciphertext read but not yet processed (a partial record).
     inbuf: Vec<u8>,
@@ -80,7 +81,7 @@ pub struct ServerTls {
     peer_closed: bool,
 }
 
-impl std::fmt::Debug for ServerTls {
+impl<S: std::fmt::Debug> std::fmt::Debug for ServerTls<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerTls")
             .field("sock", &self.sock)
@@ -123,18 +124,7 @@ impl Transport {
     /// The server side of a TLS session over an accepted socket.
     pub fn tls_server(sock: TcpStream, cfg: Arc<rustls::ServerConfig>) -> io::Result<Transport> {
         let _ = sock.set_nodelay(true);
-        let conn = UnbufferedServerConnection::new(cfg).map_err(io::Error::other)?;
-        Ok(Transport::TlsServer(Box::new(ServerTls {
-            sock,
-            conn,
-            inbuf: Vec::new(),
-            out: Vec::new(),
-            out_pos: 0,
-            plain: Vec::new(),
-            plain_pos: 0,
-            early_out: Vec::new(),
-            peer_closed: false,
-        })))
+        Ok(Transport::TlsServer(Box::new(ServerTls::new(sock, cfg)?)))
     }
 
     /// The client side of a TLS session over a dialled socket, verifying
@@ -185,15 +175,7 @@ impl Transport {
                 t.sock.shutdown(how)
             }
             Transport::TlsServer(t) => {
-                // A close_notify once the session is up (rustls's unbuffered
-                // API has none to give during the handshake).
-                if !t.conn.is_handshaking() {
-                    let _ = t.with_write_traffic(None, |w, out| match w.queue_close_notify(out) {
-                        Err(EncryptError::InsufficientSize(e)) => Err(e.required_size),
-                        Ok(n) => Ok(n),
-                        Err(_) => Ok(0),
-                    });
-                }
+                t.close_notify();
                 let _ = t.send();
                 t.sock.shutdown(how)
             }
@@ -220,7 +202,35 @@ impl Tls {
     }
 }
 
-impl ServerTls {
+impl<S: Read + Write> ServerTls<S> {
+    /// A session over `sock`, before the handshake.
+    fn new(sock: S, cfg: Arc<rustls::ServerConfig>) -> io::Result<ServerTls<S>> {
+        let conn = UnbufferedServerConnection::new(cfg).map_err(io::Error::other)?;
+        Ok(ServerTls {
+            sock,
+            conn,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            plain: Vec::new(),
+            plain_pos: 0,
+            early_out: Vec::new(),
+            peer_closed: false,
+        })
+    }
+
+    /// Queues a close_notify once the session is up (rustls's unbuffered
+    /// API has none to give during the handshake); the caller sends it.
+    fn close_notify(&mut self) {
+        if !self.conn.is_handshaking() {
+            let _ = self.with_write_traffic(None, |w, out| match w.queue_close_notify(out) {
+                Err(EncryptError::InsufficientSize(e)) => Err(e.required_size),
+                Ok(n) => Ok(n),
+                Err(_) => Ok(0),
+            });
+        }
+    }
+
     /// Writes ciphertext until the socket is full or nothing is left;
     /// returns whether the socket was full (see [`Tls::send`]). An emptied
     /// buffer is freed (it holds only what the socket did not take).
@@ -675,5 +685,157 @@ impl Source for Transport {
             Transport::Tls(x) => x.sock.deregister(r),
             Transport::TlsServer(x) => x.sock.deregister(r),
         }
+    }
+}
+
+/// The fuzzing hook: herald's server side of TLS ([`ServerTls`]: its
+/// carry-over of partial records, its output buffering, its alerts) over an
+/// in-memory socket, driven as the event loop drives an accepted TLS
+/// connection. Not part of the API.
+#[doc(hidden)]
+pub mod fuzz {
+    use std::io::{self, ErrorKind, Read, Write};
+    use std::sync::Arc;
+
+    use super::{ServerTls, MAX_CARRY};
+
+    /// A socket over given reads: each turn's bytes are handed out (as much
+    /// as a read asks for), then reads block until the next turn; writes
+    /// take up to a budget per turn, then block. After the last turn, EOF.
+    #[derive(Debug)]
+    struct MemSock {
+        turn: Option<Vec<u8>>,
+        pos: usize,
+        eof: bool,
+        budget: Option<usize>,
+        left: usize,
+        sent: Vec<u8>,
+    }
+
+    impl Read for MemSock {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match &self.turn {
+                Some(t) if self.pos < t.len() => {
+                    let n = buf.len().min(t.len() - self.pos);
+                    buf[..n].copy_from_slice(&t[self.pos..self.pos + n]);
+                    self.pos += n;
+                    Ok(n)
+                }
+                _ if self.eof => Ok(0),
+                _ => Err(ErrorKind::WouldBlock.into()),
+            }
+        }
+    }
+
+    impl Write for MemSock {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let n = match self.budget {
+                None => buf.len(),
+                Some(_) => buf.len().min(self.left),
+            };
+            if n == 0 && !buf.is_empty() {
+                return Err(ErrorKind::WouldBlock.into());
+            }
+            self.left -= n.min(self.left);
+            self.sent.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What a session did with its input.
+    #[derive(Debug)]
+    pub struct Outcome {
+        /// Plaintext bytes read.
+        pub plaintext: usize,
+        /// The read error that ended the session, if one did.
+        pub error: Option<io::Error>,
+        /// Every byte written to the socket.
+        pub sent: Vec<u8>,
+    }
+
+    /// Runs one server session under `cfg`: each of `turns` is what one
+    /// readiness event's reads find on the socket; after each turn the
+    /// session is read until it blocks (plaintext read is written back, as
+    /// a reply) and flushed; after the last, EOF. `write_budget`: most
+    /// bytes the socket takes per turn (none: all). A read error ends the
+    /// session, as the event loop closes the connection. Panics if an
+    /// invariant of the session's buffers breaks.
+    pub fn server_session(
+        cfg: Arc<rustls::ServerConfig>,
+        turns: &[&[u8]],
+        write_budget: Option<usize>,
+    ) -> Outcome {
+        let sock = MemSock {
+            turn: None,
+            pos: 0,
+            eof: false,
+            budget: write_budget,
+            left: write_budget.unwrap_or(0),
+            sent: Vec::new(),
+        };
+        let mut t = ServerTls::new(sock, cfg).expect("session");
+        // Written before the handshake completes (kept in early_out).
+        assert_eq!(t.write(b"herald").ok(), Some(6));
+        let mut buf = [0u8; 4096];
+        let mut plaintext = 0;
+        let mut error = None;
+        'turns: for i in 0..=turns.len() {
+            t.sock.left = write_budget.unwrap_or(0);
+            match turns.get(i) {
+                Some(b) => {
+                    t.sock.turn = Some(b.to_vec());
+                    t.sock.pos = 0;
+                }
+                None => {
+                    t.sock.turn = None;
+                    t.sock.eof = true;
+                }
+            }
+            loop {
+                let r = t.read(&mut buf);
+                check(&t);
+                match r {
+                    Ok(0) => {
+                        assert!(t.peer_closed || t.sock.eof, "read 0 before the peer closed");
+                        break 'turns;
+                    }
+                    Ok(n) => {
+                        assert!(n <= buf.len());
+                        plaintext += n;
+                        match t.write(&buf[..n]) {
+                            Ok(k) => assert!(k <= n),
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                            Err(_) => break 'turns,
+                        }
+                        check(&t);
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        error = Some(e);
+                        break 'turns;
+                    }
+                }
+            }
+            if t.send().is_err() {
+                break;
+            }
+            check(&t);
+        }
+        t.close_notify();
+        t.sock.budget = None;
+        let _ = t.send();
+        assert_eq!(t.out_pending(), 0, "output left after an unlimited flush");
+        Outcome { plaintext, error, sent: std::mem::take(&mut t.sock.sent) }
+    }
+
+    fn check(t: &ServerTls<MemSock>) {
+        assert!(t.inbuf.len() <= MAX_CARRY, "carried {} bytes", t.inbuf.len());
+        assert!(t.out_pos <= t.out.len());
+        assert!(t.plain_pos <= t.plain.len());
+        assert!(t.plain.is_empty() || t.plain_pos < t.plain.len(), "taken plaintext kept");
     }
 }

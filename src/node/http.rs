@@ -31,19 +31,50 @@ pub enum Request {
 /// complete; `Err` with the flow to return if it is not (yet).
 pub fn input(conns: &mut Conns<Peer>, id: ConnId, data: &[u8]) -> Result<Request, Flow> {
     let Some(c) = conns.get_mut(id) else { return Err(Flow::Gone) };
-    if c.rbuf.len() + data.len() > MAX_HEAD {
-        conns.abort(id, CloseReason::RequestTooLarge);
-        return Err(Flow::Stop);
+    match take(&mut c.rbuf, data) {
+        Head::Complete(req) => Ok(req),
+        Head::Partial => Err(Flow::Continue),
+        Head::TooLarge => {
+            conns.abort(id, CloseReason::RequestTooLarge);
+            Err(Flow::Stop)
+        }
     }
-    c.rbuf.extend_from_slice(data);
-    let Some(end) = c.rbuf.windows(4).position(|w| w == b"\r\n\r\n") else { return Err(Flow::Continue) };
-    let head = String::from_utf8_lossy(&c.rbuf[..end]);
+}
+
+/// What a connection's bytes so far say (see [`take`]).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// The head is complete: what it asks for.
+    Complete(Request),
+    /// No end of head yet: wait for more bytes.
+    Partial,
+    /// The head would exceed 8 KiB: refuse the connection unanswered.
+    TooLarge,
+}
+
+/// Most bytes of a request head [`take`] keeps.
+#[doc(hidden)]
+pub const MAX_HEAD_BYTES: usize = MAX_HEAD;
+
+/// The request reader without the connection around it (sans-IO; also the
+/// fuzzing entry point): appends `data` to `rbuf`, the bytes read so far on
+/// the connection, unless that would exceed the head limit, and looks for
+/// the end of the head.
+#[doc(hidden)]
+pub fn take(rbuf: &mut Vec<u8>, data: &[u8]) -> Head {
+    if rbuf.len() + data.len() > MAX_HEAD {
+        return Head::TooLarge;
+    }
+    rbuf.extend_from_slice(data);
+    let Some(end) = rbuf.windows(4).position(|w| w == b"\r\n\r\n") else { return Head::Partial };
+    let head = String::from_utf8_lossy(&rbuf[..end]);
     let req = match head.split_whitespace().nth(1).unwrap_or("/") {
         "/metrics" => Request::Metrics,
         "/healthz" => Request::Health,
         _ => Request::Other,
     };
-    Ok(req)
+    Head::Complete(req)
 }
 
 /// Writes the response and closes once it is out.
