@@ -20,6 +20,9 @@
 //! - [`protocol`]: the wire protocol, sans-IO (frames, codec, tokens, signatures).
 //!   `protocol.md` is its normative specification.
 //! - [`client`]: the reference client and the publisher library.
+//! - `dial` (crate-private): blocking connections to nodes and decision
+//!   servers, plain TCP or TLS, for the client, the publisher, decision
+//!   requests and the swarm.
 //! - [`decision`]: the decision server (heartbeat table, assignment, admin) and its client helpers.
 //! - [`demo`]: `herald demo`, a whole cluster on loopback with simulated traffic.
 //! - [`swarm`]: thousands of simulated clients on one loop (demo and probe).
@@ -38,6 +41,7 @@ pub mod cli;
 pub mod client;
 pub mod decision;
 pub mod demo;
+pub(crate) mod dial;
 pub mod logging;
 pub(crate) mod net;
 pub mod node;

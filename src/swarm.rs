@@ -214,7 +214,7 @@ pub struct Swarm {
     pub rehome_welcome: Histogram<u64>,
     /// Kill to the first message on the new node, ns, per re-homed client.
     pub rehome_message: Histogram<u64>,
-    decision_conn: Option<crate::client::wire::Stream>,
+    decision_conn: Option<crate::dial::Stream>,
     restarts_pending: bool,
 }
 
@@ -350,7 +350,7 @@ impl Swarm {
             if self.decision_conn.is_none() {
                 let tls = self.cfg.decision_tls.as_ref();
                 self.decision_conn = self.cfg.decision.iter().find_map(|d| {
-                    let (s, _) = crate::client::wire::dial_stream(d, Duration::from_millis(500), tls).ok()?;
+                    let (s, _) = crate::dial::dial_stream(d, Duration::from_millis(500), tls).ok()?;
                     s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
                     Some(s)
                 });

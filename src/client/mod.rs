@@ -20,8 +20,9 @@ use crate::protocol::{self, Code};
 // The parts: `session` (the Client, its settings and events, and the loop
 // that turns frames into events), `reconnect` (choosing a node, backoff, the
 // HELLO/WELCOME handshake and resume checks), `publisher` (the Publisher and
-// its failover), `backoff` (reconnect jitter), and `wire` (the socket
-// plumbing both share, plain or TLS). This file holds
+// its failover), `backoff` (reconnect jitter), and `wire` (the handshake
+// deadline and timed reads both share, over a `crate::dial` stream, plain
+// or TLS). This file holds
 // only the error type they share and the public paths; it must not grow
 // logic of its own.
 mod backoff;

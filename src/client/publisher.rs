@@ -23,7 +23,7 @@ use crate::protocol::{self, limits, Channel, Decoded, VERSION};
 /// plain write; where that matters use [`Publisher::publish_confirmed`],
 /// which waits for the node's PUB_RESULT.
 pub struct Publisher {
-    sock: wire::Stream,
+    sock: crate::dial::Stream,
     /// TLS to the ingest port, if any.
     tls: Option<Arc<rustls::ClientConfig>>,
     wbuf: Vec<u8>,
@@ -112,7 +112,7 @@ impl Publisher {
         credential: &str,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<Publisher, ClientError> {
-        let (mut sock, _) = wire::dial_stream(addr, CONNECT_TIMEOUT, tls.as_ref())?;
+        let (mut sock, _) = crate::dial::dial_stream(addr, CONNECT_TIMEOUT, tls.as_ref())?;
         let hello = Frame::PubHello(f::PubHello {
             min_version: VERSION,
             max_version: VERSION,

@@ -98,7 +98,8 @@ impl Client {
     }
 
     fn handshake(&mut self, endpoint: &str) -> Result<(), ClientError> {
-        let (mut sock, addr) = wire::dial_stream(endpoint, self.cfg.connect_timeout, self.cfg.tls.as_ref())?;
+        let (mut sock, addr) =
+            crate::dial::dial_stream(endpoint, self.cfg.connect_timeout, self.cfg.tls.as_ref())?;
         let mut out = Vec::with_capacity(256);
         Frame::Hello(f::Hello {
             min_version: VERSION,

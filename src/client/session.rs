@@ -113,7 +113,7 @@ impl ClientConfig {
 
 /// One live connection to a node, made by the handshake.
 pub(super) struct Session {
-    pub(super) sock: super::wire::Stream,
+    pub(super) sock: crate::dial::Stream,
     pub(super) addr: SocketAddr,
     pub(super) epoch: u64,
     pub(super) heartbeat: Duration,

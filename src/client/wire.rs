@@ -1,17 +1,13 @@
-//! Socket plumbing shared by the [`Client`](super::Client), the
-//! [`Publisher`](super::Publisher) and the decision-server requests
-//! (`crate::decision::client`): opening a connection (each address of the
-//! endpoint's host in turn, then plain TCP, or TLS verifying the server's
-//! certificate for the host name dialled), the one
+//! Timing shared by the [`Client`](super::Client) and the
+//! [`Publisher`](super::Publisher) over a [`crate::dial`] stream: the one
 //! deadline a handshake (or a publisher's wait for one answer) gets, and
 //! reading more bytes before that deadline.
 //!
 //! It must not decode frames, keep state, or retry: callers decide what a
 //! timeout or a closed connection means for them.
 
-use std::io::{self, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
+use std::io::{self, ErrorKind, Read};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::ClientError;
@@ -27,98 +23,6 @@ pub(super) fn handshake_deadline() -> Instant {
     Instant::now() + HANDSHAKE_TIMEOUT
 }
 
-/// Connects to `endpoint` (`host:port`): each address its host resolves
-/// to in turn (`localhost` may name `::1` before `127.0.0.1`), until one
-/// accepts, all before `deadline`; with Nagle off. Returns the stream and
-/// the address it reached.
-pub(crate) fn connect(endpoint: &str, deadline: Instant) -> io::Result<(TcpStream, SocketAddr)> {
-    let mut last = None;
-    for addr in endpoint.to_socket_addrs()? {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(ErrorKind::TimedOut, format!("{endpoint}: connect timed out")));
-        }
-        match TcpStream::connect_timeout(&addr, left) {
-            Ok(sock) => {
-                sock.set_nodelay(true)?;
-                return Ok((sock, addr));
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::new(ErrorKind::NotFound, format!("{endpoint}: no address"))))
-}
-
-/// A connection to a node or a decision server: plain TCP or TLS over it.
-pub enum Stream {
-    /// Plain TCP.
-    Plain(TcpStream),
-    /// TLS (the handshake is complete once [`dial_stream`] returns it).
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(t) => &t.sock,
-        }
-    }
-
-    /// See [`TcpStream::set_read_timeout`].
-    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.tcp().set_read_timeout(t)
-    }
-
-    /// See [`TcpStream::set_nonblocking`].
-    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        self.tcp().set_nonblocking(on)
-    }
-
-    /// See [`TcpStream::set_write_timeout`].
-    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
-        self.tcp().set_write_timeout(t)
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(t) => match t.read(buf) {
-                // A node that closes without close_notify is gone all the same.
-                Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(0),
-                r => r,
-            },
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(t) => {
-                let n = t.write(buf)?;
-                // rustls's stream reports a failed send only at the next
-                // call; push the records out now so a broken connection
-                // fails this write (and a publisher resends this buffer).
-                while t.conn.wants_write() {
-                    t.conn.write_tls(&mut t.sock)?;
-                }
-                Ok(n)
-            }
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(t) => t.flush(),
-        }
-    }
-}
-
 /// A blocking reader whose reads can be given a timeout.
 pub(super) trait TimedRead: Read {
     /// See [`TcpStream::set_read_timeout`].
@@ -131,49 +35,10 @@ impl TimedRead for TcpStream {
     }
 }
 
-impl TimedRead for Stream {
+impl TimedRead for crate::dial::Stream {
     fn read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(t)
     }
-}
-
-/// Connects to `endpoint` (`host:port`, see [`connect`]) within `timeout`.
-/// With `tls`, completes a TLS handshake that verifies the server's
-/// certificate for the endpoint's host name (or IP address), within the
-/// same timeout; a certificate that does not verify is an error naming why.
-/// Returns the stream and the address it reached.
-pub(crate) fn dial_stream(
-    endpoint: &str,
-    timeout: Duration,
-    tls: Option<&Arc<rustls::ClientConfig>>,
-) -> io::Result<(Stream, SocketAddr)> {
-    let deadline = Instant::now() + timeout;
-    let (sock, addr) = connect(endpoint, deadline)?;
-    let Some(cfg) = tls else { return Ok((Stream::Plain(sock), addr)) };
-    let name = crate::tls::server_name(endpoint)?;
-    let conn = rustls::ClientConnection::new(cfg.clone(), name).map_err(io::Error::other)?;
-    let mut t = rustls::StreamOwned::new(conn, sock);
-    while t.conn.is_handshaking() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                ErrorKind::TimedOut,
-                format!("TLS to {endpoint}: handshake timed out"),
-            ));
-        }
-        t.sock.set_read_timeout(Some(left))?;
-        t.sock.set_write_timeout(Some(left))?;
-        t.conn.complete_io(&mut t.sock).map_err(|e| match e.kind() {
-            ErrorKind::InvalidData => {
-                io::Error::new(ErrorKind::InvalidData, format!("TLS to {endpoint}: {e}"))
-            }
-            _ => e,
-        })?;
-    }
-    // The handshake's deadline only: the caller sets its own timeouts.
-    t.sock.set_read_timeout(None)?;
-    t.sock.set_write_timeout(None)?;
-    Ok((Stream::Tls(Box::new(t)), addr))
 }
 
 /// One read of at most `chunk.len()` bytes, appended to `buf`, waiting no

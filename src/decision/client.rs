@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::table::Rng;
-use crate::client::wire;
 use crate::protocol::frame::{self as f, Frame, NODE_DRAINING};
 use crate::protocol::{decode, limits, AdminOp, Channel, Code, DecodeError, Decoded, VERSION};
 
@@ -353,8 +352,8 @@ fn interpret<T>(
 fn exchange(server: &str, req: &[u8], dial: &Dial) -> Result<Vec<u8>, DecisionError> {
     let deadline = Instant::now() + dial.timeout;
     let timed_out = || DecisionError::Io(io::Error::new(ErrorKind::TimedOut, format!("{server}: timed out")));
-    let (mut s, _) =
-        wire::dial_stream(server, dial.timeout, dial.tls.as_ref()).map_err(|e| map_timeout(e, &timed_out))?;
+    let (mut s, _) = crate::dial::dial_stream(server, dial.timeout, dial.tls.as_ref())
+        .map_err(|e| map_timeout(e, &timed_out))?;
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(timed_out());
