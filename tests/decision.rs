@@ -62,7 +62,7 @@ impl TestDecision {
 
     /// The first-ranked node of one assignment, or None on NO_CAPACITY.
     fn assign_one(&self) -> Option<String> {
-        match client::assign(&[self.addr()], b"user", 1, PLAIN).unwrap() {
+        match client::assign(&[self.addr()], next_user().as_bytes(), 1, PLAIN).unwrap() {
             AssignOutcome::Nodes(n) => Some(n[0].node_id.clone()),
             AssignOutcome::NoCapacity { retry_after } => {
                 assert!((1000..=2000).contains(&retry_after.as_millis()), "{retry_after:?}");
@@ -173,8 +173,17 @@ fn frame(bytes: &[u8]) -> Frame<'_> {
     }
 }
 
+/// A user id not asked for before in this process: the server counts a
+/// user's repeated requests once, so each new assignment needs a new user.
+fn next_user() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("user{}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
 fn assign_request(max_results: u8) -> Vec<u8> {
-    Frame::AssignRequest(f::AssignRequest { version: 1, user: b"alice", max_results }).to_vec()
+    let user = next_user();
+    Frame::AssignRequest(f::AssignRequest { version: 1, user: user.as_bytes(), max_results }).to_vec()
 }
 
 /// §7.1: three nodes of capacity 100, 200, 300 at a 50 % ceiling and no
@@ -436,6 +445,29 @@ fn admin_with_wrong_secret_is_refused_and_closed() {
     }
     let st = d.stop();
     assert_eq!(st.admin_auth_failures, 2);
+}
+
+/// The ASSIGN flood, one user (§7.1): a thousand pipelined requests for
+/// the same user count once against the node's headroom, so an honest
+/// client asking next still gets the node (before, they used it all up and
+/// the honest client was told NO_CAPACITY).
+#[test]
+fn one_user_flooding_assign_requests_uses_up_one_slot() {
+    let d = TestDecision::start(config());
+    let mut a = FakeNode::new("a");
+    a.beat(0, 10, &[&d]); // headroom 8 at the 80 % ceiling
+    d.wait_nodes(&["a"]);
+    let one =
+        Frame::AssignRequest(f::AssignRequest { version: 1, user: b"flooder", max_results: 1 }).to_vec();
+    let mut s = TcpStream::connect(d.tcp).unwrap();
+    s.write_all(&one.repeat(1000)).unwrap();
+    let mut buf = Vec::new();
+    for i in 0..1000 {
+        let b = read_frame(&mut s, &mut buf).expect("an answer per request");
+        assert!(matches!(frame(&b), Frame::Assignment(_)), "request {i}: {:?}", frame(&b));
+    }
+    assert_eq!(d.row("a").unwrap().headroom, 8 - 1, "the flooder is counted once");
+    assert_eq!(d.assign_one().as_deref(), Some("a"), "an honest client still gets the node");
 }
 
 /// The trickle attack (§7): a connection that sends part of a request and

@@ -383,7 +383,7 @@ impl Decision {
         }
         match frame {
             Frame::AssignRequest(a) => {
-                let answer = self.table.assign(a.max_results, now);
+                let answer = self.table.assign(a.user, a.max_results, now);
                 match answer {
                     super::table::Assignment::Ranked(_) => self.stats.assignments += 1,
                     super::table::Assignment::NoCapacity { .. } => self.stats.no_capacity += 1,

@@ -202,8 +202,13 @@ pub struct NodeState {
     pub cpu_permille: u16,
     /// When the heartbeat was accepted.
     pub last_heartbeat: Instant,
-    /// ASSIGNMENTs that ranked this node first since that heartbeat.
+    /// Users whose ASSIGNMENT ranked this node first since that heartbeat
+    /// (each counted once, however often it asked).
     pub assigned_since_heartbeat: u32,
+    /// Those users, hashed with the table's keyed hasher. It holds no more
+    /// entries than the node's headroom allowed: a node with none left is
+    /// not ranked, so nothing more is added.
+    pub assigned_users: HashSet<u64>,
 }
 
 /// The nodes chosen for one ASSIGN_REQUEST, best first: indices into the
@@ -296,6 +301,9 @@ pub struct Table {
     scratch: Vec<(i64, u64, usize)>,
     /// Entry bytes while encoding a list frame.
     entries: Vec<u8>,
+    /// Hashes user ids for [`NodeState::assigned_users`] (SipHash, random
+    /// keys: a requester cannot aim collisions).
+    users: std::collections::hash_map::RandomState,
 }
 
 impl Table {
@@ -309,6 +317,7 @@ impl Table {
             rng: Rng::new(seed),
             scratch: Vec::new(),
             entries: Vec::new(),
+            users: std::collections::hash_map::RandomState::new(),
         }
     }
 
@@ -408,6 +417,7 @@ impl Table {
             cpu_permille: hb.cpu_permille,
             last_heartbeat: now,
             assigned_since_heartbeat: 0,
+            assigned_users: HashSet::new(),
         };
         match self.nodes.iter_mut().find(|n| n.node_id == hb.node_id) {
             Some(n) => {
@@ -448,9 +458,12 @@ impl Table {
     /// Chooses nodes for one ASSIGN_REQUEST (protocol.md §7.1): live, not
     /// draining, headroom > 0, ranked by headroom (most first, ties at
     /// random), at most `max_results`. The first-ranked node's
-    /// `assigned_since_heartbeat` goes up by one. NO_CAPACITY, with a
-    /// jittered retry, if nothing qualifies.
-    pub fn assign(&mut self, max_results: u8, now: Instant) -> Assignment {
+    /// `assigned_since_heartbeat` goes up by one unless `user` was already
+    /// counted there since its heartbeat (repeats use up no headroom).
+    /// NO_CAPACITY, with a jittered retry, if nothing qualifies.
+    pub fn assign(&mut self, user: &[u8], max_results: u8, now: Instant) -> Assignment {
+        use std::hash::BuildHasher;
+        let user = self.users.hash_one(user);
         let mut c = std::mem::take(&mut self.scratch);
         c.clear();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -479,7 +492,9 @@ impl Table {
                 *slot = i;
             }
             let first = &mut self.nodes[r.idx[0]];
-            first.assigned_since_heartbeat = first.assigned_since_heartbeat.saturating_add(1);
+            if first.assigned_users.insert(user) {
+                first.assigned_since_heartbeat = first.assigned_since_heartbeat.saturating_add(1);
+            }
             Assignment::Ranked(r)
         };
         self.scratch = c;
@@ -748,8 +763,31 @@ mod tests {
         bytes_with(h, CLUSTER)
     }
 
+    #[test]
+    fn a_user_asking_again_uses_up_no_more_headroom() {
+        let now = Instant::now();
+        let mut t = table(80);
+        t.on_heartbeat(&bytes(hb("a", 1, 0, 100)), now, T0).unwrap();
+        for _ in 0..1000 {
+            assert!(matches!(t.assign(b"flooder", 1, now), Assignment::Ranked(_)));
+        }
+        let a = t.find(b"a").unwrap();
+        assert_eq!((a.assigned_since_heartbeat, a.assigned_users.len()), (1, 1));
+        assert_eq!(t.headroom(a), 80 - 1);
+        // Another user counts; a heartbeat forgets both.
+        t.assign(b"honest", 1, now);
+        assert_eq!(t.find(b"a").unwrap().assigned_since_heartbeat, 2);
+        t.on_heartbeat(&bytes(hb("a", 2, 0, 100)), now, T0).unwrap();
+        let a = t.find(b"a").unwrap();
+        assert_eq!((a.assigned_since_heartbeat, a.assigned_users.len()), (0, 0));
+    }
+
+    /// Assigns a new user each call (a repeat would use up no headroom).
     fn first(t: &mut Table, now: Instant) -> Option<String> {
-        match t.assign(1, now) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let user = format!("u{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        match t.assign(user.as_bytes(), 1, now) {
             Assignment::Ranked(r) => Some(String::from_utf8(t.node(r.indices()[0])?.node_id.clone()).ok()?),
             Assignment::NoCapacity { retry_after_ms } => {
                 assert!((RETRY_AFTER_MIN_MS..=RETRY_AFTER_MAX_MS).contains(&retry_after_ms));
@@ -830,10 +868,10 @@ mod tests {
         for (id, cap) in [("a", 10), ("b", 30), ("c", 20), ("d", 0)] {
             t.on_heartbeat(&bytes(hb(id, 1, 0, cap)), now, T0).unwrap();
         }
-        let Assignment::Ranked(r) = t.assign(8, now) else { panic!() };
+        let Assignment::Ranked(r) = t.assign(b"u", 8, now) else { panic!() };
         let ids: Vec<&[u8]> = r.indices().iter().map(|&i| &t.node(i).unwrap().node_id[..]).collect();
         assert_eq!(ids, [&b"b"[..], b"c", b"a"], "headroom order, capacity 0 left out");
-        let Assignment::Ranked(r) = t.assign(2, now) else { panic!() };
+        let Assignment::Ranked(r) = t.assign(b"u", 2, now) else { panic!() };
         assert_eq!(r.indices().len(), 2);
         let mut out = Vec::new();
         t.encode_assignment(&Assignment::Ranked(r), &mut out);
