@@ -316,6 +316,12 @@ impl Trust {
         }
     }
 
+    /// The client configuration a pair of flags asks for (see
+    /// [`Trust::from_flags`]); none: plaintext.
+    pub fn config_from_flags(tls: bool, ca: Option<PathBuf>) -> Result<Option<Arc<ClientConfig>>, TlsError> {
+        Trust::from_flags(tls, ca).map(|t| t.config()).transpose()
+    }
+
     /// The client configuration ([`client_config`]).
     pub fn config(&self) -> Result<Arc<ClientConfig>, TlsError> {
         match self {

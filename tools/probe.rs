@@ -77,12 +77,11 @@ impl Common {
     /// The clients' TLS to nodes, and the TLS to decision servers.
     #[allow(clippy::type_complexity)]
     fn tls(&self) -> Result<(Option<Arc<rustls::ClientConfig>>, Option<Arc<rustls::ClientConfig>>), String> {
-        let cfg =
-            |t: Option<herald::tls::Trust>| t.map(|t| t.config()).transpose().map_err(|e| e.to_string());
-        Ok((
-            cfg(herald::tls::Trust::from_flags(self.tls, self.tls_ca.clone()))?,
-            cfg(herald::tls::Trust::from_flags(self.decision_tls, self.decision_tls_ca.clone()))?,
-        ))
+        use herald::tls::Trust;
+        let nodes = Trust::config_from_flags(self.tls, self.tls_ca.clone()).map_err(|e| e.to_string())?;
+        let decision = Trust::config_from_flags(self.decision_tls, self.decision_tls_ca.clone())
+            .map_err(|e| e.to_string())?;
+        Ok((nodes, decision))
     }
 }
 

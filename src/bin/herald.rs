@@ -322,7 +322,7 @@ fn run(cmd: Cmd) -> ExitCode {
         Cmd::Cert { cmd } => run_cert(cmd),
         Cmd::Node(a) => herald::node::cli::run_node(*a),
         Cmd::Subscribe { node, user: _, token, count, tls, tls_ca } => {
-            let tls = match herald::tls::Trust::from_flags(tls, tls_ca).map(|t| t.config()).transpose() {
+            let tls = match herald::tls::Trust::config_from_flags(tls, tls_ca) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("herald subscribe: {e}");
@@ -365,7 +365,7 @@ fn run(cmd: Cmd) -> ExitCode {
             }
         }
         Cmd::Publish { node, user, message, credential, publisher_secret_file, confirm, tls, tls_ca } => {
-            let tls = match herald::tls::Trust::from_flags(tls, tls_ca).map(|t| t.config()).transpose() {
+            let tls = match herald::tls::Trust::config_from_flags(tls, tls_ca) {
                 Ok(t) => t,
                 Err(e) => {
                     eprintln!("herald publish: {e}");
@@ -420,7 +420,7 @@ fn run(cmd: Cmd) -> ExitCode {
             let secret: Vec<u8> = (0..hex.len() / 2)
                 .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
                 .collect();
-            let tls = match tls_ca.as_deref().map(|ca| herald::tls::client_config(Some(ca))).transpose() {
+            let tls = match herald::tls::Trust::config_from_flags(false, tls_ca) {
                 Ok(t) => t,
                 Err(e) => {
                     error!("swarm worker: {e}");

@@ -237,7 +237,7 @@ pub fn run_admin(a: AdminArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tls = match crate::tls::Trust::from_flags(a.tls, a.tls_ca.clone()).map(|t| t.config()).transpose() {
+    let tls = match crate::tls::Trust::config_from_flags(a.tls, a.tls_ca.clone()) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("herald admin: {e}");
