@@ -152,7 +152,8 @@ fn fake_nodes(
 }
 
 fn request() -> Vec<u8> {
-    Frame::AssignRequest(f::AssignRequest { version: 1, user: b"bench-user", max_results: 3 }).to_vec()
+    Frame::AssignRequest(f::AssignRequest { version: 1, user: b"bench-user", max_results: 3, token: b"" })
+        .to_vec()
 }
 
 /// Counts whole frames at the front of `buf`, checking each is an
