@@ -137,6 +137,10 @@ impl Publisher {
             results: Default::default(),
         };
         p.node_id = p.read_frame(|f| match f {
+            // §5.2: the version must be one the PUB_HELLO offered.
+            Frame::PubWelcome(w) if !protocol::speaks(w.version) => {
+                Err(ClientError::BadWelcome(format!("PUB_WELCOME chose version {}, not offered", w.version)))
+            }
             Frame::PubWelcome(w) => Ok(Some(String::from_utf8_lossy(w.node_id).into_owned())),
             _ => Ok(None),
         })?;
