@@ -16,6 +16,8 @@
 //!   - `publish`: publishers: PUB_HELLO, PUBLISH, PUBLISH_BATCH;
 //!   - `link`: mesh links: the PEER_* handshake, presence, dialling;
 //!   - `http`: `/metrics` and `/healthz`;
+//!   - `api`: the HTTP publish API's requests and answers, sans-IO (issue
+//!     #12; no listener serves it yet);
 //!   - `route`: where a message goes (local sessions, another loop, peers);
 //!   - `auth`: one authentication step for every hello.
 //! - Their parts: `conn` (each connection's state), `keepalive` and
@@ -35,6 +37,8 @@
 //! one wake per batch ([`shard`] has the details). With one loop nothing
 //! crosses a thread at all.
 
+#[doc(hidden)]
+pub mod api;
 pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod cluster;
