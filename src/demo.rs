@@ -231,7 +231,7 @@ fn start_cluster(
             log_every: Duration::ZERO,
             drain_window: Duration::from_secs(1),
             tls: tls.map(|t| t.server(&id, true)),
-            tls_ports: node::TlsPorts { client: true, ingest: true, metrics: false },
+            tls_ports: node::TlsPorts { client: true, ingest: true, metrics: false, http: false },
             cluster_ca: tls.map(DemoTls::ca),
             decision_tls: tls.map(|t| crate::tls::Trust::Ca(t.ca())),
             ..node::Config::default()

@@ -265,7 +265,7 @@ fn tls_ingest_node(pki: &Pki) -> TestNode {
     let (cert, key, _) = pki.issue("node", false);
     TestNode::start(herald::node::Config {
         tls: Some(ServerFiles { cert, key, client_ca: None, client_cert_optional: false }),
-        tls_ports: herald::node::TlsPorts { client: true, ingest: true, metrics: false },
+        tls_ports: herald::node::TlsPorts { client: true, ingest: true, metrics: false, http: false },
         cluster_ca: Some(pki.ca_pem.clone()),
         cluster_secret: CLUSTER.to_vec(),
         ..test_config()
@@ -612,7 +612,7 @@ fn the_metrics_port_speaks_https_when_asked() {
     let pki = Pki::new("metrics");
     let node = TestNode::start(herald::node::Config {
         tls: Some(pki.files("node", false)),
-        tls_ports: herald::node::TlsPorts { client: true, ingest: false, metrics: true },
+        tls_ports: herald::node::TlsPorts { client: true, ingest: false, metrics: true, http: false },
         ..test_config()
     });
     let m = node.metrics.expect("a metrics port");

@@ -375,10 +375,8 @@ impl Response {
     /// The JSON error body of `e` (`code` values are stable).
     pub fn error(e: &ApiError) -> Response {
         let body = serde_json::json!({ "error": { "code": e.code, "field": e.field, "message": e.message } });
-        // After a 4xx about the head the rest of the stream cannot be trusted.
-        let close = matches!(e.status, 400 | 411 | 413 | 431);
         let retry_after = matches!(e.status, 429 | 503).then_some(1);
-        Response { status: e.status, body: body.to_string(), retry_after, close }
+        Response { status: e.status, body: body.to_string(), retry_after, close: false }
     }
 
     /// Appends the whole HTTP/1.1 response to `out`.
