@@ -589,6 +589,11 @@ fn herald_admin_over_tls_and_sighup_on_the_decision_server() {
 
 /// One HTTP/1.0 GET over TLS (ALPN http/1.1); returns the whole answer.
 fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConfig>) -> String {
+    https_request(addr, format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes(), tls)
+}
+
+/// One HTTP/1.0 request over TLS (ALPN http/1.1); returns the whole answer.
+fn https_request(addr: SocketAddr, request: &[u8], tls: Arc<rustls::ClientConfig>) -> String {
     let mut cfg = (*tls).clone();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let sock = TcpStream::connect(addr).unwrap();
@@ -596,7 +601,7 @@ fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConfig>) -> St
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
     let mut s = rustls::StreamOwned::new(conn, sock);
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(request).unwrap();
     let mut out = Vec::new();
     match s.read_to_end(&mut out) {
         Ok(_) => {}
@@ -628,4 +633,41 @@ fn the_metrics_port_speaks_https_when_asked() {
     let _ = s.read_to_end(&mut out);
     assert!(out.starts_with(&[0x15, 0x03]), "an alert record, not HTTP: {out:?}");
     assert!(!String::from_utf8_lossy(&out).contains("herald_"), "no metrics over plaintext");
+}
+
+/// `--tls-ports http`: the HTTP publish API over HTTPS (ALPN http/1.1): a
+/// publish reaches its user; plaintext HTTP on that port gets an alert.
+#[test]
+fn the_http_publish_api_speaks_https_when_asked() {
+    let pki = Pki::new("http-api");
+    let node = herald::node::Node::bind(herald::node::Config {
+        tls: Some(pki.files("node", false)),
+        tls_ports: herald::node::TlsPorts { client: false, ingest: false, metrics: false, http: true },
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    })
+    .unwrap();
+    let (client, api) = (node.client_addr(), node.http_addr().unwrap());
+    let handle = node.shutdown_handle();
+    let t = std::thread::spawn(move || node.run());
+    let mut alice = Raw::connect(client, herald::protocol::Channel::ToClient);
+    send_hello(&mut alice, &token_for("alice"), None);
+    alice.expect(Duration::from_secs(5));
+    let body = r#"{"user":"alice","data":"over https"}"#;
+    let req = format!(
+        "POST /v1/publish HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+        pub_credential(),
+        body.len()
+    );
+    let got = https_request(api, req.as_bytes(), pki.client());
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains(r#""local":1"#), "{got}");
+    assert_eq!(read_delivers(&mut alice, 1)[0].1, b"over https");
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.starts_with(&[0x15, 0x03]), "an alert record, not HTTP: {out:?}");
+    handle.trigger();
+    t.join().unwrap().unwrap();
 }
