@@ -78,15 +78,23 @@ pub struct ApiError {
     pub field: Option<String>,
     /// For humans.
     pub message: String,
+    /// For 405: the method the path takes (the `Allow` header).
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
     fn new(status: u16, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, field: None, message: message.into() }
+        ApiError { status, code, field: None, message: message.into(), allow: None }
     }
 
     fn field(field: impl Into<String>, message: impl Into<String>) -> ApiError {
-        ApiError { status: 400, code: "bad_field", field: Some(field.into()), message: message.into() }
+        ApiError {
+            status: 400,
+            code: "bad_field",
+            field: Some(field.into()),
+            message: message.into(),
+            allow: None,
+        }
     }
 }
 
@@ -161,12 +169,18 @@ pub fn head(buf: &[u8]) -> Result<Option<Head>, ApiError> {
 #[serde(deny_unknown_fields)]
 struct Json {
     user: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some")]
     data: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some")]
     data_b64: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some")]
     key: Option<String>,
+}
+
+/// An optional field that, when present, must be a string (`null` is
+/// refused, as the OpenAPI description says).
+fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 /// The call a whole request makes: its head and its `content_length` bytes
@@ -175,7 +189,6 @@ pub fn call(h: &Head, body: &[u8]) -> Result<Call, ApiError> {
     let segments: Vec<&str> = h.path.trim_start_matches('/').split('/').collect();
     match (h.method.as_str(), segments.as_slice()) {
         ("POST", ["v1", "publish"]) => {
-            json_content(h)?;
             let j: Json = serde_json::from_slice(body).map_err(bad_json)?;
             Ok(Call::Publish(message(j, "")?))
         }
@@ -190,24 +203,15 @@ pub fn call(h: &Head, body: &[u8]) -> Result<Call, ApiError> {
             check_user(&user, "")?;
             Ok(Call::User(user))
         }
-        (_, ["v1", "publish"] | ["v1", "publish", _] | ["v1", "users", _]) => Err(ApiError::new(
-            405,
-            "method_not_allowed",
-            format!("{} is not allowed on {}", h.method, h.path),
-        )),
+        (_, ["v1", "publish"] | ["v1", "publish", _]) => Err(not_allowed(h, "POST")),
+        (_, ["v1", "users", _]) => Err(not_allowed(h, "GET")),
         _ => Err(ApiError::new(404, "not_found", format!("no endpoint {}", h.path))),
     }
 }
 
-fn json_content(h: &Head) -> Result<(), ApiError> {
-    match h.content_type.as_str() {
-        "" | "application/json" => Ok(()),
-        other => Err(ApiError::new(
-            415,
-            "unsupported_media_type",
-            format!("Content-Type {other}; send application/json"),
-        )),
-    }
+fn not_allowed(h: &Head, allow: &'static str) -> ApiError {
+    let message = format!("{} is not allowed on {}; use {allow}", h.method, h.path);
+    ApiError { allow: Some(allow), ..ApiError::new(405, "method_not_allowed", message) }
 }
 
 fn bad_json(e: serde_json::Error) -> ApiError {
@@ -218,7 +222,6 @@ fn bad_json(e: serde_json::Error) -> ApiError {
 /// `Content-Type: application/x-ndjson`.
 fn batch(h: &Head, body: &[u8]) -> Result<Vec<Message>, ApiError> {
     let items: Vec<Json> = match h.content_type.as_str() {
-        "" | "application/json" => serde_json::from_slice(body).map_err(bad_json)?,
         "application/x-ndjson" | "application/jsonl" => {
             let mut v = Vec::new();
             for (i, line) in body.split(|&b| b == b'\n').enumerate() {
@@ -234,13 +237,8 @@ fn batch(h: &Head, body: &[u8]) -> Result<Vec<Message>, ApiError> {
             }
             v
         }
-        other => {
-            return Err(ApiError::new(
-                415,
-                "unsupported_media_type",
-                format!("Content-Type {other}; send application/json or application/x-ndjson"),
-            ))
-        }
+        // JSON, whatever else the type says (curl's -d sends a form type).
+        _ => serde_json::from_slice(body).map_err(bad_json)?,
     };
     if items.is_empty() {
         return Err(ApiError::new(400, "empty_batch", "a batch needs at least one message"));
@@ -252,7 +250,7 @@ fn batch(h: &Head, body: &[u8]) -> Result<Vec<Message>, ApiError> {
 }
 
 fn too_many() -> ApiError {
-    ApiError::new(413, "too_many_messages", format!("at most {MAX_BATCH} messages per batch"))
+    ApiError::new(400, "too_many_messages", format!("at most {MAX_BATCH} messages per batch"))
 }
 
 /// One JSON message, checked; `at` prefixes field names (`[3].user`).
@@ -280,10 +278,11 @@ fn checked(user: Vec<u8>, key: Vec<u8>, payload: Vec<u8>, at: &str) -> Result<Me
     }
     if payload.len() > MAX_PAYLOAD {
         return Err(ApiError {
-            status: 413,
+            status: 400,
             code: "payload_too_large",
             field: Some(format!("{at}data")),
             message: format!("payload of {} bytes; at most {MAX_PAYLOAD}", payload.len()),
+            allow: None,
         });
     }
     Ok(Message { user, key, payload })
@@ -344,6 +343,8 @@ pub struct Response {
     pub retry_after: Option<u32>,
     /// Close the connection after this answer.
     pub close: bool,
+    /// The `Allow` header (405).
+    pub allow: Option<&'static str>,
 }
 
 impl Response {
@@ -369,14 +370,14 @@ impl Response {
             body.push(']');
         }
         body.push('}');
-        Response { status: 200, body, retry_after: None, close: false }
+        Response { status: 200, body, retry_after: None, close: false, allow: None }
     }
 
     /// The JSON error body of `e` (`code` values are stable).
     pub fn error(e: &ApiError) -> Response {
         let body = serde_json::json!({ "error": { "code": e.code, "field": e.field, "message": e.message } });
         let retry_after = matches!(e.status, 429 | 503).then_some(1);
-        Response { status: e.status, body: body.to_string(), retry_after, close: false }
+        Response { status: e.status, body: body.to_string(), retry_after, close: false, allow: e.allow }
     }
 
     /// Appends the whole HTTP/1.1 response to `out`.
@@ -391,6 +392,9 @@ impl Response {
         );
         if let Some(s) = self.retry_after {
             let _ = write!(out, "retry-after: {s}\r\n");
+        }
+        if let Some(a) = self.allow {
+            let _ = write!(out, "allow: {a}\r\n");
         }
         if self.status == 401 {
             out.extend_from_slice(b"www-authenticate: Bearer\r\n");
@@ -509,14 +513,16 @@ mod tests {
             Some("key")
         );
         assert_eq!(e(r#"{"user":"a","data":"x","extra":1}"#).code, "bad_json");
+        assert_eq!(e(r#"{"user":"a","data":"x","key":null}"#).code, "bad_json");
         assert_eq!(e("not json").code, "bad_json");
         let big = format!(r#"{{"user":"a","data":"{}"}}"#, "x".repeat(MAX_PAYLOAD + 1));
         let (h, b) = (
             Head { content_length: big.len(), ..req("POST /v1/publish HTTP/1.1\r\n\r\n").0 },
             big.into_bytes(),
         );
-        assert_eq!(call(&h, &b).unwrap_err().status, 413);
-        assert_eq!(post("/v1/publish", "text/plain", "{}").unwrap_err().status, 415);
+        assert_eq!(call(&h, &b).unwrap_err().code, "payload_too_large");
+        let any = post("/v1/publish", "application/x-www-form-urlencoded", r#"{"user":"a","data":"x"}"#);
+        assert_eq!(any, Ok(Call::Publish(msg("a", b"x"))), "JSON whatever the Content-Type (curl -d)");
     }
 
     #[test]
@@ -563,7 +569,7 @@ mod tests {
         let (h, _) = req("GET /v1/users/al%69ce HTTP/1.1\r\n\r\n");
         assert_eq!(call(&h, b""), Ok(Call::User(b"alice".to_vec())));
         let (h, _) = req("DELETE /v1/users/alice HTTP/1.1\r\n\r\n");
-        assert_eq!(call(&h, b"").unwrap_err().status, 405);
+        assert_eq!(call(&h, b"").unwrap_err().allow, Some("GET"));
         let (h, _) = req("GET /v2/nothing HTTP/1.1\r\n\r\n");
         assert_eq!(call(&h, b"").unwrap_err().status, 404);
         let (h, _) = req("GET /v1/users/%zz HTTP/1.1\r\n\r\n");

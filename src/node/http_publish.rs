@@ -110,7 +110,7 @@ fn handle(
         Err(e) => return Response::error(&e),
     };
     let refuse = |code, message: &str| {
-        Response::error(&ApiError { status: 503, code, field: None, message: message.into() })
+        Response::error(&ApiError { status: 503, code, field: None, message: message.into(), allow: None })
     };
     if !matches!(call, Call::User(_)) {
         match gate {
@@ -142,8 +142,13 @@ fn authorize(
     secret: &[u8],
     unix: u64,
 ) -> Result<(), ApiError> {
-    let unauthorized =
-        |code, message: &str| ApiError { status: 401, code, field: None, message: message.into() };
+    let unauthorized = |code, message: &str| ApiError {
+        status: 401,
+        code,
+        field: None,
+        message: message.into(),
+        allow: None,
+    };
     let Some(bearer) = head.bearer.as_deref() else {
         return Err(unauthorized("unauthorized", "send Authorization: Bearer <publisher credential>"));
     };
@@ -196,7 +201,7 @@ fn user(route: &mut Route<'_>, u: &[u8]) -> Response {
     }
     let online = v["online_here"] == true || !v["peers"].as_array().is_some_and(Vec::is_empty);
     v["online"] = online.into();
-    Response { status: 200, body: v.to_string(), retry_after: None, close: false }
+    Response { status: 200, body: v.to_string(), retry_after: None, close: false, allow: None }
 }
 
 /// The sweep's verdict on an API connection at `now`: a request in
