@@ -10,7 +10,8 @@
 //!
 //! - [`table`]: the heartbeat table, assignment policy and admin operations,
 //!   sans-IO (no sockets, no clock; `now` is passed in).
-//! - [`state`]: the admin settings and their state file.
+//! - [`state`]: the admin settings, the admin replay window, and their
+//!   state file.
 //! - [`server`]: the mio event loop around the table (TCP requests, plain
 //!   or TLS-only with [`Config::tls`]; UDP heartbeats, never TLS).
 //! - [`client`]: blocking helpers for clients, nodes, publishers and tools,

@@ -23,8 +23,11 @@
 //! than an unbounded buffer.
 //!
 //! The loop owns all state; nothing is shared with other threads except the
-//! shutdown flag. Admin settings are written to the state file (atomically)
-//! on every change.
+//! shutdown flag. Admin settings, and the admin replay window, are written
+//! to the state file (atomically) after every admin request whose tag
+//! verifies (protocol.md §7.3). Heartbeats and admin requests from before
+//! the server's start are refused as replays the restart would otherwise
+//! let through (§8; §7.3 without a state file).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -208,10 +211,11 @@ impl DecisionServer {
     /// are TLS files that do not load (`InvalidInput`, wrapping the
     /// [`tls::TlsError`]).
     pub fn bind(cfg: Config) -> io::Result<DecisionServer> {
-        let settings = match &cfg.state_file {
+        let saved = match &cfg.state_file {
             Some(p) => state::load(p).map_err(|e| io::Error::new(ErrorKind::InvalidData, e.to_string()))?,
-            None => state::Settings::default(),
+            None => state::State::default(),
         };
+        let started_ms = unix_ms();
         let tls = match &cfg.tls {
             Some(files) => Some(
                 tls::Acceptor::load(files.clone()).map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
@@ -228,16 +232,23 @@ impl DecisionServer {
         let handle = ShutdownHandle { stop: Arc::new(AtomicBool::new(false)), waker };
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
             ^ (u64::from(std::process::id()) << 32);
-        let table = Table::new(
+        let mut table = Table::new(
             TableConfig {
                 cluster_secret: cfg.cluster_secret.clone(),
                 admin_secret: cfg.admin_secret.clone(),
                 expire_after: cfg.expire_after,
                 ceiling_pct: cfg.ceiling_pct,
+                // §8: what was sent before this start may be a replay the
+                // lost (incarnation, seq) can no longer tell.
+                heartbeats_not_before_ms: started_ms,
+                // §7.3: with a state file the replay window survives the
+                // restart; without, what was signed before it is refused.
+                admin_not_before_ms: if cfg.state_file.is_some() { 0 } else { started_ms },
             },
-            settings,
+            saved.settings,
             seed,
         );
+        table.remember_admin(saved.admin_seen);
         Ok(DecisionServer { poll, listener, udp, handle, table, tls, cfg })
     }
 
@@ -334,6 +345,17 @@ struct Decision {
 }
 
 impl Decision {
+    /// Writes the admin settings and replay window to the state file, if
+    /// there is one; a failure is logged and returned.
+    fn persist(&self) -> io::Result<()> {
+        let Some(path) = &self.cfg.state_file else { return Ok(()) };
+        let r = state::save(path, self.table.settings(), &self.table.admin_seen());
+        if let Err(e) = &r {
+            log::error!("herald decision: cannot write state file {}: {e}", path.display());
+        }
+        r
+    }
+
     fn heartbeats(&mut self, now: Instant) {
         self.udp_more = false;
         for _ in 0..UDP_BUDGET {
@@ -404,6 +426,8 @@ impl Decision {
                 }
                 AdminAnswer::Status => {
                     self.stats.admin_requests += 1;
+                    // Its (timestamp, nonce) must outlive a restart too.
+                    let _ = self.persist();
                     let Some(out) = conns.queue(id) else { return Flow::Gone };
                     self.table.encode_status(now, out);
                 }
@@ -411,18 +435,16 @@ impl Decision {
                     self.stats.admin_requests += 1;
                     if changed {
                         log::info!("herald decision: admin: {message}");
-                        if let Some(path) = &self.cfg.state_file {
-                            if let Err(e) = state::save(path, self.table.settings()) {
-                                log::error!(
-                                    "herald decision: cannot write state file {}: {e}",
-                                    path.display()
-                                );
-                                status = Code::Internal.to_u16();
-                                message = format!(
-                                    "{message}, but the state file could not be written ({e}): \
-                                     the change is lost on restart"
-                                );
-                            }
+                    }
+                    // Written after every verified request, changed or not:
+                    // the file also keeps the replay window (§7.3).
+                    if let Err(e) = self.persist() {
+                        if changed {
+                            status = Code::Internal.to_u16();
+                            message = format!(
+                                "{message}, but the state file could not be written ({e}): \
+                                 the change is lost on restart"
+                            );
                         }
                     }
                     let message = cut(&message, limits::MAX_ADMIN_MESSAGE_LEN);
