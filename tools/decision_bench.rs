@@ -297,6 +297,9 @@ fn main() {
                 cluster_secret: secret.clone(),
                 admin_secret: b"decision-bench-admin-secret".to_vec(),
                 log_every: Duration::ZERO,
+                // The load comes from one address: no per-source limits.
+                max_conns_per_source: 0,
+                source_rate: 0,
                 ..Config::default()
             })
             .expect("bind");

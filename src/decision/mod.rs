@@ -10,6 +10,7 @@
 //!
 //! - [`table`]: the heartbeat table, assignment policy and admin operations,
 //!   sans-IO (no sockets, no clock; `now` is passed in).
+//! - [`sources`]: per-source connection and request-rate limits, sans-IO.
 //! - [`state`]: the admin settings, the admin replay window, and their
 //!   state file.
 //! - [`server`]: the mio event loop around the table (TCP requests, plain
@@ -21,6 +22,7 @@
 pub mod cli;
 pub mod client;
 pub mod server;
+pub mod sources;
 pub mod state;
 pub mod table;
 
