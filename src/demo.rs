@@ -203,6 +203,9 @@ fn start_cluster(
             heartbeat: "127.0.0.1:0".parse().expect("valid"),
             cluster_secret: cluster_secret.clone(),
             admin_secret: admin_secret.clone(),
+            // Every demo client proves itself with its token (protocol.md
+            // §7.1, "Who asks"); a request without one is refused.
+            assign: decision::asker::Policy { client_secret: client_secret.to_vec(), require_token: true },
             state_file: None,
             log_every: Duration::ZERO,
             // Every simulated client comes from 127.0.0.1: no per-source limits.

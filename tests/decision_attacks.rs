@@ -299,7 +299,7 @@ fn a_dead_nodes_heartbeat_replayed_after_a_restart_does_not_resurrect_it() {
     udp.send_to(&heartbeat("alive", unix_ms(), 1), d.udp).unwrap();
     wait_listed(&d, &["alive"]);
     for i in 0..20 {
-        match client::assign(&[d.addr()], format!("u{i}").as_bytes(), 8, HONEST).unwrap() {
+        match client::assign(&[d.addr()], format!("u{i}").as_bytes(), b"", 8, HONEST).unwrap() {
             AssignOutcome::Nodes(n) => {
                 assert!(n.iter().all(|e| e.node_id == "alive"), "{n:?}");
             }

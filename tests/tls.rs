@@ -462,20 +462,21 @@ fn a_tls_decision_server_answers_over_tls_only() {
     let by_name = vec![format!("localhost:{}", d.tcp.port())];
     // TLS, verified for the DNS name dialled: an answer (no node yet).
     assert!(dc::nodes(&by_name, &over_tls(pki.client())).unwrap().is_empty());
-    let a = dc::assign(&by_name, b"u", 1, &over_tls(pki.client())).unwrap();
+    let a = dc::assign(&by_name, b"u", b"", 1, &over_tls(pki.client())).unwrap();
     assert!(matches!(a, AssignOutcome::NoCapacity { .. }), "{a:?}");
     // A client trusting another CA is refused at the handshake.
-    let e = dc::assign(&by_name, b"u", 1, &over_tls(other.client())).unwrap_err();
+    let e = dc::assign(&by_name, b"u", b"", 1, &over_tls(other.client())).unwrap_err();
     assert!(e.to_string().contains("certificate") || e.to_string().contains("UnknownIssuer"), "{e}");
     // A plaintext request: the library says it is a TLS port…
     let plain = Dial::plain(Duration::from_secs(2));
-    let e = dc::assign(&by_name, b"u", 1, &plain).unwrap_err();
+    let e = dc::assign(&by_name, b"u", b"", 1, &plain).unwrap_err();
     assert!(matches!(e, DecisionError::TlsPort), "{e:?}");
     // …because the raw bytes are a TLS alert and a close, not a hang.
     let mut s = TcpStream::connect(d.tcp).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let req =
-        Frame::AssignRequest(f::AssignRequest { version: VERSION, user: b"u", max_results: 1 }).to_vec();
+        Frame::AssignRequest(f::AssignRequest { version: VERSION, user: b"u", max_results: 1, token: b"" })
+            .to_vec();
     s.write_all(&req).unwrap();
     let t0 = Instant::now();
     let mut got = Vec::new();
@@ -518,7 +519,7 @@ fn a_tls_client_is_assigned_a_dns_name_and_reaches_the_tls_node() {
     let servers = vec![format!("localhost:{}", d.tcp.port())];
     let t0 = Instant::now();
     let assigned = loop {
-        match dc::assign(&servers, b"dana", 1, &over_tls(pki.client())).unwrap() {
+        match dc::assign(&servers, b"dana", b"", 1, &over_tls(pki.client())).unwrap() {
             AssignOutcome::Nodes(n) => break n,
             AssignOutcome::NoCapacity { .. } => {
                 assert!(t0.elapsed() < Duration::from_secs(5), "the node's heartbeat never arrived");
