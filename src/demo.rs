@@ -208,6 +208,9 @@ fn start_cluster(
             assign: decision::asker::Policy { client_secret: client_secret.to_vec(), require_token: true },
             state_file: None,
             log_every: Duration::ZERO,
+            // Every simulated client comes from 127.0.0.1: no per-source limits.
+            max_conns_per_source: 0,
+            source_rate: 0,
             tls: tls.map(|t| t.server(&format!("d{}", i + 1), false)),
             ..decision::Config::default()
         })?;

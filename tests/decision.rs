@@ -14,14 +14,14 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use herald::decision::client::{self, AdminReply, AssignOutcome, DecisionError, Dial, StatusRow};
 use herald::decision::{Config, DecisionServer};
 use herald::protocol::frame::{self as f, Frame, NODE_DRAINING};
 use herald::protocol::{decode, AdminOp, Channel, Code, Decoded};
 use util::proc::{self, Proc};
-use util::TestDecision;
+use util::{unix_ms, TestDecision};
 
 const CLUSTER: &[u8] = b"cluster-secret-for-tests";
 const ADMIN: &[u8] = b"admin-secret-for-tests";
@@ -29,19 +29,8 @@ const T: Duration = Duration::from_secs(2);
 /// Plaintext requests, [`T`] per server.
 const PLAIN: &Dial = &Dial { timeout: T, tls: None };
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
 fn config() -> Config {
-    Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        heartbeat: "127.0.0.1:0".parse().unwrap(),
-        cluster_secret: CLUSTER.to_vec(),
-        admin_secret: ADMIN.to_vec(),
-        log_every: Duration::ZERO,
-        ..Config::default()
-    }
+    util::decision_config(CLUSTER, ADMIN)
 }
 
 impl TestDecision {

@@ -24,7 +24,7 @@ SEED_DUR=${SEED_DUR:-60}
 
 decision() { # port
   $R/herald decision --listen 127.0.0.1:$1 --heartbeat 127.0.0.1:$1 --cluster-secret-file "$dir/cluster" \
-    --admin-secret-file "$dir/admin" --log-every 0 ${DECISION_ARGS:-} 2>>"$dir/log" &
+    --admin-secret-file "$dir/admin" --log-every 0 --max-conns-per-source 0 --source-rate 0 ${DECISION_ARGS:-} 2>>"$dir/log" &
   pids+=($!)
 }
 node() { # id port capacity

@@ -78,6 +78,12 @@ struct Args {
     /// (protocol.md §7.1, "Who asks").
     #[arg(long)]
     verify: bool,
+    /// Keep the in-process server's per-source limits on (protocol.md
+    /// §7.4) at a rate and connection cap the load never reaches, to
+    /// measure their bookkeeping; by default they are off (the load comes
+    /// from one address).
+    #[arg(long)]
+    source_limits: bool,
 }
 
 /// The client secret of `--verify`.
@@ -323,6 +329,11 @@ fn main() {
                     require_token: a.verify,
                 },
                 log_every: Duration::ZERO,
+                // The load comes from one address: no per-source limits,
+                // or limits it never reaches.
+                max_conns_per_source: if a.source_limits { u32::MAX } else { 0 },
+                source_rate: if a.source_limits { u32::MAX } else { 0 },
+                source_burst: u32::MAX,
                 ..Config::default()
             })
             .expect("bind");

@@ -56,6 +56,26 @@ pub struct DecisionArgs {
     /// Log a one-line summary this often (0 disables).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub log_every: Duration,
+    /// Most open request connections (also at most the open-file limit
+    /// less 32). At the cap the connections idle the longest from the
+    /// addresses holding the most are closed (ERROR SERVER_FULL) to make
+    /// room (protocol.md §7.4).
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+    /// Most connections open at once from one source (an IPv4 address or
+    /// an IPv6 /64); one more is answered ERROR SERVER_FULL and closed
+    /// (0: no limit).
+    #[arg(long, default_value_t = super::server::DEFAULT_MAX_CONNS_PER_SOURCE)]
+    pub max_conns_per_source: u32,
+    /// Requests answered per second per source; faster ones wait (the
+    /// connection is not read until their turn), none is refused (0: no limit).
+    #[arg(long, default_value_t = super::server::DEFAULT_SOURCE_RATE)]
+    pub source_rate: u32,
+    /// Requests a quiet source may have answered at once before
+    /// --source-rate applies.
+    #[arg(long, default_value_t = super::server::DEFAULT_SOURCE_BURST,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub source_burst: u32,
     /// The server's TLS certificate chain (PEM, leaf first). With
     /// --tls-key, the request port (--listen) speaks TLS 1.3 only
     /// (protocol.md §11); without, it is plaintext and the server warns so.
@@ -180,6 +200,10 @@ fn decision_main(a: DecisionArgs) -> ExitCode {
         expire_after: a.expire_after,
         ceiling_pct: a.ceiling,
         log_every: a.log_every,
+        max_connections: usize::try_from(a.max_connections).unwrap_or(usize::MAX),
+        max_conns_per_source: a.max_conns_per_source,
+        source_rate: a.source_rate,
+        source_burst: a.source_burst,
         tls: match (&a.tls_cert, &a.tls_key) {
             (Some(cert), Some(key)) => Some(crate::tls::ServerFiles {
                 cert: cert.clone(),
@@ -231,8 +255,8 @@ fn decision_main(a: DecisionArgs) -> ExitCode {
     match server.run() {
         Ok(stats) => {
             info!(
-                "herald decision: stopped; {} assignments, {} no capacity",
-                stats.assignments, stats.no_capacity
+                "herald decision: stopped; {} assignments, {} no capacity; {} connections over their source's cap, {} closed to make room, {} requests rate-delayed",
+                stats.assignments, stats.no_capacity, stats.source_refused, stats.evicted, stats.rate_delayed
             );
             ExitCode::SUCCESS
         }

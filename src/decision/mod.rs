@@ -12,7 +12,9 @@
 //!   sans-IO (no sockets, no clock; `now` is passed in).
 //! - [`asker`]: who asks for a node: the ASSIGN_REQUEST's token, verified
 //!   with the client secret, or nobody (sans-IO).
-//! - [`state`]: the admin settings and their state file.
+//! - [`sources`]: per-source connection and request-rate limits, sans-IO.
+//! - [`state`]: the admin settings, the admin replay window, and their
+//!   state file.
 //! - [`server`]: the mio event loop around the table (TCP requests, plain
 //!   or TLS-only with [`Config::tls`]; UDP heartbeats, never TLS).
 //! - [`client`]: blocking helpers for clients, nodes, publishers and tools,
@@ -23,6 +25,7 @@ pub mod asker;
 pub mod cli;
 pub mod client;
 pub mod server;
+pub mod sources;
 pub mod state;
 pub mod table;
 

@@ -13,18 +13,37 @@
 //! - requests: the event loop decodes every complete frame on
 //!   [`Channel::ToDecision`]; each request gets its one response frame, in
 //!   order, appended to the connection's output;
-//! - timers: idle connections (10 s), lingering closes, table sweeps, logs.
+//! - timers: idle connections (10 s), lingering closes, table sweeps, logs,
+//!   and connections paused by the rate limit read again.
+//!
+//! Strangers (protocol.md §7.4): each source ([`Sources`]: an IPv4 address
+//! or an IPv6 /64) may hold [`Config::max_conns_per_source`] connections;
+//! one more is answered ERROR SERVER_FULL and closed at accept. Its
+//! requests are answered at [`Config::source_rate`] a second after a burst
+//! of [`Config::source_burst`]: a request with no token left is not refused
+//! but left unparsed, and the connection unread, until one is due (one
+//! answer per request still holds; the flooder gets TCP back-pressure).
+//! Open connections are capped by [`Config::max_connections`] and by the
+//! descriptor limit less [`FD_RESERVE`]; at the cap, and whenever accept
+//! fails with EMFILE, the connections idle the longest from the sources
+//! that hold the most are closed (ERROR SERVER_FULL; a sixty-fourth of the
+//! cap at a time) to make room, so a flood of idle connections from a few
+//! sources cannot lock out everyone else.
 //!
 //! Bounds: a connection's carried input is at most one partial frame (the
 //! decoder refuses a length over 1024 from its first four bytes) plus, when
 //! the peer does not read its answers, one read's worth; once its pending
 //! output passes [`WBUF_HIGH`] the loop stops reading that connection until
 //! the output drains, so a pipelining peer gets TCP back-pressure rather
-//! than an unbounded buffer.
+//! than an unbounded buffer. A connection paused by the rate limit keeps
+//! the same: at most one read's worth of unparsed input.
 //!
 //! The loop owns all state; nothing is shared with other threads except the
-//! shutdown flag. Admin settings are written to the state file (atomically)
-//! on every change.
+//! shutdown flag. Admin settings, and the admin replay window, are written
+//! to the state file (atomically) after every admin request whose tag
+//! verifies (protocol.md §7.3). Heartbeats and admin requests from before
+//! the server's start are refused as replays the restart would otherwise
+//! let through (§8; §7.3 without a state file).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -38,6 +57,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mio::net::UdpSocket;
 use mio::{Interest, Poll, Token, Waker};
 
+use super::sources::{SourceKey, SourceLimits, Sources};
 use super::state;
 use super::table::{AdminAnswer, Table, TableConfig, DEFAULT_CEILING_PCT, DEFAULT_EXPIRE_AFTER};
 use crate::net::{
@@ -60,6 +80,16 @@ const WBUF_LOW: usize = 64 * 1024;
 const TICK: Duration = Duration::from_millis(100);
 /// How often the table forgets long-expired nodes and old admin nonces.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// Descriptors kept free of request connections: the listener, the
+/// heartbeat socket, poll, waker, standard streams, the state file's
+/// temporary file, certificate reloads, and the one accept takes.
+pub const FD_RESERVE: usize = 32;
+/// Default [`Config::max_conns_per_source`].
+pub const DEFAULT_MAX_CONNS_PER_SOURCE: u32 = 64;
+/// Default [`Config::source_rate`], requests per second.
+pub const DEFAULT_SOURCE_RATE: u32 = 1000;
+/// Default [`Config::source_burst`].
+pub const DEFAULT_SOURCE_BURST: u32 = 1000;
 
 /// Decision server configuration. `Default` gives the CLI defaults (and
 /// empty secrets, with which nothing verifies).
@@ -84,8 +114,18 @@ pub struct Config {
     pub ceiling_pct: u8,
     /// Close a connection on which nothing arrived for this long.
     pub idle_timeout: Duration,
-    /// Most open request connections; more are closed on accept.
+    /// Most open request connections (also at most the descriptor limit
+    /// less [`FD_RESERVE`]); at the cap, the connections idle the longest
+    /// from the sources holding the most are closed to make room.
     pub max_connections: usize,
+    /// Most connections open at once from one source (an IPv4 address or
+    /// an IPv6 /64); more are answered ERROR SERVER_FULL at accept. 0: no limit.
+    pub max_conns_per_source: u32,
+    /// Requests answered per second per source, sustained; faster ones wait
+    /// (the connection is not read until a token is due). 0: no limit.
+    pub source_rate: u32,
+    /// Requests a quiet source may have answered at once (bucket size).
+    pub source_burst: u32,
     /// Log a summary line this often (zero: never).
     pub log_every: Duration,
     /// TLS on the TCP port (its certificate and key; `client_ca` asks
@@ -106,6 +146,9 @@ impl Default for Config {
             ceiling_pct: DEFAULT_CEILING_PCT,
             idle_timeout: Duration::from_secs(10),
             max_connections: 16_384,
+            max_conns_per_source: DEFAULT_MAX_CONNS_PER_SOURCE,
+            source_rate: DEFAULT_SOURCE_RATE,
+            source_burst: DEFAULT_SOURCE_BURST,
             log_every: Duration::from_secs(10),
             tls: None,
         }
@@ -135,6 +178,13 @@ pub struct Stats {
     pub admin_auth_failures: u64,
     /// Connections accepted.
     pub accepted: u64,
+    /// Connections refused at accept: their source held its most.
+    pub source_refused: u64,
+    /// Connections closed to make room at the connection or descriptor cap.
+    pub evicted: u64,
+    /// Requests that waited for their source's rate limit (counted once
+    /// per wait).
+    pub rate_delayed: u64,
     /// Connections closed, by close-reason label (README, "Close reasons").
     pub closes: BTreeMap<&'static str, u64>,
 }
@@ -151,7 +201,7 @@ impl Stats {
 
     fn summary(&self, live: usize, open: usize) -> String {
         let mut s = format!(
-            "{live} live nodes, {open} connections; {} assignments, {} no capacity, {} refused, {} nodes, {} admin ({} bad tag); heartbeats {} ok, {} dropped",
+            "{live} live nodes, {open} connections; {} assignments, {} no capacity, {} refused, {} nodes, {} admin ({} bad tag); heartbeats {} ok, {} dropped; {} over source cap, {} evicted, {} rate-delayed",
             self.assignments,
             self.no_capacity,
             self.assign_refused,
@@ -159,7 +209,10 @@ impl Stats {
             self.admin_requests,
             self.admin_auth_failures,
             self.heartbeats,
-            self.heartbeats_rejected()
+            self.heartbeats_rejected(),
+            self.source_refused,
+            self.evicted,
+            self.rate_delayed
         );
         if !self.heartbeat_rejects.is_empty() {
             let _ = write!(s, " {:?}", self.heartbeat_rejects);
@@ -204,6 +257,12 @@ fn cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
+/// Appends ERROR SERVER_FULL (protocol.md §7.4: over a source's cap, or
+/// closed to make room).
+fn server_full(out: &mut Vec<u8>, msg: &str) {
+    Frame::Error(f::ErrorFrame { code: Code::ServerFull, message: msg.as_bytes() }).encode(out);
+}
+
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -216,10 +275,11 @@ impl DecisionServer {
     /// are TLS files that do not load (`InvalidInput`, wrapping the
     /// [`tls::TlsError`]).
     pub fn bind(cfg: Config) -> io::Result<DecisionServer> {
-        let settings = match &cfg.state_file {
+        let saved = match &cfg.state_file {
             Some(p) => state::load(p).map_err(|e| io::Error::new(ErrorKind::InvalidData, e.to_string()))?,
-            None => state::Settings::default(),
+            None => state::State::default(),
         };
+        let started_ms = unix_ms();
         let tls = match &cfg.tls {
             Some(files) => Some(
                 tls::Acceptor::load(files.clone()).map_err(|e| io::Error::new(ErrorKind::InvalidInput, e))?,
@@ -236,16 +296,23 @@ impl DecisionServer {
         let handle = ShutdownHandle { stop: Arc::new(AtomicBool::new(false)), waker };
         let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
             ^ (u64::from(std::process::id()) << 32);
-        let table = Table::new(
+        let mut table = Table::new(
             TableConfig {
                 cluster_secret: cfg.cluster_secret.clone(),
                 admin_secret: cfg.admin_secret.clone(),
                 expire_after: cfg.expire_after,
                 ceiling_pct: cfg.ceiling_pct,
+                // §8: what was sent before this start may be a replay the
+                // lost (incarnation, seq) can no longer tell.
+                heartbeats_not_before_ms: started_ms,
+                // §7.3: with a state file the replay window survives the
+                // restart; without, what was signed before it is refused.
+                admin_not_before_ms: if cfg.state_file.is_some() { 0 } else { started_ms },
             },
-            settings,
+            saved.settings,
             seed,
         );
+        table.remember_admin(saved.admin_seen);
         Ok(DecisionServer { poll, listener, udp, handle, table, tls, cfg })
     }
 
@@ -278,8 +345,29 @@ impl DecisionServer {
     /// Runs the event loop until a shutdown is triggered; returns the counters.
     pub fn run(self) -> io::Result<Stats> {
         let now = Instant::now();
-        let listener = Listener { sock: self.listener, cap: self.cfg.max_connections, tls: self.tls };
+        let cap = self
+            .cfg
+            .max_connections
+            .min(net::descriptor_limit().unwrap_or(usize::MAX).saturating_sub(FD_RESERVE))
+            .max(1);
+        if cap < self.cfg.max_connections {
+            log::info!(
+                "herald decision: at most {cap} request connections (the descriptor limit less {FD_RESERVE})"
+            );
+        }
+        // The cap is kept by `Decision::accept`, which makes room rather
+        // than refusing; the listener's own cap is only a backstop.
+        let listener = Listener { sock: self.listener, cap: cap + 1, tls: self.tls };
+        let sources = Sources::new(SourceLimits {
+            max_conns: self.cfg.max_conns_per_source,
+            rate: self.cfg.source_rate,
+            burst: self.cfg.source_burst,
+        });
         let roles = Decision {
+            sources,
+            paused: Vec::new(),
+            cap,
+            victims: Vec::new(),
             udp: self.udp,
             stop: self.handle.stop,
             table: self.table,
@@ -303,9 +391,13 @@ impl DecisionServer {
 
 /// A request connection: when its last whole request arrived (the idle
 /// rule counts requests, not bytes: a peer trickling a partial frame a
-/// byte at a time is idle all the same).
+/// byte at a time is idle all the same), where it comes from, and whether
+/// it waits for its source's rate limit.
 pub(crate) struct Requester {
     last_request: Instant,
+    source: SourceKey,
+    /// Not read until the next tick: its source had no request token.
+    paused: bool,
 }
 
 impl ConnState for Requester {
@@ -326,6 +418,14 @@ impl ConnState for Requester {
 
 /// The decision server's roles: heartbeats in, requests answered.
 struct Decision {
+    /// Connections and request tokens per source.
+    sources: Sources,
+    /// Connections waiting for a request token, oldest first.
+    paused: Vec<ConnId>,
+    /// Most open request connections.
+    cap: usize,
+    /// Scratch for [`Decision::evict`]: (how bad a victim, connection).
+    victims: Vec<((u32, std::cmp::Reverse<Instant>), ConnId)>,
     udp: UdpSocket,
     stop: Arc<AtomicBool>,
     table: Table,
@@ -342,6 +442,58 @@ struct Decision {
 }
 
 impl Decision {
+    /// Writes the admin settings and replay window to the state file, if
+    /// there is one; a failure is logged and returned.
+    fn persist(&self) -> io::Result<()> {
+        let Some(path) = &self.cfg.state_file else { return Ok(()) };
+        let r = state::save(path, self.table.settings(), &self.table.admin_seen());
+        if let Err(e) = &r {
+            log::error!("herald decision: cannot write state file {}: {e}", path.display());
+        }
+        r
+    }
+
+    /// Makes room at the connection cap: closes a batch of
+    /// [`Decision::evict_batch`] connections, those already closing first
+    /// (oldest first), then the ones idle the longest from the sources
+    /// holding the most. An idle one is told ERROR SERVER_FULL; either way
+    /// its descriptor is freed when the closes are carried out (this turn).
+    /// One scan of the connections pays for the whole batch. False if there
+    /// was no connection to close.
+    fn evict(&mut self, conns: &mut Conns<Requester>) -> bool {
+        let n = self.evict_batch();
+        let mut v = std::mem::take(&mut self.victims);
+        v.clear();
+        v.extend(conns.iter().map(|(id, c)| {
+            let held = if c.is_closing() { u32::MAX } else { self.sources.conns(c.state.source) };
+            ((held, std::cmp::Reverse(c.state.last_request)), id)
+        }));
+        if v.len() > n {
+            v.select_nth_unstable_by(n - 1, |a, b| b.0.cmp(&a.0));
+            v.truncate(n);
+        }
+        let any = !v.is_empty();
+        for &(_, id) in &v {
+            self.stats.evicted += 1;
+            if conns.get(id).is_some_and(|c| c.is_closing()) {
+                conns.expire(id);
+                continue;
+            }
+            if let Some(out) = conns.queue(id) {
+                server_full(out, "this decision server is at its connection limit; connect again to ask");
+            }
+            conns.abort(id, CloseReason::Sent(Code::ServerFull));
+        }
+        self.victims = v;
+        any
+    }
+
+    /// Connections [`Decision::evict`] closes at once: a sixty-fourth of
+    /// the cap, at least one.
+    fn evict_batch(&self) -> usize {
+        (self.cap / 64).max(1)
+    }
+
     fn heartbeats(&mut self, now: Instant) {
         self.udp_more = false;
         for _ in 0..UDP_BUDGET {
@@ -414,6 +566,8 @@ impl Decision {
                 }
                 AdminAnswer::Status => {
                     self.stats.admin_requests += 1;
+                    // Its (timestamp, nonce) must outlive a restart too.
+                    let _ = self.persist();
                     let Some(out) = conns.queue(id) else { return Flow::Gone };
                     self.table.encode_status(now, out);
                 }
@@ -421,18 +575,16 @@ impl Decision {
                     self.stats.admin_requests += 1;
                     if changed {
                         log::info!("herald decision: admin: {message}");
-                        if let Some(path) = &self.cfg.state_file {
-                            if let Err(e) = state::save(path, self.table.settings()) {
-                                log::error!(
-                                    "herald decision: cannot write state file {}: {e}",
-                                    path.display()
-                                );
-                                status = Code::Internal.to_u16();
-                                message = format!(
-                                    "{message}, but the state file could not be written ({e}): \
-                                     the change is lost on restart"
-                                );
-                            }
+                    }
+                    // Written after every verified request, changed or not:
+                    // the file also keeps the replay window (§7.3).
+                    if let Err(e) = self.persist() {
+                        if changed {
+                            status = Code::Internal.to_u16();
+                            message = format!(
+                                "{message}, but the state file could not be written ({e}): \
+                                 the change is lost on restart"
+                            );
                         }
                     }
                     let message = cut(&message, limits::MAX_ADMIN_MESSAGE_LEN);
@@ -455,13 +607,36 @@ impl Service for Decision {
 
     fn accept(
         &mut self,
-        _conns: &mut Conns<Requester>,
+        conns: &mut Conns<Requester>,
         _listener: usize,
-        _io: &mut net::Transport,
+        io: &mut net::Transport,
         now: Instant,
     ) -> Result<Requester, CloseReason> {
+        // A refusal is counted by `refused`, as the listener's own are.
+        let Ok(peer) = io.peer_addr() else { return Err(CloseReason::Io) };
+        let source = SourceKey::of(peer.ip());
+        if self.sources.open(source, now).is_err() {
+            self.stats.source_refused += 1;
+            if !io.is_tls() {
+                let mut out = Vec::with_capacity(96);
+                server_full(&mut out, "too many connections from your address; try another decision server");
+                let _ = std::io::Write::write(io, &out);
+            }
+            return Err(CloseReason::Sent(Code::ServerFull));
+        }
+        if conns.len() >= self.cap {
+            self.evict(conns);
+        }
         self.stats.accepted += 1;
-        Ok(Requester { last_request: now })
+        Ok(Requester { last_request: now, source, paused: false })
+    }
+
+    fn may_read(&mut self, conns: &Conns<Requester>, id: ConnId) -> bool {
+        conns.get(id).is_some_and(|c| !c.state.paused)
+    }
+
+    fn make_room(&mut self, conns: &mut Conns<Requester>, _now: Instant) -> bool {
+        self.evict(conns)
     }
 
     fn refused(&mut self, _listener: usize, reason: CloseReason) {
@@ -478,13 +653,23 @@ impl Service for Decision {
         len: usize,
         now: Instant,
     ) -> Flow {
-        if let Some(c) = conns.get_mut(id) {
-            c.state.last_request = now;
+        let Some(c) = conns.get_mut(id) else { return Flow::Gone };
+        c.state.last_request = now;
+        if self.sources.take(c.state.source, now).is_err() {
+            // §7.4: no token: this request waits, unparsed, and the
+            // connection is not read until the next tick.
+            c.state.paused = true;
+            self.paused.push(id);
+            self.stats.rate_delayed += 1;
+            return Flow::Pause;
         }
         self.request(conns, id, frame, &bytes[..len], now)
     }
 
-    fn closed(&mut self, _conns: &mut Conns<Requester>, _id: ConnId, reason: CloseReason, _now: Instant) {
+    fn closed(&mut self, conns: &mut Conns<Requester>, id: ConnId, reason: CloseReason, _now: Instant) {
+        if let Some(c) = conns.get(id) {
+            self.sources.close(c.state.source);
+        }
         self.stats.close(reason);
     }
 
@@ -520,6 +705,16 @@ impl Service for Decision {
             return Tick::Idle;
         }
         self.next_tick = now + TICK;
+        // Connections paused by the rate limit try their request again (a
+        // source still without a token pauses again, at the back).
+        for id in std::mem::take(&mut self.paused) {
+            if let Some(c) = conns.get_mut(id) {
+                if c.state.paused {
+                    c.state.paused = false;
+                    conns.read_again(id);
+                }
+            }
+        }
         let idle = self.cfg.idle_timeout;
         let mut expired = Vec::new();
         for (id, c) in conns.iter() {
@@ -542,6 +737,7 @@ impl Service for Decision {
         if now >= self.next_sweep {
             self.next_sweep = now + SWEEP_EVERY;
             self.table.sweep(now, self.unix);
+            self.sources.sweep(now);
         }
         if !self.cfg.log_every.is_zero() && now >= self.next_log {
             self.next_log = now + self.cfg.log_every;

@@ -4,7 +4,7 @@
 //! Everything else a decision server knows is soft state rebuilt from one
 //! round of heartbeats (protocol.md §8); only what an operator set with
 //! `herald admin` (§7.3) would be lost on a restart, so it is written to a
-//! state file on every change and read back at start. The file is plain
+//! state file after every admin request and read back at start. The file is plain
 //! text, one setting per line, so that an operator can read it and, with the
 //! server stopped, edit it:
 //!
@@ -14,7 +14,14 @@
 //! ceiling node-2 50
 //! capacity node-1 2000
 //! drain node-3
+//! seen 1767225600000 9123456789
 //! ```
+//!
+//! `seen` lines are not settings: each is the (timestamp_ms, nonce) of an
+//! ADMIN request the server took within the last 30 s, kept so that a
+//! restarted server still refuses its replay (protocol.md §7.3). The server
+//! writes the file after every admin request whose tag verifies, and drops
+//! pairs that have left the window.
 //!
 //! Node ids are arbitrary bytes (protocol.md §1), so bytes outside printable
 //! ASCII, and `%` itself, are written as `%XX`. Settings may name nodes that
@@ -42,6 +49,46 @@ pub struct Settings {
     pub capacity: BTreeMap<Vec<u8>, u32>,
     /// Nodes an admin drained.
     pub drained: BTreeSet<Vec<u8>>,
+}
+
+/// What the state file holds: the settings and the admin requests still
+/// inside the replay window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    /// What an operator set.
+    pub settings: Settings,
+    /// ADMIN (timestamp_ms, nonce) pairs seen, sorted.
+    pub admin_seen: Vec<(u64, u64)>,
+}
+
+impl State {
+    /// The file form: [`Settings::render`], then one `seen` line per pair.
+    pub fn render(settings: &Settings, admin_seen: &[(u64, u64)]) -> String {
+        let mut s = settings.render();
+        for (ts, nonce) in admin_seen {
+            let _ = writeln!(s, "seen {ts} {nonce}");
+        }
+        s
+    }
+
+    /// Parses the file form (see [`Settings::parse`]; `seen` lines too).
+    pub fn parse(text: &str) -> Result<State, StateError> {
+        let mut st = State::default();
+        for (i, raw) in text.lines().enumerate() {
+            let line = i + 1;
+            let bad = |reason: String| StateError::Parse { line, reason };
+            match raw.split_whitespace().collect::<Vec<_>>().as_slice() {
+                ["seen", ts, nonce] => {
+                    let n = |w: &str| w.parse::<u64>().map_err(|_| bad(format!("`{w}` is not a number")));
+                    st.admin_seen.push((n(ts)?, n(nonce)?));
+                }
+                _ => st.settings.apply(raw, line)?,
+            }
+        }
+        st.admin_seen.sort_unstable();
+        st.admin_seen.dedup();
+        Ok(st)
+    }
 }
 
 /// Why a state file could not be used.
@@ -108,27 +155,32 @@ impl Settings {
     pub fn parse(text: &str) -> Result<Settings, StateError> {
         let mut st = Settings::default();
         for (i, raw) in text.lines().enumerate() {
-            let line = i + 1;
-            let bad = |reason: String| StateError::Parse { line, reason };
-            let words: Vec<&str> = raw.split_whitespace().collect();
-            match words.as_slice() {
-                [] => {}
-                [w, ..] if w.starts_with('#') => {}
-                ["ceiling", pct] => st.ceiling = Some(percent(pct).map_err(bad)?),
-                ["ceiling", node, pct] => {
-                    st.node_ceiling.insert(unescape(node).map_err(bad)?, percent(pct).map_err(bad)?);
-                }
-                ["capacity", node, n] => {
-                    let n: u32 = n.parse().map_err(|_| bad(format!("`{n}` is not a capacity")))?;
-                    st.capacity.insert(unescape(node).map_err(bad)?, n);
-                }
-                ["drain", node] => {
-                    st.drained.insert(unescape(node).map_err(bad)?);
-                }
-                _ => return Err(bad(format!("not a setting: `{}`", raw.trim()))),
-            }
+            st.apply(raw, i + 1)?;
         }
         Ok(st)
+    }
+
+    /// Applies one line of the file form (`line` is its 1-based number).
+    fn apply(&mut self, raw: &str, line: usize) -> Result<(), StateError> {
+        let bad = |reason: String| StateError::Parse { line, reason };
+        let words: Vec<&str> = raw.split_whitespace().collect();
+        match words.as_slice() {
+            [] => {}
+            [w, ..] if w.starts_with('#') => {}
+            ["ceiling", pct] => self.ceiling = Some(percent(pct).map_err(bad)?),
+            ["ceiling", node, pct] => {
+                self.node_ceiling.insert(unescape(node).map_err(bad)?, percent(pct).map_err(bad)?);
+            }
+            ["capacity", node, n] => {
+                let n: u32 = n.parse().map_err(|_| bad(format!("`{n}` is not a capacity")))?;
+                self.capacity.insert(unescape(node).map_err(bad)?, n);
+            }
+            ["drain", node] => {
+                self.drained.insert(unescape(node).map_err(bad)?);
+            }
+            _ => return Err(bad(format!("not a setting: `{}`", raw.trim()))),
+        }
+        Ok(())
     }
 }
 
@@ -174,26 +226,26 @@ pub fn unescape(s: &str) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// Reads the settings from `path`. A missing file is an empty set of
-/// settings (the first start); any other failure is an error, so that a
+/// Reads the settings and admin pairs from `path`. A missing file is an
+/// empty state (the first start); any other failure is an error, so that a
 /// server never silently forgets a drain.
-pub fn load(path: &Path) -> Result<Settings, StateError> {
+pub fn load(path: &Path) -> Result<State, StateError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => Settings::parse(&text),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Settings::default()),
+        Ok(text) => State::parse(&text),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(State::default()),
         Err(e) => Err(StateError::Io(path.to_owned(), e)),
     }
 }
 
-/// Writes the settings to `path` atomically: a temporary file in the same
-/// directory, flushed to disk, then renamed over `path`.
-pub fn save(path: &Path, st: &Settings) -> io::Result<()> {
+/// Writes the settings and admin pairs to `path` atomically: a temporary
+/// file in the same directory, flushed to disk, then renamed over `path`.
+pub fn save(path: &Path, st: &Settings, admin_seen: &[(u64, u64)]) -> io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".tmp.{}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let write = || -> io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(st.render().as_bytes())?;
+        f.write_all(State::render(st, admin_seen).as_bytes())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     };
@@ -247,6 +299,10 @@ mod tests {
             let e = Settings::parse(&format!("# ok\n{bad}\n")).unwrap_err();
             assert!(matches!(e, StateError::Parse { line: 2, .. }), "{bad}: {e}");
         }
+        for bad in ["seen 1", "seen 1 2 3", "seen x 1", "seen 1 -1"] {
+            let e = State::parse(&format!("# ok\n{bad}\n")).unwrap_err();
+            assert!(matches!(e, StateError::Parse { line: 2, .. }), "{bad}: {e}");
+        }
         let long = "x".repeat(65);
         assert!(Settings::parse(&format!("drain {long}")).is_err());
     }
@@ -256,12 +312,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("herald-state-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("decision.state");
-        assert_eq!(load(&p).unwrap(), Settings::default(), "a missing file is empty");
+        assert_eq!(load(&p).unwrap(), State::default(), "a missing file is empty");
         let s = sample();
-        save(&p, &s).unwrap();
-        assert_eq!(load(&p).unwrap(), s);
-        save(&p, &Settings::default()).unwrap();
-        assert_eq!(load(&p).unwrap(), Settings::default());
+        let seen = [(1_767_225_600_000, 1), (1_767_225_600_000, u64::MAX)];
+        save(&p, &s, &seen).unwrap();
+        assert_eq!(load(&p).unwrap(), State { settings: s.clone(), admin_seen: seen.to_vec() });
+        save(&p, &Settings::default(), &[]).unwrap();
+        assert_eq!(load(&p).unwrap(), State::default());
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -86,6 +86,15 @@ pub struct TableConfig {
     pub expire_after: Duration,
     /// The global ceiling, percent, unless an admin setting overrides it.
     pub ceiling_pct: u8,
+    /// A heartbeat whose `sent_at_ms` is earlier than this (the server's
+    /// start, ms since the Unix epoch) is dropped: it was captured before a
+    /// restart, when the table's (incarnation, seq) was lost (protocol.md §8).
+    /// 0: no such rule.
+    pub heartbeats_not_before_ms: u64,
+    /// An ADMIN whose `timestamp_ms` is earlier than this is refused: set to
+    /// the server's start when no state file keeps the replay window across
+    /// restarts (protocol.md §7.3). 0: no such rule.
+    pub admin_not_before_ms: u64,
 }
 
 impl Default for TableConfig {
@@ -95,6 +104,8 @@ impl Default for TableConfig {
             admin_secret: Vec::new(),
             expire_after: DEFAULT_EXPIRE_AFTER,
             ceiling_pct: DEFAULT_CEILING_PCT,
+            heartbeats_not_before_ms: 0,
+            admin_not_before_ms: 0,
         }
     }
 }
@@ -132,6 +143,15 @@ pub enum HeartbeatReject {
     },
     /// A new node id, and the table already holds [`MAX_NODES`].
     TableFull,
+    /// `sent_at_ms` is earlier than the server's start
+    /// ([`TableConfig::heartbeats_not_before_ms`]): a replay from before a
+    /// restart.
+    BeforeStart {
+        /// The node's timestamp.
+        sent_at_ms: u64,
+        /// The server's start.
+        started_ms: u64,
+    },
 }
 
 impl HeartbeatReject {
@@ -145,6 +165,7 @@ impl HeartbeatReject {
             HeartbeatReject::ClockSkew { .. } => "clock_skew",
             HeartbeatReject::Replay { .. } => "replay",
             HeartbeatReject::TableFull => "table_full",
+            HeartbeatReject::BeforeStart { .. } => "before_start",
         }
     }
 }
@@ -167,6 +188,11 @@ impl fmt::Display for HeartbeatReject {
                 write!(f, "heartbeat (incarnation {incarnation}, seq {seq}) is not newer than the last")
             }
             HeartbeatReject::TableFull => write!(f, "table already holds {MAX_NODES} nodes"),
+            HeartbeatReject::BeforeStart { sent_at_ms, started_ms } => write!(
+                f,
+                "heartbeat sent at {sent_at_ms} ms, {} ms before this server started",
+                started_ms.saturating_sub(*sent_at_ms)
+            ),
         }
     }
 }
@@ -326,6 +352,26 @@ impl Table {
         &self.settings
     }
 
+    /// The admin (timestamp_ms, nonce) pairs remembered (within the replay
+    /// window, or not yet swept), sorted: what the state file keeps so that
+    /// a restarted server still refuses their replay.
+    pub fn admin_seen(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.admin_seen.iter().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Remembers admin pairs read back from the state file (at most
+    /// 65,536; pairs outside the window go at the next sweep).
+    pub fn remember_admin(&mut self, pairs: impl IntoIterator<Item = (u64, u64)>) {
+        for p in pairs {
+            if self.admin_seen.len() >= MAX_ADMIN_SEEN {
+                break;
+            }
+            self.admin_seen.insert(p);
+        }
+    }
+
     /// The global ceiling in force, percent.
     pub fn ceiling_pct(&self) -> u8 {
         self.settings.ceiling.unwrap_or(self.cfg.ceiling_pct)
@@ -377,7 +423,8 @@ impl Table {
 
     /// Checks and applies one heartbeat datagram (protocol.md §8): one whole
     /// frame, version 1, a tag that verifies under the cluster secret, a
-    /// clock within [`MAX_CLOCK_SKEW_MS`], and newer than the stored
+    /// clock within [`MAX_CLOCK_SKEW_MS`] and not before the server's start
+    /// ([`TableConfig::heartbeats_not_before_ms`]), and newer than the stored
     /// (incarnation, seq). An accepted heartbeat replaces everything stored
     /// for the node and resets its `assigned_since_heartbeat`.
     pub fn on_heartbeat(
@@ -401,6 +448,10 @@ impl Table {
         }
         if hb.sent_at_ms.abs_diff(now_unix_ms) > MAX_CLOCK_SKEW_MS {
             return Err(HeartbeatReject::ClockSkew { sent_at_ms: hb.sent_at_ms, now_unix_ms });
+        }
+        let started_ms = self.cfg.heartbeats_not_before_ms;
+        if hb.sent_at_ms < started_ms {
+            return Err(HeartbeatReject::BeforeStart { sent_at_ms: hb.sent_at_ms, started_ms });
         }
         let fresh = NodeState {
             node_id: hb.node_id.to_vec(),
@@ -615,7 +666,9 @@ impl Table {
     /// Handles one ADMIN request (protocol.md §7.3), given its decoded form
     /// and its whole frame bytes (for the tag). The caller has checked the
     /// version. Order: tag (→ [`AdminAnswer::AuthFailed`]), timestamp window,
-    /// replayed (timestamp, nonce), then the operation itself.
+    /// signed before the server's start (only without a state file,
+    /// [`TableConfig::admin_not_before_ms`]), replayed (timestamp, nonce),
+    /// then the operation itself.
     ///
     /// SET_CAPACITY with value 0, and SET_CEILING for a node with value 0,
     /// remove that node's override. A node id is known if the table holds a
@@ -629,6 +682,12 @@ impl Table {
             return AdminAnswer::bad(format!(
                 "timestamp is {skew} ms away from this server's clock (at most {ADMIN_WINDOW_MS} allowed)"
             ));
+        }
+        if a.timestamp_ms < self.cfg.admin_not_before_ms {
+            return AdminAnswer::bad(
+                "signed before this server started (it keeps no state file, so it cannot tell a replay)"
+                    .into(),
+            );
         }
         self.admin_seen.retain(|&(ts, _)| ts.saturating_add(ADMIN_WINDOW_MS) >= now_unix_ms);
         if self.admin_seen.contains(&(a.timestamp_ms, a.nonce)) {
@@ -1157,5 +1216,47 @@ mod tests {
         assert_eq!(t2.status(now), t.status(now));
         assert_eq!(t2.headroom(t2.find(b"a").unwrap()), 1000);
         assert_eq!(first(&mut t2, now).as_deref(), Some("a"), "b is drained");
+    }
+
+    #[test]
+    fn heartbeats_sent_before_the_start_are_dropped() {
+        let mut t = Table::new(
+            TableConfig {
+                cluster_secret: CLUSTER.to_vec(),
+                heartbeats_not_before_ms: T0,
+                ..TableConfig::default()
+            },
+            Settings::default(),
+            7,
+        );
+        let now = Instant::now();
+        let old = bytes(Hb { sent: T0 - 1, ..hb("a", 7, 0, 100) });
+        assert_eq!(
+            t.on_heartbeat(&old, now, T0 + 100),
+            Err(HeartbeatReject::BeforeStart { sent_at_ms: T0 - 1, started_ms: T0 })
+        );
+        assert!(t.find(b"a").is_none());
+        t.on_heartbeat(&bytes(hb("a", 8, 0, 100)), now, T0 + 100).unwrap();
+    }
+
+    #[test]
+    fn admin_pairs_are_kept_and_without_a_state_file_old_requests_are_refused() {
+        let mut t = table(80);
+        t.on_heartbeat(&bytes(hb("a", 1, 0, 100)), Instant::now(), T0).unwrap();
+        assert_eq!(status_of(&admin(&mut t, T0, 5, AdminOp::Drain, "a", 0)), 0);
+        assert_eq!(t.admin_seen(), [(T0, 5)]);
+        // A restarted table that reads the pairs back refuses the replay.
+        let mut t2 = table(80);
+        t2.on_heartbeat(&bytes(hb("a", 1, 0, 100)), Instant::now(), T0).unwrap();
+        t2.remember_admin(t.admin_seen());
+        assert_eq!(status_of(&admin(&mut t2, T0, 5, AdminOp::Drain, "a", 0)), 15);
+        // Without them, a server started at T0 refuses what was signed before.
+        let mut t3 = Table::new(
+            TableConfig { admin_secret: ADMIN.to_vec(), admin_not_before_ms: T0, ..TableConfig::default() },
+            Settings::default(),
+            7,
+        );
+        assert_eq!(status_of(&admin(&mut t3, T0 - 1, 6, AdminOp::SetCeiling, "", 50)), 15);
+        assert_eq!(status_of(&admin(&mut t3, T0, 7, AdminOp::SetCeiling, "", 50)), 0);
     }
 }

@@ -38,6 +38,9 @@ pub const READ_BUDGET: usize = 256 * 1024;
 
 /// How long accepting pauses after running out of file descriptors.
 const EMFILE_PAUSE: Duration = Duration::from_millis(100);
+/// Connections a service may close to make room per accept call
+/// ([`Service::make_room`]) before accepting pauses anyway.
+const MAKE_ROOM_BUDGET: usize = 64;
 
 /// What a service says after handling input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +51,12 @@ pub enum Flow {
     Stop,
     /// The connection has left this loop ([`Conns::take`]); do not touch it.
     Gone,
+    /// Not now: this frame and the rest of the input are kept unparsed and
+    /// the connection is not read until the service asks for it again
+    /// ([`Conns::read_again`]); till then its [`Service::may_read`] must
+    /// say no. The kernel's buffers fill and the peer gets TCP
+    /// back-pressure (a rate limit that delays rather than refuses).
+    Pause,
 }
 
 /// What a service's timers say.
@@ -110,6 +119,13 @@ pub trait Service {
     #[inline]
     fn may_read(&mut self, _conns: &Conns<Self::State>, _id: ConnId) -> bool {
         true
+    }
+
+    /// Accepting failed for lack of file descriptors (EMFILE/ENFILE): close
+    /// a connection to make room (and return true), and the loop accepts
+    /// again at once; false pauses accepting for a moment instead.
+    fn make_room(&mut self, _conns: &mut Conns<Self::State>, _now: Instant) -> bool {
+        false
     }
 
     /// The connection is closing (or gone) for `reason`: called exactly
@@ -176,6 +192,17 @@ pub fn listen_with(addr: std::net::SocketAddr, sndbuf: Option<usize>) -> io::Res
     s.bind(&addr.into())?;
     s.listen(4096)?;
     Ok(TcpListener::from_std(s.into()))
+}
+
+/// The process's soft limit on open file descriptors (`RLIMIT_NOFILE`;
+/// `usize::MAX` if unlimited), or None if it cannot be read.
+pub fn descriptor_limit() -> Option<usize> {
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct we pass and has no other effect.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
+        return None;
+    }
+    Some(usize::try_from(rl.rlim_cur).unwrap_or(usize::MAX))
 }
 
 /// One readiness loop: a poll, its listeners, its connections and the
@@ -330,6 +357,7 @@ impl<S: Service> EventLoop<S> {
         if self.accept_paused_until.is_some_and(|t| now < t) {
             return;
         }
+        let mut room = MAKE_ROOM_BUDGET;
         loop {
             let Some(listener) = self.listeners.get(l).and_then(Option::as_ref) else { return };
             match listener.sock.accept() {
@@ -340,6 +368,12 @@ impl<S: Service> EventLoop<S> {
                     // Out of descriptors: stop accepting for a moment, keep
                     // serving. The pause's end is a poll deadline; no busy loop.
                     self.conns.io.accept_emfile += 1;
+                    if room > 0 && self.service.make_room(&mut self.conns, now) {
+                        // The closes free their descriptors now.
+                        room -= 1;
+                        self.close_pending(now);
+                        continue;
+                    }
                     self.accept_paused_until = Some(now + EMFILE_PAUSE);
                     return;
                 }
@@ -473,6 +507,10 @@ impl<S: Service> EventLoop<S> {
                 Ok(Decoded::Frame(frame, n)) => {
                     match self.service.frame(&mut self.conns, id, frame, &buf[at..], n, now) {
                         Flow::Continue => at += n,
+                        Flow::Pause => {
+                            ok = false;
+                            break;
+                        }
                         Flow::Stop | Flow::Gone => return false,
                     }
                 }

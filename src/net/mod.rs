@@ -21,5 +21,7 @@ pub mod transport;
 
 pub use close::{CloseCounts, CloseReason};
 pub use conns::{ConnId, ConnState, Conns, Framing, FIRST_CONN};
-pub use event_loop::{listen, listen_with, EventLoop, Flow, Listener, Service, Tick, WAKER};
+pub use event_loop::{
+    descriptor_limit, listen, listen_with, EventLoop, Flow, Listener, Service, Tick, WAKER,
+};
 pub use transport::Transport;

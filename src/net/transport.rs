@@ -164,6 +164,15 @@ impl Transport {
         }
     }
 
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            Transport::Plain(s) => s.peer_addr(),
+            Transport::Tls(t) => t.sock.peer_addr(),
+            Transport::TlsServer(t) => t.sock.peer_addr(),
+        }
+    }
+
     /// Shuts down one or both directions of the underlying socket (after a
     /// TLS close_notify, best effort).
     pub fn shutdown(&mut self, how: Shutdown) -> io::Result<()> {

@@ -153,12 +153,6 @@ impl Default for Config {
 /// Capacity from the open-file limit: 95 % of it, keeping the rest for
 /// listeners, publishers, peers and metrics.
 pub fn default_capacity() -> usize {
-    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct we pass and has no other effect.
-    let n = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 {
-        rl.rlim_cur as usize
-    } else {
-        1024
-    };
+    let n = crate::net::descriptor_limit().unwrap_or(1024);
     n.saturating_sub((n / 20).max(32)).max(1)
 }

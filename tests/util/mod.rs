@@ -22,6 +22,11 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
+/// The wall clock in ms since the Unix epoch (heartbeat and ADMIN stamps).
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
 pub fn token_for(user: &str) -> String {
     token::mint(CLIENT_SECRET, user.as_bytes(), unix_now() + 3600).unwrap()
 }
@@ -114,6 +119,20 @@ impl Drop for TestNode {
 }
 
 /// A decision server on a thread, stopped on drop.
+/// A decision server on loopback (both ports picked by the OS) with these
+/// secrets and no summary log; everything else as `herald decision`'s
+/// defaults.
+pub fn decision_config(cluster_secret: &[u8], admin_secret: &[u8]) -> herald::decision::Config {
+    herald::decision::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        heartbeat: "127.0.0.1:0".parse().unwrap(),
+        cluster_secret: cluster_secret.to_vec(),
+        admin_secret: admin_secret.to_vec(),
+        log_every: Duration::ZERO,
+        ..herald::decision::Config::default()
+    }
+}
+
 pub struct TestDecision {
     pub tcp: SocketAddr,
     pub udp: SocketAddr,
