@@ -17,9 +17,10 @@ use herald::protocol::Channel;
 use util::*;
 
 /// (sk_sndbuf, wmem_queued) of the node's side of every established
-/// connection on `port`, from `ss -tmn` (`skmem:(…,tbN,…,wN,…)`); none when
-/// `ss` cannot be run.
-fn node_side_skmem(port: u16) -> Option<Vec<(u64, u64)>> {
+/// connection on `port` whose peer port is one of `peers`, from `ss -tmn`
+/// (`skmem:(…,tbN,…,wN,…)`); none when `ss` cannot be run. (The peers
+/// filter keeps out other processes' sockets: `ss` sees the whole host.)
+fn node_side_skmem(port: u16, peers: &[u16]) -> Option<Vec<(u64, u64)>> {
     let out = Command::new("ss")
         .args(["-tmnH", "state", "established", "sport", "=", &format!(":{port}")])
         .output()
@@ -34,12 +35,16 @@ fn node_side_skmem(port: u16) -> Option<Vec<(u64, u64)>> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     };
+    let chunks: Vec<&str> = text.split("skmem:(").collect();
     Some(
-        text.split("skmem:(")
-            .skip(1)
-            .map(|rest| {
-                let sk = rest.split(')').next().unwrap_or("");
-                (field(sk, "tb"), field(sk, "w"))
+        chunks
+            .windows(2)
+            .filter_map(|w| {
+                // The record's addresses end the chunk before its skmem.
+                let head = w[0].rsplit(')').next().unwrap_or("");
+                let peer: u16 = head.split_whitespace().last()?.rsplit(':').next()?.parse().ok()?;
+                let sk = w[1].split(')').next().unwrap_or("");
+                peers.contains(&peer).then(|| (field(sk, "tb"), field(sk, "w")))
             })
             .collect(),
     )
@@ -49,7 +54,7 @@ fn node_side_skmem(port: u16) -> Option<Vec<(u64, u64)>> {
 fn a_non_readers_kernel_send_buffer_is_bounded_by_client_sndbuf() {
     const SNDBUF: usize = 16 * 1024;
     const USERS: usize = 10;
-    if node_side_skmem(1).is_none() {
+    if node_side_skmem(1, &[]).is_none() {
         eprintln!("SKIP a_non_readers_kernel_send_buffer_is_bounded_by_client_sndbuf: `ss` (iproute2) cannot be run here");
         return;
     }
@@ -68,6 +73,7 @@ fn a_non_readers_kernel_send_buffer_is_bounded_by_client_sndbuf() {
         assert!(matches!(frame(&r.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
         clients.push(r);
     }
+    let peers: Vec<u16> = clients.iter().map(|r| r.sock.local_addr().unwrap().port()).collect();
     // 512 KiB for each: 32 times the buffer asked for.
     let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
     let msg = vec![7u8; 4096];
@@ -80,7 +86,7 @@ fn a_non_readers_kernel_send_buffer_is_bounded_by_client_sndbuf() {
     // Wait until the node's side of every connection has filled up.
     let deadline = Instant::now() + Duration::from_secs(10);
     let sk = loop {
-        let sk = node_side_skmem(node.client.port()).unwrap_or_default();
+        let sk = node_side_skmem(node.client.port(), &peers).unwrap_or_default();
         if sk.len() == USERS && sk.iter().all(|&(tb, w)| w >= tb / 2) || Instant::now() > deadline {
             break sk;
         }
@@ -450,4 +456,53 @@ fn the_session_cap_refuses_the_new_session_and_the_client_is_told() {
     let open = TestNode::start(herald::node::Config { max_sessions_per_user: 0, ..test_config() });
     let many: Vec<_> = (0..20).map(|_| raw_client(&open, "unlimited", None)).collect();
     assert_eq!(many.len(), 20);
+}
+
+/// protocol.md §3.6: a running client whose reconnect is refused with
+/// SESSION_LIMIT reports it as an event and then waits long (30 s or more)
+/// before asking the same node again, instead of retrying in a loop.
+#[test]
+fn a_running_client_refused_with_session_limit_reports_it_and_backs_off() {
+    use herald::client::{Client, ClientConfig, Event};
+    let node = TestNode::start(herald::node::Config {
+        max_sessions_per_user: 1,
+        queue_bytes: 64 * 1024,
+        client_sndbuf: 4096,
+        ..test_config()
+    });
+    let mut c = Client::connect(ClientConfig::new(node.client.to_string(), token_for("one"))).unwrap();
+    assert!(matches!(c.next_event_timeout(Duration::from_secs(5)).unwrap(), Some(Event::Connected { .. })));
+    // The client does not read while far more than its queue is published:
+    // the node cuts it off as a slow consumer.
+    let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
+    let msg = vec![1u8; 8192];
+    for _ in 0..200 {
+        p.publish(b"one", &msg).unwrap();
+    }
+    // Answered once all of the above is handled (one connection, in order):
+    // nothing more will reach the session that takes its place below.
+    p.publish_confirmed(b"nobody", b"").unwrap();
+    assert_eq!(eventually(|| node.closes("slow_consumer"), 1), 1);
+    // Another session of the user takes the only place before it is back.
+    let (_other, _) = raw_client(&node, "one", None);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        match c.next_event_timeout(Duration::from_secs(1)).unwrap() {
+            Some(Event::Disconnected { code: Some(herald::protocol::Code::SessionLimit), reason }) => {
+                break reason
+            }
+            Some(Event::Connected { .. }) => panic!("welcomed over the cap"),
+            _ => assert!(Instant::now() < deadline, "never refused with SESSION_LIMIT"),
+        }
+    };
+    assert!(refused.contains("maximum number of sessions"), "{refused}");
+    assert_eq!(node.closes("session_limit"), 1);
+    // It waits: no new attempt within the next 2 s.
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2) {
+        if let Some(e) = c.next_event_timeout(Duration::from_millis(500)).unwrap() {
+            assert!(!matches!(e, Event::Connected { .. } | Event::Disconnected { .. }), "{e:?}");
+        }
+    }
+    assert_eq!(node.closes("session_limit"), 1, "the client tried again at once");
 }
