@@ -386,6 +386,10 @@ mod tests {
             "3",
             "--decision",
             "a:1,b:2",
+            "--max-sessions-per-user",
+            "0",
+            "--output-budget",
+            "1048576",
         ]);
         let a = parse(&args).unwrap();
         let cfg = a.config_with(vec![1; 16], vec![2; 16], vec![3; 16]).unwrap();
@@ -395,6 +399,7 @@ mod tests {
         assert_eq!(cfg.capacity, 12);
         assert_eq!(cfg.threads, 3);
         assert_eq!(cfg.decision, ["a:1", "b:2"]);
+        assert_eq!((cfg.max_sessions_per_user, cfg.output_budget), (0, 1 << 20));
         assert_eq!(cfg.cluster_secret, [3; 16]);
         let e = a.config_with(vec![1; 16], vec![2; 16], Vec::new()).unwrap_err();
         assert_eq!(e, "--decision needs --cluster-secret-file");
@@ -409,6 +414,10 @@ mod tests {
         let a = with(&["--threads", "0"]).unwrap();
         let e = a.config_with(Vec::new(), Vec::new(), Vec::new()).unwrap_err();
         assert_eq!(e, format!("--threads must be 1..={MAX_THREADS}, not 0"));
+        let a = with(&["--output-budget", "0"]).unwrap();
+        let e = a.config_with(Vec::new(), Vec::new(), Vec::new()).unwrap_err();
+        assert_eq!(e, "--output-budget must be more than 0");
+        assert!(with(&["--max-sessions-per-user", "-1"]).is_err());
         assert!(parse(&["--secret-file", "c"]).is_err(), "--publisher-secret-file is required");
     }
 
