@@ -203,6 +203,9 @@ fn start_cluster(
             heartbeat: "127.0.0.1:0".parse().expect("valid"),
             cluster_secret: cluster_secret.clone(),
             admin_secret: admin_secret.clone(),
+            // Every demo client proves itself with its token (protocol.md
+            // §7.1, "Who asks"); a request without one is refused.
+            assign: decision::asker::Policy { client_secret: client_secret.to_vec(), require_token: true },
             state_file: None,
             log_every: Duration::ZERO,
             tls: tls.map(|t| t.server(&format!("d{}", i + 1), false)),
@@ -228,7 +231,7 @@ fn start_cluster(
             log_every: Duration::ZERO,
             drain_window: Duration::from_secs(1),
             tls: tls.map(|t| t.server(&id, true)),
-            tls_ports: node::TlsPorts { client: true, ingest: true, metrics: false },
+            tls_ports: node::TlsPorts { client: true, ingest: true, metrics: false, http: false },
             cluster_ca: tls.map(DemoTls::ca),
             decision_tls: tls.map(|t| crate::tls::Trust::Ca(t.ca())),
             ..node::Config::default()

@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 
 use crate::net::transport::Transport;
 use crate::protocol::frame::{self as f, Frame};
-use crate::protocol::{decode, token, Channel, Decoded, Position, ResumeResult, VERSION};
+use crate::protocol::{decode, token, Channel, Decoded, Position, ResumeResult, MIN_VERSION, VERSION};
 
 /// The first 16 bytes of every payload the probe and the demo publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,12 +313,14 @@ impl Swarm {
         }
         if !self.cfg.decision.is_empty() {
             let name = user_name(c.user as usize);
-            if let Some(v) = self.assign_pipelined(name.as_bytes()) {
+            let tok = if self.cfg.plain { String::new() } else { self.token(&name) };
+            if let Some(v) = self.assign_pipelined(name.as_bytes(), tok.as_bytes()) {
                 return v;
             }
             return match crate::decision::client::assign(
                 &self.cfg.decision,
                 name.as_bytes(),
+                tok.as_bytes(),
                 3,
                 &crate::decision::client::Dial::new(
                     Duration::from_millis(500),
@@ -344,7 +346,7 @@ impl Swarm {
     /// thousands in one process would otherwise spend its time in connect
     /// and close. `None` if no decision server answers (the caller falls
     /// back to connect-per-request over every server).
-    fn assign_pipelined(&mut self, user: &[u8]) -> Option<Vec<String>> {
+    fn assign_pipelined(&mut self, user: &[u8], token: &[u8]) -> Option<Vec<String>> {
         use crate::protocol::frame::AssignRequest;
         for _ in 0..2 {
             if self.decision_conn.is_none() {
@@ -356,7 +358,10 @@ impl Swarm {
                 });
             }
             let s = self.decision_conn.as_mut()?;
-            let req = Frame::AssignRequest(AssignRequest { version: VERSION, user, max_results: 3 }).to_vec();
+            // Version 2 with the token (protocol.md §7.1): the swarm's
+            // decision servers are this build's, which speak it.
+            let version = if token.is_empty() { 1 } else { VERSION };
+            let req = Frame::AssignRequest(AssignRequest { version, user, max_results: 3, token }).to_vec();
             let mut buf = Vec::with_capacity(512);
             let ok = s.write_all(&req).is_ok() && {
                 let mut chunk = [0u8; 4096];
@@ -415,14 +420,10 @@ impl Swarm {
         };
         let _ = s.set_nodelay(true);
         let name = user_name(self.conns[i].user as usize);
-        let tok = if self.cfg.plain {
-            name
-        } else {
-            token::mint(&self.cfg.secret, name.as_bytes(), self.expires).unwrap_or_default()
-        };
+        let tok = if self.cfg.plain { name } else { self.token(&name) };
         let resume = if self.cfg.reconnect { self.conns[i].pos } else { None };
         let hello = Frame::Hello(f::Hello {
-            min_version: VERSION,
+            min_version: MIN_VERSION,
             max_version: VERSION,
             token: tok.as_bytes(),
             agent: b"herald-swarm",
@@ -475,6 +476,11 @@ impl Swarm {
         } else {
             c.phase = Phase::Handshake;
         }
+    }
+
+    /// A client token for user `name`, minted with the swarm's secret.
+    fn token(&self, name: &str) -> String {
+        token::mint(&self.cfg.secret, name.as_bytes(), self.expires).unwrap_or_default()
     }
 
     fn fail(&mut self, i: usize, now: Instant) {

@@ -280,7 +280,7 @@ fn spread_follows_headroom_and_ceiling_changes_apply_next_assignment() {
     assert_eq!(refused, 600 - per_node.values().sum::<usize>());
     // Raise n1's ceiling: the very next assignment may go there.
     c.admin(AdminOp::SetCeiling, "n1", 60);
-    match dc::assign(&c.decision_tcp(), b"x", 3, &dc::Dial::plain(Duration::from_secs(1))).unwrap() {
+    match dc::assign(&c.decision_tcp(), b"x", b"", 3, &dc::Dial::plain(Duration::from_secs(1))).unwrap() {
         AssignOutcome::Nodes(n) => assert_eq!(n[0].node_id, "n1"),
         AssignOutcome::NoCapacity { .. } => panic!("n1 has 10 slots now"),
     }
@@ -350,7 +350,7 @@ fn killed_node_is_dropped_and_its_clients_rehome_and_receive_again() {
     }
     for _ in 0..50 {
         if let AssignOutcome::Nodes(n) =
-            dc::assign(&c.decision_tcp(), b"x", 3, &dc::Dial::plain(Duration::from_secs(1))).unwrap()
+            dc::assign(&c.decision_tcp(), b"x", b"", 3, &dc::Dial::plain(Duration::from_secs(1))).unwrap()
         {
             assert!(n.iter().all(|a| a.node_id != "n1"));
         }

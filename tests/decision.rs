@@ -62,7 +62,7 @@ impl TestDecision {
 
     /// The first-ranked node of one assignment, or None on NO_CAPACITY.
     fn assign_one(&self) -> Option<String> {
-        match client::assign(&[self.addr()], next_user().as_bytes(), 1, PLAIN).unwrap() {
+        match client::assign(&[self.addr()], next_user().as_bytes(), b"", 1, PLAIN).unwrap() {
             AssignOutcome::Nodes(n) => Some(n[0].node_id.clone()),
             AssignOutcome::NoCapacity { retry_after } => {
                 assert!((1000..=2000).contains(&retry_after.as_millis()), "{retry_after:?}");
@@ -183,7 +183,8 @@ fn next_user() -> String {
 
 fn assign_request(max_results: u8) -> Vec<u8> {
     let user = next_user();
-    Frame::AssignRequest(f::AssignRequest { version: 1, user: user.as_bytes(), max_results }).to_vec()
+    Frame::AssignRequest(f::AssignRequest { version: 1, user: user.as_bytes(), max_results, token: b"" })
+        .to_vec()
 }
 
 /// §7.1: three nodes of capacity 100, 200, 300 at a 50 % ceiling and no
@@ -312,7 +313,7 @@ fn dead_decision_server_is_skipped() {
     let servers = [d1.addr(), d2.addr()];
     d1.stop();
     let t0 = Instant::now();
-    match client::assign(&servers, b"u", 2, &Dial::plain(Duration::from_secs(1))).unwrap() {
+    match client::assign(&servers, b"u", b"", 2, &Dial::plain(Duration::from_secs(1))).unwrap() {
         AssignOutcome::Nodes(n) => {
             assert_eq!((n[0].node_id.as_str(), n[0].endpoint.as_str()), ("a", "127.0.0.1:7401"));
         }
@@ -324,7 +325,7 @@ fn dead_decision_server_is_skipped() {
     assert!(t0.elapsed() < Duration::from_secs(1), "a refused port costs no timeout");
     // With no server alive the caller gets the last error.
     let dead = vec![servers[0].clone()];
-    assert!(matches!(client::assign(&dead, b"u", 1, PLAIN), Err(DecisionError::Io(_))));
+    assert!(matches!(client::assign(&dead, b"u", b"", 1, PLAIN), Err(DecisionError::Io(_))));
 }
 
 /// §7.3: a ceiling set by an admin applies from the next assignment,
@@ -458,7 +459,8 @@ fn one_user_flooding_assign_requests_uses_up_one_slot() {
     a.beat(0, 10, &[&d]); // headroom 8 at the 80 % ceiling
     d.wait_nodes(&["a"]);
     let one =
-        Frame::AssignRequest(f::AssignRequest { version: 1, user: b"flooder", max_results: 1 }).to_vec();
+        Frame::AssignRequest(f::AssignRequest { version: 1, user: b"flooder", max_results: 1, token: b"" })
+            .to_vec();
     let mut s = TcpStream::connect(d.tcp).unwrap();
     s.write_all(&one.repeat(1000)).unwrap();
     let mut buf = Vec::new();
@@ -470,6 +472,111 @@ fn one_user_flooding_assign_requests_uses_up_one_slot() {
     assert_eq!(d.assign_one().as_deref(), Some("a"), "an honest client still gets the node");
 }
 
+const CLIENT: &[u8] = b"client-secret-for-tests";
+
+/// A decision server that verifies ASSIGN_REQUEST tokens (§7.1, "Who asks").
+fn verifying(require_token: bool) -> Config {
+    let assign = herald::decision::asker::Policy { client_secret: CLIENT.to_vec(), require_token };
+    Config { assign, ..config() }
+}
+
+fn token(user: &str, ttl_s: i64) -> String {
+    let exp = (unix_ms() / 1000) as i64 + ttl_s;
+    herald::protocol::token::mint(CLIENT, user.as_bytes(), exp as u64).unwrap()
+}
+
+/// Four connections pipelining `n` anonymous (version-1) ASSIGN_REQUESTs
+/// each, every one under a made-up user: the ASSIGN flood of the
+/// reliability issue. Returns how many ASSIGNMENTs they got.
+fn anonymous_flood(d: &TestDecision, n: usize) -> usize {
+    let mut conns: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(d.tcp).unwrap()).collect();
+    for s in &mut conns {
+        let reqs: Vec<u8> = (0..n).flat_map(|_| assign_request(1)).collect();
+        s.write_all(&reqs).unwrap();
+    }
+    let mut assigned = 0;
+    for s in &mut conns {
+        let mut buf = Vec::new();
+        for _ in 0..n {
+            let b = read_frame(s, &mut buf).expect("an answer per request");
+            assigned += usize::from(matches!(frame(&b), Frame::Assignment(_)));
+        }
+    }
+    assigned
+}
+
+/// The ASSIGN flood under made-up user ids (§7.1): against a server without
+/// the client secret it uses up the node's headroom, and an honest client
+/// is told NO_CAPACITY (today's behaviour, and still the behaviour without
+/// `--client-secret-file`); against a verifying server the flood is
+/// answered but counted against nobody, so a client with its token still
+/// gets the node, and is counted.
+#[test]
+fn anonymous_floods_cannot_fill_a_verifying_server() {
+    let honest = token("honest", 600);
+    let ask = |d: &TestDecision, user: &str| {
+        client::assign(&[d.addr()], user.as_bytes(), honest.as_bytes(), 1, PLAIN)
+    };
+    for (cfg, verifies) in [(config(), false), (verifying(false), true)] {
+        let d = TestDecision::start(cfg);
+        let mut a = FakeNode::new("a");
+        a.beat(0, 10, &[&d]); // headroom 8 at the 80 % ceiling
+        d.wait_nodes(&["a"]);
+        let assigned = anonymous_flood(&d, 50);
+        assert_eq!(assigned, if verifies { 200 } else { 8 }, "verifies: {verifies}");
+        let got = ask(&d, "honest").unwrap();
+        if verifies {
+            assert!(matches!(got, AssignOutcome::Nodes(_)), "{got:?}");
+            assert_eq!(d.row("a").unwrap().headroom, 8 - 1, "only the token's user is counted");
+            // Asking again under the same token counts nothing more.
+            ask(&d, "").unwrap();
+            assert_eq!(d.row("a").unwrap().headroom, 8 - 1);
+        } else {
+            assert!(matches!(got, AssignOutcome::NoCapacity { .. }), "{got:?}");
+        }
+    }
+}
+
+/// §7.1: a bad, expired or someone else's token is refused with its code
+/// and the connection closed; with `--require-token` a request without a
+/// token is refused too, and one with a token is answered.
+#[test]
+fn tokens_that_do_not_prove_the_user_are_refused() {
+    let d = TestDecision::start(verifying(false));
+    let mut a = FakeNode::new("a");
+    a.beat(0, 100, &[&d]);
+    d.wait_nodes(&["a"]);
+    let refused = |d: &TestDecision, user: &str, tok: &str| match client::assign(
+        &[d.addr()],
+        user.as_bytes(),
+        tok.as_bytes(),
+        1,
+        PLAIN,
+    ) {
+        Err(DecisionError::Rejected { code, .. }) => code,
+        other => panic!("{user}/{tok}: {other:?}"),
+    };
+    let other_secret =
+        herald::protocol::token::mint(b"another-secret-of-16+", b"eve", unix_ms() / 1000 + 60).unwrap();
+    assert_eq!(refused(&d, "eve", &other_secret), Code::AuthFailed);
+    assert_eq!(refused(&d, "eve", "v1.ZXZl.99999999999.00"), Code::AuthFailed);
+    assert_eq!(refused(&d, "eve", &token("eve", -5)), Code::TokenExpired);
+    assert_eq!(refused(&d, "mallory", &token("eve", 60)), Code::AuthFailed, "a user that is not the token's");
+    assert!(
+        matches!(client::assign(&[d.addr()], b"eve", b"", 1, PLAIN), Ok(AssignOutcome::Nodes(_))),
+        "anonymous: answered"
+    );
+    assert_eq!(d.stop().assign_refused, 4);
+
+    let d = TestDecision::start(verifying(true));
+    let mut a = FakeNode::new("a");
+    a.beat(0, 100, &[&d]);
+    d.wait_nodes(&["a"]);
+    assert_eq!(refused(&d, "eve", ""), Code::AuthFailed, "no token, --require-token");
+    let ok = client::assign(&[d.addr()], b"", token("eve", 60).as_bytes(), 1, PLAIN).unwrap();
+    assert!(matches!(ok, AssignOutcome::Nodes(_)), "{ok:?}");
+}
+
 /// The trickle attack (§7): a connection that sends part of a request and
 /// then one byte at a time, never finishing it, is closed by the idle rule
 /// like a silent one: only whole requests count as activity.
@@ -479,7 +586,8 @@ fn a_trickled_partial_request_is_closed_as_idle() {
     let d = TestDecision::start(Config { idle_timeout: idle, ..config() });
     let long_user = vec![b'u'; 200];
     let req =
-        Frame::AssignRequest(f::AssignRequest { version: 1, user: &long_user, max_results: 1 }).to_vec();
+        Frame::AssignRequest(f::AssignRequest { version: 1, user: &long_user, max_results: 1, token: b"" })
+            .to_vec();
     let mut s = TcpStream::connect(d.tcp).unwrap();
     s.set_nodelay(true).unwrap();
     // One whole request first: answered, and the idle clock starts again.
@@ -522,7 +630,11 @@ fn bad_requests_errors_and_idle_close() {
     let mut a = FakeNode::new("a");
     a.beat(0, 100, &[&d]);
     d.wait_nodes(&["a"]);
-    let v2 = Frame::AssignRequest(f::AssignRequest { version: 2, user: b"", max_results: 1 }).to_vec();
+    // A version this server does not speak: UNSUPPORTED_VERSION, whatever
+    // follows the version byte (another version may lay the body out
+    // differently).
+    let v3 = Frame::AssignRequest(f::AssignRequest { version: 3, user: b"", max_results: 0, token: b"\xff" })
+        .to_vec();
     let nodes_v2 = Frame::NodesRequest(f::NodesRequest { version: 0 }).to_vec();
     let hello = Frame::Ping(7).to_vec();
     let mut bad_magic = assign_request(1);
@@ -531,7 +643,7 @@ fn bad_requests_errors_and_idle_close() {
     let last = zero_results.len() - 1;
     zero_results[last] = 0;
     let cases: [(&[u8], Code); 7] = [
-        (&v2, Code::UnsupportedVersion),
+        (&v3, Code::UnsupportedVersion),
         (&nodes_v2, Code::UnsupportedVersion),
         (b"GET / HTTP/1.1\r\n\r\n", Code::FrameTooLarge),
         (&[0, 0, 0, 0], Code::ProtocolError),

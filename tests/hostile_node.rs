@@ -142,3 +142,50 @@ fn a_publisher_gives_up_on_a_node_that_only_pings() {
         within(Duration::from_secs(20), move || Publisher::connect(&addr.to_string(), "credential").is_ok());
     assert_eq!(r, Some(false), "the publisher must give up (after about 10 s)");
 }
+
+/// §3.2 / §5.2: a WELCOME or PUB_WELCOME that picks a version the hello did
+/// not offer (the reference libraries offer 1..=2) is refused: the client
+/// answers ERROR UNSUPPORTED_VERSION, the publisher fails to connect.
+#[test]
+fn a_welcome_with_a_version_not_offered_is_refused() {
+    let (tx, rx) = mpsc::channel();
+    let addr = fake_node(move |l| {
+        let mut s = accept_hello(&l);
+        let w = Frame::Welcome(f::Welcome {
+            version: 3,
+            resume: ResumeResult::Fresh,
+            heartbeat_ms: 10_000,
+            session_id: 1,
+            epoch: 7,
+            next_seq: 1,
+            node_id: b"evil",
+        });
+        s.write_all(&w.to_vec()).unwrap();
+        let mut b = vec![0u8; 256];
+        let n = s.read(&mut b).unwrap_or(0);
+        let _ = tx.send(b[..n].to_vec());
+    });
+    let r = within(Duration::from_secs(10), move || {
+        let mut cfg = ClientConfig::new(addr.to_string(), "t");
+        cfg.backoff_max = Duration::from_millis(50);
+        Client::connect(cfg).map(|_| ())
+    });
+    assert!(matches!(r, Some(Err(_)) | None), "the client accepted version 3: {r:?}");
+    let answer = rx.recv_timeout(Duration::from_secs(10)).expect("the client answered");
+    match herald::protocol::decode(&answer, herald::protocol::Channel::ToNode) {
+        Ok(herald::protocol::Decoded::Frame(Frame::Error(e), _)) => {
+            assert_eq!(e.code, herald::protocol::Code::UnsupportedVersion)
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let addr = fake_node(|l| {
+        let mut s = accept_hello(&l);
+        let w = Frame::PubWelcome(f::PubWelcome { version: 3, max_frame: 1 << 20, node_id: b"evil" });
+        s.write_all(&w.to_vec()).unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    });
+    let r =
+        within(Duration::from_secs(10), move || Publisher::connect(&addr.to_string(), "credential").is_ok());
+    assert_eq!(r, Some(false), "the publisher accepted version 3");
+}

@@ -53,7 +53,7 @@ const PUB_WELCOME: u8 = 0x90;
 const PUB_RESULT: u8 = 0x91;
 const ERROR: u8 = 0xFF;
 
-/// §2.3: every type defined in version 1.
+/// §2.3: every type defined in versions 1 and 2.
 const KNOWN: &[u8] = &[
     0x01, 0x02, 0x03, 0x10, 0x11, 0x12, 0x20, 0x21, 0x22, 0x23, 0x30, 0x31, 0x32, 0x40, 0x81, 0x82, 0x84,
     0x90, 0x91, 0xA0, 0xB0, 0xB1, 0xB2, 0xB3, 0xB4, 0xFF,
@@ -208,7 +208,8 @@ fn token_ok(presented: &[u8], minted: &str) -> bool {
 
 /// §3.1 / §5.1 / §6.1 step 3: version negotiation.
 fn version_ok(min: u64, max: u64) -> bool {
-    min <= 1 && 1 <= max
+    let v = max.min(2);
+    v >= 1 && v >= min
 }
 
 /// Steps 3 and 4 for one whole frame of an accepted type: the answer the

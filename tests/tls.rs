@@ -265,7 +265,7 @@ fn tls_ingest_node(pki: &Pki) -> TestNode {
     let (cert, key, _) = pki.issue("node", false);
     TestNode::start(herald::node::Config {
         tls: Some(ServerFiles { cert, key, client_ca: None, client_cert_optional: false }),
-        tls_ports: herald::node::TlsPorts { client: true, ingest: true, metrics: false },
+        tls_ports: herald::node::TlsPorts { client: true, ingest: true, metrics: false, http: false },
         cluster_ca: Some(pki.ca_pem.clone()),
         cluster_secret: CLUSTER.to_vec(),
         ..test_config()
@@ -462,20 +462,21 @@ fn a_tls_decision_server_answers_over_tls_only() {
     let by_name = vec![format!("localhost:{}", d.tcp.port())];
     // TLS, verified for the DNS name dialled: an answer (no node yet).
     assert!(dc::nodes(&by_name, &over_tls(pki.client())).unwrap().is_empty());
-    let a = dc::assign(&by_name, b"u", 1, &over_tls(pki.client())).unwrap();
+    let a = dc::assign(&by_name, b"u", b"", 1, &over_tls(pki.client())).unwrap();
     assert!(matches!(a, AssignOutcome::NoCapacity { .. }), "{a:?}");
     // A client trusting another CA is refused at the handshake.
-    let e = dc::assign(&by_name, b"u", 1, &over_tls(other.client())).unwrap_err();
+    let e = dc::assign(&by_name, b"u", b"", 1, &over_tls(other.client())).unwrap_err();
     assert!(e.to_string().contains("certificate") || e.to_string().contains("UnknownIssuer"), "{e}");
     // A plaintext request: the library says it is a TLS port…
     let plain = Dial::plain(Duration::from_secs(2));
-    let e = dc::assign(&by_name, b"u", 1, &plain).unwrap_err();
+    let e = dc::assign(&by_name, b"u", b"", 1, &plain).unwrap_err();
     assert!(matches!(e, DecisionError::TlsPort), "{e:?}");
     // …because the raw bytes are a TLS alert and a close, not a hang.
     let mut s = TcpStream::connect(d.tcp).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let req =
-        Frame::AssignRequest(f::AssignRequest { version: VERSION, user: b"u", max_results: 1 }).to_vec();
+        Frame::AssignRequest(f::AssignRequest { version: VERSION, user: b"u", max_results: 1, token: b"" })
+            .to_vec();
     s.write_all(&req).unwrap();
     let t0 = Instant::now();
     let mut got = Vec::new();
@@ -518,7 +519,7 @@ fn a_tls_client_is_assigned_a_dns_name_and_reaches_the_tls_node() {
     let servers = vec![format!("localhost:{}", d.tcp.port())];
     let t0 = Instant::now();
     let assigned = loop {
-        match dc::assign(&servers, b"dana", 1, &over_tls(pki.client())).unwrap() {
+        match dc::assign(&servers, b"dana", b"", 1, &over_tls(pki.client())).unwrap() {
             AssignOutcome::Nodes(n) => break n,
             AssignOutcome::NoCapacity { .. } => {
                 assert!(t0.elapsed() < Duration::from_secs(5), "the node's heartbeat never arrived");
@@ -588,6 +589,11 @@ fn herald_admin_over_tls_and_sighup_on_the_decision_server() {
 
 /// One HTTP/1.0 GET over TLS (ALPN http/1.1); returns the whole answer.
 fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConfig>) -> String {
+    https_request(addr, format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes(), tls)
+}
+
+/// One HTTP/1.0 request over TLS (ALPN http/1.1); returns the whole answer.
+fn https_request(addr: SocketAddr, request: &[u8], tls: Arc<rustls::ClientConfig>) -> String {
     let mut cfg = (*tls).clone();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let sock = TcpStream::connect(addr).unwrap();
@@ -595,7 +601,7 @@ fn https_get(addr: SocketAddr, path: &str, tls: Arc<rustls::ClientConfig>) -> St
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
     let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
     let mut s = rustls::StreamOwned::new(conn, sock);
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).unwrap();
+    s.write_all(request).unwrap();
     let mut out = Vec::new();
     match s.read_to_end(&mut out) {
         Ok(_) => {}
@@ -611,7 +617,7 @@ fn the_metrics_port_speaks_https_when_asked() {
     let pki = Pki::new("metrics");
     let node = TestNode::start(herald::node::Config {
         tls: Some(pki.files("node", false)),
-        tls_ports: herald::node::TlsPorts { client: true, ingest: false, metrics: true },
+        tls_ports: herald::node::TlsPorts { client: true, ingest: false, metrics: true, http: false },
         ..test_config()
     });
     let m = node.metrics.expect("a metrics port");
@@ -627,4 +633,41 @@ fn the_metrics_port_speaks_https_when_asked() {
     let _ = s.read_to_end(&mut out);
     assert!(out.starts_with(&[0x15, 0x03]), "an alert record, not HTTP: {out:?}");
     assert!(!String::from_utf8_lossy(&out).contains("herald_"), "no metrics over plaintext");
+}
+
+/// `--tls-ports http`: the HTTP publish API over HTTPS (ALPN http/1.1): a
+/// publish reaches its user; plaintext HTTP on that port gets an alert.
+#[test]
+fn the_http_publish_api_speaks_https_when_asked() {
+    let pki = Pki::new("http-api");
+    let node = herald::node::Node::bind(herald::node::Config {
+        tls: Some(pki.files("node", false)),
+        tls_ports: herald::node::TlsPorts { client: false, ingest: false, metrics: false, http: true },
+        http: Some("127.0.0.1:0".parse().unwrap()),
+        ..test_config()
+    })
+    .unwrap();
+    let (client, api) = (node.client_addr(), node.http_addr().unwrap());
+    let handle = node.shutdown_handle();
+    let t = std::thread::spawn(move || node.run());
+    let mut alice = Raw::connect(client, herald::protocol::Channel::ToClient);
+    send_hello(&mut alice, &token_for("alice"), None);
+    alice.expect(Duration::from_secs(5));
+    let body = r#"{"user":"alice","data":"over https"}"#;
+    let req = format!(
+        "POST /v1/publish HTTP/1.0\r\nHost: localhost\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+        pub_credential(),
+        body.len()
+    );
+    let got = https_request(api, req.as_bytes(), pki.client());
+    assert!(got.starts_with("HTTP/1.1 200") && got.contains(r#""local":1"#), "{got}");
+    assert_eq!(read_delivers(&mut alice, 1)[0].1, b"over https");
+    let mut s = TcpStream::connect(api).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.starts_with(&[0x15, 0x03]), "an alert record, not HTTP: {out:?}");
+    handle.trigger();
+    t.join().unwrap().unwrap();
 }

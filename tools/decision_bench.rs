@@ -73,7 +73,15 @@ struct Args {
     /// Pin the load threads to this CPU (-1: don't pin).
     #[arg(long, default_value_t = 1, allow_hyphen_values = true)]
     client_cpu: i32,
+    /// Send version-2 requests with a client token, and give the
+    /// in-process server the client secret, so that it verifies each one
+    /// (protocol.md §7.1, "Who asks").
+    #[arg(long)]
+    verify: bool,
 }
+
+/// The client secret of `--verify`.
+const CLIENT_SECRET: &[u8] = b"decision-bench-client-secret";
 
 fn pin(cpu: i32) {
     if cpu < 0 {
@@ -151,8 +159,22 @@ fn fake_nodes(
     })
 }
 
-fn request() -> Vec<u8> {
-    Frame::AssignRequest(f::AssignRequest { version: 1, user: b"bench-user", max_results: 3 }).to_vec()
+/// One ASSIGN_REQUEST: version 1 without a token, or (`verify`) version 2
+/// with a token for its user that verifies under [`CLIENT_SECRET`].
+fn request(verify: bool) -> Vec<u8> {
+    let token = if verify {
+        herald::protocol::token::mint(CLIENT_SECRET, b"bench-user", unix_ms() / 1000 + 3600).expect("token")
+    } else {
+        String::new()
+    };
+    let version = if verify { 2 } else { 1 };
+    Frame::AssignRequest(f::AssignRequest {
+        version,
+        user: b"bench-user",
+        max_results: 3,
+        token: token.as_bytes(),
+    })
+    .to_vec()
 }
 
 /// Counts whole frames at the front of `buf`, checking each is an
@@ -173,12 +195,12 @@ struct Run {
     stop: Arc<AtomicBool>,
 }
 
-fn pipelined_worker(addr: String, depth: usize, cpu: i32, r: &Run) -> Histogram<u64> {
+fn pipelined_worker(addr: String, depth: usize, cpu: i32, r: &Run, verify: bool) -> Histogram<u64> {
     pin(cpu);
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
     let mut s = TcpStream::connect(&addr).expect("connect");
     s.set_nodelay(true).expect("nodelay");
-    let req = request();
+    let req = request(verify);
     let mut sent: VecDeque<Instant> = VecDeque::with_capacity(depth);
     let mut out = Vec::with_capacity(req.len() * depth);
     let mut buf = Vec::with_capacity(64 * 1024);
@@ -216,10 +238,10 @@ fn pipelined_worker(addr: String, depth: usize, cpu: i32, r: &Run) -> Histogram<
     h
 }
 
-fn per_conn_worker(addr: SocketAddr, cpu: i32, r: &Run) -> Histogram<u64> {
+fn per_conn_worker(addr: SocketAddr, cpu: i32, r: &Run, verify: bool) -> Histogram<u64> {
     pin(cpu);
     let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram");
-    let req = request();
+    let req = request(verify);
     let mut buf = [0u8; 4096];
     while !r.stop.load(Ordering::Relaxed) {
         let t = Instant::now();
@@ -296,6 +318,10 @@ fn main() {
                 heartbeat: "127.0.0.1:0".parse().expect("addr"),
                 cluster_secret: secret.clone(),
                 admin_secret: b"decision-bench-admin-secret".to_vec(),
+                assign: herald::decision::asker::Policy {
+                    client_secret: if a.verify { CLIENT_SECRET.to_vec() } else { Vec::new() },
+                    require_token: a.verify,
+                },
                 log_every: Duration::ZERO,
                 ..Config::default()
             })
@@ -314,7 +340,7 @@ fn main() {
     let nodes = fake_nodes(a.nodes, udp, secret, stop_nodes.clone());
     std::thread::sleep(Duration::from_millis(300));
     println!(
-        "decision server {tcp} ({}), {} fake nodes, runs of {:?} after {:?} warm-up",
+        "decision server {tcp} ({}), {} fake nodes, {}, runs of {:?} after {:?} warm-up",
         if in_process.is_some() {
             let cpu = |c: i32| if c < 0 { "any CPU".to_string() } else { format!("CPU {c}") };
             format!("in-process, server thread on {}, load on {}", cpu(a.server_cpu), cpu(a.client_cpu))
@@ -322,6 +348,7 @@ fn main() {
             "external".to_string()
         },
         a.nodes,
+        if a.verify { "version-2 requests with a verified token" } else { "version-1 requests, no token" },
         a.duration,
         a.warmup
     );
@@ -342,15 +369,15 @@ fn main() {
                     .map(|_| {
                         let addr = tcp.to_string();
                         let r = &r;
-                        let (depth, cpu) = (a.depth, a.client_cpu);
-                        sc.spawn(move || pipelined_worker(addr, depth, cpu, r))
+                        let (depth, cpu, verify) = (a.depth, a.client_cpu, a.verify);
+                        sc.spawn(move || pipelined_worker(addr, depth, cpu, r, verify))
                     })
                     .collect(),
                 "per-conn" => (0..a.threads)
                     .map(|_| {
                         let r = &r;
-                        let cpu = a.client_cpu;
-                        sc.spawn(move || per_conn_worker(tcp, cpu, r))
+                        let (cpu, verify) = (a.client_cpu, a.verify);
+                        sc.spawn(move || per_conn_worker(tcp, cpu, r, verify))
                     })
                     .collect(),
                 other => {

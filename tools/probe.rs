@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 
 use herald::cli::read_secret;
 use herald::protocol::frame::{self as f, BatchWriter, Frame};
-use herald::protocol::{decode, token, Channel, Decoded, VERSION};
+use herald::protocol::{decode, token, Channel, Decoded, MIN_VERSION, VERSION};
 use herald::swarm::{mono_ns, user_name, Stamp, SwarmConfig, Tally};
 
 #[derive(Parser)]
@@ -463,7 +463,7 @@ fn load(mut a: LoadArgs) -> i32 {
         if !a.common.plain {
             let cred = token::mint(&pub_secret, b"herald-probe", u32::MAX as u64).unwrap();
             let h = Frame::PubHello(f::PubHello {
-                min_version: VERSION,
+                min_version: MIN_VERSION,
                 max_version: VERSION,
                 credential: cred.as_bytes(),
                 agent: b"herald-probe",

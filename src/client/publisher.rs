@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::{wire, ClientError};
 use crate::protocol::frame::{self as f, BatchWriter, Frame, PUBLISH_WANT_RESULT};
-use crate::protocol::{self, limits, Channel, Decoded, VERSION};
+use crate::protocol::{self, limits, Channel, Decoded, MIN_VERSION, VERSION};
 
 /// A publisher connection to one node (protocol.md §5).
 ///
@@ -114,7 +114,7 @@ impl Publisher {
     ) -> Result<Publisher, ClientError> {
         let (mut sock, _) = crate::dial::dial_stream(addr, CONNECT_TIMEOUT, tls.as_ref())?;
         let hello = Frame::PubHello(f::PubHello {
-            min_version: VERSION,
+            min_version: MIN_VERSION,
             max_version: VERSION,
             credential: credential.as_bytes(),
             agent: b"herald-rs-publisher",
@@ -137,6 +137,10 @@ impl Publisher {
             results: Default::default(),
         };
         p.node_id = p.read_frame(|f| match f {
+            // §5.2: the version must be one the PUB_HELLO offered.
+            Frame::PubWelcome(w) if !protocol::speaks(w.version) => {
+                Err(ClientError::BadWelcome(format!("PUB_WELCOME chose version {}, not offered", w.version)))
+            }
             Frame::PubWelcome(w) => Ok(Some(String::from_utf8_lossy(w.node_id).into_owned())),
             _ => Ok(None),
         })?;

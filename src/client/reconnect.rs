@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::session::{error_bytes, Client, Event, Session};
 use super::{wire, ClientError};
 use crate::protocol::frame::{self as f, Frame};
-use crate::protocol::{self, Channel, Code, Decoded, Position, ResumeResult, VERSION};
+use crate::protocol::{self, Channel, Code, Decoded, Position, ResumeResult, MIN_VERSION, VERSION};
 
 /// How many times the cached node is retried before asking the decision servers again.
 const CACHED_TRIES: u32 = 2;
@@ -51,6 +51,7 @@ impl Client {
             return match crate::decision::client::assign(
                 &self.cfg.decision,
                 user.as_bytes(),
+                self.cfg.token.as_bytes(),
                 3,
                 &crate::decision::client::Dial::new(DECISION_TIMEOUT, self.cfg.decision_tls.clone()),
             ) {
@@ -104,7 +105,7 @@ impl Client {
             crate::dial::dial_stream(endpoint, self.cfg.connect_timeout, self.cfg.tls.as_ref())?;
         let mut out = Vec::with_capacity(256);
         Frame::Hello(f::Hello {
-            min_version: VERSION,
+            min_version: MIN_VERSION,
             max_version: VERSION,
             token: self.cfg.token.as_bytes(),
             agent: self.cfg.agent.as_bytes(),
@@ -122,6 +123,12 @@ impl Client {
             let decoded = protocol::decode(&rbuf, Channel::ToClient);
             match decoded {
                 Ok(Decoded::Frame(Frame::Welcome(w), n)) => {
+                    if !protocol::speaks(w.version) {
+                        // §3.2: a version outside the range the HELLO offered.
+                        let m = format!("WELCOME chose version {}, not offered", w.version);
+                        let _ = sock.write_all(&error_bytes(Code::UnsupportedVersion, &m));
+                        return Err(ClientError::BadWelcome(m));
+                    }
                     if let Err(m) = check_welcome(&w, self.last) {
                         let _ = sock.write_all(&error_bytes(Code::ProtocolError, &m));
                         return Err(ClientError::BadWelcome(m));

@@ -32,6 +32,17 @@ pub struct DecisionArgs {
     /// File holding the admin secret (verifies `herald admin`).
     #[arg(long)]
     pub admin_secret_file: PathBuf,
+    /// File holding the client secret (the nodes' --client-secret-file):
+    /// with it, the client token in a version-2 ASSIGN_REQUEST is verified
+    /// (AUTH_FAILED / TOKEN_EXPIRED otherwise) and the assignment counts
+    /// against the token's user; a request without a token is answered but
+    /// uses up no node's headroom (protocol.md §7.1, "Who asks").
+    #[arg(long)]
+    pub client_secret_file: Option<PathBuf>,
+    /// With --client-secret-file: refuse ASSIGN_REQUESTs that carry no
+    /// token (all of version 1) with AUTH_FAILED instead of answering them.
+    #[arg(long, requires = "client_secret_file")]
+    pub require_token: bool,
     /// Keep admin settings (ceilings, capacities, drains) here across
     /// restarts; a global ceiling set by an admin overrides --ceiling.
     #[arg(long)]
@@ -145,9 +156,14 @@ pub fn run_decision(a: DecisionArgs) -> ExitCode {
 }
 
 fn decision_main(a: DecisionArgs) -> ExitCode {
-    let secrets =
-        read_secret(&a.cluster_secret_file).and_then(|c| Ok((c, read_secret(&a.admin_secret_file)?)));
-    let (cluster_secret, admin_secret) = match secrets {
+    let secrets = read_secret(&a.cluster_secret_file).and_then(|c| {
+        let client = match &a.client_secret_file {
+            Some(f) => read_secret(f)?,
+            None => Vec::new(),
+        };
+        Ok((c, read_secret(&a.admin_secret_file)?, client))
+    });
+    let (cluster_secret, admin_secret, client_secret) = match secrets {
         Ok(s) => s,
         Err(e) => {
             error!("herald decision: {e}");
@@ -159,6 +175,7 @@ fn decision_main(a: DecisionArgs) -> ExitCode {
         heartbeat: a.heartbeat,
         cluster_secret,
         admin_secret,
+        assign: crate::decision::asker::Policy { client_secret, require_token: a.require_token },
         state_file: a.state_file.clone(),
         expire_after: a.expire_after,
         ceiling_pct: a.ceiling,

@@ -22,7 +22,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::table::Rng;
 use crate::protocol::frame::{self as f, Frame, NODE_DRAINING};
-use crate::protocol::{decode, limits, AdminOp, Channel, Code, DecodeError, Decoded, VERSION};
+use crate::protocol::{decode, limits, AdminOp, Channel, Code, DecodeError, Decoded};
+
+/// The version of NODES_REQUEST and ADMIN: their layout is the same in
+/// versions 1 and 2, and version 1 is taken by every decision server
+/// (protocol.md §1, *Versions*).
+const V1: u8 = 1;
 
 /// How to reach decision servers: the time each server gets, and TLS.
 #[derive(Debug, Clone)]
@@ -193,9 +198,15 @@ pub fn failed_last(candidates: &mut [String], failed: &str) {
 /// (`host:port`) in order, each dialled as `dial` says; the
 /// first answer wins (NO_CAPACITY is an answer). `max_results` is clamped
 /// to 1..=8. If no server answers, the last server's error is returned.
+///
+/// With a `token` (the client's own, §9) the request is version 2 and
+/// proves who asks; a server that speaks only version 1 answers
+/// UNSUPPORTED_VERSION, and is then asked again in version 1, without the
+/// token. An empty `token` sends version 1, which every server takes.
 pub fn assign(
     servers: &[String],
     user: &[u8],
+    token: &[u8],
     max_results: u8,
     dial: &Dial,
 ) -> Result<AssignOutcome, DecisionError> {
@@ -206,13 +217,41 @@ pub fn assign(
             limits::MAX_USER_LEN
         )));
     }
-    let req = Frame::AssignRequest(f::AssignRequest {
-        version: VERSION,
-        user,
-        max_results: max_results.clamp(1, limits::MAX_ASSIGN_RESULTS),
-    })
-    .to_vec();
-    first_answer(servers, &req, dial, |frame| match frame {
+    if token.len() > limits::MAX_TOKEN_LEN {
+        return Err(DecisionError::InvalidArgument(format!(
+            "token of {} bytes; at most {} allowed",
+            token.len(),
+            limits::MAX_TOKEN_LEN
+        )));
+    }
+    let request = |version| {
+        Frame::AssignRequest(f::AssignRequest {
+            version,
+            user,
+            max_results: max_results.clamp(1, limits::MAX_ASSIGN_RESULTS),
+            token: if version >= 2 { token } else { &[] },
+        })
+        .to_vec()
+    };
+    let v2 = request(if token.is_empty() { 1 } else { 2 });
+    let v1 = request(1);
+    let mut last = DecisionError::NoServer;
+    for s in servers {
+        let mut answer = exchange(s, &v2, dial).and_then(|resp| interpret(&resp, assignment));
+        if matches!(answer, Err(DecisionError::Rejected { code: Code::UnsupportedVersion, .. })) && v2 != v1 {
+            answer = exchange(s, &v1, dial).and_then(|resp| interpret(&resp, assignment));
+        }
+        match answer {
+            Ok(v) => return Ok(v),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// An ASSIGNMENT or NO_CAPACITY, as an [`AssignOutcome`].
+fn assignment(frame: Frame<'_>) -> Result<AssignOutcome, DecisionError> {
+    match frame {
         Frame::Assignment(a) => Ok(AssignOutcome::Nodes(
             a.entries
                 .iter()
@@ -223,13 +262,13 @@ pub fn assign(
             Ok(AssignOutcome::NoCapacity { retry_after: Duration::from_millis(u64::from(n.retry_after_ms)) })
         }
         other => Err(unexpected(other)),
-    })
+    }
 }
 
 /// Live nodes (NODES_REQUEST, protocol.md §7.2) from the first of `servers`
 /// that answers, draining ones included and flagged.
 pub fn nodes(servers: &[String], dial: &Dial) -> Result<Vec<NodeInfo>, DecisionError> {
-    let req = Frame::NodesRequest(f::NodesRequest { version: VERSION }).to_vec();
+    let req = Frame::NodesRequest(f::NodesRequest { version: V1 }).to_vec();
     first_answer(servers, &req, dial, |frame| match frame {
         Frame::Nodes(n) => Ok(n
             .entries
@@ -270,7 +309,7 @@ pub fn admin(
         SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let mut req = Vec::with_capacity(128);
     Frame::Admin(f::Admin {
-        version: VERSION,
+        version: V1,
         timestamp_ms,
         nonce: random_u64(),
         op,
@@ -416,6 +455,51 @@ fn random_u64() -> u64 {
 mod tests {
     use super::*;
 
+    /// A decision server of protocol version 1, as its code behaved: one
+    /// connection per request here; a version-2 request gets ERROR
+    /// UNSUPPORTED_VERSION and a close, a version-1 one an ASSIGNMENT. (No
+    /// version-1 build can run in this repository, so the test plays it.)
+    fn version_1_server() -> (String, std::thread::JoinHandle<Vec<u8>>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = std::thread::spawn(move || {
+            let mut versions = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = l.accept().unwrap();
+                let mut b = [0u8; 1024];
+                let n = s.read(&mut b).unwrap();
+                let version = b[9]; // length 4, type 1, magic 4
+                versions.push(version);
+                let answer = if version == 1 {
+                    let e =
+                        f::encode_entries(&[f::AssignEntry { node_id: b"n1", endpoint: b"127.0.0.1:7400" }]);
+                    let entries = f::List::from_encoded(1, &e).unwrap();
+                    Frame::Assignment(f::Assignment { entries }).to_vec()
+                } else {
+                    let message = b"request version 2; this decision server speaks protocol version 1";
+                    Frame::Error(f::ErrorFrame { code: Code::UnsupportedVersion, message }).to_vec()
+                };
+                assert!(n >= 10);
+                s.write_all(&answer).unwrap();
+                if version == 1 {
+                    break;
+                }
+            }
+            versions
+        });
+        (addr, h)
+    }
+
+    #[test]
+    fn a_version_1_server_is_asked_again_in_version_1() {
+        let (addr, h) = version_1_server();
+        let t = Dial::plain(Duration::from_secs(2));
+        let got = assign(&[addr], b"alice", b"v1.YWxpY2U.1767225600.00", 2, &t).unwrap();
+        assert!(matches!(&got, AssignOutcome::Nodes(n) if n[0].node_id == "n1"), "{got:?}");
+        assert_eq!(h.join().unwrap(), [2, 1], "version 2 with the token first, then version 1");
+    }
+
     #[test]
     fn the_failed_node_goes_last_and_the_rest_keep_their_order() {
         let mut v: Vec<String> = ["a", "dead", "b", "c"].iter().map(|s| s.to_string()).collect();
@@ -428,11 +512,11 @@ mod tests {
     #[test]
     fn no_servers_and_bad_arguments() {
         let t = &Dial::plain(Duration::from_millis(100));
-        assert!(matches!(assign(&[], b"u", 1, t), Err(DecisionError::NoServer)));
+        assert!(matches!(assign(&[], b"u", b"", 1, t), Err(DecisionError::NoServer)));
         assert!(matches!(nodes(&[], t), Err(DecisionError::NoServer)));
         let long = [b'x'; 65];
         assert!(matches!(
-            assign(&["127.0.0.1:1".into()], &long, 1, t),
+            assign(&["127.0.0.1:1".into()], &long, b"", 1, t),
             Err(DecisionError::InvalidArgument(_))
         ));
         let long = "n".repeat(65);

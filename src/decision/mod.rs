@@ -10,6 +10,8 @@
 //!
 //! - [`table`]: the heartbeat table, assignment policy and admin operations,
 //!   sans-IO (no sockets, no clock; `now` is passed in).
+//! - [`asker`]: who asks for a node: the ASSIGN_REQUEST's token, verified
+//!   with the client secret, or nobody (sans-IO).
 //! - [`state`]: the admin settings and their state file.
 //! - [`server`]: the mio event loop around the table (TCP requests, plain
 //!   or TLS-only with [`Config::tls`]; UDP heartbeats, never TLS).
@@ -17,6 +19,7 @@
 //!   dialling plain or TLS as a [`client::Dial`] says.
 //! - [`cli`]: `herald decision` and `herald admin`.
 
+pub mod asker;
 pub mod cli;
 pub mod client;
 pub mod server;

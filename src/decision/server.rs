@@ -44,7 +44,7 @@ use crate::net::{
     self, CloseReason, ConnId, ConnState, Conns, EventLoop, Flow, Framing, Listener, Service, Tick,
 };
 use crate::protocol::frame::{self as f, Frame};
-use crate::protocol::{limits, Channel, Code, VERSION};
+use crate::protocol::{limits, Channel, Code};
 use crate::tls;
 
 /// The heartbeat socket's token (the listener is token 0).
@@ -73,6 +73,9 @@ pub struct Config {
     pub cluster_secret: Vec<u8>,
     /// Verifies admin tags.
     pub admin_secret: Vec<u8>,
+    /// How ASSIGN_REQUEST credentials are treated: the client secret that
+    /// verifies tokens (empty: none), and whether a token is required.
+    pub assign: super::asker::Policy,
     /// Where admin settings are kept across restarts (none: in memory only).
     pub state_file: Option<PathBuf>,
     /// A node with no accepted heartbeat for this long is not assigned.
@@ -97,6 +100,7 @@ impl Default for Config {
             heartbeat: "0.0.0.0:7300".parse().expect("valid"),
             cluster_secret: Vec::new(),
             admin_secret: Vec::new(),
+            assign: super::asker::Policy::default(),
             state_file: None,
             expire_after: DEFAULT_EXPIRE_AFTER,
             ceiling_pct: DEFAULT_CEILING_PCT,
@@ -120,6 +124,9 @@ pub struct Stats {
     pub assignments: u64,
     /// NO_CAPACITY answers.
     pub no_capacity: u64,
+    /// ASSIGN_REQUESTs refused for their credential (AUTH_FAILED,
+    /// TOKEN_EXPIRED).
+    pub assign_refused: u64,
     /// NODES answers.
     pub nodes_requests: u64,
     /// ADMIN requests whose tag verified.
@@ -144,9 +151,10 @@ impl Stats {
 
     fn summary(&self, live: usize, open: usize) -> String {
         let mut s = format!(
-            "{live} live nodes, {open} connections; {} assignments, {} no capacity, {} nodes, {} admin ({} bad tag); heartbeats {} ok, {} dropped",
+            "{live} live nodes, {open} connections; {} assignments, {} no capacity, {} refused, {} nodes, {} admin ({} bad tag); heartbeats {} ok, {} dropped",
             self.assignments,
             self.no_capacity,
+            self.assign_refused,
             self.nodes_requests,
             self.admin_requests,
             self.admin_auth_failures,
@@ -360,10 +368,9 @@ impl Decision {
         raw: &[u8],
         now: Instant,
     ) -> Flow {
-        let version = match &frame {
-            Frame::AssignRequest(a) => a.version,
-            Frame::NodesRequest(n) => n.version,
-            Frame::Admin(a) => a.version,
+        // The decoder has checked the version (protocol.md §7).
+        match &frame {
+            Frame::AssignRequest(_) | Frame::NodesRequest(_) | Frame::Admin(_) => {}
             Frame::Error(_) => {
                 // Never answer an ERROR; close (after what is already queued).
                 conns.peer_gone(id, CloseReason::PeerError);
@@ -375,15 +382,18 @@ impl Decision {
                 conns.fail(id, Code::UnexpectedFrame, &msg, now);
                 return Flow::Stop;
             }
-        };
-        if version != VERSION {
-            let msg = format!("request version {version}; this decision server speaks protocol version 1");
-            conns.fail(id, Code::UnsupportedVersion, &msg, now);
-            return Flow::Stop;
         }
         match frame {
             Frame::AssignRequest(a) => {
-                let answer = self.table.assign(a.user, a.max_results, now);
+                let asker = match super::asker::check(&a, &self.cfg.assign, self.unix / 1000) {
+                    Ok(asker) => asker,
+                    Err(r) => {
+                        self.stats.assign_refused += 1;
+                        conns.fail(id, r.code, r.message, now);
+                        return Flow::Stop;
+                    }
+                };
+                let answer = self.table.assign(asker.counted(), a.max_results, now);
                 match answer {
                     super::table::Assignment::Ranked(_) => self.stats.assignments += 1,
                     super::table::Assignment::NoCapacity { .. } => self.stats.no_capacity += 1,

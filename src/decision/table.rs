@@ -18,7 +18,7 @@ use std::time::Duration;
 use std::time::Instant;
 
 use crate::protocol::frame::{self as f, Entry, Frame, List, NODE_DRAINING};
-use crate::protocol::{decode, limits, sign, AdminOp, Channel, Code, DecodeError, Decoded, VERSION};
+use crate::protocol::{decode, limits, sign, AdminOp, Channel, Code, DecodeError, Decoded};
 
 use super::state::{escape, Settings};
 
@@ -156,7 +156,7 @@ impl fmt::Display for HeartbeatReject {
             HeartbeatReject::SizeMismatch { datagram, frame } => {
                 write!(f, "datagram of {datagram} bytes holds a frame of {frame}")
             }
-            HeartbeatReject::UnsupportedVersion(v) => write!(f, "heartbeat version {v}, expected 1"),
+            HeartbeatReject::UnsupportedVersion(v) => write!(f, "heartbeat version {v}, expected 1 or 2"),
             HeartbeatReject::BadTag => write!(f, "heartbeat tag does not verify"),
             HeartbeatReject::ClockSkew { sent_at_ms, now_unix_ms } => write!(
                 f,
@@ -393,7 +393,7 @@ impl Table {
             }
             Err(e) => return Err(HeartbeatReject::Malformed(e)),
         };
-        if hb.version != VERSION {
+        if !crate::protocol::speaks(hb.version) {
             return Err(HeartbeatReject::UnsupportedVersion(hb.version));
         }
         if self.cfg.cluster_secret.is_empty() || !sign::verify_frame(datagram, &self.cfg.cluster_secret) {
@@ -461,9 +461,9 @@ impl Table {
     /// `assigned_since_heartbeat` goes up by one unless `user` was already
     /// counted there since its heartbeat (repeats use up no headroom).
     /// NO_CAPACITY, with a jittered retry, if nothing qualifies.
-    pub fn assign(&mut self, user: &[u8], max_results: u8, now: Instant) -> Assignment {
+    pub fn assign(&mut self, user: Option<&[u8]>, max_results: u8, now: Instant) -> Assignment {
         use std::hash::BuildHasher;
-        let user = self.users.hash_one(user);
+        let user = user.map(|u| self.users.hash_one(u));
         let mut c = std::mem::take(&mut self.scratch);
         c.clear();
         for (i, n) in self.nodes.iter().enumerate() {
@@ -492,7 +492,7 @@ impl Table {
                 *slot = i;
             }
             let first = &mut self.nodes[r.idx[0]];
-            if first.assigned_users.insert(user) {
+            if user.is_some_and(|u| first.assigned_users.insert(u)) {
                 first.assigned_since_heartbeat = first.assigned_since_heartbeat.saturating_add(1);
             }
             Assignment::Ranked(r)
@@ -769,13 +769,13 @@ mod tests {
         let mut t = table(80);
         t.on_heartbeat(&bytes(hb("a", 1, 0, 100)), now, T0).unwrap();
         for _ in 0..1000 {
-            assert!(matches!(t.assign(b"flooder", 1, now), Assignment::Ranked(_)));
+            assert!(matches!(t.assign(Some(b"flooder"), 1, now), Assignment::Ranked(_)));
         }
         let a = t.find(b"a").unwrap();
         assert_eq!((a.assigned_since_heartbeat, a.assigned_users.len()), (1, 1));
         assert_eq!(t.headroom(a), 80 - 1);
         // Another user counts; a heartbeat forgets both.
-        t.assign(b"honest", 1, now);
+        t.assign(Some(b"honest"), 1, now);
         assert_eq!(t.find(b"a").unwrap().assigned_since_heartbeat, 2);
         t.on_heartbeat(&bytes(hb("a", 2, 0, 100)), now, T0).unwrap();
         let a = t.find(b"a").unwrap();
@@ -787,7 +787,7 @@ mod tests {
         use std::sync::atomic::{AtomicU64, Ordering};
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let user = format!("u{}", NEXT.fetch_add(1, Ordering::Relaxed));
-        match t.assign(user.as_bytes(), 1, now) {
+        match t.assign(Some(user.as_bytes()), 1, now) {
             Assignment::Ranked(r) => Some(String::from_utf8(t.node(r.indices()[0])?.node_id.clone()).ok()?),
             Assignment::NoCapacity { retry_after_ms } => {
                 assert!((RETRY_AFTER_MIN_MS..=RETRY_AFTER_MAX_MS).contains(&retry_after_ms));
@@ -868,10 +868,10 @@ mod tests {
         for (id, cap) in [("a", 10), ("b", 30), ("c", 20), ("d", 0)] {
             t.on_heartbeat(&bytes(hb(id, 1, 0, cap)), now, T0).unwrap();
         }
-        let Assignment::Ranked(r) = t.assign(b"u", 8, now) else { panic!() };
+        let Assignment::Ranked(r) = t.assign(Some(b"u"), 8, now) else { panic!() };
         let ids: Vec<&[u8]> = r.indices().iter().map(|&i| &t.node(i).unwrap().node_id[..]).collect();
         assert_eq!(ids, [&b"b"[..], b"c", b"a"], "headroom order, capacity 0 left out");
-        let Assignment::Ranked(r) = t.assign(b"u", 2, now) else { panic!() };
+        let Assignment::Ranked(r) = t.assign(Some(b"u"), 2, now) else { panic!() };
         assert_eq!(r.indices().len(), 2);
         let mut out = Vec::new();
         t.encode_assignment(&Assignment::Ranked(r), &mut out);
@@ -996,15 +996,15 @@ mod tests {
         ));
         assert!(matches!(t.on_heartbeat(&[0, 0, 0, 0], now, T0), Err(HeartbeatReject::Malformed(_))));
         assert!(matches!(t.on_heartbeat(b"GET / HTTP/1.1\r\n", now, T0), Err(HeartbeatReject::Malformed(_))));
-        let v2 = {
+        let v3 = {
             let mut v = Vec::new();
             let Ok(Decoded::Frame(Frame::Heartbeat(h), _)) = decode(&good, Channel::Heartbeat) else {
                 panic!()
             };
-            Frame::Heartbeat(f::Heartbeat { version: 2, ..h }).encode_signed(&mut v, CLUSTER);
+            Frame::Heartbeat(f::Heartbeat { version: 3, ..h }).encode_signed(&mut v, CLUSTER);
             v
         };
-        assert_eq!(t.on_heartbeat(&v2, now, T0), Err(HeartbeatReject::UnsupportedVersion(2)));
+        assert_eq!(t.on_heartbeat(&v3, now, T0), Err(HeartbeatReject::UnsupportedVersion(3)));
         for sent in [T0 - 10_001, T0 + 10_001] {
             let r = t.on_heartbeat(&bytes(Hb { sent, ..hb("a", 1, 0, 100) }), now, T0);
             assert!(matches!(r, Err(HeartbeatReject::ClockSkew { .. })), "{r:?}");

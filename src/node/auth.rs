@@ -62,7 +62,7 @@ pub fn authenticate(min: u8, max: u8, cred: Credential<'_>, unix: u64) -> Result
     // Version first, then the credential (protocol.md §3.1 steps 3 and 4,
     // §6.1), also for a node that takes no mesh links.
     let Some(version) = negotiate(min, max) else {
-        return Err(Refusal::new(Code::UnsupportedVersion, "this node speaks protocol version 1"));
+        return Err(Refusal::new(Code::UnsupportedVersion, "this node speaks protocol versions 1 and 2"));
     };
     if let Credential::Peer { secret } = cred {
         if secret.is_empty() {
@@ -96,7 +96,8 @@ mod tests {
         let client = |secret| Credential::Client { token: t.as_bytes(), secret };
         let ok = authenticate(1, 1, client(SECRET), 999).unwrap();
         assert_eq!(ok, Admitted { version: 1, user: Some(b"alice".to_vec()) });
-        assert_eq!(authenticate(2, 3, client(SECRET), 999).unwrap_err().code, Code::UnsupportedVersion);
+        assert_eq!(authenticate(1, 2, client(SECRET), 999).unwrap().version, 2);
+        assert_eq!(authenticate(3, 4, client(SECRET), 999).unwrap_err().code, Code::UnsupportedVersion);
         assert_eq!(authenticate(1, 1, client(SECRET), 1_001).unwrap_err().code, Code::TokenExpired);
         assert_eq!(authenticate(1, 1, client(b"other"), 999).unwrap_err().code, Code::AuthFailed);
         let publisher = Credential::Publisher { credential: t.as_bytes(), secret: SECRET };

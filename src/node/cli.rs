@@ -44,6 +44,12 @@ pub struct NodeArgs {
     /// Serve GET /metrics (Prometheus) and /healthz here.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Serve the HTTP publish API here (http-api.md): POST /v1/publish,
+    /// /v1/publish/batch, /v1/publish/{user}, GET /v1/users/{id}, with the
+    /// publisher credential as a bearer token. Plaintext (with a warning)
+    /// unless `http` is in --tls-ports.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
     /// Keepalive interval: ping a silent client after this, close it after 3x.
     #[arg(long, default_value_t = CliDuration(Config::default().heartbeat))]
     pub heartbeat: CliDuration,
@@ -120,11 +126,11 @@ pub struct NodeArgs {
     /// Mutual TLS: clients must present a certificate that chains to this CA (PEM).
     #[arg(long, requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
-    /// Which ports speak TLS with --tls-cert: any of `client`, `ingest` and
-    /// `metrics` (comma-separated). A TLS ingest port takes publishers with
-    /// or without a certificate and requires --cluster-ca for mesh peers;
-    /// every node of a cluster must agree. A TLS metrics port is HTTPS
-    /// (ALPN http/1.1, no client certificate).
+    /// Which ports speak TLS with --tls-cert: any of `client`, `ingest`,
+    /// `metrics` and `http` (comma-separated). A TLS ingest port takes
+    /// publishers with or without a certificate and requires --cluster-ca
+    /// for mesh peers; every node of a cluster must agree. A TLS metrics or
+    /// http port is HTTPS (ALPN http/1.1, no client certificate).
     #[arg(long, value_delimiter = ',', default_value = "client", requires = "tls_cert")]
     pub tls_ports: Vec<String>,
     /// The CA every mesh peer's certificate must chain to; a peer's node id
@@ -199,6 +205,7 @@ impl NodeArgs {
             listen: self.listen,
             ingest: self.ingest,
             metrics: self.metrics,
+            http: self.http,
             advertise: self.advertise.clone(),
             capacity: self.capacity.unwrap_or(defaults.capacity),
             client_secret,
@@ -221,14 +228,17 @@ impl NodeArgs {
             heartbeat_interval: self.heartbeat_interval.0,
             threads: self.threads,
             tls_ports: {
-                let mut p = super::TlsPorts { client: false, ingest: false, metrics: false };
+                let mut p = super::TlsPorts { client: false, ingest: false, metrics: false, http: false };
                 for port in &self.tls_ports {
                     match port.as_str() {
                         "client" => p.client = true,
                         "ingest" => p.ingest = true,
                         "metrics" => p.metrics = true,
+                        "http" => p.http = true,
                         other => {
-                            return Err(format!("--tls-ports: {other}: must be client, ingest or metrics"))
+                            return Err(format!(
+                                "--tls-ports: {other}: must be client, ingest, metrics or http"
+                            ))
                         }
                     }
                 }

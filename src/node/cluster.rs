@@ -168,7 +168,9 @@ impl Heartbeater {
         self.seq += 1;
         self.buf.clear();
         Frame::Heartbeat(f::Heartbeat {
-            version: protocol::VERSION,
+            // The layout is the same in versions 1 and 2; version 1 is
+            // taken by every decision server (protocol.md §1, *Versions*).
+            version: protocol::MIN_VERSION,
             node_id: cfg.node_id.as_bytes(),
             incarnation: self.incarnation,
             seq: self.seq,

@@ -13,12 +13,14 @@ pub struct TlsPorts {
     pub ingest: bool,
     /// The metrics port.
     pub metrics: bool,
+    /// The HTTP publish API's port.
+    pub http: bool,
 }
 
 impl Default for TlsPorts {
     /// The client port only.
     fn default() -> Self {
-        TlsPorts { client: true, ingest: false, metrics: false }
+        TlsPorts { client: true, ingest: false, metrics: false, http: false }
     }
 }
 
@@ -45,6 +47,8 @@ pub struct Config {
     pub ingest: SocketAddr,
     /// `/metrics` and `/healthz` endpoint, if any.
     pub metrics: Option<SocketAddr>,
+    /// The HTTP publish API's endpoint (http-api.md), if any.
+    pub http: Option<SocketAddr>,
     /// Address clients are told to use (defaults to the bound client address).
     pub advertise: Option<String>,
     /// Maximum client sessions.
@@ -121,6 +125,7 @@ impl Default for Config {
             listen: "0.0.0.0:7400".parse().expect("valid"),
             ingest: "127.0.0.1:7401".parse().expect("valid"),
             metrics: None,
+            http: None,
             advertise: None,
             capacity: default_capacity(),
             client_secret: Vec::new(),

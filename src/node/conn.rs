@@ -28,6 +28,11 @@ pub mod listener {
     pub const INGEST: usize = 1;
     /// The metrics port.
     pub const METRICS: usize = 2;
+
+    /// The HTTP publish API's port: after the metrics port, if there is one.
+    pub fn api(metrics: bool) -> usize {
+        METRICS + usize::from(metrics)
+    }
 }
 
 /// One connection's role and state.
@@ -57,6 +62,8 @@ pub enum Peer {
     Link(Box<Link>),
     /// Metrics port: reading an HTTP request.
     Http,
+    /// HTTP publish API: a keep-alive connection of requests.
+    Api(Box<super::http_publish::ApiConn>),
     /// Closing, and its role has done its bookkeeping.
     Closed,
 }
@@ -126,7 +133,7 @@ impl Peer {
         match self {
             Peer::ClientHandshake { .. } | Peer::IngestHandshake | Peer::Http => true,
             Peer::Link(l) => !l.is_up(),
-            Peer::Client { .. } | Peer::Publisher { .. } | Peer::Closed => false,
+            Peer::Client { .. } | Peer::Publisher { .. } | Peer::Api(_) | Peer::Closed => false,
         }
     }
 
@@ -172,7 +179,7 @@ impl ConnState for Peer {
             // The dialling side reads what an ingest port sends back.
             Peer::Link(l) if l.ours => Channel::FromIngest,
             Peer::Link(_) => Channel::Ingest,
-            Peer::Http | Peer::Closed => return Framing::Raw,
+            Peer::Http | Peer::Api(_) | Peer::Closed => return Framing::Raw,
         })
     }
 
@@ -193,7 +200,7 @@ impl ConnState for Peer {
                     matches!(t, ty::PRESENCE | ty::FORWARD | ty::GOODBYE | ty::PING | ty::PONG | ty::ERROR)
                 }
             },
-            Peer::Http | Peer::Closed => false,
+            Peer::Http | Peer::Api(_) | Peer::Closed => false,
         }
     }
 

@@ -162,6 +162,15 @@ impl Duties {
                 }
                 continue;
             }
+            if let Peer::Api(a) = &c.state {
+                // HTTP publishers: a request must be whole within the
+                // handshake deadline of its first byte; an idle keep-alive
+                // connection goes after a minute.
+                if let Some(code) = super::http_publish::expired(a, c.last_rx, hs, now) {
+                    conns.abort(id, CloseReason::Sent(code));
+                }
+                continue;
+            }
             let idle = now.saturating_duration_since(c.last_rx);
             let may_ping = pings < MAX_PINGS_PER_TICK;
             let Some(ka) = c.state.keepalive() else { continue };

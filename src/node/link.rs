@@ -116,7 +116,7 @@ impl Mesh {
         online: impl Iterator<Item = &'u [u8]>,
         now: Instant,
     ) -> Flow {
-        if w.version != protocol::VERSION {
+        if !protocol::speaks(w.version) {
             conns.fail(
                 id,
                 Code::UnsupportedVersion,
@@ -311,7 +311,7 @@ impl Mesh {
         self.links.push(id);
         if let Some(out) = conns.queue(id) {
             Frame::PeerHello(f::PeerHello {
-                min_version: protocol::VERSION,
+                min_version: protocol::MIN_VERSION,
                 max_version: protocol::VERSION,
                 node_id: cfg.node_id.as_bytes(),
                 incarnation: self.incarnation,

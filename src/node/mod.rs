@@ -16,6 +16,8 @@
 //!   - `publish`: publishers: PUB_HELLO, PUBLISH, PUBLISH_BATCH;
 //!   - `link`: mesh links: the PEER_* handshake, presence, dialling;
 //!   - `http`: `/metrics` and `/healthz`;
+//!   - `http_publish`: publishers over HTTP (`--http`), with `api`, the
+//!     API's requests and answers, sans-IO;
 //!   - `route`: where a message goes (local sessions, another loop, peers);
 //!   - `auth`: one authentication step for every hello.
 //! - Their parts: `conn` (each connection's state), `keepalive` and
@@ -35,6 +37,8 @@
 //! one wake per batch ([`shard`] has the details). With one loop nothing
 //! crosses a thread at all.
 
+#[doc(hidden)]
+pub mod api;
 pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod cluster;
@@ -45,6 +49,7 @@ pub(crate) mod duty;
 pub(crate) mod error;
 pub(crate) mod fxhash;
 pub(crate) mod http;
+pub(crate) mod http_publish;
 pub(crate) mod keepalive;
 pub(crate) mod link;
 #[doc(hidden)]

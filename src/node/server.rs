@@ -25,6 +25,8 @@ use super::service::{Control, NodeLoop};
 use super::session::Sessions;
 use super::shard::{self, Role};
 
+/// Open connections the HTTP publish API takes at once; more are closed at accept.
+const MAX_API_CONNS: usize = 1024;
 /// Open connections the metrics port takes at once; more are closed at accept.
 const MAX_HTTP_CONNS: usize = 32;
 
@@ -63,6 +65,7 @@ pub struct Node {
     client_l: TcpListener,
     ingest_l: TcpListener,
     metrics_l: Option<TcpListener>,
+    http_l: Option<TcpListener>,
     handle: ShutdownHandle,
     /// Polls of loops 1..N.
     others: Vec<Poll>,
@@ -73,6 +76,8 @@ pub struct Node {
     ingest_tls: Option<Acceptor>,
     /// The metrics port's TLS (HTTPS), if any (reloadable).
     metrics_tls: Option<Acceptor>,
+    /// The HTTP publish API's TLS (HTTPS), if any (reloadable).
+    http_tls: Option<Acceptor>,
     /// How this node dials its mesh peers over TLS.
     mesh_tls: Option<tls::Dialer>,
     /// How this node asks the decision servers for the node list: TLS with
@@ -87,6 +92,7 @@ struct PortTls {
     client: Option<Acceptor>,
     ingest: Option<Acceptor>,
     metrics: Option<Acceptor>,
+    http: Option<Acceptor>,
     mesh: Option<tls::Dialer>,
 }
 
@@ -104,7 +110,7 @@ impl Node {
         if cfg.threads == 0 || cfg.threads > MAX_THREADS {
             return Err(NodeError::Config(format!("threads must be 1..={MAX_THREADS}, not {}", cfg.threads)));
         }
-        let PortTls { client: tls, ingest: ingest_tls, metrics: metrics_tls, mesh: mesh_tls } =
+        let PortTls { client: tls, ingest: ingest_tls, metrics: metrics_tls, http: http_tls, mesh: mesh_tls } =
             Node::load_tls(&cfg)?;
         let decision_tls =
             cfg.decision_tls.as_ref().map(tls::Trust::config).transpose().map_err(NodeError::Tls)?;
@@ -113,6 +119,7 @@ impl Node {
             .map_err(|source| NodeError::Bind { what: "client", addr: cfg.listen, source })?;
         let ingest_l = bind("ingest", cfg.ingest)?;
         let metrics_l = cfg.metrics.map(|a| bind("metrics", a)).transpose()?;
+        let http_l = cfg.http.map(|a| bind("http", a)).transpose()?;
         let waker = Arc::new(Waker::new(poll.registry(), net::WAKER).map_err(NodeError::Setup)?);
         let mut others = Vec::new();
         let mut other_wakers = Vec::new();
@@ -132,11 +139,13 @@ impl Node {
             client_l,
             ingest_l,
             metrics_l,
+            http_l,
             handle,
             others,
             tls,
             ingest_tls,
             metrics_tls,
+            http_tls,
             mesh_tls,
             decision_tls,
             cfg,
@@ -150,19 +159,20 @@ impl Node {
         let ports = cfg.tls_ports;
         let client =
             if ports.client { Some(Acceptor::load(files.clone()).map_err(NodeError::Tls)?) } else { None };
-        let metrics = match (ports.metrics, cfg.metrics) {
-            (true, None) => {
-                return Err(NodeError::Config("--tls-ports metrics needs --metrics ADDR".into()));
-            }
+        // HTTPS for a scraper or an HTTP publisher: no client certificate,
+        // ALPN http/1.1.
+        let https = |on: bool, addr: Option<std::net::SocketAddr>, flag: &str| match (on, addr) {
+            (true, None) => Err(NodeError::Config(format!("--tls-ports {flag} needs --{flag} ADDR"))),
             (true, Some(_)) => {
-                // HTTPS for a scraper: no client certificate, ALPN http/1.1.
                 let f = ServerFiles { client_ca: None, client_cert_optional: false, ..files.clone() };
-                Some(Acceptor::load_for(f, tls::ALPN_HTTP).map_err(NodeError::Tls)?)
+                Acceptor::load_for(f, tls::ALPN_HTTP).map(Some).map_err(NodeError::Tls)
             }
-            (false, _) => None,
+            (false, _) => Ok(None),
         };
+        let metrics = https(ports.metrics, cfg.metrics, "metrics")?;
+        let http = https(ports.http, cfg.http, "http")?;
         if !ports.ingest {
-            return Ok(PortTls { client, metrics, ..PortTls::default() });
+            return Ok(PortTls { client, metrics, http, ..PortTls::default() });
         }
         if !cfg.decision.is_empty() && cfg.cluster_ca.is_none() {
             return Err(NodeError::Config(
@@ -181,7 +191,7 @@ impl Node {
             Some(ca) => Some(tls::Dialer::load(&files.cert, &files.key, ca).map_err(NodeError::Tls)?),
             None => None,
         };
-        Ok(PortTls { client, ingest: Some(ingest), metrics, mesh })
+        Ok(PortTls { client, ingest: Some(ingest), metrics, http, mesh })
     }
 
     /// The bound client address.
@@ -197,6 +207,10 @@ impl Node {
     pub fn ingest_addr(&self) -> std::net::SocketAddr {
         self.ingest_l.local_addr().expect("bound")
     }
+    /// The bound HTTP publish API address, if any.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http_l.as_ref().map(|l| l.local_addr().expect("bound"))
+    }
     /// The bound metrics address, if any.
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics_l.as_ref().map(|l| l.local_addr().expect("bound"))
@@ -205,7 +219,14 @@ impl Node {
     /// [`Acceptor::reload`] keeps the old one if the new files are bad.
     pub fn tls(&self) -> tls::Reload {
         tls::Reload {
-            acceptors: self.tls.iter().chain(&self.ingest_tls).chain(&self.metrics_tls).cloned().collect(),
+            acceptors: self
+                .tls
+                .iter()
+                .chain(&self.ingest_tls)
+                .chain(&self.metrics_tls)
+                .chain(&self.http_tls)
+                .cloned()
+                .collect(),
             dialer: self.mesh_tls.clone(),
         }
     }
@@ -343,6 +364,7 @@ impl Node {
             ("client", &self.tls, Some(self.client_addr())),
             ("ingest", &self.ingest_tls, Some(self.ingest_addr())),
             ("metrics", &self.metrics_tls, self.metrics_addr()),
+            ("http", &self.http_tls, self.http_addr()),
         ] {
             if let (Some(a), None) = (addr, tls) {
                 let how = if self.tls.is_none() {
@@ -361,6 +383,10 @@ impl Node {
             // The metrics port is for a scraper or two: a flood of
             // connections must not use up the descriptors clients need.
             listeners.push(Listener { sock: m, cap: MAX_HTTP_CONNS, tls: self.metrics_tls.clone() });
+        }
+        if let Some(h) = self.http_l {
+            // Publishers' keep-alive connections: a handful per backend.
+            listeners.push(Listener { sock: h, cap: MAX_API_CONNS, tls: self.http_tls.clone() });
         }
         let r = EventLoop::new(self.poll, listeners, roles, limits).and_then(|mut l| l.run());
         if r.is_err() {

@@ -21,6 +21,7 @@ use super::config::Config;
 use super::conn::{listener, Peer};
 use super::duty::Duties;
 use super::http::{self, Request};
+use super::http_publish::{self, Gate};
 use super::link::Mesh;
 use super::metrics::Metrics;
 use super::publish;
@@ -284,6 +285,9 @@ impl Service for NodeLoop {
                 Ok(Peer::ClientHandshake { handed: None })
             }
             listener::INGEST => Ok(Peer::IngestHandshake),
+            l if self.cfg.http.is_some() && l == listener::api(self.cfg.metrics.is_some()) => {
+                Ok(Peer::Api(Box::default()))
+            }
             _ => Ok(Peer::Http),
         }
     }
@@ -353,7 +357,27 @@ impl Service for NodeLoop {
     }
 
     fn raw(&mut self, conns: &mut Conns<Peer>, id: ConnId, data: &[u8], now: Instant) -> Flow {
-        self.http(conns, id, data, now)
+        if !conns.get(id).is_some_and(|c| matches!(c.state, Peer::Api(_))) {
+            return self.http(conns, id, data, now);
+        }
+        let gate = if self.draining() || self.duties.stopping() {
+            Gate::Draining
+        } else if self.backlogged(conns) {
+            Gate::Busy
+        } else {
+            Gate::Open
+        };
+        let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, .. } = self;
+        let mut route = Route {
+            conns,
+            sessions,
+            m,
+            presence: &mesh.presence,
+            router: role.router(),
+            loops: shared.n,
+            turn,
+        };
+        http_publish::input(&mut route, id, data, &cfg.publisher_secret, *unix, gate, now)
     }
 
     #[inline]

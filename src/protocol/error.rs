@@ -65,6 +65,9 @@ pub enum DecodeError {
         /// The value found.
         value: u64,
     },
+    /// A decision-server request (protocol.md §7) names a version this
+    /// implementation does not speak; the rest of its body is not parsed.
+    UnsupportedVersion(u8),
     /// The body is longer than the fields it must hold.
     TrailingBytes {
         /// How many bytes were left over.
@@ -80,6 +83,7 @@ impl DecodeError {
             DecodeError::UnknownType(_) => Code::UnknownFrameType,
             DecodeError::UnexpectedType { .. } | DecodeError::NotNow(_) => Code::UnexpectedFrame,
             DecodeError::BadMagic(_) => Code::BadMagic,
+            DecodeError::UnsupportedVersion(_) => Code::UnsupportedVersion,
             DecodeError::EmptyFrame
             | DecodeError::LongerThanType { .. }
             | DecodeError::Truncated { .. }
@@ -113,6 +117,12 @@ impl fmt::Display for DecodeError {
             DecodeError::BadValue { field, value } => {
                 write!(f, "field `{field}` has undefined value {value}")
             }
+            DecodeError::UnsupportedVersion(v) => write!(
+                f,
+                "request version {v}; versions {}..={} are spoken here",
+                crate::protocol::MIN_VERSION,
+                crate::protocol::VERSION
+            ),
             DecodeError::TrailingBytes { extra } => {
                 write!(f, "{extra} unexpected bytes after the last field")
             }

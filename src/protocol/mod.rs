@@ -33,8 +33,18 @@ pub use frame::{decode, Decoded, Frame, Position};
 /// The magic number that opens every first frame: ASCII `HRLD`.
 pub const MAGIC: u32 = 0x4852_4C44;
 
-/// The protocol version this implementation speaks.
-pub const VERSION: u8 = 1;
+/// The highest protocol version this implementation speaks (protocol.md §1,
+/// *Versions*).
+pub const VERSION: u8 = 2;
+
+/// The lowest protocol version this implementation speaks: version 1 peers
+/// keep working.
+pub const MIN_VERSION: u8 = 1;
+
+/// Whether this implementation speaks `version`.
+pub fn speaks(version: u8) -> bool {
+    (MIN_VERSION..=VERSION).contains(&version)
+}
 
 /// Size limits (protocol.md §2.2). Lengths are checked against these before
 /// anything is buffered or allocated.

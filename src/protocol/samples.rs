@@ -40,6 +40,11 @@ pub fn all() -> Vec<Sample> {
         Channel::ToNode,
         Frame::Hello(Hello { min_version: 1, max_version: 1, token, agent: b"rs/0.1", resume: None }),
     );
+    add(
+        "hello-v2",
+        Channel::ToNode,
+        Frame::Hello(Hello { min_version: 1, max_version: 2, token, agent: b"rs/0.1", resume: None }),
+    );
     // The §9 worked example: a token that verifies under the sample secret.
     let signed = super::token::mint(SAMPLE_SECRET, b"alice", 1_767_225_600).expect("valid user");
     add(
@@ -190,7 +195,17 @@ pub fn all() -> Vec<Sample> {
     add(
         "assign-request",
         Channel::ToDecision,
-        Frame::AssignRequest(AssignRequest { version: 1, user: b"alice", max_results: 3 }),
+        Frame::AssignRequest(AssignRequest { version: 1, user: b"alice", max_results: 3, token: b"" }),
+    );
+    add(
+        "assign-request-v2",
+        Channel::ToDecision,
+        Frame::AssignRequest(AssignRequest {
+            version: 2,
+            user: b"alice",
+            max_results: 3,
+            token: signed.as_bytes(),
+        }),
     );
     let asg = encode_entries(&[
         AssignEntry { node_id: b"n1", endpoint: b"127.0.0.1:7400" },

@@ -358,8 +358,12 @@ fn batch_writer_builds_the_sample_and_respects_limits() {
 #[test]
 fn version_negotiation() {
     assert_eq!(negotiate(1, 1), Some(1));
-    assert_eq!(negotiate(1, 9), Some(1));
-    assert_eq!(negotiate(2, 3), None);
+    assert_eq!(negotiate(1, 2), Some(2));
+    assert_eq!(negotiate(1, 9), Some(2));
+    assert_eq!(negotiate(2, 2), Some(2));
+    assert_eq!(negotiate(0, 1), Some(1));
+    assert_eq!(negotiate(3, 4), None);
+    assert_eq!(negotiate(2, 1), None);
     assert_eq!(negotiate(0, 0), None);
 }
 

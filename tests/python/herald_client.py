@@ -366,9 +366,17 @@ def _decode_fields(cur: _Cursor, layout: list[tuple], top: bool) -> dict:
     return out
 
 
+# §7.1: a version-2 ASSIGN_REQUEST ends with the client's token. (This
+# client is a version-1 client; it reads the version-2 layout only to check
+# the §10 vectors.)
+ASSIGN_REQUEST_V2 = LAYOUTS[ASSIGN_REQUEST] + [("token", "str16", 0, MAX_TOKEN_LEN)]
+
+
 def decode_body(ftype: int, body: bytes) -> dict:
     """Parse a body per §2.4 step 3 (truncation, leftovers, ranges, values, magic)."""
     layout = LAYOUTS.get(ftype)
+    if ftype == ASSIGN_REQUEST and len(body) > 4 and body[4] == 2:
+        layout = ASSIGN_REQUEST_V2
     if layout is None:
         raise HeraldError(UNKNOWN_FRAME_TYPE, f"type 0x{ftype:02x}")
     cur = _Cursor(body)
@@ -456,7 +464,10 @@ def encode(ftype: int, fields: Optional[dict] = None, *, channel: Optional[str] 
     if ftype in SIGNED and secret is not None:
         fields["tag"] = b"\0" * 32
     body = bytearray()
-    _encode_fields(LAYOUTS[ftype], fields, body)
+    layout = LAYOUTS[ftype]
+    if ftype == ASSIGN_REQUEST and fields.get("version") == 2:
+        layout = ASSIGN_REQUEST_V2
+    _encode_fields(layout, fields, body)
     frame = struct.pack(">IB", 1 + len(body), ftype) + bytes(body)
     if ftype in SIGNED and secret is not None:
         frame = frame[:-32] + hmac.new(secret, frame[4:-32], hashlib.sha256).digest()

@@ -544,10 +544,14 @@ def live_checks(binary: str):
         expect_handshake_error("expired token -> ERROR TOKEN_EXPIRED",
                                lambda: hc.Client(client_ep, hc.mint(cs, "py-alice", int(time.time()) - 5)).connect(),
                                hc.TOKEN_EXPIRED)
-        expect_handshake_error("version 2 only -> ERROR UNSUPPORTED_VERSION",
+        expect_handshake_error("versions 3..=4 only -> ERROR UNSUPPORTED_VERSION",
                                lambda: hc.Client(client_ep, hc.mint_ttl(cs, "py-alice"),
-                                                 min_version=2, max_version=2).connect(),
+                                                 min_version=3, max_version=4).connect(),
                                hc.UNSUPPORTED_VERSION)
+        c2 = hc.Client(client_ep, hc.mint_ttl(cs, "py-alice"), min_version=1, max_version=2)
+        c2.connect()
+        check("versions 1..=2 -> WELCOME version 2 (§3.1 step 3)", c2.welcome.version == 2)
+        c2.close()
         expect_handshake_error("publisher wrong secret -> ERROR AUTH_FAILED",
                                lambda: hc.Publisher(ingest_ep, hc.mint_ttl(cs, "py-publisher")).connect(),
                                hc.AUTH_FAILED)

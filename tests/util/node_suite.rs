@@ -227,17 +227,20 @@ fn bad_input_closes_only_that_connection() {
     let mut r = Raw::connect(node.client, Channel::ToClient);
     r.send(&[0, 0, 0, 1, 0x7e]);
     expect_error_then_eof(&mut r, Code::UnknownFrameType);
-    // Wrong version range.
-    let mut r = Raw::connect(node.client, Channel::ToClient);
+    // Version negotiation (§3.1 step 3): the highest common version, 1 for
+    // a version-1 client; no common version is UNSUPPORTED_VERSION.
     let t = token_for("v");
-    r.send_frame(Frame::Hello(f::Hello {
-        min_version: 2,
-        max_version: 3,
-        token: t.as_bytes(),
-        agent: b"",
-        resume: None,
-    }));
-    expect_error_then_eof(&mut r, Code::UnsupportedVersion);
+    for (min_version, max_version, chosen) in [(1, 1, Some(1)), (1, 2, Some(2)), (2, 9, Some(2)), (3, 4, None)] {
+        let mut r = Raw::connect(node.client, Channel::ToClient);
+        r.send_frame(Frame::Hello(f::Hello { min_version, max_version, token: t.as_bytes(), agent: b"", resume: None }));
+        match chosen {
+            Some(v) => match frame(&r.expect(Duration::from_secs(5)), Channel::ToClient) {
+                Frame::Welcome(w) => assert_eq!(w.version, v, "{min_version}..={max_version}"),
+                other => panic!("{min_version}..={max_version}: {other:?}"),
+            },
+            None => expect_error_then_eof(&mut r, Code::UnsupportedVersion),
+        }
+    }
     // A frame that is not allowed after the handshake.
     let (mut r, _) = raw_client(&node, "twice", None);
     r.send(&hello(&token_for("twice")));

@@ -274,13 +274,14 @@ fn decode_body(t: u8, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
         }
         ty::ASSIGN_REQUEST => {
             r.magic()?;
-            let version = r.u8("version")?;
+            let version = r.version()?;
             let user = r.str8("user", 0, MAX_USER_LEN)?;
             let max_results = r.u8("max_results")?;
             if !(1..=MAX_ASSIGN_RESULTS).contains(&max_results) {
                 return Err(DecodeError::BadValue { field: "max_results", value: max_results as u64 });
             }
-            Frame::AssignRequest(AssignRequest { version, user, max_results })
+            let token = if version >= 2 { r.str16("token", 0, MAX_TOKEN_LEN)? } else { &[] };
+            Frame::AssignRequest(AssignRequest { version, user, max_results, token })
         }
         ty::ASSIGNMENT => {
             Frame::Assignment(Assignment { entries: r.list8::<AssignEntry>(1, MAX_ASSIGN_RESULTS as usize)? })
@@ -288,12 +289,12 @@ fn decode_body(t: u8, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
         ty::NO_CAPACITY => Frame::NoCapacity(NoCapacity { retry_after_ms: r.u32("retry_after_ms")? }),
         ty::NODES_REQUEST => {
             r.magic()?;
-            Frame::NodesRequest(NodesRequest { version: r.u8("version")? })
+            Frame::NodesRequest(NodesRequest { version: r.version()? })
         }
         ty::NODES => Frame::Nodes(Nodes { entries: r.list16::<NodeEntry>(0, u16::MAX as usize)? }),
         ty::ADMIN => {
             r.magic()?;
-            let version = r.u8("version")?;
+            let version = r.version()?;
             let timestamp_ms = r.u64("timestamp_ms")?;
             let nonce = r.u64("nonce")?;
             let o = r.u8("op")?;

@@ -224,6 +224,9 @@ impl<'a> Frame<'a> {
                 out.push(a.version);
                 put_str8(out, a.user);
                 out.push(a.max_results);
+                if a.version >= 2 {
+                    put_str16(out, a.token);
+                }
             }
             Frame::Assignment(a) => {
                 out.push(a.entries.len() as u8);

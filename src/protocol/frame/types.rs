@@ -4,7 +4,7 @@
 
 use crate::protocol::channel::ty;
 use crate::protocol::codes::{AdminOp, Code, GoodbyeAction, ResumeResult};
-use crate::protocol::VERSION;
+use crate::protocol::{MIN_VERSION, VERSION};
 
 use super::entries::{AssignEntry, BatchEntry, List, NodeEntry, PresenceEntry, StatusEntry};
 
@@ -228,6 +228,10 @@ pub struct AssignRequest<'a> {
     pub user: &'a [u8],
     /// How many ranked nodes the requester wants, 1..=8.
     pub max_results: u8,
+    /// Version 2: the client's token (protocol.md §7.1, §9), proving who
+    /// asks; empty for none. Version 1 has no such field: it is not
+    /// encoded, and decodes as empty.
+    pub token: &'a [u8],
 }
 
 /// ASSIGNMENT (0xB0), decision server → requester (protocol.md §7.1).
@@ -396,5 +400,6 @@ impl<'a> Frame<'a> {
 
 /// The version both sides speak, given the peer's range: the highest common one.
 pub fn negotiate(min_version: u8, max_version: u8) -> Option<u8> {
-    (min_version <= VERSION && VERSION <= max_version).then_some(VERSION)
+    let v = max_version.min(VERSION);
+    (v >= min_version && v >= MIN_VERSION).then_some(v)
 }

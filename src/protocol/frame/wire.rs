@@ -64,6 +64,17 @@ impl<'a> Reader<'a> {
         Ok(a)
     }
     #[inline]
+    /// A request's `version` byte (protocol.md §7): one this implementation
+    /// does not speak ends the decoding there, whatever follows, because the
+    /// rest of the body may have another version's layout.
+    pub(super) fn version(&mut self) -> Result<u8, DecodeError> {
+        let v = self.u8("version")?;
+        if !crate::protocol::speaks(v) {
+            return Err(DecodeError::UnsupportedVersion(v));
+        }
+        Ok(v)
+    }
+
     pub(super) fn magic(&mut self) -> Result<(), DecodeError> {
         let m = self.u32("magic")?;
         if m != MAGIC {

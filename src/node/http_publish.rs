@@ -1,0 +1,210 @@
+//! Publishers over HTTP (`herald node --http ADDR`, http-api.md): one
+//! keep-alive connection's requests, read by [`super::api`], authenticated
+//! with the publisher secret, routed like PUBLISH ([`super::route`]) and
+//! answered in order. Runs on loop 0, with the ingest port.
+
+use std::time::{Duration, Instant};
+
+use crate::net::{CloseReason, ConnId, Flow};
+use crate::protocol::token::{self, TokenError};
+use crate::protocol::Code;
+
+use super::api::{self, ApiError, Call, Response, Routed};
+use super::conn::Peer;
+use super::route::Route;
+
+/// A keep-alive connection idle this long (no request in progress) is closed.
+pub const IDLE: Duration = Duration::from_secs(60);
+
+/// One HTTP API connection's state.
+#[derive(Debug, Default)]
+pub struct ApiConn {
+    /// When the first byte of the request in progress arrived: a request
+    /// must be whole within the handshake deadline of that (slowloris).
+    pub request_since: Option<Instant>,
+    /// The bearer token last verified on this connection, and its expiry
+    /// (Unix seconds): the same token is not verified again per request.
+    verified: Option<(Box<[u8]>, u64)>,
+}
+
+/// Whether the node takes publishes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Yes.
+    Open,
+    /// It is draining: 503, come back elsewhere.
+    Draining,
+    /// A mesh link or another loop is behind: 503 with Retry-After.
+    Busy,
+}
+
+/// Takes `data` read on `id` and answers every request it completes.
+pub fn input(
+    route: &mut Route<'_>,
+    id: ConnId,
+    data: &[u8],
+    secret: &[u8],
+    unix: u64,
+    gate: Gate,
+    now: Instant,
+) -> Flow {
+    let Some(c) = route.conns.get_mut(id) else { return Flow::Gone };
+    c.rbuf.extend_from_slice(data);
+    let mut buf = std::mem::take(&mut c.rbuf);
+    let mut at = 0;
+    let flow = loop {
+        let head = match api::head(&buf[at..]) {
+            Ok(Some(h)) => h,
+            Ok(None) => break Flow::Continue,
+            // After a bad head the rest of the stream cannot be framed:
+            // answer, then close.
+            Err(e) => break answer(route, id, &Response { close: true, ..Response::error(&e) }, now),
+        };
+        let end = head.len + head.content_length;
+        if buf.len() - at < end {
+            break Flow::Continue;
+        }
+        let body = &buf[at + head.len..at + end];
+        let mut r = handle(route, id, &head, body, secret, unix, gate);
+        r.close |= !head.keep_alive;
+        at += end;
+        let f = answer(route, id, &r, now);
+        if f != Flow::Continue {
+            break f;
+        }
+    };
+    buf.drain(..at);
+    let Some(c) = route.conns.get_mut(id) else { return Flow::Gone };
+    if let Peer::Api(a) = &mut c.state {
+        a.request_since = if buf.is_empty() { None } else { a.request_since.or(Some(now)) };
+    }
+    c.rbuf = buf;
+    flow
+}
+
+/// Queues `r`; closes after it if it says so.
+fn answer(route: &mut Route<'_>, id: ConnId, r: &Response, now: Instant) -> Flow {
+    let Some(out) = route.conns.queue(id) else { return Flow::Gone };
+    r.encode(out);
+    if r.close {
+        route.conns.begin_close(id, CloseReason::Served, now);
+        return Flow::Stop;
+    }
+    Flow::Continue
+}
+
+fn handle(
+    route: &mut Route<'_>,
+    id: ConnId,
+    head: &api::Head,
+    body: &[u8],
+    secret: &[u8],
+    unix: u64,
+    gate: Gate,
+) -> Response {
+    if let Err(e) = authorize(route, id, head, secret, unix) {
+        return Response::error(&e);
+    }
+    let call = match api::call(head, body) {
+        Ok(c) => c,
+        Err(e) => return Response::error(&e),
+    };
+    let refuse = |code, message: &str| {
+        Response::error(&ApiError { status: 503, code, field: None, message: message.into() })
+    };
+    if !matches!(call, Call::User(_)) {
+        match gate {
+            Gate::Open => {}
+            Gate::Draining => return refuse("draining", "the node is draining; publish to another node"),
+            Gate::Busy => return refuse("busy", "the node is behind on forwarding; retry after the delay"),
+        }
+    }
+    match call {
+        Call::Publish(m) => Response::published(&[deliver(route, &m)], false),
+        Call::Batch(ms) => {
+            let rs: Vec<Routed> = ms.iter().map(|m| deliver(route, m)).collect();
+            Response::published(&rs, true)
+        }
+        Call::User(u) => user(route, &u),
+    }
+}
+
+fn deliver(route: &mut Route<'_>, m: &api::Message) -> Routed {
+    let (local, forwarded) = route.deliver(&m.user, &m.payload, true);
+    Routed { local, forwarded }
+}
+
+/// The bearer token must be a publisher credential (the ingest port's, §9).
+fn authorize(
+    route: &mut Route<'_>,
+    id: ConnId,
+    head: &api::Head,
+    secret: &[u8],
+    unix: u64,
+) -> Result<(), ApiError> {
+    let unauthorized =
+        |code, message: &str| ApiError { status: 401, code, field: None, message: message.into() };
+    let Some(bearer) = head.bearer.as_deref() else {
+        return Err(unauthorized("unauthorized", "send Authorization: Bearer <publisher credential>"));
+    };
+    let Some(Peer::Api(a)) = route.conns.get_mut(id).map(|c| &mut c.state) else {
+        return Err(unauthorized("unauthorized", "connection closed"));
+    };
+    if a.verified.as_ref().is_some_and(|(t, exp)| **t == *bearer && unix < *exp) {
+        return Ok(());
+    }
+    match token::verify(bearer, secret, unix) {
+        Ok(claims) => {
+            a.verified = Some((bearer.into(), claims.expires));
+            Ok(())
+        }
+        Err(TokenError::Expired) => {
+            Err(unauthorized("token_expired", "the publisher credential has expired"))
+        }
+        Err(_) => Err(unauthorized("unauthorized", "the publisher credential does not verify")),
+    }
+}
+
+/// `GET /v1/users/{id}`: this node's view of the user.
+fn user(route: &mut Route<'_>, u: &[u8]) -> Response {
+    let mut nodes: Vec<String> = route
+        .presence
+        .peers_of(u)
+        .iter()
+        .filter_map(|&p| route.conns.get(ConnId(p)).and_then(|c| c.state.link()).map(|l| l.peer_id.clone()))
+        .collect();
+    nodes.sort();
+    let here = route.sessions.reg.find(u).and_then(|i| route.sessions.reg.user(i));
+    let mut v = serde_json::json!({
+        "user": String::from_utf8_lossy(u),
+        "online_here": false,
+        "sessions_here": 0,
+        "stream": null,
+        "peers": nodes,
+    });
+    if let Some(st) = here {
+        v["online_here"] = (!st.sessions.is_empty()).into();
+        v["sessions_here"] = st.sessions.len().into();
+        v["stream"] = serde_json::json!({ "epoch": st.epoch.to_string(), "head": st.head });
+    } else if let Some(r) = route.router.as_deref() {
+        // With --threads the user may be owned by another loop: online or
+        // not is known here, its stream position only there.
+        if let super::shard::Route::Send { online: true } = r.homes.route(u) {
+            v["online_here"] = true.into();
+            v["sessions_here"] = serde_json::Value::Null;
+        }
+    }
+    let online = v["online_here"] == true || !v["peers"].as_array().is_some_and(Vec::is_empty);
+    v["online"] = online.into();
+    Response { status: 200, body: v.to_string(), retry_after: None, close: false }
+}
+
+/// The sweep's verdict on an API connection at `now`: a request in
+/// progress for longer than `deadline`, or idle for [`IDLE`], is closed.
+pub fn expired(a: &ApiConn, last_rx: Instant, deadline: Duration, now: Instant) -> Option<Code> {
+    match a.request_since {
+        Some(t) if now.saturating_duration_since(t) >= deadline => Some(Code::HandshakeTimeout),
+        None if now.saturating_duration_since(last_rx) >= IDLE => Some(Code::IdleTimeout),
+        _ => None,
+    }
+}
