@@ -57,7 +57,17 @@ pub enum ClientError {
     NoCapacity(Duration),
     /// The node's WELCOME broke protocol.md §3.2 (the client sent ERROR and closed).
     BadWelcome(String),
+    /// The node refused the session with SESSION_LIMIT: the user already has
+    /// the most sessions the node allows (protocol.md §3.1 step 5). Another
+    /// node must not be asked to get around it; a running [`Client`]
+    /// reports it as [`Event::Disconnected`] with that code and tries the
+    /// same node again only after [`SESSION_LIMIT_BACKOFF`] to twice that.
+    SessionLimit(String),
 }
+
+/// The least a client waits after SESSION_LIMIT before trying again (the
+/// cap frees up only when one of the user's other sessions ends).
+pub const SESSION_LIMIT_BACKOFF: Duration = Duration::from_secs(30);
 
 impl fmt::Display for ClientError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -69,6 +79,7 @@ impl fmt::Display for ClientError {
             ClientError::Closed => write!(f, "connection closed"),
             ClientError::NoCapacity(d) => write!(f, "no node has capacity; retry after {d:?}"),
             ClientError::BadWelcome(m) => write!(f, "invalid WELCOME from node: {m}"),
+            ClientError::SessionLimit(m) => write!(f, "refused by node: session_limit (18): {m}"),
         }
     }
 }

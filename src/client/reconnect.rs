@@ -84,7 +84,9 @@ impl Client {
                     self.cached_failures = 0;
                     return Ok(());
                 }
-                Err(e @ ClientError::Rejected { .. }) => return Err(e),
+                // Not a failure of this node: another node must not be
+                // asked to get around the cap (protocol.md §3.6).
+                Err(e @ (ClientError::Rejected { .. } | ClientError::SessionLimit(_))) => return Err(e),
                 Err(e) => {
                     if self.cached.as_deref() == Some(name.as_str()) {
                         self.cached_failures += 1;
@@ -169,6 +171,11 @@ impl Client {
                     return Err(match e.code {
                         Code::AuthFailed | Code::TokenExpired | Code::UnsupportedVersion => {
                             ClientError::Rejected { code: e.code, message }
+                        }
+                        Code::SessionLimit => {
+                            // Come back to this node, not the next one.
+                            self.cached = Some(endpoint.to_owned());
+                            ClientError::SessionLimit(message)
                         }
                         _ => ClientError::Io(io::Error::other(format!("{}: {message}", e.code))),
                     });

@@ -237,6 +237,13 @@ impl Client {
                 match self.establish() {
                     Ok(()) => continue,
                     Err(e @ ClientError::Rejected { .. }) => return Err(e),
+                    Err(ClientError::SessionLimit(reason)) => {
+                        // The cap frees up only when another of the user's
+                        // sessions ends: a long wait, on the same node.
+                        let d = super::SESSION_LIMIT_BACKOFF;
+                        self.wait_until = Some(Instant::now() + self.jitter.spread(d * 2).max(d));
+                        return Ok(Some(Event::Disconnected { code: Some(Code::SessionLimit), reason }));
+                    }
                     Err(ClientError::NoCapacity(d)) => {
                         let d = self.jitter.spread(d * 2).max(d);
                         self.wait_until = Some(Instant::now() + d);

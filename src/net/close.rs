@@ -33,11 +33,15 @@ pub enum CloseReason {
     /// The TLS session failed (a bad handshake, a certificate refused, or
     /// bytes that are not TLS on a TLS port).
     Tls,
+    /// A client cut off as a slow consumer (GOODBYE SLOW_CONSUMER) because
+    /// the node's pending output as a whole was over its budget and this
+    /// session's queue was among the largest.
+    OutputBudget,
 }
 
 /// Every label [`CloseReason::label`] can return, in the order `/metrics`
 /// lists them (the first twelve are the node's original set).
-pub const LABELS: [&str; 18] = [
+pub const LABELS: [&str; 20] = [
     "peer_closed",
     "io_error",
     "protocol_error",
@@ -56,6 +60,8 @@ pub const LABELS: [&str; 18] = [
     "replaced",
     "request_too_large",
     "tls_error",
+    "session_limit",
+    "output_budget",
 ];
 
 /// Index of `served` (not a failure; not listed in [`LABELS`]' metric
@@ -85,6 +91,7 @@ impl CloseReason {
                 Code::SlowConsumer => 8,
                 Code::ServerFull => 9,
                 Code::Draining => 10,
+                Code::SessionLimit => 18,
                 _ => 11,
             },
             CloseReason::PeerError => 12,
@@ -93,6 +100,7 @@ impl CloseReason {
             CloseReason::Replaced => 15,
             CloseReason::RequestTooLarge => 16,
             CloseReason::Tls => 17,
+            CloseReason::OutputBudget => 19,
             CloseReason::Served => SERVED,
         }
     }
@@ -154,6 +162,7 @@ mod tests {
             CloseReason::Replaced,
             CloseReason::RequestTooLarge,
             CloseReason::Tls,
+            CloseReason::OutputBudget,
             CloseReason::Served,
         ];
         let mut seen: Vec<&str> = all.iter().map(|r| r.label()).collect();

@@ -107,6 +107,13 @@ pub trait ConnState {
     /// Bytes arrived from the peer (keepalive bookkeeping).
     #[inline]
     fn received(&mut self) {}
+
+    /// Whether this connection's pending output counts toward
+    /// [`IoCounts::pending`] (the node's output budget: client sessions).
+    #[inline]
+    fn budgeted(&self) -> bool {
+        false
+    }
 }
 
 /// One connection.
@@ -138,6 +145,8 @@ pub struct Conn<S> {
     eof: bool,
     /// Our write side is shut down (after the last frame went out).
     shut: bool,
+    /// What [`IoCounts::pending`] holds for this connection.
+    counted: usize,
 }
 
 impl<S> Conn<S> {
@@ -184,6 +193,12 @@ pub struct IoCounts {
     pub writes: u64,
     /// Accepts failed for lack of file descriptors (EMFILE/ENFILE).
     pub accept_emfile: u64,
+    /// Output pending on the connections whose state is
+    /// [`ConnState::budgeted`], closing ones excepted, bytes: a running
+    /// total, charged as output is queued ([`Dirty::charge`]) and set right
+    /// at each flush and close (a close stops it counting at once: its
+    /// output is written once more at most, then freed).
+    pub pending: usize,
 }
 
 /// The connections of one loop and this turn's work lists.
@@ -239,6 +254,7 @@ impl<S: ConnState> Conns<S> {
             stalled: false,
             eof: false,
             shut: false,
+            counted: 0,
         });
         self.open[listener] += 1;
         if self.registry.register(&mut conn.io, id.token(), Interest::READABLE).is_err() {
@@ -269,6 +285,7 @@ impl<S: ConnState> Conns<S> {
     /// Removes a connection without closing it, to hand it to another loop.
     pub fn take(&mut self, id: ConnId) -> Option<Conn<S>> {
         let mut c = self.slab.try_remove(id.0)?;
+        self.io.pending -= std::mem::take(&mut c.counted);
         let _ = self.registry.deregister(&mut c.io);
         self.open[c.listener as usize] -= 1;
         self.retry.retain(|&k| k != id);
@@ -321,7 +338,7 @@ impl<S: ConnState> Conns<S> {
     #[inline]
     pub fn get_mut_dirty(&mut self, id: ConnId) -> Option<(&mut Conn<S>, Dirty<'_>)> {
         let c = self.slab.get_mut(id.0)?;
-        Some((c, Dirty(&mut self.dirty)))
+        Some((c, Dirty { list: &mut self.dirty, pending: &mut self.io.pending }))
     }
 
     /// Lists a connection for this turn's flush (once).
@@ -371,6 +388,7 @@ impl<S: ConnState> Conns<S> {
                 c.reason = reason;
                 c.rbuf = Vec::new();
                 c.stalled = false;
+                self.io.pending -= std::mem::take(&mut c.counted);
                 self.closes.push((id, reason, Mode::Linger));
             }
             self.mark_dirty(id);
@@ -402,6 +420,7 @@ impl<S: ConnState> Conns<S> {
             c.reason = reason;
             c.rbuf = Vec::new();
             c.stalled = false;
+            self.io.pending -= std::mem::take(&mut c.counted);
         }
         self.closes.push((id, reason, mode));
     }
@@ -444,6 +463,7 @@ impl<S: ConnState> Conns<S> {
         // occupant, which returns WouldBlock.
         if let Some(c) = self.slab.try_remove(id.0) {
             self.open[c.listener as usize] -= 1;
+            self.io.pending -= c.counted;
         }
     }
 
@@ -457,6 +477,13 @@ impl<S: ConnState> Conns<S> {
                 if let Some(n) = f.wrote {
                     self.io.writes += 1;
                     self.io.bytes_out += n as u64;
+                }
+                if !closing && c.state.budgeted() {
+                    // Set right: the writes, and output queued without a
+                    // charge (a WELCOME, a replay, a PONG).
+                    let now = c.out.pending();
+                    self.io.pending = self.io.pending - c.counted + now;
+                    c.counted = now;
                 }
                 if f.empty && closing {
                     if c.eof {
@@ -521,15 +548,27 @@ impl<S: ConnState> Conns<S> {
     }
 }
 
-/// The turn's flush list, borrowed beside one connection.
-pub struct Dirty<'a>(&'a mut Vec<ConnId>);
+/// The turn's flush list and the pending-output total, borrowed beside
+/// one connection.
+pub struct Dirty<'a> {
+    list: &'a mut Vec<ConnId>,
+    pending: &'a mut usize,
+}
 
 impl Dirty<'_> {
     /// Lists `c` (whose id is `id`) for this turn's flush, once.
     #[inline]
     pub fn mark<S>(&mut self, c: &mut Conn<S>, id: ConnId) {
         if c.out.mark_dirty() {
-            self.0.push(id);
+            self.list.push(id);
         }
+    }
+
+    /// Counts `n` bytes just queued to `c` (a budgeted, open connection)
+    /// in [`IoCounts::pending`].
+    #[inline]
+    pub fn charge<S>(&mut self, c: &mut Conn<S>, n: usize) {
+        c.counted += n;
+        *self.pending += n;
     }
 }

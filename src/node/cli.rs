@@ -65,6 +65,18 @@ pub struct NodeArgs {
     /// What to do with a client whose queue is full: disconnect or drop.
     #[arg(long, default_value = policy_name(Config::default().slow_policy), value_parser = parse_policy)]
     pub slow_policy: SlowPolicy,
+    /// Node-wide bound on client sessions' pending output (queued, not yet
+    /// written to their sockets), bytes, split evenly among the event loops
+    /// (default: 1/8 of MemTotal, at least 64 MiB). When a DELIVER would
+    /// go over it, the sessions with the largest queues are cut as slow
+    /// consumers until the rest is under 90 % of it.
+    #[arg(long)]
+    pub output_budget: Option<usize>,
+    /// Established sessions one user may have on this node; a HELLO over
+    /// it is refused with ERROR SESSION_LIMIT (the new session, never an
+    /// old one). 0: no cap.
+    #[arg(long, default_value_t = Config::default().max_sessions_per_user)]
+    pub max_sessions_per_user: usize,
     /// How long a disconnected user's stream is kept for resume.
     #[arg(long, default_value_t = CliDuration(Config::default().grace))]
     pub grace: CliDuration,
@@ -184,6 +196,9 @@ impl NodeArgs {
         if self.threads == 0 || self.threads > MAX_THREADS {
             return Err(format!("--threads must be 1..={MAX_THREADS}, not {}", self.threads));
         }
+        if self.output_budget == Some(0) {
+            return Err("--output-budget must be more than 0".to_owned());
+        }
         let defaults = Config::default();
         Ok(Config {
             node_id: self.id.clone(),
@@ -199,6 +214,8 @@ impl NodeArgs {
             queue_bytes: self.queue_bytes,
             client_sndbuf: self.client_sndbuf,
             slow_policy: self.slow_policy,
+            max_sessions_per_user: self.max_sessions_per_user,
+            output_budget: self.output_budget.unwrap_or(defaults.output_budget),
             grace: self.grace.0,
             retain_count: self.retain_count,
             retain_bytes: self.retain_bytes,
@@ -332,6 +349,8 @@ mod tests {
         assert_eq!(cfg.queue_bytes, d.queue_bytes);
         assert_eq!(cfg.client_sndbuf, d.client_sndbuf);
         assert_eq!(cfg.slow_policy, d.slow_policy);
+        assert_eq!(cfg.max_sessions_per_user, d.max_sessions_per_user);
+        assert_eq!(cfg.output_budget, d.output_budget);
         assert_eq!(cfg.grace, d.grace);
         assert_eq!(cfg.retain_count, d.retain_count);
         assert_eq!(cfg.retain_bytes, d.retain_bytes);
@@ -377,6 +396,10 @@ mod tests {
             "3",
             "--decision",
             "a:1,b:2",
+            "--max-sessions-per-user",
+            "0",
+            "--output-budget",
+            "1048576",
         ]);
         let a = parse(&args).unwrap();
         let cfg = a.config_with(vec![1; 16], vec![2; 16], vec![3; 16]).unwrap();
@@ -386,6 +409,7 @@ mod tests {
         assert_eq!(cfg.capacity, 12);
         assert_eq!(cfg.threads, 3);
         assert_eq!(cfg.decision, ["a:1", "b:2"]);
+        assert_eq!((cfg.max_sessions_per_user, cfg.output_budget), (0, 1 << 20));
         assert_eq!(cfg.cluster_secret, [3; 16]);
         let e = a.config_with(vec![1; 16], vec![2; 16], Vec::new()).unwrap_err();
         assert_eq!(e, "--decision needs --cluster-secret-file");
@@ -400,6 +424,10 @@ mod tests {
         let a = with(&["--threads", "0"]).unwrap();
         let e = a.config_with(Vec::new(), Vec::new(), Vec::new()).unwrap_err();
         assert_eq!(e, format!("--threads must be 1..={MAX_THREADS}, not 0"));
+        let a = with(&["--output-budget", "0"]).unwrap();
+        let e = a.config_with(Vec::new(), Vec::new(), Vec::new()).unwrap_err();
+        assert_eq!(e, "--output-budget must be more than 0");
+        assert!(with(&["--max-sessions-per-user", "-1"]).is_err());
         assert!(parse(&["--secret-file", "c"]).is_err(), "--publisher-secret-file is required");
     }
 
@@ -416,6 +444,7 @@ mod tests {
             shown(&d.queue_bytes),
             shown(&d.client_sndbuf),
             shown(&policy_name(d.slow_policy)),
+            shown(&d.max_sessions_per_user),
             shown(&CliDuration(d.grace)),
             shown(&d.retain_total),
             shown(&CliDuration(d.drain_window)),

@@ -69,6 +69,13 @@ pub struct Config {
     pub client_sndbuf: usize,
     /// What to do when the bound is hit.
     pub slow_policy: SlowPolicy,
+    /// Node-wide bound on client sessions' pending output, bytes (split
+    /// evenly among the event loops); over it, the largest queues are cut
+    /// as slow consumers.
+    pub output_budget: usize,
+    /// Established sessions one user may have on the node; a HELLO over it
+    /// is refused with SESSION_LIMIT. 0: no cap.
+    pub max_sessions_per_user: usize,
     /// How long a user without sessions keeps its stream for resume.
     pub grace: Duration,
     /// Retained messages per user.
@@ -128,6 +135,8 @@ impl Default for Config {
             queue_bytes: 256 * 1024,
             client_sndbuf: 64 * 1024,
             slow_policy: SlowPolicy::Disconnect,
+            output_budget: default_output_budget(),
+            max_sessions_per_user: 8,
             grace: Duration::from_secs(30),
             retain_count: 1024,
             retain_bytes: 256 * 1024,
@@ -155,4 +164,33 @@ impl Default for Config {
 pub fn default_capacity() -> usize {
     let n = crate::net::descriptor_limit().unwrap_or(1024);
     n.saturating_sub((n / 20).max(32)).max(1)
+}
+
+/// The output budget from the host's memory: 1/8 of `MemTotal` in
+/// `/proc/meminfo`, and at least 64 MiB (also when it cannot be read).
+pub fn default_output_budget() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| mem_total(&s)).unwrap_or(0);
+    (total / 8).max(MIN_OUTPUT_BUDGET)
+}
+
+/// The smallest default output budget, bytes (64 MiB).
+pub const MIN_OUTPUT_BUDGET: usize = 64 << 20;
+
+/// `MemTotal` of a `/proc/meminfo` text, in bytes.
+fn mem_total(meminfo: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_output_budget_is_an_eighth_of_memory_and_at_least_64_mib() {
+        assert_eq!(mem_total("MemTotal:       16384000 kB\nMemFree: 1 kB\n"), Some(16_384_000 * 1024));
+        assert_eq!(mem_total("nothing here"), None);
+        assert!(default_output_budget() >= MIN_OUTPUT_BUDGET);
+    }
 }

@@ -232,6 +232,13 @@ impl ConnState for Peer {
         matches!(self, Peer::Publisher { .. }) || matches!(self, Peer::Link(l) if l.is_up())
     }
 
+    /// Only client sessions count toward the output budget: they are the
+    /// ones it may cut (publishers and links have bounds of their own).
+    #[inline]
+    fn budgeted(&self) -> bool {
+        matches!(self, Peer::Client { .. })
+    }
+
     #[inline]
     fn received(&mut self) {
         if let Some(ka) = self.keepalive() {

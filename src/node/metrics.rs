@@ -54,6 +54,9 @@ pub struct Metrics {
     pub bytes_out: u64,
     /// Write syscalls.
     pub writes: u64,
+    /// Client sessions' output queued and not yet written, bytes (what
+    /// `--output-budget` bounds).
+    pub output_pending: u64,
     /// Ingest-to-socket-write latency, microseconds.
     pub latency_us: Histogram<u64>,
 }
@@ -77,6 +80,7 @@ impl Default for Metrics {
             bytes_in: 0,
             bytes_out: 0,
             writes: 0,
+            output_pending: 0,
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
         }
     }
@@ -127,6 +131,7 @@ impl Metrics {
         self.bytes_in += o.bytes_in;
         self.bytes_out += o.bytes_out;
         self.writes += o.writes;
+        self.output_pending += o.output_pending;
         let _ = self.latency_us.add(&o.latency_us);
     }
 
@@ -149,6 +154,7 @@ impl Metrics {
         self.bytes_in = o.bytes_in;
         self.bytes_out = o.bytes_out;
         self.writes = o.writes;
+        self.output_pending = o.output_pending;
     }
 
     /// Makes these figures a copy of `o`, reusing this histogram's memory.
@@ -175,6 +181,7 @@ impl Metrics {
         self.bytes_out = io.bytes_out;
         self.writes = io.writes;
         self.accept_emfile = io.accept_emfile;
+        self.output_pending = io.pending as u64;
     }
 
     /// Records `n` messages that spent `us` microseconds from ingest to write.
@@ -223,6 +230,12 @@ impl Metrics {
             "counter",
             "Clients closed for a full queue.",
             self.closes.get(SLOW),
+        );
+        g(
+            "output_pending_bytes",
+            "gauge",
+            "Client output queued and not yet written, node-wide (bounded by --output-budget).",
+            self.output_pending,
         );
         g("queue_depth_max_bytes", "gauge", "Largest pending output of one client.", q.max);
         g("queue_depth_p50_bytes", "gauge", "Median pending output per client.", q.p50);

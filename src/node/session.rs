@@ -32,6 +32,12 @@ pub struct Sessions {
     heartbeat: Duration,
     queue_bytes: usize,
     slow_policy: SlowPolicy,
+    max_sessions_per_user: usize,
+    /// This loop's share of `--output-budget`.
+    output_budget: usize,
+    /// Scratch for [`cut_largest`] (kept: the scan runs only when over
+    /// budget, but then may run again soon).
+    victims: Vec<(usize, ConnId)>,
 }
 
 /// A HELLO that established a session.
@@ -81,6 +87,10 @@ impl Sessions {
             heartbeat: cfg.heartbeat,
             queue_bytes: cfg.queue_bytes,
             slow_policy: cfg.slow_policy,
+            max_sessions_per_user: cfg.max_sessions_per_user,
+            // Shared out among the loops, as the retention ring is.
+            output_budget: cfg.output_budget / loops,
+            victims: Vec::new(),
         }
     }
 
@@ -112,6 +122,18 @@ impl Sessions {
             return None;
         }
         let user = admitted.user.unwrap_or_default();
+        if self.at_session_limit(&user) {
+            // The new session is refused, never an old one (§3.1 step 5).
+            // All of a user's sessions are on this loop (its owner), and a
+            // loop runs one HELLO at a time, so the count is the node's.
+            conns.fail(
+                id,
+                Code::SessionLimit,
+                "the user already has the maximum number of sessions on this node",
+                now,
+            );
+            return None;
+        }
         let a = self.reg.attach(&user, id.0, h.resume);
         // Session ids are unique in the node: each loop takes every N-th.
         let session = self.next_session * self.loops + self.loop_id;
@@ -138,6 +160,13 @@ impl Sessions {
         Some(Welcomed { user, first_session: a.first_session })
     }
 
+    /// Whether `user` already has `--max-sessions-per-user` sessions here.
+    fn at_session_limit(&self, user: &[u8]) -> bool {
+        let cap = self.max_sessions_per_user;
+        cap != 0
+            && self.reg.find(user).and_then(|u| self.reg.user(u)).is_some_and(|u| u.sessions.len() >= cap)
+    }
+
     /// Queues one message to every local session of `user`, retaining it
     /// for resume if the user has a stream here. Returns whether the user
     /// has a session here.
@@ -147,6 +176,10 @@ impl Sessions {
         let Some((frame, sessions)) = self.reg.publish(u, payload) else { return false };
         if sessions.is_empty() {
             return false;
+        }
+        let need = frame.len() * sessions.len();
+        if conns.io.pending + need > self.output_budget {
+            cut_largest(conns, self.output_budget, need, &mut self.victims);
         }
         for &s in sessions {
             let s = ConnId(s);
@@ -158,25 +191,17 @@ impl Sessions {
             }
             if c.pending() + frame.len() > self.queue_bytes {
                 match self.slow_policy {
-                    SlowPolicy::Disconnect => {
-                        // Its queue is full; the GOODBYE may not get through,
-                        // but the retained messages let it resume.
-                        Frame::Goodbye(f::Goodbye {
-                            reason: Code::SlowConsumer,
-                            action: GoodbyeAction::RetryAfter,
-                            delay_ms: 100,
-                            target: b"",
-                        })
-                        .encode(&mut c.out.buf);
-                        conns.abort(s, CloseReason::Sent(Code::SlowConsumer));
-                    }
+                    SlowPolicy::Disconnect => cut_off(conns, s, CloseReason::Sent(Code::SlowConsumer)),
                     SlowPolicy::Drop => m.dropped += 1,
                 }
                 continue;
             }
+            c.out.reserve(frame.len());
             c.out.buf.extend_from_slice(frame);
+            dirty.charge(c, frame.len());
             if let Peer::Client { ka: ka @ Keepalive::Due, .. } = &mut c.state {
-                // A PING rides on the delivery: no extra write.
+                // A PING rides on the delivery: no extra write (nor charge:
+                // the flush counts it).
                 *ka = Keepalive::Pinged;
                 Frame::Ping(m.msgs_out).encode(&mut c.out.buf);
             }
@@ -209,5 +234,47 @@ impl Sessions {
     /// Users known (online or within grace).
     pub fn users(&self) -> usize {
         self.reg.users()
+    }
+}
+
+/// Cuts a session off as a slow consumer: GOODBYE SLOW_CONSUMER,
+/// RETRY_AFTER 100 ms, then one last write and the close. The GOODBYE may
+/// not get through (its queue is full), but the retained messages let it
+/// resume.
+fn cut_off(conns: &mut Conns<Peer>, s: ConnId, reason: CloseReason) {
+    if let Some(out) = conns.get_mut(s).map(|c| &mut c.out.buf) {
+        Frame::Goodbye(f::Goodbye {
+            reason: Code::SlowConsumer,
+            action: GoodbyeAction::RetryAfter,
+            delay_ms: 100,
+            target: b"",
+        })
+        .encode(out);
+    }
+    conns.abort(s, reason);
+}
+
+/// Queuing `need` more bytes would take this loop's pending output over
+/// `budget`: cuts the sessions with the largest queues (counted as
+/// [`CloseReason::OutputBudget`]) until the rest plus `need` is under 90 %
+/// of it, so that one scan of the connections pays for many deliveries. A
+/// session with nothing queued is never cut. Only runs when over budget.
+#[cold]
+fn cut_largest(conns: &mut Conns<Peer>, budget: usize, need: usize, victims: &mut Vec<(usize, ConnId)>) {
+    let target = budget / 10 * 9;
+    victims.clear();
+    victims.extend(
+        conns
+            .iter()
+            .filter(|(_, c)| c.state.is_client() && !c.is_closing() && c.pending() > 0)
+            .map(|(id, c)| (c.pending(), id)),
+    );
+    victims.sort_unstable_by(|a, b| b.cmp(a));
+    for &(_, id) in victims.iter() {
+        if conns.io.pending + need <= target {
+            break;
+        }
+        // The close stops its output counting at once.
+        cut_off(conns, id, CloseReason::OutputBudget);
     }
 }

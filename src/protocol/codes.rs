@@ -44,6 +44,9 @@ pub enum Code {
     Rebalance,
     /// An internal failure on the sender's side.
     Internal,
+    /// The user already has the maximum number of sessions on this node
+    /// (protocol version 2; sent to version-1 clients too, §4.1).
+    SessionLimit,
     /// A code this implementation does not know.
     Other(u16),
 }
@@ -69,6 +72,7 @@ impl Code {
             Code::BadRequest => 15,
             Code::Rebalance => 16,
             Code::Internal => 17,
+            Code::SessionLimit => 18,
             Code::Other(n) => n,
         }
     }
@@ -93,6 +97,7 @@ impl Code {
             15 => Code::BadRequest,
             16 => Code::Rebalance,
             17 => Code::Internal,
+            18 => Code::SessionLimit,
             n => Code::Other(n),
         }
     }
@@ -117,6 +122,7 @@ impl Code {
             Code::BadRequest => "bad_request",
             Code::Rebalance => "rebalance",
             Code::Internal => "internal",
+            Code::SessionLimit => "session_limit",
             Code::Other(_) => "other",
         }
     }
