@@ -18,6 +18,7 @@ use crate::protocol::{token, Code, PresenceOp};
 
 use super::cluster::{self, Ctl};
 use super::config::Config;
+use super::confirm::Confirms;
 use super::conn::{listener, Peer};
 use super::duty::Duties;
 use super::http::{self, Request};
@@ -55,6 +56,8 @@ pub struct NodeLoop {
     pub sessions: Sessions,
     /// Mesh links and presence.
     pub mesh: Mesh,
+    /// PUB_RESULTs waiting for their forwards to be confirmed.
+    pub confirms: Confirms,
     /// Counters.
     pub m: Metrics,
     /// This turn's delivery figures.
@@ -80,7 +83,13 @@ impl NodeLoop {
     /// The parts one delivery touches.
     #[inline]
     fn route<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> Route<'a> {
-        Route {
+        self.route_confirms(conns).0
+    }
+
+    /// The parts a publish touches: a delivery's, and the waiting PUB_RESULTs.
+    #[inline]
+    fn route_confirms<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> (Route<'a>, &'a mut Confirms) {
+        let route = Route {
             conns,
             sessions: &mut self.sessions,
             m: &mut self.m,
@@ -88,7 +97,8 @@ impl NodeLoop {
             router: self.role.router(),
             loops: self.shared.n,
             turn: &mut self.turn,
-        }
+        };
+        (route, &mut self.confirms)
     }
 
     /// Loops 1..N, at exit: the last figures for loop 0.
@@ -306,15 +316,17 @@ impl Service for NodeLoop {
         // the frame alone says which room it is for.
         match frame {
             Frame::Publish(p) => {
-                publish::publish(&mut self.route(conns), id, &p);
+                let (mut route, confirms) = self.route_confirms(conns);
+                publish::publish(&mut route, confirms, id, &p);
                 Flow::Continue
             }
             Frame::PublishBatch(b) => {
-                publish::batch(&mut self.route(conns), id, &b);
+                let (mut route, confirms) = self.route_confirms(conns);
+                publish::batch(&mut route, confirms, id, &b);
                 Flow::Continue
             }
             Frame::Forward(fw) => {
-                self.route(conns).deliver(fw.user, fw.payload, false);
+                self.route(conns).deliver(fw.user, fw.payload, false, None);
                 Flow::Continue
             }
             Frame::Ping(n) => {
@@ -323,7 +335,10 @@ impl Service for NodeLoop {
                 }
                 Flow::Continue
             }
-            Frame::Pong(_) => Flow::Continue,
+            Frame::Pong(n) => {
+                self.confirms.pong(conns, id, n);
+                Flow::Continue
+            }
             Frame::Error(_) => {
                 conns.peer_gone(id, CloseReason::PeerError);
                 Flow::Stop
@@ -390,10 +405,16 @@ impl Service for NodeLoop {
                 }
             }
             Ended::NotASession => {
+                let link = c.state.link().is_some();
                 if let Some(link) = c.state.link() {
                     self.mesh.closed(id, link);
                 }
                 self.parked.retain(|&k| k != id);
+                if link {
+                    self.confirms.link_gone(conns, id);
+                } else {
+                    self.confirms.publisher_gone(id);
+                }
             }
         }
     }
@@ -416,6 +437,7 @@ impl Service for NodeLoop {
             self.inbox(conns, now);
         }
         self.mesh.send_presence(conns);
+        self.confirms.send_pings(conns, now);
         if let Some(r) = self.role.router() {
             r.flush();
         }
@@ -453,6 +475,7 @@ impl Service for NodeLoop {
         if self.kill.load(Ordering::Relaxed) {
             return Tick::Exit;
         }
+        self.confirms.expire(conns, now);
         let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
         duties.tick(conns, now, super::duty::Parts { cfg, loop_id: *id, shared, role, sessions, m, stop })
     }
