@@ -15,17 +15,16 @@
 //! `no_route` if it was not local either). PUB_RESULTs stay in request
 //! order per publisher: one waiting holds back those behind it.
 //!
-//! Publishes without WANT_RESULT take none of this. No clock of its own:
-//! `now` comes in; no sockets: frames are encoded into the connections' buffers.
+//! Publishes without WANT_RESULT take none of this. A pure state machine:
+//! no clock of its own (`now` comes in), no sockets (it says which PINGs to
+//! send, which PUB_RESULTs are ready and which links to declare down; the
+//! caller writes them), so the tests below drive time directly.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::net::{ConnId, Conns};
-use crate::protocol::frame::{self as f, Frame};
-use crate::protocol::Code;
-
-use super::conn::Peer;
+use crate::net::ConnId;
+use crate::protocol::frame as f;
 
 /// Confirmation PINGs carry this bit in their nonce; keepalive PINGs (ms
 /// since the node started) never do.
@@ -93,15 +92,15 @@ impl Confirms {
     }
 
     /// A request of publisher `publisher` was routed: each message's
-    /// `local` and the links it was forwarded to. Writes its PUB_RESULT now
-    /// if nothing waits (no forward, nothing ahead of it), else holds it.
+    /// `local` and the links it was forwarded to. Its PUB_RESULT, if it can
+    /// be written now (nothing to confirm, nothing ahead of it); else it is
+    /// held.
     pub fn request(
         &mut self,
-        conns: &mut Conns<Peer>,
         publisher: ConnId,
         request_id: u32,
         msgs: impl Iterator<Item = (bool, Vec<ConnId>)>,
-    ) {
+    ) -> Option<f::PubResult> {
         let msgs: Vec<Msg> = msgs
             .map(|(local, links)| {
                 let waits = links
@@ -116,33 +115,36 @@ impl Confirms {
             })
             .collect();
         let req = Request { request_id, msgs };
-        let q = self.queues.entry(publisher).or_default();
-        if q.is_empty() && req.done() {
-            self.queues.remove(&publisher);
-            if let Some(out) = conns.queue(publisher) {
-                Frame::PubResult(req.result()).encode(out);
+        match self.queues.get_mut(&publisher) {
+            None if req.done() => Some(req.result()),
+            None => {
+                self.queues.insert(publisher, VecDeque::from([req]));
+                None
             }
-            return;
+            Some(q) => {
+                q.push_back(req);
+                None
+            }
         }
-        q.push_back(req);
     }
 
-    /// End of the turn: one confirmation PING on each link with messages
-    /// waiting on its current round.
-    pub fn send_pings(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+    /// End of the turn: the confirmation PINGs to send, (link, nonce): one
+    /// on each link with messages waiting on its current round.
+    pub fn pings(&mut self, now: Instant) -> Vec<(ConnId, u64)> {
+        let mut out = Vec::new();
         for (&link, r) in self.links.iter_mut().filter(|(_, r)| r.want) {
             r.want = false;
-            if let Some(out) = conns.queue(link) {
-                Frame::Ping(NONCE_BIT | r.next).encode(out);
-            }
+            out.push((link, NONCE_BIT | r.next));
             r.sent.push_back((r.next, now));
             r.next += 1;
         }
+        out
     }
 
     /// A PONG on `link`: if it answers a confirmation PING, every message
     /// waiting on that round or an earlier one is confirmed.
-    pub fn pong(&mut self, conns: &mut Conns<Peer>, link: ConnId, nonce: u64) {
+    /// Adds the PUB_RESULTs it completes to `ready`, (publisher, result).
+    pub fn pong(&mut self, link: ConnId, nonce: u64, ready: &mut Vec<(ConnId, f::PubResult)>) {
         if nonce & NONCE_BIT == 0 {
             return;
         }
@@ -156,18 +158,19 @@ impl Confirms {
                 m.confirmed = true;
             }
         }
-        self.flush(conns);
+        self.flush(ready);
     }
 
     /// Link `link` is closing: what waits on it will not be confirmed by it.
-    pub fn link_gone(&mut self, conns: &mut Conns<Peer>, link: ConnId) {
+    /// Adds the PUB_RESULTs that completes to `ready`.
+    pub fn link_gone(&mut self, link: ConnId, ready: &mut Vec<(ConnId, f::PubResult)>) {
         if self.links.remove(&link).is_none() {
             return;
         }
         for m in self.queues.values_mut().flatten().flat_map(|q| q.msgs.iter_mut()) {
             m.waits.retain(|&(l, _)| l != link);
         }
-        self.flush(conns);
+        self.flush(ready);
     }
 
     /// Publisher `publisher` is closing: its results are not owed any more.
@@ -175,36 +178,31 @@ impl Confirms {
         self.queues.remove(&publisher);
     }
 
-    /// Declares down (ERROR IDLE_TIMEOUT) every link whose oldest unanswered
-    /// confirmation PING is older than the timeout; the close then runs
-    /// [`Confirms::link_gone`].
-    pub fn expire(&mut self, conns: &mut Conns<Peer>, now: Instant) {
-        let late: Vec<ConnId> = self
-            .links
-            .iter()
-            .filter(|(_, r)| {
-                r.sent.front().is_some_and(|&(_, t)| now.saturating_duration_since(t) >= self.timeout)
-            })
-            .map(|(&l, _)| l)
-            .collect();
-        for link in late {
-            let msg = format!("mesh peer left a PING unanswered for {} ms", self.timeout.as_millis());
-            if let Some(peer) = conns.get(link).and_then(|c| c.state.link()) {
-                log::warn!("herald node: mesh link to {}: {msg}; declared down", peer.peer_id);
-            }
-            conns.fail(link, Code::IdleTimeout, &msg, now);
-            self.link_gone(conns, link);
-        }
+    /// The links to declare down at `now`: their oldest unanswered
+    /// confirmation PING is older than the timeout. The caller closes each
+    /// (ERROR IDLE_TIMEOUT), and the close runs [`Confirms::link_gone`].
+    pub fn late(&self, now: Instant) -> Vec<ConnId> {
+        let late = |r: &Rounds| {
+            r.sent.front().is_some_and(|&(_, t)| now.saturating_duration_since(t) >= self.timeout)
+        };
+        self.links.iter().filter(|(_, r)| late(r)).map(|(&l, _)| l).collect()
     }
 
-    /// Writes every PUB_RESULT now complete at the head of its publisher's queue.
-    fn flush(&mut self, conns: &mut Conns<Peer>) {
+    /// The forward timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Moves every PUB_RESULT now complete at the head of its publisher's
+    /// queue to `ready`.
+    fn flush(&mut self, ready: &mut Vec<(ConnId, f::PubResult)>) {
         self.queues.retain(|&publisher, q| {
-            while q.front().is_some_and(Request::done) {
-                let req = q.pop_front().unwrap_or_else(|| unreachable!());
-                if let Some(out) = conns.queue(publisher) {
-                    Frame::PubResult(req.result()).encode(out);
+            while let Some(req) = q.pop_front() {
+                if !req.done() {
+                    q.push_front(req);
+                    break;
                 }
+                ready.push((publisher, req.result()));
             }
             !q.is_empty()
         });
@@ -217,5 +215,101 @@ impl Confirms {
             .flat_map(|m| m.waits.iter().map(|w| w.0))
             .collect();
         self.links.retain(|l, r| r.want || !r.sent.is_empty() || waiting.contains(l));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: ConnId = ConnId(1);
+    const L1: ConnId = ConnId(10);
+    const L2: ConnId = ConnId(11);
+    const T: Duration = Duration::from_secs(2);
+
+    fn res(id: u32, accepted: u16, local: u16, forwarded: u16, no_route: u16) -> f::PubResult {
+        f::PubResult { request_id: id, accepted, local, forwarded, no_route }
+    }
+
+    #[test]
+    fn nothing_forwarded_is_answered_at_once_and_sends_no_ping() {
+        let mut c = Confirms::new(T);
+        assert_eq!(c.request(P, 1, [(true, vec![])].into_iter()), Some(res(1, 1, 1, 0, 0)));
+        assert_eq!(c.request(P, 2, [(false, vec![])].into_iter()), Some(res(2, 1, 0, 0, 1)));
+        assert!(c.pings(Instant::now()).is_empty());
+    }
+
+    #[test]
+    fn a_forward_counts_once_the_pong_to_the_ping_behind_it_arrives() {
+        let (mut c, t0, mut ready) = (Confirms::new(T), Instant::now(), Vec::new());
+        assert_eq!(c.request(P, 1, [(false, vec![L1])].into_iter()), None);
+        let pings = c.pings(t0);
+        assert_eq!(pings, vec![(L1, NONCE_BIT)]);
+        // A keepalive PONG (no top bit) and a PONG on another link confirm nothing.
+        c.pong(L1, 12345, &mut ready);
+        c.pong(L2, NONCE_BIT, &mut ready);
+        assert!(ready.is_empty());
+        c.pong(L1, pings[0].1, &mut ready);
+        assert_eq!(ready, vec![(P, res(1, 1, 0, 1, 0))]);
+        assert!(c.late(t0 + T * 10).is_empty(), "nothing outstanding");
+    }
+
+    #[test]
+    fn a_link_that_does_not_answer_is_late_and_its_messages_are_not_forwarded() {
+        let (mut c, t0, mut ready) = (Confirms::new(T), Instant::now(), Vec::new());
+        c.request(P, 1, [(true, vec![L1]), (false, vec![L1])].into_iter());
+        c.pings(t0);
+        assert!(c.late(t0 + T - Duration::from_millis(1)).is_empty());
+        assert_eq!(c.late(t0 + T), vec![L1]);
+        c.link_gone(L1, &mut ready);
+        // One local (queued here), one neither: no_route.
+        assert_eq!(ready, vec![(P, res(1, 2, 1, 0, 1))]);
+    }
+
+    #[test]
+    fn results_stay_in_request_order_behind_a_held_one() {
+        let (mut c, t0, mut ready) = (Confirms::new(T), Instant::now(), Vec::new());
+        assert_eq!(c.request(P, 1, [(false, vec![L1])].into_iter()), None);
+        assert_eq!(c.request(P, 2, [(true, vec![])].into_iter()), None, "held behind request 1");
+        let n = c.pings(t0)[0].1;
+        c.pong(L1, n, &mut ready);
+        assert_eq!(ready, vec![(P, res(1, 1, 0, 1, 0)), (P, res(2, 1, 1, 0, 0))]);
+    }
+
+    #[test]
+    fn a_message_forwarded_to_two_peers_counts_if_either_confirms() {
+        let (mut c, t0, mut ready) = (Confirms::new(T), Instant::now(), Vec::new());
+        c.request(P, 1, [(false, vec![L1, L2])].into_iter());
+        let pings = c.pings(t0);
+        assert_eq!(pings.len(), 2);
+        c.link_gone(L1, &mut ready);
+        assert!(ready.is_empty(), "L2 may still confirm");
+        let n2 = pings.iter().find(|p| p.0 == L2).unwrap().1;
+        c.pong(L2, n2, &mut ready);
+        assert_eq!(ready, vec![(P, res(1, 1, 0, 1, 0))]);
+    }
+
+    #[test]
+    fn a_ping_sent_before_a_forward_does_not_confirm_it() {
+        let (mut c, t0, mut ready) = (Confirms::new(T), Instant::now(), Vec::new());
+        c.request(P, 1, [(false, vec![L1])].into_iter());
+        let first = c.pings(t0)[0].1;
+        c.request(P, 2, [(false, vec![L1])].into_iter());
+        let second = c.pings(t0)[0].1;
+        c.pong(L1, first, &mut ready);
+        assert_eq!(ready, vec![(P, res(1, 1, 0, 1, 0))], "request 2 waits for the second round");
+        ready.clear();
+        c.pong(L1, second, &mut ready);
+        assert_eq!(ready, vec![(P, res(2, 1, 0, 1, 0))]);
+    }
+
+    #[test]
+    fn a_closed_publisher_is_owed_nothing() {
+        let (mut c, t0, mut ready) = (Confirms::new(T), Instant::now(), Vec::new());
+        c.request(P, 1, [(false, vec![L1])].into_iter());
+        let n = c.pings(t0)[0].1;
+        c.publisher_gone(P);
+        c.pong(L1, n, &mut ready);
+        assert!(ready.is_empty());
     }
 }

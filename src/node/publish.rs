@@ -56,7 +56,9 @@ pub fn publish(route: &mut Route<'_>, confirms: &mut Confirms, id: ConnId, p: &f
     }
     let mut links = Vec::new();
     let (local, _) = route.deliver(p.user, p.payload, true, Some(&mut links));
-    confirms.request(route.conns, id, p.request_id, std::iter::once((local, links)));
+    if let Some(r) = confirms.request(id, p.request_id, std::iter::once((local, links))) {
+        results(route.conns, &[(id, r)]);
+    }
 }
 
 /// One PUBLISH_BATCH from publisher `id` (its one PUB_RESULT as for PUBLISH).
@@ -73,5 +75,16 @@ pub fn batch(route: &mut Route<'_>, confirms: &mut Confirms, id: ConnId, b: &f::
         let (local, _) = route.deliver(e.user, e.payload, true, Some(&mut links));
         msgs.push((local, links));
     }
-    confirms.request(route.conns, id, b.request_id, msgs.into_iter());
+    if let Some(r) = confirms.request(id, b.request_id, msgs.into_iter()) {
+        results(route.conns, &[(id, r)]);
+    }
+}
+
+/// Writes PUB_RESULTs, each to its publisher (if still open).
+pub fn results(conns: &mut Conns<Peer>, ready: &[(ConnId, f::PubResult)]) {
+    for &(id, r) in ready {
+        if let Some(out) = conns.queue(id) {
+            Frame::PubResult(r).encode(out);
+        }
+    }
 }

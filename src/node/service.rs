@@ -101,6 +101,27 @@ impl NodeLoop {
         (route, &mut self.confirms)
     }
 
+    /// Closes (ERROR IDLE_TIMEOUT) every mesh link that left a confirmation
+    /// PING unanswered for the forward timeout (protocol.md §6.6); what
+    /// waited on it counts as not forwarded.
+    fn declare_down(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+        let mut ready = Vec::new();
+        for link in self.confirms.late(now) {
+            let ms = self.confirms.timeout().as_millis();
+            let msg = format!("mesh peer left a PING unanswered for {ms} ms");
+            if let Some(peer) = conns.get(link).and_then(|c| c.state.link()) {
+                log::warn!(
+                    "herald node {}: mesh link to {}: {msg}; declared down",
+                    self.cfg.node_id,
+                    peer.peer_id
+                );
+            }
+            conns.fail(link, Code::IdleTimeout, &msg, now);
+            self.confirms.link_gone(link, &mut ready);
+        }
+        publish::results(conns, &ready);
+    }
+
     /// Loops 1..N, at exit: the last figures for loop 0.
     pub fn final_stats(&mut self, conns: &Conns<Peer>) {
         let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
@@ -336,7 +357,9 @@ impl Service for NodeLoop {
                 Flow::Continue
             }
             Frame::Pong(n) => {
-                self.confirms.pong(conns, id, n);
+                let mut ready = Vec::new();
+                self.confirms.pong(id, n, &mut ready);
+                publish::results(conns, &ready);
                 Flow::Continue
             }
             Frame::Error(_) => {
@@ -411,7 +434,9 @@ impl Service for NodeLoop {
                 }
                 self.parked.retain(|&k| k != id);
                 if link {
-                    self.confirms.link_gone(conns, id);
+                    let mut ready = Vec::new();
+                    self.confirms.link_gone(id, &mut ready);
+                    publish::results(conns, &ready);
                 } else {
                     self.confirms.publisher_gone(id);
                 }
@@ -437,7 +462,11 @@ impl Service for NodeLoop {
             self.inbox(conns, now);
         }
         self.mesh.send_presence(conns);
-        self.confirms.send_pings(conns, now);
+        for (link, nonce) in self.confirms.pings(now) {
+            if let Some(out) = conns.queue(link) {
+                Frame::Ping(nonce).encode(out);
+            }
+        }
         if let Some(r) = self.role.router() {
             r.flush();
         }
@@ -475,7 +504,7 @@ impl Service for NodeLoop {
         if self.kill.load(Ordering::Relaxed) {
             return Tick::Exit;
         }
-        self.confirms.expire(conns, now);
+        self.declare_down(conns, now);
         let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
         duties.tick(conns, now, super::duty::Parts { cfg, loop_id: *id, shared, role, sessions, m, stop })
     }
