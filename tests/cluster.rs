@@ -12,7 +12,7 @@ use herald::client::{Client, ClientConfig, ClientError, Event, Publisher};
 use herald::decision::client::{self as dc, AssignOutcome};
 use herald::node::shard::owner;
 use herald::protocol::AdminOp;
-use util::proc::{after, Proc};
+use util::proc::{after, secrets_dir, Proc};
 use util::*;
 
 const CLUSTER_SECRET: &[u8] = b"cluster-secret-for-tests";
@@ -47,17 +47,7 @@ struct Cluster {
 
 impl Cluster {
     fn new(name: &str) -> Cluster {
-        let dir = std::env::temp_dir().join(format!("herald-cluster-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (f, s) in [
-            ("client", CLIENT_SECRET),
-            ("publisher", PUBLISHER_SECRET),
-            ("cluster", CLUSTER_SECRET),
-            ("admin", ADMIN_SECRET),
-        ] {
-            std::fs::write(dir.join(f), s).unwrap();
-        }
+        let dir = secrets_dir(&format!("cluster-{name}"), CLUSTER_SECRET, ADMIN_SECRET);
         Cluster { dir, decisions: Vec::new(), nodes: Vec::new(), tls: false }
     }
 

@@ -189,3 +189,32 @@ fn a_welcome_with_a_version_not_offered_is_refused() {
         within(Duration::from_secs(10), move || Publisher::connect(&addr.to_string(), "credential").is_ok());
     assert_eq!(r, Some(false), "the publisher accepted version 3");
 }
+
+/// Issue #11 item 3: a node that goes silent (its link cut without a RST)
+/// is declared dead after 3 heartbeats even by a caller that polls with
+/// short timeouts, so its clients fail over. Before, only one read that
+/// itself waited 3 heartbeats could notice, and such a caller never did.
+#[test]
+fn a_silent_node_is_declared_dead_by_a_client_polling_with_short_timeouts() {
+    let addr = fake_node(|l| {
+        let mut s = accept_hello(&l);
+        s.write_all(&welcome(ResumeResult::Fresh, 7, 1, 200)).unwrap();
+        // Silent from now on, with the connection open.
+        std::thread::sleep(Duration::from_secs(10));
+        drop(s);
+    });
+    let dead = within(Duration::from_secs(8), move || {
+        let mut c = Client::connect(ClientConfig::new(addr.to_string(), "t")).unwrap();
+        let t0 = Instant::now();
+        loop {
+            match c.next_event_timeout(Duration::from_millis(50)) {
+                Ok(Some(herald::client::Event::Disconnected { code, .. })) => return (code, t0.elapsed()),
+                Ok(_) => assert!(t0.elapsed() < Duration::from_secs(5), "still connected"),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    });
+    let (code, after) = dead.expect("the client never noticed the silent node");
+    assert_eq!(code, Some(herald::protocol::Code::IdleTimeout));
+    assert!(after >= Duration::from_millis(550), "declared dead after {after:?}, before 3 heartbeats");
+}

@@ -162,7 +162,8 @@ impl Client {
                     // A node that stops reading must not block us in a
                     // write (a PONG) for longer than it may stay silent.
                     sock.set_write_timeout(Some(heartbeat * 3))?;
-                    self.session = Some(Session { sock, addr, epoch: w.epoch, heartbeat });
+                    self.session =
+                        Some(Session { sock, addr, epoch: w.epoch, heartbeat, heard: Instant::now() });
                     self.backoff = self.cfg.backoff_min;
                     return Ok(());
                 }

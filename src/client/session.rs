@@ -117,6 +117,9 @@ pub(super) struct Session {
     pub(super) addr: SocketAddr,
     pub(super) epoch: u64,
     pub(super) heartbeat: Duration,
+    /// When the node last sent anything: silent for 3 heartbeats, it is
+    /// dead (protocol.md §3.4), however short the caller's own timeouts.
+    pub(super) heard: Instant,
 }
 
 /// The reference client. See the [module docs](crate::client).
@@ -272,17 +275,21 @@ impl Client {
                 return Ok(None);
             }
             let s = self.session.as_mut().expect("session");
-            let wait = (deadline - now).min(s.heartbeat * 3);
+            let dead_at = s.heard + s.heartbeat * 3;
+            if now >= dead_at {
+                self.drop_session(Some(Code::IdleTimeout), "node silent for 3 heartbeats");
+                continue;
+            }
+            let wait = (deadline - now).min(dead_at - now);
             s.sock.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
             let mut chunk = [0u8; 16 * 1024];
             match s.sock.read(&mut chunk) {
                 Ok(0) => self.drop_session(None, "node closed the connection"),
-                Ok(n) => self.rbuf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {
-                    if wait >= s.heartbeat * 3 {
-                        self.drop_session(Some(Code::IdleTimeout), "node silent for 3 heartbeats");
-                    }
+                Ok(n) => {
+                    s.heard = Instant::now();
+                    self.rbuf.extend_from_slice(&chunk[..n]);
                 }
+                Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => self.drop_session(None, &e.to_string()),
             }

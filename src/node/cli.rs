@@ -53,6 +53,11 @@ pub struct NodeArgs {
     /// Keepalive interval: ping a silent client after this, close it after 3x.
     #[arg(long, default_value_t = CliDuration(Config::default().heartbeat))]
     pub heartbeat: CliDuration,
+    /// A publish with WANT_RESULT forwarded to a peer counts as forwarded
+    /// once the peer answers a PING sent behind it; a mesh link that leaves
+    /// it unanswered this long is declared down (protocol.md §6.6).
+    #[arg(long, default_value_t = CliDuration(Config::default().forward_timeout))]
+    pub forward_timeout: CliDuration,
     /// Per-client bound on pending output, bytes.
     #[arg(long, default_value_t = Config::default().queue_bytes)]
     pub queue_bytes: usize,
@@ -211,6 +216,7 @@ impl NodeArgs {
             client_secret,
             publisher_secret,
             heartbeat: self.heartbeat.0,
+            forward_timeout: self.forward_timeout.0,
             queue_bytes: self.queue_bytes,
             client_sndbuf: self.client_sndbuf,
             slow_policy: self.slow_policy,

@@ -59,6 +59,10 @@ pub struct Config {
     pub publisher_secret: Vec<u8>,
     /// Ping a client silent for this long; close it after 3×.
     pub heartbeat: Duration,
+    /// A confirmed publish's forward waits this long for the peer's answer
+    /// to a PING behind it; a link that leaves it unanswered is declared
+    /// down (protocol.md §6.6).
+    pub forward_timeout: Duration,
     /// A client must complete its HELLO within this.
     pub handshake_timeout: Duration,
     /// Per-client bound on pending output, bytes.
@@ -131,6 +135,7 @@ impl Default for Config {
             client_secret: Vec::new(),
             publisher_secret: Vec::new(),
             heartbeat: Duration::from_secs(10),
+            forward_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),
             queue_bytes: 256 * 1024,
             client_sndbuf: 64 * 1024,

@@ -1,7 +1,10 @@
 //! Publishers over HTTP (`herald node --http ADDR`, http-api.md): one
 //! keep-alive connection's requests, read by [`super::api`], authenticated
-//! with the publisher secret, routed like PUBLISH ([`super::route`]) and
-//! answered in order. Runs on loop 0, with the ingest port.
+//! with the publisher secret, routed like PUBLISH with WANT_RESULT
+//! ([`super::route`]) and answered in order. A publish forwarded to a peer
+//! is answered once the peer has confirmed it ([`super::confirm`]); until
+//! then the connection's later requests wait in its read buffer. Runs on
+//! loop 0, with the ingest port.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +13,7 @@ use crate::protocol::token::{self, TokenError};
 use crate::protocol::Code;
 
 use super::api::{self, ApiError, Call, Response, Routed};
+use super::confirm::{Confirms, Done};
 use super::conn::Peer;
 use super::route::Route;
 
@@ -25,6 +29,23 @@ pub struct ApiConn {
     /// The bearer token last verified on this connection, and its expiry
     /// (Unix seconds): the same token is not verified again per request.
     verified: Option<(Box<[u8]>, u64)>,
+    /// A publish waiting for its forwards to be confirmed: whether it is a
+    /// batch, and whether the connection closes after its answer.
+    held: Option<(bool, bool)>,
+    /// Request ids for [`Confirms`], per connection.
+    next_request: u32,
+}
+
+/// What answering a request needs besides the route.
+pub struct Cx<'a> {
+    /// Confirmed forwarding.
+    pub confirms: &'a mut Confirms,
+    /// The publisher secret.
+    pub secret: &'a [u8],
+    /// Wall clock, Unix seconds.
+    pub unix: u64,
+    /// Whether publishes are taken now.
+    pub gate: Gate,
 }
 
 /// Whether the node takes publishes now.
@@ -38,18 +59,14 @@ pub enum Gate {
     Busy,
 }
 
-/// Takes `data` read on `id` and answers every request it completes.
-pub fn input(
-    route: &mut Route<'_>,
-    id: ConnId,
-    data: &[u8],
-    secret: &[u8],
-    unix: u64,
-    gate: Gate,
-    now: Instant,
-) -> Flow {
+/// Takes `data` read on `id` and answers every request it completes, in
+/// order, up to one that waits for confirmation.
+pub fn input(route: &mut Route<'_>, cx: &mut Cx<'_>, id: ConnId, data: &[u8], now: Instant) -> Flow {
     let Some(c) = route.conns.get_mut(id) else { return Flow::Gone };
     c.rbuf.extend_from_slice(data);
+    if matches!(&c.state, Peer::Api(a) if a.held.is_some()) {
+        return Flow::Continue;
+    }
     let mut buf = std::mem::take(&mut c.rbuf);
     let mut at = 0;
     let flow = loop {
@@ -65,9 +82,15 @@ pub fn input(
             break Flow::Continue;
         }
         let body = &buf[at + head.len..at + end];
-        let mut r = handle(route, id, &head, body, secret, unix, gate);
-        r.close |= !head.keep_alive;
         at += end;
+        let Some(mut r) = handle(route, cx, id, &head, body) else {
+            // Held until its forwards are confirmed ([`done`]).
+            if let Some(Peer::Api(a)) = route.conns.get_mut(id).map(|c| &mut c.state) {
+                a.held = a.held.map(|(batch, _)| (batch, !head.keep_alive));
+            }
+            break Flow::Continue;
+        };
+        r.close |= !head.keep_alive;
         let f = answer(route, id, &r, now);
         if f != Flow::Continue {
             break f;
@@ -93,45 +116,74 @@ fn answer(route: &mut Route<'_>, id: ConnId, r: &Response, now: Instant) -> Flow
     Flow::Continue
 }
 
+/// The answer to one request, or None if it waits for confirmations.
 fn handle(
     route: &mut Route<'_>,
+    cx: &mut Cx<'_>,
     id: ConnId,
     head: &api::Head,
     body: &[u8],
-    secret: &[u8],
-    unix: u64,
-    gate: Gate,
-) -> Response {
-    if let Err(e) = authorize(route, id, head, secret, unix) {
-        return Response::error(&e);
+) -> Option<Response> {
+    if let Err(e) = authorize(route, id, head, cx.secret, cx.unix) {
+        return Some(Response::error(&e));
     }
     let call = match api::call(head, body) {
         Ok(c) => c,
-        Err(e) => return Response::error(&e),
+        Err(e) => return Some(Response::error(&e)),
     };
     let refuse = |code, message: &str| {
         Response::error(&ApiError { status: 503, code, field: None, message: message.into(), allow: None })
     };
     if !matches!(call, Call::User(_)) {
-        match gate {
+        match cx.gate {
             Gate::Open => {}
-            Gate::Draining => return refuse("draining", "the node is draining; publish to another node"),
-            Gate::Busy => return refuse("busy", "the node is behind on forwarding; retry after the delay"),
+            Gate::Draining => {
+                return Some(refuse("draining", "the node is draining; publish to another node"))
+            }
+            Gate::Busy => {
+                return Some(refuse("busy", "the node is behind on forwarding; retry after the delay"))
+            }
         }
     }
-    match call {
-        Call::Publish(m) => Response::published(&[deliver(route, &m)], false),
-        Call::Batch(ms) => {
-            let rs: Vec<Routed> = ms.iter().map(|m| deliver(route, m)).collect();
-            Response::published(&rs, true)
+    let (msgs, batch) = match call {
+        Call::Publish(m) => (vec![m], false),
+        Call::Batch(ms) => (ms, true),
+        Call::User(u) => return Some(user(route, &u)),
+    };
+    let routed: Vec<(bool, Vec<ConnId>)> = msgs
+        .iter()
+        .map(|m| {
+            let mut links = Vec::new();
+            let (local, _) = route.deliver(&m.user, &m.payload, true, Some(&mut links));
+            (local, links)
+        })
+        .collect();
+    let Some(Peer::Api(a)) = route.conns.get_mut(id).map(|c| &mut c.state) else { return None };
+    a.next_request = a.next_request.wrapping_add(1);
+    match cx.confirms.request(id, a.next_request, routed.into_iter()) {
+        Some(d) => Some(published(&d, batch)),
+        None => {
+            a.held = Some((batch, false));
+            None
         }
-        Call::User(u) => user(route, &u),
     }
 }
 
-fn deliver(route: &mut Route<'_>, m: &api::Message) -> Routed {
-    let (local, forwarded) = route.deliver(&m.user, &m.payload, true);
-    Routed { local, forwarded }
+fn published(d: &Done, batch: bool) -> Response {
+    let rs: Vec<Routed> = d.routed.iter().map(|&(local, forwarded)| Routed { local, forwarded }).collect();
+    Response::published(&rs, batch)
+}
+
+/// A held publish of `id` is confirmed (or its links are gone): answers it,
+/// then the requests that waited behind it.
+pub fn done(route: &mut Route<'_>, cx: &mut Cx<'_>, id: ConnId, d: &Done, now: Instant) -> Flow {
+    let Some(Peer::Api(a)) = route.conns.get_mut(id).map(|c| &mut c.state) else { return Flow::Gone };
+    let Some((batch, close)) = a.held.take() else { return Flow::Continue };
+    let r = Response { close, ..published(d, batch) };
+    match answer(route, id, &r, now) {
+        Flow::Continue => input(route, cx, id, &[], now),
+        f => f,
+    }
 }
 
 /// The bearer token must be a publisher credential (the ingest port's, §9).

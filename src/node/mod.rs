@@ -15,6 +15,8 @@
 //!     with the queue bound and slow-consumer policy;
 //!   - `publish`: publishers: PUB_HELLO, PUBLISH, PUBLISH_BATCH;
 //!   - `link`: mesh links: the PEER_* handshake, presence, dialling;
+//!   - [`confirm`]: a confirmed publish's forwards, confirmed by PING/PONG
+//!     on the link before its PUB_RESULT counts them;
 //!   - `http`: `/metrics` and `/healthz`;
 //!   - `http_publish`: publishers over HTTP (`--http`), with `api`, the
 //!     API's requests and answers, sans-IO;
@@ -43,6 +45,7 @@ pub(crate) mod auth;
 pub mod cli;
 pub(crate) mod cluster;
 pub(crate) mod config;
+pub mod confirm;
 pub(crate) mod conn;
 pub(crate) mod drain;
 pub(crate) mod duty;

@@ -1,6 +1,7 @@
 //! Publishers on the ingest port: PUB_HELLO, then PUBLISH and
 //! PUBLISH_BATCH, each routed ([`super::route`]) and, when asked for,
-//! answered with a PUB_RESULT (protocol.md §5).
+//! answered with a PUB_RESULT (protocol.md §5), held until its forwards
+//! are confirmed ([`super::confirm`]).
 
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use crate::protocol::limits;
 
 use super::auth::{self, Credential};
 use super::config::Config;
+use super::confirm::{Confirms, Done};
 use super::conn::Peer;
 use super::keepalive::Keepalive;
 use super::route::Route;
@@ -44,43 +46,45 @@ pub fn hello(
     Flow::Continue
 }
 
-/// One PUBLISH from publisher `id`.
+/// One PUBLISH from publisher `id`. With WANT_RESULT its PUB_RESULT goes
+/// through `confirms`: a forward counts once the peer confirms it.
 #[inline]
-pub fn publish(route: &mut Route<'_>, id: ConnId, p: &f::Publish<'_>) {
-    let (local, fwd) = route.deliver(p.user, p.payload, true);
-    if p.flags & PUBLISH_WANT_RESULT != 0 {
-        let r = f::PubResult {
-            request_id: p.request_id,
-            accepted: 1,
-            local: local as u16,
-            forwarded: fwd as u16,
-            no_route: !(local || fwd) as u16,
-        };
-        if let Some(out) = route.conns.queue(id) {
-            Frame::PubResult(r).encode(out);
-        }
+pub fn publish(route: &mut Route<'_>, confirms: &mut Confirms, id: ConnId, p: &f::Publish<'_>) {
+    if p.flags & PUBLISH_WANT_RESULT == 0 {
+        route.deliver(p.user, p.payload, true, None);
+        return;
+    }
+    let mut links = Vec::new();
+    let (local, _) = route.deliver(p.user, p.payload, true, Some(&mut links));
+    if let Some(r) = confirms.request(id, p.request_id, std::iter::once((local, links))) {
+        results(route.conns, &[(id, r)]);
     }
 }
 
-/// One PUBLISH_BATCH from publisher `id`.
-pub fn batch(route: &mut Route<'_>, id: ConnId, b: &f::PublishBatch<'_>) {
-    let (mut local, mut fwd, mut none) = (0u16, 0u16, 0u16);
-    for e in b.entries.iter() {
-        let (l, f) = route.deliver(e.user, e.payload, true);
-        local += l as u16;
-        fwd += f as u16;
-        none += !(l || f) as u16;
+/// One PUBLISH_BATCH from publisher `id` (its one PUB_RESULT as for PUBLISH).
+pub fn batch(route: &mut Route<'_>, confirms: &mut Confirms, id: ConnId, b: &f::PublishBatch<'_>) {
+    if b.flags & PUBLISH_WANT_RESULT == 0 {
+        for e in b.entries.iter() {
+            route.deliver(e.user, e.payload, true, None);
+        }
+        return;
     }
-    if b.flags & PUBLISH_WANT_RESULT != 0 {
-        let r = f::PubResult {
-            request_id: b.request_id,
-            accepted: b.entries.len() as u16,
-            local,
-            forwarded: fwd,
-            no_route: none,
-        };
-        if let Some(out) = route.conns.queue(id) {
-            Frame::PubResult(r).encode(out);
+    let mut msgs = Vec::with_capacity(b.entries.len());
+    for e in b.entries.iter() {
+        let mut links = Vec::new();
+        let (local, _) = route.deliver(e.user, e.payload, true, Some(&mut links));
+        msgs.push((local, links));
+    }
+    if let Some(r) = confirms.request(id, b.request_id, msgs.into_iter()) {
+        results(route.conns, &[(id, r)]);
+    }
+}
+
+/// Writes PUB_RESULTs, each to its publisher (if still open).
+pub fn results(conns: &mut Conns<Peer>, ready: &[(ConnId, Done)]) {
+    for (id, r) in ready {
+        if let Some(out) = conns.queue(*id) {
+            Frame::PubResult(r.pub_result()).encode(out);
         }
     }
 }

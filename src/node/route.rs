@@ -56,10 +56,18 @@ pub struct Route<'a> {
 impl Route<'_> {
     /// Delivers one message to the user's sessions on this node (here or on
     /// the loop that owns the user) and, for a publish (`forward`), to every
-    /// peer where the user is online. Returns (queued for a local session,
-    /// forwarded to a peer), PUB_RESULT's `local` and `forwarded`.
+    /// peer where the user is online, adding each such link to `links` if
+    /// given (for a confirmed publish, [`super::confirm`]). Returns (queued
+    /// for a local session, forwarded to a peer), PUB_RESULT's `local` and
+    /// `forwarded` for an unconfirmed publish.
     #[inline]
-    pub fn deliver(&mut self, user: &[u8], payload: &[u8], forward: bool) -> (bool, bool) {
+    pub fn deliver(
+        &mut self,
+        user: &[u8],
+        payload: &[u8],
+        forward: bool,
+        mut links: Option<&mut Vec<ConnId>>,
+    ) -> (bool, bool) {
         self.m.msgs_in += 1;
         let mut forwarded = false;
         if forward {
@@ -73,6 +81,9 @@ impl Route<'_> {
                 self.m.forwarded += 1;
                 forwarded = true;
                 dirty.mark(c, peer);
+                if let Some(l) = links.as_deref_mut() {
+                    l.push(peer);
+                }
             }
         }
         let local = match self.router.as_deref_mut() {

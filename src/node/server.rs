@@ -15,6 +15,7 @@ use crate::tls::{self, Acceptor, ServerFiles};
 
 use super::cluster::{self, Heartbeater};
 use super::config::{Config, MAX_THREADS};
+use super::confirm::Confirms;
 use super::conn::Limits;
 use super::duty::Duties;
 use super::error::NodeError;
@@ -253,6 +254,7 @@ impl Node {
             role,
             sessions: Sessions::new(&self.cfg, id, self.cfg.threads, shared.seed),
             mesh: Mesh::new(&self.cfg.node_id, shared.incarnation, self.mesh_tls.clone()),
+            confirms: Confirms::new(self.cfg.forward_timeout),
             m: Metrics::default(),
             turn: Turn::new(now),
             unix: 0,

@@ -18,6 +18,7 @@ use crate::protocol::{token, Code, PresenceOp};
 
 use super::cluster::{self, Ctl};
 use super::config::Config;
+use super::confirm::{Confirms, Done};
 use super::conn::{listener, Peer};
 use super::duty::Duties;
 use super::http::{self, Request};
@@ -56,6 +57,8 @@ pub struct NodeLoop {
     pub sessions: Sessions,
     /// Mesh links and presence.
     pub mesh: Mesh,
+    /// PUB_RESULTs waiting for their forwards to be confirmed.
+    pub confirms: Confirms,
     /// Counters.
     pub m: Metrics,
     /// This turn's delivery figures.
@@ -81,7 +84,13 @@ impl NodeLoop {
     /// The parts one delivery touches.
     #[inline]
     fn route<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> Route<'a> {
-        Route {
+        self.route_confirms(conns).0
+    }
+
+    /// The parts a publish touches: a delivery's, and the waiting PUB_RESULTs.
+    #[inline]
+    fn route_confirms<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> (Route<'a>, &'a mut Confirms) {
+        let route = Route {
             conns,
             sessions: &mut self.sessions,
             m: &mut self.m,
@@ -89,6 +98,68 @@ impl NodeLoop {
             router: self.role.router(),
             loops: self.shared.n,
             turn: &mut self.turn,
+        };
+        (route, &mut self.confirms)
+    }
+
+    /// Closes (ERROR IDLE_TIMEOUT) every mesh link that left a confirmation
+    /// PING unanswered for the forward timeout (protocol.md §6.6); what
+    /// waited on it counts as not forwarded.
+    fn declare_down(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+        let mut ready = Vec::new();
+        for link in self.confirms.late(now) {
+            let ms = self.confirms.timeout().as_millis();
+            let msg = format!("mesh peer left a PING unanswered for {ms} ms");
+            if let Some(peer) = conns.get(link).and_then(|c| c.state.link()) {
+                log::warn!(
+                    "herald node {}: mesh link to {}: {msg}; declared down",
+                    self.cfg.node_id,
+                    peer.peer_id
+                );
+            }
+            conns.fail(link, Code::IdleTimeout, &msg, now);
+            self.confirms.link_gone(link, &mut ready);
+        }
+        self.results(conns, ready, now);
+    }
+
+    /// Runs `f` with what an HTTP API request needs (http_publish).
+    fn with_api<R>(
+        &mut self,
+        conns: &mut Conns<Peer>,
+        f: impl FnOnce(&mut Route<'_>, &mut http_publish::Cx<'_>) -> R,
+    ) -> R {
+        let gate = if self.draining() || self.duties.stopping() {
+            Gate::Draining
+        } else if self.backlogged(conns) {
+            Gate::Busy
+        } else {
+            Gate::Open
+        };
+        let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, confirms, .. } = self;
+        let mut route = Route {
+            conns,
+            sessions,
+            m,
+            presence: &mesh.presence,
+            router: role.router(),
+            loops: shared.n,
+            turn,
+        };
+        let mut cx = http_publish::Cx { confirms, secret: &cfg.publisher_secret, unix: *unix, gate };
+        f(&mut route, &mut cx)
+    }
+
+    /// Writes the results confirmation completed: PUB_RESULTs to binary
+    /// publishers, HTTP answers to API connections (which then go on with
+    /// the requests that waited behind them).
+    fn results(&mut self, conns: &mut Conns<Peer>, ready: Vec<(ConnId, Done)>, now: Instant) {
+        let (api, ingest): (Vec<_>, Vec<_>) = ready
+            .into_iter()
+            .partition(|(id, _)| conns.get(*id).is_some_and(|c| matches!(c.state, Peer::Api(_))));
+        publish::results(conns, &ingest);
+        for (id, d) in api {
+            self.with_api(conns, |route, cx| http_publish::done(route, cx, id, &d, now));
         }
     }
 
@@ -310,15 +381,17 @@ impl Service for NodeLoop {
         // the frame alone says which room it is for.
         match frame {
             Frame::Publish(p) => {
-                publish::publish(&mut self.route(conns), id, &p);
+                let (mut route, confirms) = self.route_confirms(conns);
+                publish::publish(&mut route, confirms, id, &p);
                 Flow::Continue
             }
             Frame::PublishBatch(b) => {
-                publish::batch(&mut self.route(conns), id, &b);
+                let (mut route, confirms) = self.route_confirms(conns);
+                publish::batch(&mut route, confirms, id, &b);
                 Flow::Continue
             }
             Frame::Forward(fw) => {
-                self.route(conns).deliver(fw.user, fw.payload, false);
+                self.route(conns).deliver(fw.user, fw.payload, false, None);
                 Flow::Continue
             }
             Frame::Ping(n) => {
@@ -327,7 +400,12 @@ impl Service for NodeLoop {
                 }
                 Flow::Continue
             }
-            Frame::Pong(_) => Flow::Continue,
+            Frame::Pong(n) => {
+                let mut ready = Vec::new();
+                self.confirms.pong(id, n, &mut ready);
+                self.results(conns, ready, now);
+                Flow::Continue
+            }
             Frame::Error(_) => {
                 conns.peer_gone(id, CloseReason::PeerError);
                 Flow::Stop
@@ -360,24 +438,7 @@ impl Service for NodeLoop {
         if !conns.get(id).is_some_and(|c| matches!(c.state, Peer::Api(_))) {
             return self.http(conns, id, data, now);
         }
-        let gate = if self.draining() || self.duties.stopping() {
-            Gate::Draining
-        } else if self.backlogged(conns) {
-            Gate::Busy
-        } else {
-            Gate::Open
-        };
-        let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, .. } = self;
-        let mut route = Route {
-            conns,
-            sessions,
-            m,
-            presence: &mesh.presence,
-            router: role.router(),
-            loops: shared.n,
-            turn,
-        };
-        http_publish::input(&mut route, id, data, &cfg.publisher_secret, *unix, gate, now)
+        self.with_api(conns, |route, cx| http_publish::input(route, cx, id, data, now))
     }
 
     #[inline]
@@ -414,10 +475,18 @@ impl Service for NodeLoop {
                 }
             }
             Ended::NotASession => {
+                let link = c.state.link().is_some();
                 if let Some(link) = c.state.link() {
                     self.mesh.closed(id, link);
                 }
                 self.parked.retain(|&k| k != id);
+                if link {
+                    let mut ready = Vec::new();
+                    self.confirms.link_gone(id, &mut ready);
+                    self.results(conns, ready, now);
+                } else {
+                    self.confirms.publisher_gone(id);
+                }
             }
         }
     }
@@ -440,6 +509,11 @@ impl Service for NodeLoop {
             self.inbox(conns, now);
         }
         self.mesh.send_presence(conns);
+        for (link, nonce) in self.confirms.pings(now) {
+            if let Some(out) = conns.queue(link) {
+                Frame::Ping(nonce).encode(out);
+            }
+        }
         if let Some(r) = self.role.router() {
             r.flush();
         }
@@ -477,6 +551,7 @@ impl Service for NodeLoop {
         if self.kill.load(Ordering::Relaxed) {
             return Tick::Exit;
         }
+        self.declare_down(conns, now);
         let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
         duties.tick(conns, now, super::duty::Parts { cfg, loop_id: *id, shared, role, sessions, m, stop })
     }

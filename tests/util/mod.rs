@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod proc;
 
 use std::io::{ErrorKind, Read, Write};

@@ -98,3 +98,21 @@ pub fn after(line: &str, marker: &str) -> Option<String> {
     let rest = line.split(marker).nth(1)?;
     Some(rest.split([',', '\n']).next()?.trim().to_owned())
 }
+
+/// A fresh directory `herald-NAME-PID` under the temp dir holding the
+/// secret files `client`, `publisher` (the test secrets), `cluster` and
+/// `admin`, as cluster tests start their processes with.
+pub fn secrets_dir(name: &str, cluster: &[u8], admin: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (f, s) in [
+        ("client", super::CLIENT_SECRET),
+        ("publisher", super::PUBLISHER_SECRET),
+        ("cluster", cluster),
+        ("admin", admin),
+    ] {
+        std::fs::write(dir.join(f), s).unwrap();
+    }
+    dir
+}
