@@ -125,6 +125,8 @@ impl Cluster {
             "0",
             "--metrics",
             "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
             "--threads",
             threads,
         ]
@@ -151,6 +153,7 @@ impl Cluster {
                 after(l, "clients on "),
                 after(l, "ingest on "),
                 after(l, "metrics on http://").map(|m| m.trim_end_matches("/metrics").to_owned()),
+                after(l, "publish API on http://").map(|m| m.trim_end_matches("/v1").to_owned()),
             ]
             .into_iter()
             .flatten()
@@ -163,6 +166,10 @@ impl Cluster {
     }
     fn node_ingest(&self, i: usize) -> String {
         self.nodes[i].addrs[1].clone()
+    }
+    /// The node's HTTP publish API (`host:port`; plaintext clusters only).
+    fn node_http(&self, i: usize) -> String {
+        self.nodes[i].addrs[3].clone()
     }
 
     fn admin(&self, op: AdminOp, node: &str, value: u32) {
@@ -530,4 +537,72 @@ fn the_mesh_routes_over_tls_between_nodes_that_verify_each_other() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via the TLS mesh");
+}
+
+/// One HTTP/1.1 request on a fresh connection (Connection: close); the
+/// status and the JSON body.
+fn http_call(addr: &str, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: h\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Length: {}\r\n\r\n{body}",
+        pub_credential(),
+        body.len()
+    );
+    std::io::Write::write_all(&mut s, req.as_bytes()).unwrap();
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no answer: {out:?}"));
+    (head.split(' ').nth(1).unwrap().parse().unwrap(), serde_json::from_str(body).unwrap())
+}
+
+/// The HTTP publish API forwards through the mesh and answers `forwarded`
+/// only once the user's node has confirmed the message (protocol.md §6.6):
+/// with that node stopped (SIGSTOP: its sockets stay open and silent, as
+/// after a cut), the answer comes after the forward timeout and says
+/// `no_route`, not `forwarded`; once it runs again, publishes are
+/// forwarded and delivered again.
+#[test]
+fn an_http_publish_is_forwarded_only_when_the_peer_confirms_it() {
+    let mut c = Cluster::new("http-confirm");
+    c.start_decision();
+    for id in ["n1", "n2"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(2);
+    let mut cl = Client::connect(ClientConfig::new(c.node_client(1), token_for("hana"))).unwrap();
+    assert!(matches!(cl.next_event().unwrap(), Event::Connected { .. }));
+    let api = c.node_http(0);
+    let body = r#"{"user":"hana","data":"via http"}"#;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, v) = http_call(&api, "POST", "/v1/publish", body);
+        assert_eq!(status, 200, "{v}");
+        if v["forwarded"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never forwarded: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(next_message(&mut cl, Duration::from_secs(5)).unwrap(), b"via http");
+    let (_, v) = http_call(&api, "GET", "/v1/users/hana", "");
+    assert_eq!((v["online"].as_bool(), v["peers"][0].as_str()), (Some(true), Some("n2")), "{v}");
+    c.nodes[1].proc.signal(libc::SIGSTOP);
+    let t0 = Instant::now();
+    let (status, v) = http_call(&api, "POST", "/v1/publish", r#"{"user":"hana","data":"into the cut"}"#);
+    let waited = t0.elapsed();
+    c.nodes[1].proc.signal(libc::SIGCONT);
+    assert_eq!(status, 200);
+    assert_eq!((v["forwarded"].as_u64(), v["no_route"].as_u64()), (Some(0), Some(1)), "{v}");
+    assert!(waited >= Duration::from_millis(1500), "answered after {waited:?}: before the forward timeout");
+    // After the cut the link comes back and publishes reach the user again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = http_call(&api, "POST", "/v1/publish", r#"{"user":"hana","data":"healed"}"#);
+        if v["forwarded"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never forwarded again: {v}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -303,7 +303,7 @@ fn node_main(a: &NodeArgs) -> ExitCode {
         _ => format!(", client send buffer {} B in the kernel", node.client_sndbuf()),
     };
     info!(
-        "herald node {}: clients on {}, ingest on {}, capacity {}{sndbuf}{}",
+        "herald node {}: clients on {}, ingest on {}, capacity {}{sndbuf}{}{}",
         cfg.node_id,
         node.client_addr(),
         node.ingest_addr(),
@@ -312,6 +312,12 @@ fn node_main(a: &NodeArgs) -> ExitCode {
             .map(|a| {
                 let scheme = if cfg.tls.is_some() && cfg.tls_ports.metrics { "https" } else { "http" };
                 format!(", metrics on {scheme}://{a}/metrics")
+            })
+            .unwrap_or_default(),
+        node.http_addr()
+            .map(|a| {
+                let scheme = if cfg.tls.is_some() && cfg.tls_ports.http { "https" } else { "http" };
+                format!(", publish API on {scheme}://{a}/v1")
             })
             .unwrap_or_default()
     );
