@@ -321,3 +321,36 @@ impl Http {
         matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() != std::io::ErrorKind::WouldBlock)
     }
 }
+
+/// `herald publish --http URL`: the CLI publishes through the API and
+/// prints the node's counts; a bad credential exits 1 with the node's
+/// answer.
+#[test]
+fn herald_publish_over_http() {
+    let node = ApiNode::start(test_config());
+    let mut alice = node.client("alice");
+    let url = format!("http://{}", node.http);
+    let run = |cred: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args([
+                "publish",
+                "--http",
+                &url,
+                "--user",
+                "alice",
+                "--message",
+                "from the cli",
+                "--credential",
+                cred,
+            ])
+            .output()
+            .unwrap()
+    };
+    let out = run(&pub_credential());
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "accepted=1 local=1 forwarded=0 no_route=0");
+    assert_eq!(read_delivers(&mut alice, 1)[0].1, b"from the cli");
+    let out = run("v1.eA.99999999999.00");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"), "{out:?}");
+}

@@ -662,6 +662,11 @@ fn the_http_publish_api_speaks_https_when_asked() {
     let got = https_request(api, req.as_bytes(), pki.client());
     assert!(got.starts_with("HTTP/1.1 200") && got.contains(r#""local":1"#), "{got}");
     assert_eq!(read_delivers(&mut alice, 1)[0].1, b"over https");
+    // The library's HttpPublisher over HTTPS, verifying the node for `localhost`.
+    let url = format!("https://localhost:{}", api.port());
+    let mut p = herald::client::HttpPublisher::connect(&url, &pub_credential(), Some(pki.client())).unwrap();
+    assert_eq!(p.publish("alice", b"from the library").unwrap().local, 1);
+    assert_eq!(read_delivers(&mut alice, 1)[0].1, b"from the library");
     let mut s = TcpStream::connect(api).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     s.write_all(req.as_bytes()).unwrap();

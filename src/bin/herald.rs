@@ -125,8 +125,13 @@ enum Cmd {
     /// Publish a message to a user through a node's ingest endpoint.
     Publish {
         /// Node ingest endpoint, host:port.
+        #[arg(long, required_unless_present = "http", conflicts_with = "http")]
+        node: Option<String>,
+        /// Publish through the node's HTTP publish API instead
+        /// (http://host:port or https://host:port, `herald node --http`);
+        /// prints the node's counts as --confirm does.
         #[arg(long)]
-        node: String,
+        http: Option<String>,
         /// Recipient user id.
         #[arg(long)]
         user: String,
@@ -364,7 +369,17 @@ fn run(cmd: Cmd) -> ExitCode {
                 }
             }
         }
-        Cmd::Publish { node, user, message, credential, publisher_secret_file, confirm, tls, tls_ca } => {
+        Cmd::Publish {
+            node,
+            http,
+            user,
+            message,
+            credential,
+            publisher_secret_file,
+            confirm,
+            tls,
+            tls_ca,
+        } => {
             let tls = match herald::tls::Trust::config_from_flags(tls, tls_ca) {
                 Ok(t) => t,
                 Err(e) => {
@@ -387,6 +402,24 @@ fn run(cmd: Cmd) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Some(url) = http {
+                let r = herald::client::HttpPublisher::connect(&url, &cred, tls)
+                    .and_then(|mut p| p.publish(&user, message.as_bytes()));
+                return match r {
+                    Ok(r) => {
+                        println!(
+                            "accepted={} local={} forwarded={} no_route={}",
+                            r.accepted, r.local, r.forwarded, r.no_route
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("herald publish: {e}");
+                        ExitCode::from(1)
+                    }
+                };
+            }
+            let node = node.unwrap_or_default();
             let r = Publisher::connect_tls(std::slice::from_ref(&node), &cred, tls).and_then(|mut p| {
                 if confirm {
                     let r = p.publish_confirmed(user.as_bytes(), message.as_bytes())?;

@@ -20,17 +20,19 @@ use crate::protocol::{self, Code};
 // The parts: `session` (the Client, its settings and events, and the loop
 // that turns frames into events), `reconnect` (choosing a node, backoff, the
 // HELLO/WELCOME handshake and resume checks), `publisher` (the Publisher and
-// its failover), `backoff` (reconnect jitter), and `wire` (the handshake
+// its failover), `http` (the HttpPublisher, for the HTTP publish API), `backoff` (reconnect jitter), and `wire` (the handshake
 // deadline and timed reads both share, over a `crate::dial` stream, plain
 // or TLS). This file holds
 // only the error type they share and the public paths; it must not grow
 // logic of its own.
 mod backoff;
+mod http;
 mod publisher;
 mod reconnect;
 mod session;
 pub(crate) mod wire;
 
+pub use http::HttpPublisher;
 pub use publisher::Publisher;
 pub use session::{Client, ClientConfig, Event, Message};
 
@@ -63,6 +65,14 @@ pub enum ClientError {
     /// reports it as [`Event::Disconnected`] with that code and tries the
     /// same node again only after [`SESSION_LIMIT_BACKOFF`] to twice that.
     SessionLimit(String),
+    /// The HTTP publish API answered with an error or an answer that is not
+    /// its JSON ([`HttpPublisher`]): the status (0 if none) and what it said.
+    Http {
+        /// The HTTP status.
+        status: u16,
+        /// The body, or what was wrong with the answer.
+        message: String,
+    },
 }
 
 /// The least a client waits after SESSION_LIMIT before trying again (the
@@ -80,6 +90,7 @@ impl fmt::Display for ClientError {
             ClientError::NoCapacity(d) => write!(f, "no node has capacity; retry after {d:?}"),
             ClientError::BadWelcome(m) => write!(f, "invalid WELCOME from node: {m}"),
             ClientError::SessionLimit(m) => write!(f, "refused by node: session_limit (18): {m}"),
+            ClientError::Http { status, message } => write!(f, "HTTP {status}: {message}"),
         }
     }
 }
