@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# The HTTP publish API against the binary ingest port (issue #12), in the
+# same run, alternating: one node with --http, 1,000 connected clients
+# (herald-probe's swarm, which reads everything), then REPS rounds of
+#   wrk single   POST /v1/publish, one message per request
+#   wrk batch    POST /v1/publish/batch, BATCH messages per request
+#   ingest batch PUBLISH_BATCH of BATCH messages with WANT_RESULT
+#   ingest single PUBLISH with WANT_RESULT
+# each for DUR seconds over CONNS keep-alive connections with one request
+# in flight on each (wrk -c CONNS; herald-publish-bench --conns CONNS).
+# Payloads of 100 bytes to users u0..u999 in turn. Prints every run and a
+# summary of medians. wrk comes from Debian (apt-get install -y wrk).
+# Usage: REPS=3 DUR=10 CONNS=16 BATCH=100 tools/bench-http.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk"; exit 2; }
+cargo build --release --bins -q
+R=$PWD/target/release
+REPS=${REPS:-3} DUR=${DUR:-10} CONNS=${CONNS:-16} BATCH=${BATCH:-100}
+dir=$(mktemp -d)
+node_pid=
+cleanup() { [ -n "$node_pid" ] && kill "$node_pid" 2>/dev/null; rm -rf "$dir"; }
+trap cleanup EXIT
+echo "client-secret-for-bench-http" >"$dir/cs"
+echo "publisher-secret-for-bench-http" >"$dir/ps"
+$R/herald node --id bench-http --listen 127.0.0.1:17620 --ingest 127.0.0.1:17621 --http 127.0.0.1:17622 \
+  --secret-file "$dir/cs" --publisher-secret-file "$dir/ps" --log-level error &
+node_pid=$!
+sleep 1
+export CRED=$($R/herald token --secret-file "$dir/ps" --user bench --ttl 2h)
+export USERS=1000 PAYLOAD=100
+cat >"$dir/measure.sh" <<EOS
+#!/usr/bin/env bash
+set -euo pipefail
+for i in \$(seq $REPS); do
+  echo "== round \$i"
+  BATCH=1 wrk -t2 -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish | grep '^WRK' | sed 's/^/http-single /'
+  BATCH=$BATCH wrk -t2 -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish/batch | grep '^WRK' | sed 's/^/http-batch /'
+  $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --batch $BATCH --duration ${DUR}s | sed 's/^/ingest-batch /'
+  $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --batch 1 --duration ${DUR}s | sed 's/^/ingest-single /'
+done
+EOS
+chmod +x "$dir/measure.sh"
+$R/herald-probe load --node 127.0.0.1:17620 --secret-file "$dir/cs" --publisher-secret-file "$dir/ps" \
+  --ingest 127.0.0.1:17621 --clients 1000 --rate 100 --duration 1 --warmup 0 \
+  --exec-after-connect "$dir/measure.sh" >"$dir/probe.out" 2>&1 || true
+grep -E '^(==|http-|ingest-)' "$dir/probe.out" | tee "$dir/runs"
+python3 - "$dir/runs" <<'PY'
+import re, statistics, sys
+rates = {}
+for line in open(sys.argv[1]):
+    kind = line.split()[0]
+    kv = dict(re.findall(r'(\w+)=([\d.]+)', line))
+    if kind.startswith('http'):
+        r = int(kv['requests']) * int(kv['batch']) / (int(kv['duration_us']) / 1e6)
+    elif kind.startswith('ingest'):
+        r = float(kv['msgs_per_s'])
+    else:
+        continue
+    rates.setdefault(kind, []).append(r)
+for k, v in rates.items():
+    print(f"SUMMARY {k}: messages/s median {statistics.median(v):,.0f} (runs: {', '.join(f'{x:,.0f}' for x in v)})")
+if 'http-batch' in rates and 'ingest-batch' in rates:
+    ratio = [h / i for h, i in zip(rates['http-batch'], rates['ingest-batch'])]
+    print(f"SUMMARY http-batch / ingest-batch, paired: {', '.join(f'{x:.2f}' for x in ratio)}; median {statistics.median(ratio):.2f}")
+PY
