@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# Soak (issue #11 item 4): the seed's load for half an hour with chaos.
+#   2 decision servers, 2 nodes, CLIENTS clients (default 20,000) spread over
+#   worker processes and SOURCES loopback source addresses (127.0.0.1..N),
+#   RATE msg/s in total (default 80,000: 4 per client per second), published
+#   with WANT_RESULT; every CHAOS_EVERY (default 180 s) one chaos event, in
+#   rotation: node n2 SIGKILLed and restarted after NODE_DOWN s, a reconnect
+#   wave (WAVE per mille of the clients drop and reconnect through the
+#   decision servers, resuming), decision server d1 SIGKILLed and restarted
+#   after DECISION_DOWN s. n1 is never restarted: it is the leak witness.
+#   Every SAMPLE_EVERY (10 s) a row of $OUT/$NAME.csv: per process RSS,
+#   descriptors, CPU, and per node sessions, connections and queue depths
+#   from /metrics; published and delivered rates, latency p50/p99/max, gaps,
+#   cross-user deliveries. At the end $OUT/$NAME.svg, the pass/fail lines
+#   and SOAK PASS or SOAK FAIL (exit 1). See `herald-probe soak --help` and
+#   RELIABILITY.md, "Soak (item 4)".
+# Windows: WARMUP (default min(300 s, DUR/6)) is not judged; the baseline is
+# the WINDOW (same default) after it; chaos runs from then on every
+# CHAOS_EVERY while SETTLE (60 s, or WINDOW/3 if less) remains before the
+# final WINDOW; RSS and descriptors are compared between the two windows.
+# Usage: DUR=30m tools/soak.sh        (DUR in s, or with m/s suffix; e.g.
+#        DUR=3m CLIENTS=2000 RATE=8000 CHAOS_EVERY=20 tools/soak.sh)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs() { case $1 in *m) echo $((${1%m} * 60)) ;; *s) echo "${1%s}" ;; *) echo "$1" ;; esac; }
+DUR=$(secs "${DUR:-30m}")
+CLIENTS=${CLIENTS:-20000}
+RATE=${RATE:-80000}
+def=$((DUR / 6 < 300 ? DUR / 6 : 300))
+WARMUP=$(secs "${WARMUP:-$def}")
+WINDOW=$(secs "${WINDOW:-$def}")
+CHAOS_EVERY=$(secs "${CHAOS_EVERY:-180}")
+SETTLE=$(secs "${SETTLE:-$((WINDOW / 3 < 60 ? WINDOW / 3 : 60))}")
+SAMPLE_EVERY=${SAMPLE_EVERY:-10}
+WAVE=${WAVE:-500}
+SOURCES=${SOURCES:-4}
+CAPACITY=${CAPACITY:-19000}
+NODE_DOWN=${NODE_DOWN:-5}
+DECISION_DOWN=${DECISION_DOWN:-3}
+OUT=${OUT:-$PWD/bench-out}
+NAME=${NAME:-soak}
+cargo build --release --bins -q
+R=$PWD/target/release
+mkdir -p "$OUT"
+dir=$(mktemp -d)
+cleanup() {
+  for f in "$dir"/*.pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null || true; done
+  [ -f "$dir/log" ] && cp "$dir/log" "$OUT/$NAME.log"
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+for s in client publisher cluster admin; do echo "soak-$s-secret-0123456789" >"$dir/$s"; done
+D1=17600 D2=17610 N1=17700 N2=17710
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in $D1 $D2 $N1 $((N1 + 1)) $((N1 + 2)) $N2 $((N2 + 1)) $((N2 + 2)); do
+  port_free "$p" || { echo "port $p is in use (a leftover run?); stop it first" >&2; exit 1; }
+done
+
+# One start script per process, so a chaos restart runs the same command.
+# Each writes its pid file; the process outlives the script.
+cat >"$dir/start-d.sh" <<EOF
+#!/bin/sh
+# start-d.sh NAME PORT
+$R/herald decision --listen 127.0.0.1:\$2 --heartbeat 127.0.0.1:\$2 --cluster-secret-file $dir/cluster \\
+  --admin-secret-file $dir/admin --state-file $dir/\$1.state --log-every 0 >/dev/null 2>>$dir/log </dev/null &
+echo \$! >$dir/\$1.pid
+EOF
+cat >"$dir/start-n.sh" <<EOF
+#!/bin/sh
+# start-n.sh NAME PORT: client PORT, ingest PORT+1, metrics PORT+2
+$R/herald node --id \$1 --listen 127.0.0.1:\$2 --ingest 127.0.0.1:\$((\$2 + 1)) --metrics 127.0.0.1:\$((\$2 + 2)) \\
+  --capacity $CAPACITY --secret-file $dir/client --publisher-secret-file $dir/publisher \\
+  --cluster-secret-file $dir/cluster --decision 127.0.0.1:$D1,127.0.0.1:$D2 --log-every 0 \\
+  ${NODE_ARGS:-} >/dev/null 2>>$dir/log </dev/null &
+echo \$! >$dir/\$1.pid
+EOF
+# Chaos: SIGKILL, wait, restart; echo what happened to the log.
+cat >"$dir/chaos-node.sh" <<EOF
+#!/bin/sh
+echo "soak chaos: kill -9 n2 (pid \$(cat $dir/n2.pid)) at \$(date -u +%T)" >>$dir/log
+kill -9 \$(cat $dir/n2.pid)
+sleep $NODE_DOWN
+sh $dir/start-n.sh n2 $N2
+EOF
+cat >"$dir/chaos-decision.sh" <<EOF
+#!/bin/sh
+echo "soak chaos: kill -9 d1 (pid \$(cat $dir/d1.pid)) at \$(date -u +%T)" >>$dir/log
+kill -9 \$(cat $dir/d1.pid)
+sleep $DECISION_DOWN
+sh $dir/start-d.sh d1 $D1
+EOF
+
+sh "$dir/start-d.sh" d1 $D1
+sh "$dir/start-d.sh" d2 $D2
+sleep 0.3
+sh "$dir/start-n.sh" n1 $N1
+sh "$dir/start-n.sh" n2 $N2
+sleep 2
+src=$(seq -s, -f '127.0.0.%g' 1 "$SOURCES")
+echo "### soak: $CLIENTS clients, 2 nodes, 2 decision servers, $RATE msg/s, ${DUR}s" \
+  "(warm-up ${WARMUP}s, windows ${WINDOW}s, chaos every ${CHAOS_EVERY}s, settle ${SETTLE}s), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# Bounded: the probe stops itself after DUR; the timeout is a backstop (its
+# workers exit when its pipes close).
+set +e
+# shellcheck disable=SC2086 # PROBE_ARGS is flags
+timeout --signal=KILL $((DUR + 900)) \
+  "$R/herald-probe" soak --decision 127.0.0.1:$D1,127.0.0.1:$D2 --secret-file "$dir/client" \
+  --publisher-secret-file "$dir/publisher" --ingest 127.0.0.1:$((N1 + 1)),127.0.0.1:$((N2 + 1)) \
+  --source "$src" --clients "$CLIENTS" --rate "$RATE" --duration "$DUR" --warmup "$WARMUP" --window "$WINDOW" \
+  --chaos-every "$CHAOS_EVERY" --settle "$SETTLE" --sample-every "$SAMPLE_EVERY" --wave-per-mille "$WAVE" \
+  --chaos "node=sh $dir/chaos-node.sh" --chaos wave --chaos "decision=sh $dir/chaos-decision.sh" \
+  --watch "n1=$dir/n1.pid@127.0.0.1:$((N1 + 2))" --watch "n2=$dir/n2.pid@127.0.0.1:$((N2 + 2))" \
+  --watch "d1=$dir/d1.pid" --watch "d2=$dir/d2.pid" \
+  --csv "$OUT/$NAME.csv" --svg "$OUT/$NAME.svg" ${PROBE_ARGS:-} 2>"$dir/probe.err" | tee "$OUT/$NAME.txt"
+rc=${PIPESTATUS[0]}
+set -e
+grep -E '^soak: (ingest|publishing|chaos|FAIL)|^probe: ' "$dir/probe.err" | tr -d '\r' >>"$OUT/$NAME.txt" || true
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/$NAME.txt"
+exit "$rc"
