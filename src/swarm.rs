@@ -634,6 +634,9 @@ impl Swarm {
             let c = &mut self.conns[i];
             match fr {
                 Frame::Deliver(d) => {
+                    // A seq jump within the stream announces what it skips
+                    // (the drop policy, §3.3).
+                    let seq_jump = matches!(c.pos, Some(p) if p.epoch == d.epoch && d.seq > p.seq + 1);
                     c.pos = Some(Position { epoch: d.epoch, seq: d.seq });
                     if c.await_msg {
                         c.await_msg = false;
@@ -648,7 +651,7 @@ impl Swarm {
                         self.tally.dups += 1;
                     } else {
                         let missing = (st.msg - c.next_msg) as u64;
-                        if c.announced {
+                        if c.announced || seq_jump {
                             self.tally.announced_gaps += missing;
                         } else if missing > 0 {
                             self.tally.silent_gaps += missing;

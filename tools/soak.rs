@@ -174,7 +174,7 @@ impl Watch {
         let mut c: Vec<String> =
             ["pid", "rss_kib", "fds", "cpu_pct"].iter().map(|k| format!("{}_{k}", self.name)).collect();
         if self.metrics.is_some() {
-            for k in ["clients", "conns", "qmax_bytes", "qp99_bytes", "dropped", "slow"] {
+            for k in ["clients", "users", "conns", "qmax_bytes", "qp99_bytes", "dropped", "slow"] {
                 c.push(format!("{}_{k}", self.name));
             }
         }
@@ -204,6 +204,7 @@ impl Watch {
             let m = alive.and_then(|_| scrape(addr)).unwrap_or_default();
             for k in [
                 "herald_clients",
+                "herald_users",
                 "herald_connections",
                 "herald_queue_depth_max_bytes",
                 "herald_queue_depth_p99_bytes",
@@ -785,8 +786,9 @@ fn sample_loop(
             let mut row = vec![
                 (now - cfg.t0).as_secs_f64(),
                 load1(),
-                (sent - last_sent) as f64 / dt,
-                (recv - last_recv as f64) / dt,
+                // The last sample comes after publishing stopped: no rates.
+                if finishing { f64::NAN } else { (sent - last_sent) as f64 / dt },
+                if finishing { f64::NAN } else { (recv - last_recv as f64) / dt },
                 live,
                 us(0.5),
                 us(0.99),
@@ -885,6 +887,55 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// The batch (index into the batch table) that carried user `u`'s message
+/// `m`: message `g = m × n + u` went out in the last tick that started at or
+/// before `g`, on connection `u % np`. `None` if it was never due.
+fn batch_of(u: u64, m: u64, n: u64, np: usize, tick_g0: &[u64], g_end: u64) -> Option<usize> {
+    let g = m * n + u;
+    if g >= g_end || tick_g0.is_empty() {
+        return None;
+    }
+    let tick = tick_g0.partition_point(|&x| x <= g).checked_sub(1)?;
+    Some(tick * np + (u as usize % np))
+}
+
+/// Messages due for user `u` when `g_end` messages were due in all.
+fn published_for(u: u64, n: u64, g_end: u64) -> u64 {
+    if g_end > u {
+        (g_end - 1 - u) / n + 1
+    } else {
+        0
+    }
+}
+
+/// Missing messages, sorted by what the publisher was told.
+#[derive(Debug, PartialEq, Eq)]
+struct Losses {
+    /// In a confirmed batch, beyond the batch's no_route: lost silently.
+    silent: u64,
+    /// In a batch never sent or never answered: nobody was told they arrived.
+    unconfirmed: u64,
+    /// In a confirmed batch, within its no_route: the publisher was told.
+    within_no_route: u64,
+}
+
+/// Sorts `missing` (messages per batch that clients neither received nor
+/// saw announced) by their batches' PUB_RESULTs; see the module docs.
+fn classify(missing: &HashMap<usize, u32>, batches: &[Batch]) -> Losses {
+    let mut l = Losses { silent: 0, unconfirmed: 0, within_no_route: 0 };
+    for (&b, &miss) in missing {
+        let bt = batches.get(b).copied().unwrap_or_default();
+        if bt.confirmed() {
+            let over = (miss as u64).saturating_sub(bt.no_route as u64);
+            l.silent += over;
+            l.within_no_route += miss as u64 - over;
+        } else {
+            l.unconfirmed += miss as u64;
+        }
+    }
+    l
+}
+
 /// Prints the pass/fail lines; returns the exit code.
 #[allow(clippy::too_many_arguments)]
 fn judge(
@@ -903,12 +954,9 @@ fn judge(
     // Missing messages, per batch.
     let mut missing: HashMap<usize, u32> = HashMap::new();
     let mut count = |u: u64, m: u64| {
-        let g = m * n + u;
-        if g >= g_end {
-            return;
+        if let Some(b) = batch_of(u, m, n, np, tick_g0, g_end) {
+            *missing.entry(b).or_default() += 1;
         }
-        let tick = tick_g0.partition_point(|&x| x <= g) - 1;
-        *missing.entry(tick * np + (u as usize % np)).or_default() += 1;
     };
     let mut gap_msgs = 0u64;
     for &(u, from, to) in &c.gaps {
@@ -921,26 +969,14 @@ fn judge(
     for (w, next) in &c.next {
         for (j, &nx) in next.iter().enumerate() {
             let u = (w * per + j) as u64;
-            let published = if g_end > u { (g_end - 1 - u) / n + 1 } else { 0 };
-            for m in nx as u64..published {
+            for m in nx as u64..published_for(u, n, g_end) {
                 count(u, m);
                 tail_msgs += 1;
             }
         }
     }
-    let mut silent = 0u64;
-    let mut unconfirmed_missing = 0u64;
-    let mut explained_no_route = 0u64;
-    for (&b, &miss) in &missing {
-        let bt = batches.get(b).copied().unwrap_or_default();
-        if bt.confirmed() {
-            let over = (miss as u64).saturating_sub(bt.no_route as u64);
-            silent += over;
-            explained_no_route += miss as u64 - over;
-        } else {
-            unconfirmed_missing += miss as u64;
-        }
-    }
+    let Losses { silent, unconfirmed: unconfirmed_missing, within_no_route: explained_no_route } =
+        classify(&missing, batches);
     let confirmed_msgs: u64 = (0..tick_g0.len())
         .flat_map(|t| (0..np).map(move |p| (t, p)))
         .filter(|&(t, p)| batches[t * np + p].confirmed())
@@ -1089,4 +1125,39 @@ fn soak_svg(title: &str, c: &Collected) -> String {
         },
     ];
     plot::timeseries(title, &x, &panels, &c.events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_map_to_the_batch_that_carried_them() {
+        // 4 users, 2 connections, ticks starting at messages 0, 3 and 6.
+        let ticks = [0, 3, 6];
+        // User 1's message 0 is g=1 (tick 0), its message 1 is g=5 (tick 1).
+        assert_eq!(batch_of(1, 0, 4, 2, &ticks, 9), Some(1));
+        assert_eq!(batch_of(1, 1, 4, 2, &ticks, 9), Some(3));
+        // User 2's message 1 is g=6: tick 2, connection 0.
+        assert_eq!(batch_of(2, 1, 4, 2, &ticks, 9), Some(4));
+        assert_eq!(batch_of(3, 2, 4, 2, &ticks, 9), None, "g=11 was never due");
+        assert_eq!((published_for(0, 4, 9), published_for(1, 4, 9), published_for(3, 4, 9)), (3, 2, 2));
+    }
+
+    #[test]
+    fn only_losses_beyond_what_a_confirmed_batch_admitted_are_silent() {
+        let batches = [
+            Batch { sent: 1, answered: 1, no_route: 0 }, // confirmed, all routed
+            Batch { sent: 1, answered: 1, no_route: 2 }, // confirmed, 2 not routed
+            Batch { sent: 1, answered: 0, no_route: 0 }, // no PUB_RESULT
+            Batch { sent: 0, answered: 0, no_route: 0 }, // never sent
+        ];
+        let missing: HashMap<usize, u32> = [(0, 1), (1, 3), (2, 5), (3, 7)].into_iter().collect();
+        assert_eq!(
+            classify(&missing, &batches),
+            Losses { silent: 1 + 1, unconfirmed: 5 + 7, within_no_route: 2 }
+        );
+        let none: HashMap<usize, u32> = [(1, 2), (2, 1)].into_iter().collect();
+        assert_eq!(classify(&none, &batches).silent, 0);
+    }
 }

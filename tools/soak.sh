@@ -7,7 +7,8 @@
 #   rotation: node n2 SIGKILLed and restarted after NODE_DOWN s, a reconnect
 #   wave (WAVE per mille of the clients drop and reconnect through the
 #   decision servers, resuming), decision server d1 SIGKILLed and restarted
-#   after DECISION_DOWN s. n1 is never restarted: it is the leak witness.
+#   after DECISION_DOWN s (CHAOS="node wave decision" picks and orders them).
+#   n1 is never restarted: it is the leak witness.
 #   Every SAMPLE_EVERY (10 s) a row of $OUT/$NAME.csv: per process RSS,
 #   descriptors, CPU, and per node sessions, connections and queue depths
 #   from /metrics; published and delivered rates, latency p50/p99/max, gaps,
@@ -98,6 +99,14 @@ sh "$dir/start-n.sh" n1 $N1
 sh "$dir/start-n.sh" n2 $N2
 sleep 2
 src=$(seq -s, -f '127.0.0.%g' 1 "$SOURCES")
+chaos=()
+for c in ${CHAOS:-node wave decision}; do
+  case $c in
+  node | decision) chaos+=(--chaos "$c=sh $dir/chaos-$c.sh") ;;
+  wave) chaos+=(--chaos wave) ;;
+  *) echo "CHAOS: node, wave or decision, not $c" >&2; exit 2 ;;
+  esac
+done
 echo "### soak: $CLIENTS clients, 2 nodes, 2 decision servers, $RATE msg/s, ${DUR}s" \
   "(warm-up ${WARMUP}s, windows ${WINDOW}s, chaos every ${CHAOS_EVERY}s, settle ${SETTLE}s), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 # Bounded: the probe stops itself after DUR; the timeout is a backstop (its
@@ -109,7 +118,7 @@ timeout --signal=KILL $((DUR + 900)) \
   --publisher-secret-file "$dir/publisher" --ingest 127.0.0.1:$((N1 + 1)),127.0.0.1:$((N2 + 1)) \
   --source "$src" --clients "$CLIENTS" --rate "$RATE" --duration "$DUR" --warmup "$WARMUP" --window "$WINDOW" \
   --chaos-every "$CHAOS_EVERY" --settle "$SETTLE" --sample-every "$SAMPLE_EVERY" --wave-per-mille "$WAVE" \
-  --chaos "node=sh $dir/chaos-node.sh" --chaos wave --chaos "decision=sh $dir/chaos-decision.sh" \
+  "${chaos[@]}" \
   --watch "n1=$dir/n1.pid@127.0.0.1:$((N1 + 2))" --watch "n2=$dir/n2.pid@127.0.0.1:$((N2 + 2))" \
   --watch "d1=$dir/d1.pid" --watch "d2=$dir/d2.pid" \
   --csv "$OUT/$NAME.csv" --svg "$OUT/$NAME.svg" ${PROBE_ARGS:-} 2>"$dir/probe.err" | tee "$OUT/$NAME.txt"
