@@ -64,18 +64,7 @@ pub fn svg(title: &str, series: &[(String, Series)]) -> String {
     };
     let y_max = series.iter().flat_map(|(_, s)| s.iter().map(|p| p.1)).fold(1.0_f64, f64::max) * 1.05;
     let y_of = |v: f64| -> f64 { h - mb - (v / y_max) * (h - mt - mb) };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="25" font-size="16" text-anchor="middle">{}</text>"#,
-        w / 2.0,
-        esc(title)
-    );
+    let mut s = svg_open(w, h, 12, title, 16);
     for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"].iter().enumerate() {
         let x = ml + (i as f64 / max_x) * (w - ml - mr);
         let _ = writeln!(
@@ -126,6 +115,23 @@ pub fn svg(title: &str, series: &[(String, Series)]) -> String {
     s
 }
 
+/// An SVG's opening tag, white background and centred title.
+fn svg_open(w: f64, h: f64, font: u32, title: &str, title_font: u32) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="{font}">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="25" font-size="{title_font}" text-anchor="middle">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
+    s
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
@@ -147,18 +153,7 @@ pub fn timeseries(title: &str, x: &[f64], panels: &[Panel], events: &[(f64, Stri
     let h = mt + panels.len() as f64 * (ph + gap) + 30.0;
     let x_max = x.iter().copied().fold(1.0_f64, f64::max);
     let x_of = |t: f64| ml + t / x_max * (w - ml - mr);
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="11">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="25" font-size="15" text-anchor="middle">{}</text>"#,
-        w / 2.0,
-        esc(title)
-    );
+    let mut s = svg_open(w, h, 11, title, 15);
     for (pi, p) in panels.iter().enumerate() {
         let top = mt + pi as f64 * (ph + gap);
         let bottom = top + ph;

@@ -90,6 +90,28 @@ impl Common {
     }
 }
 
+/// Payload size and how clients are spread over worker processes (load and soak).
+#[derive(clap::Args)]
+pub(crate) struct Shape {
+    /// Payload bytes (at least 16).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) payload: usize,
+    /// Most connections per worker process.
+    #[arg(long, default_value_t = 15_000)]
+    per_worker: usize,
+    /// Worker processes (default: enough for --per-worker, at least 2).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+impl Shape {
+    /// Worker processes for `clients`, and clients per worker.
+    pub(crate) fn workers(&self, clients: usize) -> (usize, usize) {
+        let n = self.workers.unwrap_or_else(|| clients.div_ceil(self.per_worker).max(2)).max(1);
+        (n, clients.div_ceil(n))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a paced load and report latency, loss and CPU.
@@ -237,15 +259,8 @@ struct LoadArgs {
     /// Seconds of warm-up publishing not recorded.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// Payload bytes (at least 16).
-    #[arg(long, default_value_t = 100)]
-    payload: usize,
-    /// Most connections per worker process.
-    #[arg(long, default_value_t = 15_000)]
-    per_worker: usize,
-    /// Worker processes (default: enough for --per-worker, at least 2).
-    #[arg(long)]
-    workers: Option<usize>,
+    #[command(flatten)]
+    shape: Shape,
     /// PIDs of node processes whose CPU use to report.
     #[arg(long, value_delimiter = ',')]
     node_pid: Vec<u32>,
@@ -455,9 +470,8 @@ pub(crate) fn wait_ready(
 }
 
 fn load(mut a: LoadArgs) -> i32 {
-    a.payload = a.payload.max(16);
-    let nworkers = a.workers.unwrap_or_else(|| a.clients.div_ceil(a.per_worker).max(2)).max(1);
-    let per = a.clients.div_ceil(nworkers);
+    a.shape.payload = a.shape.payload.max(16);
+    let (nworkers, per) = a.shape.workers(a.clients);
     let warm_ns = a.warmup * 1_000_000_000;
     let t_connect = Instant::now();
     let rss0: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_rss_kib(p)).collect();
@@ -579,7 +593,7 @@ fn load(mut a: LoadArgs) -> i32 {
     let mut tick: u64 = 0;
     let mut user_rr = 0usize;
     let mut bufs: Vec<Vec<u8>> = vec![Vec::with_capacity(256 * 1024); pubs.len()];
-    let mut payload = vec![0u8; a.payload];
+    let mut payload = vec![0u8; a.shape.payload];
     let mut late_ticks = 0u64;
     type Sample = (Vec<Option<f64>>, f64, Vec<Option<u64>>);
     let mut cpu_rec0: Option<Sample> = None;
@@ -711,7 +725,7 @@ fn load(mut a: LoadArgs) -> i32 {
     println!("clients        {} (welcomed {welcomed}) on {} node(s)", a.clients, a.common.node.len());
     println!(
         "published      {sent} msgs at {} msg/s for {}s (+{}s warm-up), payload {} B, late ticks {late_ticks}",
-        a.rate, a.duration, a.warmup, a.payload
+        a.rate, a.duration, a.warmup, a.shape.payload
     );
     println!(
         "received       {}  loss {loss}  wrong-user {}  duplicates {}  silent gaps {}  announced gaps {}  closed {}  reconnects {}",

@@ -98,15 +98,8 @@ pub(crate) struct SoakArgs {
     /// An SVG of the CSV (RSS, fds, CPU, latency, rates; chaos marked).
     #[arg(long)]
     svg: Option<PathBuf>,
-    /// Payload bytes (at least 16).
-    #[arg(long, default_value_t = 100)]
-    payload: usize,
-    /// Most connections per worker process.
-    #[arg(long, default_value_t = 15_000)]
-    per_worker: usize,
-    /// Worker processes (default: enough for --per-worker, at least 2).
-    #[arg(long)]
-    workers: Option<usize>,
+    #[command(flatten)]
+    shape: crate::Shape,
     /// Pass only if each node's median RSS grows less than this (percent)
     /// from the baseline window to the final one.
     #[arg(long, default_value_t = 5.0)]
@@ -302,7 +295,7 @@ struct Collected {
 
 /// Runs the soak; returns the exit code.
 pub(crate) fn soak(mut a: SoakArgs) -> i32 {
-    a.payload = a.payload.max(Stamp::LEN);
+    a.shape.payload = a.shape.payload.max(Stamp::LEN);
     let chaos: Vec<Chaos> = match a.chaos.iter().map(|c| Chaos::parse(c)).collect() {
         Ok(c) => c,
         Err(e) => {
@@ -338,8 +331,7 @@ pub(crate) fn soak(mut a: SoakArgs) -> i32 {
         return 2;
     };
     a.common.reconnect = true;
-    let nworkers = a.workers.unwrap_or_else(|| a.clients.div_ceil(a.per_worker).max(2)).max(1);
-    let per = a.clients.div_ceil(nworkers);
+    let (nworkers, per) = a.shape.workers(a.clients);
     let t_connect = Instant::now();
     let (mut children, rx) = crate::spawn_workers(&a.common, a.clients, nworkers, per);
     let nworkers = children.len();
@@ -395,7 +387,7 @@ pub(crate) fn soak(mut a: SoakArgs) -> i32 {
     let mut tick_g0: Vec<u64> = Vec::with_capacity(total_ticks as usize + 1);
     let mut batches: Vec<Batch> = Vec::with_capacity(total_ticks as usize * np);
     let names: Vec<String> = (0..a.clients).map(user_name).collect();
-    let mut payload = vec![0u8; a.payload];
+    let mut payload = vec![0u8; a.shape.payload];
     let per_tick = a.rate as f64 / 1000.0;
     let mut owed = 0.0f64;
     let mut g: u64 = 0;

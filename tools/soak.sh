@@ -76,21 +76,17 @@ $R/herald node --id \$1 --listen 127.0.0.1:\$2 --ingest 127.0.0.1:\$((\$2 + 1)) 
   ${NODE_ARGS:-} >/dev/null 2>>$dir/log </dev/null &
 echo \$! >$dir/\$1.pid
 EOF
-# Chaos: SIGKILL, wait, restart; echo what happened to the log.
-cat >"$dir/chaos-node.sh" <<EOF
+# Chaos: SIGKILL, wait, restart; say what happened in the log.
+cat >"$dir/restart.sh" <<EOF
 #!/bin/sh
-echo "soak chaos: kill -9 n2 (pid \$(cat $dir/n2.pid)) at \$(date -u +%T)" >>$dir/log
-kill -9 \$(cat $dir/n2.pid)
-sleep $NODE_DOWN
-sh $dir/start-n.sh n2 $N2
+# restart.sh NAME START-SCRIPT PORT DOWN-SECONDS
+echo "soak chaos: kill -9 \$1 (pid \$(cat $dir/\$1.pid)) at \$(date -u +%T)" >>$dir/log
+kill -9 \$(cat $dir/\$1.pid)
+sleep \$4
+sh $dir/\$2 \$1 \$3
 EOF
-cat >"$dir/chaos-decision.sh" <<EOF
-#!/bin/sh
-echo "soak chaos: kill -9 d1 (pid \$(cat $dir/d1.pid)) at \$(date -u +%T)" >>$dir/log
-kill -9 \$(cat $dir/d1.pid)
-sleep $DECISION_DOWN
-sh $dir/start-d.sh d1 $D1
-EOF
+echo "sh $dir/restart.sh n2 start-n.sh $N2 $NODE_DOWN" >"$dir/chaos-node.sh"
+echo "sh $dir/restart.sh d1 start-d.sh $D1 $DECISION_DOWN" >"$dir/chaos-decision.sh"
 
 sh "$dir/start-d.sh" d1 $D1
 sh "$dir/start-d.sh" d2 $D2
