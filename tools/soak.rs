@@ -65,14 +65,23 @@ pub(crate) struct SoakArgs {
     /// Seconds of publishing, in all.
     #[arg(long, default_value_t = 1800)]
     duration: u64,
-    /// Seconds of warm-up (the retention ring fills; not judged).
-    #[arg(long, default_value_t = 300)]
+    /// Seconds of warm-up, not judged: the retention ring fills, and from
+    /// --chaos-from on a first round of chaos gives the nodes their peak
+    /// load (a failover doubles a node's sessions), so that the baseline
+    /// after it holds the nodes' high-water mark.
+    #[arg(long, default_value_t = 600)]
     warmup: u64,
+    /// Seconds from the start to the first chaos event (within the warm-up;
+    /// equal to --warmup: none before the baseline).
+    #[arg(long, default_value_t = 300)]
+    chaos_from: u64,
     /// Seconds of each judged window: the baseline right after the warm-up
     /// and the final one before the end (no chaos in either).
     #[arg(long, default_value_t = 300)]
     window: u64,
-    /// Seconds between chaos events (the first comes right after the baseline).
+    /// Seconds between chaos events: from --chaos-from while --settle
+    /// remains before the baseline, then from the end of the baseline while
+    /// --settle remains before the final window.
     #[arg(long, default_value_t = 180)]
     chaos_every: u64,
     /// Seconds the last chaos event must leave before the final window.
@@ -482,20 +491,25 @@ pub(crate) fn soak(mut a: SoakArgs) -> i32 {
     judge(&a, &c, &tick_g0, &batches, g_end, sent, not_sent, per, &stats)
 }
 
-/// (seconds after the start, index into the chaos list) of each event:
-/// every --chaos-every from the end of the baseline window, in rotation,
-/// while --settle seconds still remain before the final window.
+/// (seconds after the start, index into the chaos list) of each event, in
+/// rotation: every --chaos-every from --chaos-from while --settle seconds
+/// remain before the baseline window, and from the end of the baseline while
+/// --settle seconds remain before the final window.
 fn chaos_schedule(a: &SoakArgs, kinds: usize) -> Vec<(u64, usize)> {
     if kinds == 0 || a.chaos_every == 0 {
         return Vec::new();
     }
-    let last = a.duration.saturating_sub(a.window + a.settle);
-    (0..)
-        .map(|k| a.warmup + a.window + k * a.chaos_every)
-        .take_while(|&t| t <= last)
-        .enumerate()
-        .map(|(i, t)| (t, i % kinds))
-        .collect()
+    // (first, last) event time of each stretch; none before the baseline
+    // when --chaos-from is not within the warm-up.
+    let stretches = [
+        (a.chaos_from, if a.chaos_from < a.warmup { a.warmup.saturating_sub(a.settle) } else { 0 }),
+        (a.warmup + a.window, a.duration.saturating_sub(a.window + a.settle)),
+    ];
+    let mut times = Vec::new();
+    for (from, last) in stretches {
+        times.extend((0..).map(|k| from + k * a.chaos_every).take_while(|&t| t <= last));
+    }
+    times.into_iter().enumerate().map(|(i, t)| (t, i % kinds)).collect()
 }
 
 /// Connects publisher connection `p` and starts its reader thread.
@@ -1122,6 +1136,27 @@ fn soak_svg(title: &str, c: &Collected) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chaos_keeps_out_of_the_judged_windows() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct P {
+            #[command(flatten)]
+            s: SoakArgs,
+        }
+        let a = P::parse_from(["x", "--decision", "d:1", "--ingest", "i:1", "--csv", "x.csv"]).s;
+        let t: Vec<(u64, usize)> = chaos_schedule(&a, 3);
+        // Warm-up 600 s with a first round from 300 s, baseline 600-900,
+        // chaos every 180 s until 60 s before the final window (1500-1800).
+        assert_eq!(t, vec![(300, 0), (480, 1), (900, 2), (1080, 0), (1260, 1), (1440, 2)]);
+        for (at, _) in t {
+            assert!(
+                at + a.settle <= a.warmup
+                    || (at >= a.warmup + a.window && at + a.settle <= a.duration - a.window)
+            );
+        }
+    }
 
     #[test]
     fn messages_map_to_the_batch_that_carried_them() {

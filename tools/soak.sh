@@ -4,7 +4,7 @@
 #   worker processes and SOURCES loopback source addresses (127.0.0.1..N),
 #   RATE msg/s in total (default 80,000: 4 per client per second), published
 #   with WANT_RESULT; every CHAOS_EVERY (default 180 s) one chaos event, in
-#   rotation: node n2 SIGKILLed and restarted after NODE_DOWN s, a reconnect
+#   rotation (see Windows below): node n2 SIGKILLed and restarted after NODE_DOWN s, a reconnect
 #   wave (WAVE per mille of the clients drop and reconnect through the
 #   decision servers, resuming), decision server d1 SIGKILLed and restarted
 #   after DECISION_DOWN s (CHAOS="node wave decision" picks and orders them).
@@ -15,10 +15,13 @@
 #   cross-user deliveries. At the end $OUT/$NAME.svg, the pass/fail lines
 #   and SOAK PASS or SOAK FAIL (exit 1). See `herald-probe soak --help` and
 #   RELIABILITY.md, "Soak (item 4)".
-# Windows: WARMUP (default min(300 s, DUR/6)) is not judged; the baseline is
-# the WINDOW (same default) after it; chaos runs from then on every
-# CHAOS_EVERY while SETTLE (60 s, or WINDOW/3 if less) remains before the
-# final WINDOW; RSS and descriptors are compared between the two windows.
+# Windows: WARMUP (default min(600 s, DUR/3)) is not judged: the retention
+# ring fills, and from CHAOS_FROM (WARMUP/2) a first round of chaos gives the
+# nodes their peak load (n2's failover puts up to CAPACITY sessions on n1),
+# so the baseline (the WINDOW after it, default min(300 s, DUR/6), no chaos)
+# holds the high-water mark. Chaos then runs every CHAOS_EVERY while SETTLE
+# (60 s, or WINDOW/3 if less) remains before the final WINDOW; RSS and
+# descriptors are compared between the baseline and the final window.
 # Usage: DUR=30m tools/soak.sh        (DUR in s, or with m/s suffix; e.g.
 #        DUR=3m CLIENTS=2000 RATE=8000 CHAOS_EVERY=20 tools/soak.sh)
 set -euo pipefail
@@ -27,9 +30,9 @@ secs() { case $1 in *m) echo $((${1%m} * 60)) ;; *s) echo "${1%s}" ;; *) echo "$
 DUR=$(secs "${DUR:-30m}")
 CLIENTS=${CLIENTS:-20000}
 RATE=${RATE:-80000}
-def=$((DUR / 6 < 300 ? DUR / 6 : 300))
-WARMUP=$(secs "${WARMUP:-$def}")
-WINDOW=$(secs "${WINDOW:-$def}")
+WARMUP=$(secs "${WARMUP:-$((DUR / 3 < 600 ? DUR / 3 : 600))}")
+WINDOW=$(secs "${WINDOW:-$((DUR / 6 < 300 ? DUR / 6 : 300))}")
+CHAOS_FROM=$(secs "${CHAOS_FROM:-$((WARMUP / 2))}")
 CHAOS_EVERY=$(secs "${CHAOS_EVERY:-180}")
 SETTLE=$(secs "${SETTLE:-$((WINDOW / 3 < 60 ? WINDOW / 3 : 60))}")
 SAMPLE_EVERY=${SAMPLE_EVERY:-10}
@@ -52,7 +55,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 for s in client publisher cluster admin; do echo "soak-$s-secret-0123456789" >"$dir/$s"; done
-D1=17600 D2=17610 N1=17700 N2=17710
+# Ports: BASE (27600) and BASE+10 for the decision servers, BASE+100 and
+# BASE+110 (client; +1 ingest, +2 metrics) for the nodes.
+BASE=${BASE:-27600}
+D1=$BASE D2=$((BASE + 10)) N1=$((BASE + 100)) N2=$((BASE + 110))
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in $D1 $D2 $N1 $((N1 + 1)) $((N1 + 2)) $N2 $((N2 + 1)) $((N2 + 2)); do
   port_free "$p" || { echo "port $p is in use (a leftover run?); stop it first" >&2; exit 1; }
@@ -104,7 +110,7 @@ for c in ${CHAOS:-node wave decision}; do
   esac
 done
 echo "### soak: $CLIENTS clients, 2 nodes, 2 decision servers, $RATE msg/s, ${DUR}s" \
-  "(warm-up ${WARMUP}s, windows ${WINDOW}s, chaos every ${CHAOS_EVERY}s, settle ${SETTLE}s), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  "(warm-up ${WARMUP}s with chaos from ${CHAOS_FROM}s, windows ${WINDOW}s, chaos every ${CHAOS_EVERY}s, settle ${SETTLE}s), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 # Bounded: the probe stops itself after DUR; the timeout is a backstop (its
 # workers exit when its pipes close).
 set +e
@@ -112,7 +118,7 @@ set +e
 timeout --signal=KILL $((DUR + 900)) \
   "$R/herald-probe" soak --decision 127.0.0.1:$D1,127.0.0.1:$D2 --secret-file "$dir/client" \
   --publisher-secret-file "$dir/publisher" --ingest 127.0.0.1:$((N1 + 1)),127.0.0.1:$((N2 + 1)) \
-  --source "$src" --clients "$CLIENTS" --rate "$RATE" --duration "$DUR" --warmup "$WARMUP" --window "$WINDOW" \
+  --source "$src" --clients "$CLIENTS" --rate "$RATE" --duration "$DUR" --warmup "$WARMUP" --window "$WINDOW" --chaos-from "$CHAOS_FROM" \
   --chaos-every "$CHAOS_EVERY" --settle "$SETTLE" --sample-every "$SAMPLE_EVERY" --wave-per-mille "$WAVE" \
   "${chaos[@]}" \
   --watch "n1=$dir/n1.pid@127.0.0.1:$((N1 + 2))" --watch "n2=$dir/n2.pid@127.0.0.1:$((N2 + 2))" \
