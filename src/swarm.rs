@@ -9,8 +9,12 @@
 //! latency from the *intended* send time (corrected for coordinated
 //! omission). With `reconnect` on, a client whose connection drops (node
 //! killed, drained) gets a new node and resumes; losses the protocol
-//! announced (a RESTARTED or GAP welcome) are counted apart from silent ones.
+//! announced (a RESTARTED or GAP welcome) are counted apart from silent ones,
+//! and each silent one is kept as a [`Swarm::silent_ranges`] entry so a
+//! coordinator that knows what the nodes confirmed can tell whether it was
+//! lost after a publisher was told it was routed (`herald-probe soak`).
 
+use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -216,6 +220,10 @@ pub struct Swarm {
     pub rehome_message: Histogram<u64>,
     decision_conn: Option<crate::dial::Stream>,
     restarts_pending: bool,
+    /// Each jump in a user's message numbers that no RESTARTED/GAP welcome
+    /// announced, as (user, first missing msg, first msg after the jump);
+    /// the owner drains it.
+    pub silent_ranges: Vec<(u32, u32, u32)>,
 }
 
 fn connect_one(node: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
@@ -271,6 +279,7 @@ impl Swarm {
             rehome_message: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds"),
             decision_conn: None,
             restarts_pending: false,
+            silent_ranges: Vec::new(),
         })
     }
 
@@ -522,6 +531,32 @@ impl Swarm {
         self.tally.welcomed as usize
     }
 
+    /// A reconnect wave: closes the connection of every `per_mille`-th live
+    /// client in a thousand (chosen by user number and `round`, so
+    /// successive waves pick different clients). Each reconnects within
+    /// about a second, asking the decision servers afresh (it may move
+    /// node) and resuming from the last message it saw. Returns how many
+    /// were dropped.
+    pub fn drop_wave(&mut self, per_mille: u32, round: u32, now: Instant) -> usize {
+        let mut dropped = 0;
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            let pick = (c.user.wrapping_mul(2_654_435_761).wrapping_add(round.wrapping_mul(40_503))) % 1000;
+            if c.phase != Phase::Live || pick >= per_mille {
+                continue;
+            }
+            self.fail(i, now);
+            let c = &mut self.conns[i];
+            c.failures = 0;
+            if !self.cfg.decision.is_empty() {
+                c.node.clear();
+            }
+            c.phase = Phase::Down { retry_at: now + Duration::from_millis((i as u64 * 7919) % 1000) };
+            dropped += 1;
+        }
+        dropped
+    }
+
     /// One poll: reads what arrived, restarts clients whose retry time came.
     pub fn step(&mut self, timeout: Duration) {
         let mut events = std::mem::replace(&mut self.events, mio::Events::with_capacity(1));
@@ -605,6 +640,9 @@ impl Swarm {
             let c = &mut self.conns[i];
             match fr {
                 Frame::Deliver(d) => {
+                    // A seq jump within the stream announces what it skips
+                    // (the drop policy, §3.3).
+                    let seq_jump = matches!(c.pos, Some(p) if p.epoch == d.epoch && d.seq > p.seq + 1);
                     c.pos = Some(Position { epoch: d.epoch, seq: d.seq });
                     if c.await_msg {
                         c.await_msg = false;
@@ -619,10 +657,11 @@ impl Swarm {
                         self.tally.dups += 1;
                     } else {
                         let missing = (st.msg - c.next_msg) as u64;
-                        if c.announced {
+                        if c.announced || seq_jump {
                             self.tally.announced_gaps += missing;
-                        } else {
+                        } else if missing > 0 {
                             self.tally.silent_gaps += missing;
+                            self.silent_ranges.push((c.user, c.next_msg, st.msg));
                         }
                         c.announced = false;
                         c.next_msg = st.msg + 1;
@@ -687,14 +726,23 @@ impl Swarm {
 /// Prints `PROGRESS n` while connecting, `READY n secs`, then `STAT
 /// received live wrong silent p50_ns p99_ns p999_ns` once a second (the
 /// percentiles over that second), and on `STOP` (or EOF) `RESULT …`, the
-/// histograms as `H`/`W`/`M value count` lines, and `END`. Reads `START ns`
+/// histograms as `H`/`W`/`M value count` lines, `NEXT n…` (each client's
+/// next expected message number, in user order) and `END`. Reads `START ns`
 /// (record latency from then on) and `KILL ns` (time re-homing from then).
+///
+/// For `herald-probe soak` it also reads `SAMPLE` (answered by one line
+/// `SAMPLE received live wrong silent announced dups closed reconnects
+/// v:count…`, the counts so far and the latency histogram, ns, since the
+/// last SAMPLE) and `WAVE per_mille round` (a reconnect wave, see
+/// [`Swarm::drop_wave`]; answered `WAVE dropped`), and prints `GAP user
+/// from to` for each silent jump as it is seen.
 pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));
     let record_from = Arc::new(AtomicU64::new(if record_after == 0 { u64::MAX } else { record_after }));
     let kill_at = Arc::new(AtomicU64::new(0));
+    let (cmd_tx, cmd_rx) = crossbeam_channel::unbounded::<String>();
     {
         let (stop, record_from, kill_at) = (stop.clone(), record_from.clone(), kill_at.clone());
         std::thread::spawn(move || {
@@ -704,6 +752,8 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
                     record_from.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
                 } else if let Some(ns) = line.strip_prefix("KILL ") {
                     kill_at.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
+                } else if line == "SAMPLE" || line.starts_with("WAVE ") {
+                    let _ = cmd_tx.send(line);
                 } else {
                     break;
                 }
@@ -729,10 +779,17 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
     let mut prev = swarm.hist.clone();
     let mut interval = swarm.hist.clone();
     let mut next_stat = Instant::now() + Duration::from_secs(1);
+    let mut sampled = swarm.hist.clone();
     while !stop.load(Ordering::SeqCst) {
         swarm.record_after = record_from.load(Ordering::Relaxed);
         swarm.kill_ns = kill_at.load(Ordering::Relaxed);
         swarm.step(Duration::from_millis(50));
+        for (u, from, to) in swarm.silent_ranges.drain(..) {
+            println!("GAP {u} {from} {to}");
+        }
+        while let Ok(cmd) = cmd_rx.try_recv() {
+            worker_command(&mut swarm, &cmd, &mut sampled);
+        }
         if Instant::now() >= next_stat {
             next_stat += Duration::from_secs(1);
             interval.reset();
@@ -765,9 +822,48 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
     for v in swarm.rehome_message.iter_recorded() {
         let _ = writeln!(o, "M {} {}", v.value_iterated_to(), v.count_at_value());
     }
+    let next: Vec<String> = swarm.conns.iter().map(|c| c.next_msg.to_string()).collect();
+    let _ = writeln!(o, "NEXT {}", next.join(" "));
     let _ = writeln!(o, "END");
     let _ = o.flush();
     0
+}
+
+/// Answers a coordinator's `SAMPLE` or `WAVE` line (see [`run_worker`]);
+/// `sampled` is the histogram as of the last SAMPLE.
+fn worker_command(swarm: &mut Swarm, cmd: &str, sampled: &mut Histogram<u64>) {
+    let mut parts = cmd.split_whitespace();
+    match parts.next() {
+        Some("SAMPLE") => {
+            let mut since = swarm.hist.clone();
+            let _ = since.subtract(&*sampled);
+            sampled.reset();
+            let _ = sampled.add(&swarm.hist);
+            let t = &swarm.tally;
+            let mut line = format!(
+                "SAMPLE {} {} {} {} {} {} {} {}",
+                t.received,
+                swarm.live,
+                t.wrong_user,
+                t.silent_gaps,
+                t.announced_gaps,
+                t.dups,
+                t.closed,
+                t.reconnects
+            );
+            for v in since.iter_recorded() {
+                let _ = write!(line, " {}:{}", v.value_iterated_to(), v.count_at_value());
+            }
+            println!("{line}");
+        }
+        Some("WAVE") => {
+            let per_mille = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let round = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            println!("WAVE {}", swarm.drop_wave(per_mille, round, Instant::now()));
+        }
+        _ => {}
+    }
+    let _ = std::io::stdout().flush();
 }
 
 /// Forwards each line a worker writes to `tx` as `(worker, line)`, then

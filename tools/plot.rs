@@ -1,6 +1,7 @@
 //! HdrHistogram-style output for the probe: the `.hgrm` percentile
 //! distribution text and an SVG "latency by percentile" plot with a
-//! logarithmic percentile axis, as HdrHistogram's plotter draws it.
+//! logarithmic percentile axis, as HdrHistogram's plotter draws it, and
+//! stacked time-series panels with marked events (the soak's plot).
 
 use std::fmt::Write as _;
 
@@ -63,18 +64,7 @@ pub fn svg(title: &str, series: &[(String, Series)]) -> String {
     };
     let y_max = series.iter().flat_map(|(_, s)| s.iter().map(|p| p.1)).fold(1.0_f64, f64::max) * 1.05;
     let y_of = |v: f64| -> f64 { h - mb - (v / y_max) * (h - mt - mb) };
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="25" font-size="16" text-anchor="middle">{}</text>"#,
-        w / 2.0,
-        esc(title)
-    );
+    let mut s = svg_open(w, h, 12, title, 16);
     for (i, label) in ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"].iter().enumerate() {
         let x = ml + (i as f64 / max_x) * (w - ml - mr);
         let _ = writeln!(
@@ -125,6 +115,161 @@ pub fn svg(title: &str, series: &[(String, Series)]) -> String {
     s
 }
 
+/// An SVG's opening tag, white background and centred title.
+fn svg_open(w: f64, h: f64, font: u32, title: &str, title_font: u32) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="{font}">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="25" font-size="{title_font}" text-anchor="middle">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
+    s
+}
+
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// One panel of [`timeseries`]: named series sharing a y axis.
+pub struct Panel {
+    /// Panel title (with its unit).
+    pub title: String,
+    /// Logarithmic y axis (values ≤ 0 are left out).
+    pub log: bool,
+    /// (name, value per x); NaN values are gaps in the line.
+    pub series: Vec<(String, Vec<f64>)>,
+}
+
+/// Panels stacked over one time axis (seconds), each event drawn as a
+/// dashed vertical line with its label across every panel.
+pub fn timeseries(title: &str, x: &[f64], panels: &[Panel], events: &[(f64, String)]) -> String {
+    let (w, ph, ml, mr, mt, gap) = (1000.0, 170.0, 80.0, 150.0, 50.0, 40.0);
+    let h = mt + panels.len() as f64 * (ph + gap) + 30.0;
+    let x_max = x.iter().copied().fold(1.0_f64, f64::max);
+    let x_of = |t: f64| ml + t / x_max * (w - ml - mr);
+    let mut s = svg_open(w, h, 11, title, 15);
+    for (pi, p) in panels.iter().enumerate() {
+        let top = mt + pi as f64 * (ph + gap);
+        let bottom = top + ph;
+        let vals = p.series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| v.is_finite());
+        let vals: Vec<f64> = if p.log { vals.filter(|&v| v > 0.0).collect() } else { vals.collect() };
+        let hi = vals.iter().copied().fold(f64::MIN, f64::max);
+        let (lo, hi) = if p.log {
+            let lo = vals.iter().copied().fold(f64::MAX, f64::min);
+            if vals.is_empty() {
+                (0.0, 1.0)
+            } else {
+                (lo.log10().floor(), hi.log10().ceil().max(lo.log10().floor() + 1.0))
+            }
+        } else {
+            (0.0, if vals.is_empty() || hi <= 0.0 { 1.0 } else { hi * 1.1 })
+        };
+        let y_of = |v: f64| {
+            let v = if p.log { v.log10() } else { v };
+            bottom - (v - lo) / (hi - lo) * ph
+        };
+        let _ = writeln!(
+            s,
+            r##"<rect x="{ml}" y="{top}" width="{}" height="{ph}" fill="none" stroke="#999"/><text x="{ml}" y="{}" font-size="12">{}</text>"##,
+            w - ml - mr,
+            top - 6.0,
+            esc(&p.title)
+        );
+        for i in 0..=4 {
+            let v = lo + (hi - lo) * i as f64 / 4.0;
+            let y = bottom - ph * i as f64 / 4.0;
+            let label = if p.log { fmt_num(10f64.powf(v)) } else { fmt_num(v) };
+            let _ = writeln!(
+                s,
+                r##"<line x1="{ml}" y1="{y}" x2="{}" y2="{y}" stroke="#eee"/><text x="{}" y="{}" text-anchor="end">{label}</text>"##,
+                w - mr,
+                ml - 5.0,
+                y + 4.0
+            );
+        }
+        for (si, (name, v)) in p.series.iter().enumerate() {
+            let c = COLORS[si % COLORS.len()];
+            // Break the line where a value is missing (a process was down).
+            let mut run: Vec<String> = Vec::new();
+            let flush = |run: &mut Vec<String>, s: &mut String| {
+                if run.len() > 1 {
+                    let _ = writeln!(
+                        s,
+                        r#"<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{}"/>"#,
+                        run.join(" ")
+                    );
+                }
+                run.clear();
+            };
+            for (&t, &y) in x.iter().zip(v.iter()) {
+                if y.is_finite() && (!p.log || y > 0.0) {
+                    run.push(format!("{:.1},{:.1}", x_of(t), y_of(y)));
+                } else {
+                    flush(&mut run, &mut s);
+                }
+            }
+            flush(&mut run, &mut s);
+            let ly = top + 14.0 + si as f64 * 15.0;
+            let _ = writeln!(
+                s,
+                r#"<rect x="{}" y="{}" width="14" height="4" fill="{c}"/><text x="{}" y="{}">{}</text>"#,
+                w - mr + 10.0,
+                ly - 4.0,
+                w - mr + 30.0,
+                ly,
+                esc(name)
+            );
+        }
+        for (t, label) in events {
+            let xe = x_of(*t);
+            let _ = writeln!(
+                s,
+                r##"<line x1="{xe:.1}" y1="{top}" x2="{xe:.1}" y2="{bottom}" stroke="#d62728" stroke-dasharray="4,3"/>"##
+            );
+            if pi == 0 {
+                let _ = writeln!(
+                    s,
+                    r##"<text x="{:.1}" y="{}" fill="#d62728" font-size="10">{}</text>"##,
+                    xe + 2.0,
+                    top + 10.0,
+                    esc(label)
+                );
+            }
+        }
+    }
+    let base = mt + panels.len() as f64 * (ph + gap) - gap;
+    for i in 0..=6 {
+        let t = x_max * i as f64 / 6.0;
+        let _ = writeln!(
+            s,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{:.0}</text>"#,
+            x_of(t),
+            base + 15.0,
+            t
+        );
+    }
+    let _ = writeln!(s, r#"<text x="{}" y="{}" text-anchor="middle">seconds</text>"#, w / 2.0, base + 30.0);
+    s.push_str("</svg>\n");
+    s
+}
+
+fn fmt_num(v: f64) -> String {
+    let a = v.abs();
+    if a >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if a >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if a >= 10.0 || a == 0.0 {
+        format!("{v:.0}")
+    } else if a >= 0.1 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.3}")
+    }
 }

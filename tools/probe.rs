@@ -11,6 +11,10 @@
 //! them and prints percentiles, loss, duplicates and gaps, and optionally the
 //! CPU the node used per delivered message.
 //!
+//! `herald-probe soak` (module `soak`) runs the same swarm for half an hour
+//! with chaos, sampling the cluster's processes into a CSV and judging RSS
+//! growth, descriptor leaks, cross-user deliveries and silent losses.
+//!
 //! `--plain` drives `herald-forwarder` (no auth: the token is the user id).
 
 use std::io::{Read, Write};
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod plot;
+mod soak;
 use hdrhistogram::Histogram;
 
 use herald::cli::read_secret;
@@ -38,7 +43,7 @@ struct Args {
 }
 
 #[derive(clap::Args, Clone)]
-struct Common {
+pub(crate) struct Common {
     /// Node client endpoints (`host:port`); clients are spread over them.
     #[arg(long, value_delimiter = ',', required_unless_present = "decision")]
     node: Vec<String>,
@@ -85,10 +90,35 @@ impl Common {
     }
 }
 
+/// Payload size and how clients are spread over worker processes (load and soak).
+#[derive(clap::Args)]
+pub(crate) struct Shape {
+    /// Payload bytes (at least 16).
+    #[arg(long, default_value_t = 100)]
+    pub(crate) payload: usize,
+    /// Most connections per worker process.
+    #[arg(long, default_value_t = 15_000)]
+    per_worker: usize,
+    /// Worker processes (default: enough for --per-worker, at least 2).
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+impl Shape {
+    /// Worker processes for `clients`, and clients per worker.
+    pub(crate) fn workers(&self, clients: usize) -> (usize, usize) {
+        let n = self.workers.unwrap_or_else(|| clients.div_ceil(self.per_worker).max(2)).max(1);
+        (n, clients.div_ceil(n))
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a paced load and report latency, loss and CPU.
     Load(Box<LoadArgs>),
+    /// A long run with chaos, sampled into a CSV and judged at the end
+    /// (RSS growth, descriptor leaks, cross-user deliveries, silent losses).
+    Soak(Box<soak::SoakArgs>),
     /// Overlay several .hgrm files in one SVG: `plot --out x.svg herald=a.hgrm floor=b.hgrm`.
     Plot {
         /// Output SVG path.
@@ -123,6 +153,7 @@ fn main() {
     let code = match a.cmd {
         Cmd::Worker { common, first, count, record_after } => worker(common, first, count, record_after),
         Cmd::Load(args) => load(*args),
+        Cmd::Soak(args) => soak::soak(*args),
         Cmd::Plot { out, title, inputs } => {
             let mut series = Vec::new();
             for i in inputs {
@@ -155,7 +186,12 @@ fn main() {
 
 /// The secret from `file` (empty with `--plain`); prints why and returns
 /// `None` when it cannot be had.
-fn secret_for(plain: bool, file: Option<&std::path::Path>, who: &str, flag: &str) -> Option<Vec<u8>> {
+pub(crate) fn secret_for(
+    plain: bool,
+    file: Option<&std::path::Path>,
+    who: &str,
+    flag: &str,
+) -> Option<Vec<u8>> {
     if plain {
         return Some(Vec::new());
     }
@@ -223,15 +259,8 @@ struct LoadArgs {
     /// Seconds of warm-up publishing not recorded.
     #[arg(long, default_value_t = 2)]
     warmup: u64,
-    /// Payload bytes (at least 16).
-    #[arg(long, default_value_t = 100)]
-    payload: usize,
-    /// Most connections per worker process.
-    #[arg(long, default_value_t = 15_000)]
-    per_worker: usize,
-    /// Worker processes (default: enough for --per-worker, at least 2).
-    #[arg(long)]
-    workers: Option<usize>,
+    #[command(flatten)]
+    shape: Shape,
     /// PIDs of node processes whose CPU use to report.
     #[arg(long, value_delimiter = ',')]
     node_pid: Vec<u32>,
@@ -262,14 +291,14 @@ struct LoadArgs {
 }
 
 /// Resident set size of a process, KiB.
-fn proc_rss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn proc_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let l = s.lines().find(|l| l.starts_with("VmRSS:"))?;
     l.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// utime + stime of a process, in seconds.
-fn proc_cpu(pid: u32) -> Option<f64> {
+pub(crate) fn proc_cpu(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
@@ -300,56 +329,90 @@ fn self_cpu(who: i32) -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-fn load(mut a: LoadArgs) -> i32 {
-    a.payload = a.payload.max(16);
+/// A publisher connection to the ingest endpoint `addr`, through PUB_HELLO
+/// and PUB_WELCOME unless `plain` (the minimal forwarder has no handshake).
+pub(crate) fn connect_publisher(addr: &str, plain: bool, secret: &[u8]) -> Result<TcpStream, String> {
+    let sa = std::net::ToSocketAddrs::to_socket_addrs(addr)
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| format!("ingest {addr}: not an address"))?;
+    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(2))
+        .map_err(|e| format!("connect ingest {addr}: {e}"))?;
+    s.set_nodelay(true).map_err(|e| format!("ingest {addr}: {e}"))?;
+    if plain {
+        return Ok(s);
+    }
+    let cred = token::mint(secret, b"herald-probe", u32::MAX as u64)
+        .ok_or("publisher secret cannot mint a credential")?;
+    let h = Frame::PubHello(f::PubHello {
+        min_version: MIN_VERSION,
+        max_version: VERSION,
+        credential: cred.as_bytes(),
+        agent: b"herald-probe",
+    })
+    .to_vec();
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| format!("ingest {addr}: {e}"))?;
+    s.write_all(&h).map_err(|e| format!("ingest {addr}: {e}"))?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).unwrap_or(0);
+    match decode(&buf[..n], Channel::FromIngest) {
+        Ok(Decoded::Frame(Frame::PubWelcome(_), _)) => {
+            s.set_read_timeout(None).map_err(|e| format!("ingest {addr}: {e}"))?;
+            Ok(s)
+        }
+        other => Err(format!("publisher handshake with {addr} failed: {other:?}")),
+    }
+}
+
+/// Starts worker processes holding `clients` clients, `per` each, and
+/// forwards their stdout lines, tagged with the worker's index, to the
+/// returned channel.
+pub(crate) fn spawn_workers(
+    common: &Common,
+    clients: usize,
+    nworkers: usize,
+    per: usize,
+) -> (Vec<std::process::Child>, crossbeam_channel::Receiver<(usize, String)>) {
     let exe = std::env::current_exe().expect("own path");
-    let nworkers = a.workers.unwrap_or_else(|| a.clients.div_ceil(a.per_worker).max(2)).max(1);
-    let per = a.clients.div_ceil(nworkers);
-    let warm_ns = a.warmup * 1_000_000_000;
-    let t_connect = Instant::now();
-    let rss0: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_rss_kib(p)).collect();
-    // Workers connect, say READY, and wait; publishing starts after every
-    // worker is READY, and the recording threshold is sent to them on stdin.
     let mut children = Vec::new();
     let mut first = 0;
     for _ in 0..nworkers {
-        let count = per.min(a.clients - first);
+        let count = per.min(clients - first);
         if count == 0 {
             break;
         }
         let mut cmd = Command::new(&exe);
         cmd.arg("worker");
-        if !a.common.node.is_empty() {
-            cmd.arg("--node").arg(a.common.node.join(","));
+        if !common.node.is_empty() {
+            cmd.arg("--node").arg(common.node.join(","));
         }
         cmd.arg("--first").arg(first.to_string()).arg("--count").arg(count.to_string());
-        if a.common.plain {
-            cmd.arg("--plain");
+        let flags = [
+            (common.plain, "--plain"),
+            (common.tls, "--tls"),
+            (common.decision_tls, "--decision-tls"),
+            (common.reconnect, "--reconnect"),
+        ];
+        for (on, flag) in flags {
+            if on {
+                cmd.arg(flag);
+            }
         }
-        if a.common.tls {
-            cmd.arg("--tls");
-        }
-        if let Some(ca) = &a.common.tls_ca {
+        if let Some(ca) = &common.tls_ca {
             cmd.arg("--tls-ca").arg(ca);
         }
-        if a.common.decision_tls {
-            cmd.arg("--decision-tls");
-        }
-        if let Some(ca) = &a.common.decision_tls_ca {
+        if let Some(ca) = &common.decision_tls_ca {
             cmd.arg("--decision-tls-ca").arg(ca);
         }
-        if a.common.reconnect {
-            cmd.arg("--reconnect");
+        if !common.decision.is_empty() {
+            cmd.arg("--decision").arg(common.decision.join(","));
         }
-        if !a.common.decision.is_empty() {
-            cmd.arg("--decision").arg(a.common.decision.join(","));
-        }
-        if let Some(s) = &a.common.secret_file {
+        if let Some(s) = &common.secret_file {
             cmd.arg("--secret-file").arg(s);
         }
-        if !a.common.source.is_empty() {
+        if !common.source.is_empty() {
             cmd.arg("--source")
-                .arg(a.common.source.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","));
+                .arg(common.source.iter().map(|s| s.to_string()).collect::<Vec<_>>().join(","));
         }
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let child = cmd.spawn().expect("spawn worker");
@@ -361,9 +424,18 @@ fn load(mut a: LoadArgs) -> i32 {
     for (i, c) in children.iter_mut().enumerate() {
         herald::swarm::forward_lines(i, c.stdout.take().expect("piped"), tx.clone());
     }
-    drop(tx);
-    // Wait for READY from each worker, with a progress bar.
-    let nworkers = children.len();
+    (children, rx)
+}
+
+/// Waits for READY from each of `nworkers` workers, drawing a progress bar;
+/// returns the clients connected and the slowest worker's connect time, or
+/// `None` (said why) if a worker exited first.
+pub(crate) fn wait_ready(
+    rx: &crossbeam_channel::Receiver<(usize, String)>,
+    nworkers: usize,
+    clients: usize,
+    t_connect: Instant,
+) -> Option<(usize, f64)> {
     let mut progress = vec![0usize; nworkers];
     let mut ready = vec![false; nworkers];
     let mut worker_secs = 0.0f64;
@@ -379,22 +451,37 @@ fn load(mut a: LoadArgs) -> i32 {
             }
             Some("EOF") => {
                 eprintln!("\nprobe: worker {i} exited before connecting");
-                return 1;
+                return None;
             }
             _ => {}
         }
         let done: usize = progress.iter().sum();
         let width = 40;
-        let filled = done * width / a.clients.max(1);
+        let filled = done * width / clients.max(1);
         eprint!(
             "\rprobe: connecting [{}{}] {done}/{} ({:.0}/s)",
             "#".repeat(filled),
             " ".repeat(width - filled.min(width)),
-            a.clients,
+            clients,
             done as f64 / t_connect.elapsed().as_secs_f64().max(0.001)
         );
     }
-    let connected: usize = progress.iter().sum();
+    Some((progress.iter().sum(), worker_secs))
+}
+
+fn load(mut a: LoadArgs) -> i32 {
+    a.shape.payload = a.shape.payload.max(16);
+    let (nworkers, per) = a.shape.workers(a.clients);
+    let warm_ns = a.warmup * 1_000_000_000;
+    let t_connect = Instant::now();
+    let rss0: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_rss_kib(p)).collect();
+    // Workers connect, say READY, and wait; publishing starts after every
+    // worker is READY, and the recording threshold is sent to them on stdin.
+    let (mut children, rx) = spawn_workers(&a.common, a.clients, nworkers, per);
+    let nworkers = children.len();
+    let Some((connected, worker_secs)) = wait_ready(&rx, nworkers, a.clients, t_connect) else {
+        return 1;
+    };
     eprintln!();
     println!(
         "connect        {connected}/{} clients through handshake in {:.2}s = {:.0} connections/s ({} workers)",
@@ -458,29 +545,13 @@ fn load(mut a: LoadArgs) -> i32 {
     }
     let mut pubs: Vec<TcpStream> = Vec::new();
     for addr in &ingest {
-        let mut s = TcpStream::connect(addr).expect("connect ingest");
-        s.set_nodelay(true).unwrap();
-        if !a.common.plain {
-            let cred = token::mint(&pub_secret, b"herald-probe", u32::MAX as u64).unwrap();
-            let h = Frame::PubHello(f::PubHello {
-                min_version: MIN_VERSION,
-                max_version: VERSION,
-                credential: cred.as_bytes(),
-                agent: b"herald-probe",
-            })
-            .to_vec();
-            s.write_all(&h).unwrap();
-            let mut buf = [0u8; 256];
-            let n = s.read(&mut buf).unwrap_or(0);
-            match decode(&buf[..n], Channel::FromIngest) {
-                Ok(Decoded::Frame(Frame::PubWelcome(_), _)) => {}
-                other => {
-                    eprintln!("probe: publisher handshake failed: {other:?}");
-                    return 1;
-                }
+        match connect_publisher(addr, a.common.plain, &pub_secret) {
+            Ok(s) => pubs.push(s),
+            Err(e) => {
+                eprintln!("probe: {e}");
+                return 1;
             }
         }
-        pubs.push(s);
     }
     // Drain anything the nodes send publishers (PINGs) so they never block.
     for p in &pubs {
@@ -522,7 +593,7 @@ fn load(mut a: LoadArgs) -> i32 {
     let mut tick: u64 = 0;
     let mut user_rr = 0usize;
     let mut bufs: Vec<Vec<u8>> = vec![Vec::with_capacity(256 * 1024); pubs.len()];
-    let mut payload = vec![0u8; a.payload];
+    let mut payload = vec![0u8; a.shape.payload];
     let mut late_ticks = 0u64;
     type Sample = (Vec<Option<f64>>, f64, Vec<Option<u64>>);
     let mut cpu_rec0: Option<Sample> = None;
@@ -654,7 +725,7 @@ fn load(mut a: LoadArgs) -> i32 {
     println!("clients        {} (welcomed {welcomed}) on {} node(s)", a.clients, a.common.node.len());
     println!(
         "published      {sent} msgs at {} msg/s for {}s (+{}s warm-up), payload {} B, late ticks {late_ticks}",
-        a.rate, a.duration, a.warmup, a.payload
+        a.rate, a.duration, a.warmup, a.shape.payload
     );
     println!(
         "received       {}  loss {loss}  wrong-user {}  duplicates {}  silent gaps {}  announced gaps {}  closed {}  reconnects {}",

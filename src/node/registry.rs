@@ -167,7 +167,15 @@ impl Registry {
         self.frame.clear();
         encode_deliver(&mut self.frame, u.epoch, u.head, payload);
         match self.ring.push(&self.frame) {
-            Some(pos) => u.log.append(u.head, pos, self.frame.len(), self.cfg.log),
+            Some(pos) => {
+                u.log.append(u.head, pos, self.frame.len(), self.cfg.log);
+                // Entries whose bytes the ring has overwritten are gone
+                // anyway: drop them now, so a user's index holds about what
+                // the ring holds for it, not --retain-count entries (16 KiB
+                // per user) kept until its next resume. Each entry is
+                // dropped once: O(1) per message, amortized.
+                u.log.first_live(&self.ring);
+            }
             None => u.log.clear(),
         }
         Some((&self.frame, &u.sessions))
@@ -230,6 +238,33 @@ mod tests {
             b = &b[n..];
         }
         v
+    }
+
+    #[test]
+    fn a_users_index_forgets_what_the_ring_overwrote() {
+        // The soak's slow RSS growth: alice's index kept every entry up to
+        // retain-count although other users' traffic had overwritten them
+        // in the ring.
+        let mut r = Registry::new(
+            RegistryConfig {
+                log: LogLimits { max_count: 1024, max_bytes: 1 << 20 },
+                ring_bytes: 1 << 14,
+                grace: Duration::from_secs(30),
+            },
+            42,
+        );
+        let a = r.attach(b"alice", 1, None);
+        let b = r.attach(b"bob", 2, None);
+        for _ in 0..100 {
+            r.publish(a.user, &[1u8; 100]);
+        }
+        // 16 KiB of bob's frames overwrite all of alice's.
+        for _ in 0..200 {
+            r.publish(b.user, &[2u8; 100]);
+        }
+        r.publish(a.user, &[1u8; 100]);
+        assert_eq!(r.users[a.user].log.len(), 1, "only the newest is still in the ring");
+        assert!(r.users[b.user].log.len() <= (1 << 14) / 121 + 1);
     }
 
     #[test]
