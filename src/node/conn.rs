@@ -13,6 +13,8 @@
 //! been flushed. That is what keeps an idle connection under 1 KiB; a mesh
 //! link's larger state is boxed so it costs clients nothing.
 
+use std::time::Instant;
+
 use crate::net::{ConnState, Framing};
 use crate::protocol::frame::ty;
 use crate::protocol::Channel;
@@ -63,9 +65,25 @@ pub enum Peer {
     /// Metrics port: reading an HTTP request.
     Http,
     /// HTTP publish API: a keep-alive connection of requests.
-    Api(Box<super::http_publish::ApiConn>),
+    Api(Box<ApiConn>),
     /// Closing, and its role has done its bookkeeping.
     Closed,
+}
+
+/// One HTTP API connection's state.
+#[derive(Debug, Default)]
+pub struct ApiConn {
+    /// When the first byte of the request in progress arrived: a request
+    /// must be whole within the handshake deadline of that (slowloris).
+    pub request_since: Option<Instant>,
+    /// The bearer token last verified on this connection, and its expiry
+    /// (Unix seconds): the same token is not verified again per request.
+    pub verified: Option<(Box<[u8]>, u64)>,
+    /// A publish waiting for its forwards to be confirmed: whether it is a
+    /// batch, and whether the connection closes after its answer.
+    pub held: Option<(bool, bool)>,
+    /// Request ids for `Confirms`, per connection.
+    pub next_request: u32,
 }
 
 /// A mesh link's identity, handshake material and phase.

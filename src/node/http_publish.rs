@@ -14,27 +14,11 @@ use crate::protocol::Code;
 
 use super::api::{self, ApiError, Call, Response, Routed};
 use super::confirm::{Confirms, Done};
-use super::conn::Peer;
+use super::conn::{ApiConn, Peer};
 use super::route::Route;
 
 /// A keep-alive connection idle this long (no request in progress) is closed.
 pub const IDLE: Duration = Duration::from_secs(60);
-
-/// One HTTP API connection's state.
-#[derive(Debug, Default)]
-pub struct ApiConn {
-    /// When the first byte of the request in progress arrived: a request
-    /// must be whole within the handshake deadline of that (slowloris).
-    pub request_since: Option<Instant>,
-    /// The bearer token last verified on this connection, and its expiry
-    /// (Unix seconds): the same token is not verified again per request.
-    verified: Option<(Box<[u8]>, u64)>,
-    /// A publish waiting for its forwards to be confirmed: whether it is a
-    /// batch, and whether the connection closes after its answer.
-    held: Option<(bool, bool)>,
-    /// Request ids for [`Confirms`], per connection.
-    next_request: u32,
-}
 
 /// What answering a request needs besides the route.
 pub struct Cx<'a> {
