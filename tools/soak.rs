@@ -110,7 +110,9 @@ pub(crate) struct SoakArgs {
     #[command(flatten)]
     shape: crate::Shape,
     /// Pass only if each node's median RSS grows less than this (percent)
-    /// from the baseline window to the final one.
+    /// from the baseline window to the final one. Judged for each node
+    /// whose one process lived through both windows (at least one must);
+    /// a node restarted in between is reported per process, not judged.
     #[arg(long, default_value_t = 5.0)]
     rss_growth_pct: f64,
     /// Pass only if descriptors that are not connections (nodes) or all
@@ -1028,14 +1030,75 @@ fn judge(
     let window_median = |w: (f64, f64), f: &dyn Fn(&[f64]) -> f64| {
         median(c.rows.iter().filter(|r| r[0] >= w.0 && r[0] < w.1).map(|r| f(r)).collect())
     };
+    let mut rss_judged = 0;
     for w in a.watch.iter().filter_map(|w| Watch::parse(w).ok()) {
         let (Some(rss), Some(fds)) = (col(&format!("{}_rss_kib", w.name)), col(&format!("{}_fds", w.name)))
         else {
             continue;
         };
         let conns = col(&format!("{}_conns", w.name));
+        // RSS growth means something only within one process: a process
+        // restarted between the windows is a different heap with its own
+        // high-water mark (the victim of the node chaos). Such a watch is
+        // reported, per process, and not judged; the witness that lives
+        // through both windows is.
+        let pids = |win: (f64, f64)| -> Vec<f64> {
+            let mut v: Vec<f64> = match col(&format!("{}_pid", w.name)) {
+                Some(pi) => c
+                    .rows
+                    .iter()
+                    .filter(|r| r[0] >= win.0 && r[0] < win.1 && !r[pi].is_nan())
+                    .map(|r| r[pi])
+                    .collect(),
+                None => Vec::new(),
+            };
+            v.dedup();
+            v
+        };
+        let (pb, pf) = (pids(base), pids(fin));
+        let one_process = pb.len() == 1 && pb == pf;
+        if one_process && w.metrics.is_some() {
+            rss_judged += 1;
+        }
+        if !one_process {
+            println!(
+                "info rss {}: not judged, a different process in each window (pids {pb:?} in the baseline, {pf:?} at the end); per process:",
+                w.name
+            );
+            if let Some(pi) = col(&format!("{}_pid", w.name)) {
+                let mut seen: Vec<f64> = Vec::new();
+                for r in c.rows.iter().filter(|r| !r[pi].is_nan()) {
+                    if !seen.contains(&r[pi]) {
+                        seen.push(r[pi]);
+                    }
+                }
+                for pid in seen {
+                    let mine: Vec<&Vec<f64>> = c.rows.iter().filter(|r| r[pi] == pid).collect();
+                    let (t0, t1) = (mine[0][0], mine[mine.len() - 1][0]);
+                    let third = (t1 - t0) / 3.0;
+                    let m = |lo: f64, hi: f64| {
+                        median(mine.iter().filter(|r| r[0] >= lo && r[0] <= hi).map(|r| r[rss]).collect())
+                    };
+                    if let (Some(a0), Some(a1), Some(peak)) = (
+                        m(t1 - third - third, t1 - third),
+                        m(t1 - third, t1),
+                        mine.iter().map(|r| r[rss]).filter(|x| !x.is_nan()).reduce(f64::max),
+                    ) {
+                        println!(
+                            "info rss {} pid {pid}: {t0:.0}-{t1:.0} s, median {:.1} MiB in its middle third -> {:.1} MiB in its last third ({:+.1} %), peak {:.1} MiB",
+                            w.name,
+                            a0 / 1024.0,
+                            a1 / 1024.0,
+                            (a1 - a0) / a0 * 100.0,
+                            peak / 1024.0
+                        );
+                    }
+                }
+            }
+        }
         let (b, f) = (window_median(base, &|r| r[rss]), window_median(fin, &|r| r[rss]));
         match (b, f) {
+            (Some(_), Some(_)) if !one_process => {}
             (Some(b), Some(f)) => {
                 let growth = (f - b) / b * 100.0;
                 let line = format!(
@@ -1072,6 +1135,7 @@ fn judge(
             _ => verdict(false, format!("fds {}: no samples in a window", w.name)),
         }
     }
+    verdict(rss_judged > 0, format!("rss judged on {rss_judged} node(s) that lived through both windows"));
     verdict(c.wrong_user == 0, format!("cross-user deliveries: {}", c.wrong_user));
     verdict(silent == 0, format!("silent losses: {silent} (of {confirmed_msgs} confirmed messages)"));
     verdict(c.dups == 0, format!("duplicates: {}", c.dups));

@@ -8,7 +8,8 @@
 #   wave (WAVE per mille of the clients drop and reconnect through the
 #   decision servers, resuming), decision server d1 SIGKILLed and restarted
 #   after DECISION_DOWN s (CHAOS="node wave decision" picks and orders them).
-#   n1 is never restarted: it is the leak witness.
+#   n1 is never restarted: it is the leak witness. RSS growth is judged only
+#   within one process (n1); the restarted n2 is reported per process.
 #   Every SAMPLE_EVERY (10 s) a row of $OUT/$NAME.csv: per process RSS,
 #   descriptors, CPU, and per node sessions, connections and queue depths
 #   from /metrics; published and delivered rates, latency p50/p99/max, gaps,
