@@ -20,6 +20,8 @@
 //! - [`protocol`]: the wire protocol, sans-IO (frames, codec, tokens, signatures).
 //!   `protocol.md` is its normative specification.
 //! - [`client`]: the reference client and the publisher library.
+//! - [`source`]: connectors that pull messages from queue engines (NATS
+//!   JetStream, Redis Streams) into a node, each on its own thread.
 //! - `dial` (crate-private): blocking connections to nodes and decision
 //!   servers, plain TCP or TLS, for the client, the publisher, decision
 //!   requests and the swarm.
@@ -46,6 +48,7 @@ pub mod logging;
 pub(crate) mod net;
 pub mod node;
 pub mod protocol;
+pub mod source;
 pub mod swarm;
 pub mod tls;
 

@@ -106,7 +106,7 @@ fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     if let Some(c) = digits.chars().find(|c| !c.is_ascii_hexdigit()) {
         return Err(format!("`{c}` is not a hex digit"));
     }
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(format!("odd number of hex digits ({})", digits.len()));
     }
     (0..digits.len())

@@ -670,7 +670,7 @@ fn load(mut a: LoadArgs) -> i32 {
             sent_recorded += k;
         }
         tick += 1;
-        if tick % 1000 == 0 {
+        if tick.is_multiple_of(1000) {
             eprint!("\rprobe: t={}s sent={sent}", tick / 1000);
         }
     }

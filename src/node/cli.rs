@@ -50,6 +50,21 @@ pub struct NodeArgs {
     /// unless `http` is in --tls-ports.
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// Pull messages from a queue engine and route each like a confirmed
+    /// publish (protocol.md §11); repeatable. `jetstream://HOST:PORT/STREAM`
+    /// (a durable pull consumer shared by every node with this source) with
+    /// `?consumer=herald&subject=herald.user.>&batch=256&in_flight=4096&
+    /// ack_wait=10s&max_deliver=5&dead_letter=SUBJECT&no_route=drop|retry`.
+    #[arg(long = "source", value_name = "URL", value_parser = crate::source::Spec::parse)]
+    pub sources: Vec<crate::source::Spec>,
+    /// Queue-message ids appended here are remembered this long, so a
+    /// connector's redelivery is not delivered twice (protocol.md §11).
+    #[arg(long, default_value_t = CliDuration(Config::default().dedup_window))]
+    pub dedup_window: CliDuration,
+    /// At most this many such ids are remembered (24 bytes each; the oldest
+    /// are forgotten first).
+    #[arg(long, default_value_t = Config::default().dedup_max)]
+    pub dedup_max: usize,
     /// Keepalive interval: ping a silent client after this, close it after 3x.
     #[arg(long, default_value_t = CliDuration(Config::default().heartbeat))]
     pub heartbeat: CliDuration,
@@ -211,6 +226,9 @@ impl NodeArgs {
             ingest: self.ingest,
             metrics: self.metrics,
             http: self.http,
+            sources: self.sources.clone(),
+            dedup_window: self.dedup_window.0,
+            dedup_max: self.dedup_max,
             advertise: self.advertise.clone(),
             capacity: self.capacity.unwrap_or(defaults.capacity),
             client_secret,

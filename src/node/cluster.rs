@@ -25,6 +25,8 @@ pub(crate) enum Ctl {
     Nodes(Vec<crate::decision::client::NodeInfo>),
     /// A dial to a peer finished.
     Dialed(String, io::Result<std::net::TcpStream>),
+    /// A connector's batch (`--source`).
+    Source(crate::source::Batch),
 }
 
 /// Milliseconds since the Unix epoch.

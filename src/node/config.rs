@@ -49,6 +49,12 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// The HTTP publish API's endpoint (http-api.md), if any.
     pub http: Option<SocketAddr>,
+    /// Queues to pull messages from (`--source`, protocol.md §11).
+    pub sources: Vec<crate::source::Spec>,
+    /// Ids of queue messages appended here are remembered this long...
+    pub dedup_window: Duration,
+    /// ...and at most this many of them (24 bytes each).
+    pub dedup_max: usize,
     /// Address clients are told to use (defaults to the bound client address).
     pub advertise: Option<String>,
     /// Maximum client sessions.
@@ -130,6 +136,9 @@ impl Default for Config {
             ingest: "127.0.0.1:7401".parse().expect("valid"),
             metrics: None,
             http: None,
+            sources: Vec::new(),
+            dedup_window: Duration::from_secs(120),
+            dedup_max: 1 << 20,
             advertise: None,
             capacity: default_capacity(),
             client_secret: Vec::new(),

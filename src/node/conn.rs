@@ -103,6 +103,9 @@ pub struct Link {
     pub phase: LinkPhase,
     /// Keepalive (once up).
     pub ka: Keepalive,
+    /// The protocol version the handshake chose (1 until it has): FORWARD
+    /// carries a de-duplication id only at 2 (protocol.md §6.5).
+    pub version: u8,
 }
 
 /// A mesh link's handshake phase (protocol.md §6.2).
@@ -123,7 +126,7 @@ impl Link {
     /// A link in its handshake; `ours` if we dialled it.
     pub fn new(peer_id: String, nonce_i: [u8; 16], nonce_a: [u8; 16], ours: bool) -> Link {
         let phase = if ours { LinkPhase::Dialing } else { LinkPhase::Accepting };
-        Link { peer_id, nonce_i, nonce_a, ours, phase, ka: Keepalive::Quiet }
+        Link { peer_id, nonce_i, nonce_a, ours, phase, ka: Keepalive::Quiet, version: 1 }
     }
 
     /// Whether the handshake is complete.

@@ -92,7 +92,9 @@ impl Mesh {
         let tag = sign::peer_acceptor_tag(&cfg.cluster_secret, &h.nonce, &nonce_a, h.node_id, me);
         let peer_id = String::from_utf8_lossy(h.node_id).into_owned();
         let Some(c) = conns.get_mut(id) else { return Flow::Gone };
-        c.state = Peer::Link(Box::new(Link::new(peer_id, h.nonce, nonce_a, false)));
+        let mut link = Link::new(peer_id, h.nonce, nonce_a, false);
+        link.version = version;
+        c.state = Peer::Link(Box::new(link));
         self.links.push(id);
         let Some(out) = conns.queue(id) else { return Flow::Gone };
         Frame::PeerWelcome(f::PeerWelcome {
@@ -139,6 +141,7 @@ impl Mesh {
             return Flow::Stop;
         }
         link.nonce_a = w.nonce;
+        link.version = w.version;
         let tag = sign::peer_initiator_tag(&cfg.cluster_secret, &link.nonce_i, &w.nonce, me, w.node_id);
         if let Some(out) = conns.queue(id) {
             Frame::PeerAuth(f::PeerAuth { tag }).encode(out);

@@ -57,6 +57,12 @@ pub struct Metrics {
     /// Client sessions' output queued and not yet written, bytes (what
     /// `--output-budget` bounds).
     pub output_pending: u64,
+    /// Messages taken from connectors (`--source`; loop 0).
+    pub source_msgs: u64,
+    /// Connector messages and FORWARDs dropped as already appended here.
+    pub source_dups: u64,
+    /// Queue-message ids remembered for de-duplication (a gauge).
+    pub dedup_ids: u64,
     /// Ingest-to-socket-write latency, microseconds.
     pub latency_us: Histogram<u64>,
 }
@@ -81,6 +87,9 @@ impl Default for Metrics {
             bytes_out: 0,
             writes: 0,
             output_pending: 0,
+            source_msgs: 0,
+            source_dups: 0,
+            dedup_ids: 0,
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
         }
     }
@@ -132,6 +141,9 @@ impl Metrics {
         self.bytes_out += o.bytes_out;
         self.writes += o.writes;
         self.output_pending += o.output_pending;
+        self.source_msgs += o.source_msgs;
+        self.source_dups += o.source_dups;
+        self.dedup_ids += o.dedup_ids;
         let _ = self.latency_us.add(&o.latency_us);
     }
 
@@ -155,6 +167,9 @@ impl Metrics {
         self.bytes_out = o.bytes_out;
         self.writes = o.writes;
         self.output_pending = o.output_pending;
+        self.source_msgs = o.source_msgs;
+        self.source_dups = o.source_dups;
+        self.dedup_ids = o.dedup_ids;
     }
 
     /// Makes these figures a copy of `o`, reusing this histogram's memory.
@@ -221,6 +236,14 @@ impl Metrics {
             self.no_route,
         );
         g("messages_dropped_total", "counter", "Messages dropped for a full client queue.", self.dropped);
+        g("source_messages_total", "counter", "Messages taken from connectors (--source).", self.source_msgs);
+        g(
+            "source_duplicates_total",
+            "counter",
+            "Queue messages dropped as already delivered here (redeliveries).",
+            self.source_dups,
+        );
+        g("dedup_ids", "gauge", "Queue-message ids remembered for de-duplication.", self.dedup_ids);
         g("messages_replayed_total", "counter", "Messages replayed on resume.", self.replayed);
         g("bytes_in_total", "counter", "Bytes read from sockets.", self.bytes_in);
         g("bytes_out_total", "counter", "Bytes written to sockets.", self.bytes_out);

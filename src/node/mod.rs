@@ -20,6 +20,9 @@
 //!   - `http`: `/metrics` and `/healthz`;
 //!   - `http_publish`: publishers over HTTP (`--http`), with `api`, the
 //!     API's requests and answers, sans-IO;
+//!   - `intake`: connectors' batches (`--source`), routed like confirmed
+//!     publishes and answered per message, with `dedup`, the ids of queue
+//!     messages already appended here;
 //!   - `route`: where a message goes (local sessions, another loop, peers);
 //!   - `auth`: one authentication step for every hello.
 //! - Their parts: `conn` (each connection's state), `keepalive` and
@@ -47,12 +50,14 @@ pub(crate) mod cluster;
 pub(crate) mod config;
 pub mod confirm;
 pub(crate) mod conn;
+pub(crate) mod dedup;
 pub(crate) mod drain;
 pub(crate) mod duty;
 pub(crate) mod error;
 pub(crate) mod fxhash;
 pub(crate) mod http;
 pub(crate) mod http_publish;
+pub(crate) mod intake;
 pub(crate) mod keepalive;
 pub(crate) mod link;
 #[doc(hidden)]

@@ -66,6 +66,23 @@ impl Route<'_> {
         user: &[u8],
         payload: &[u8],
         forward: bool,
+        links: Option<&mut Vec<ConnId>>,
+    ) -> (bool, bool) {
+        self.deliver_with(user, payload, forward, b"", false, links)
+    }
+
+    /// [`Route::deliver`] for a message with a de-duplication id (from a
+    /// connector, [`super::intake`]): the id travels in each FORWARD (to
+    /// peers of protocol version 2), and `skip_local` leaves out this
+    /// node's sessions (they already have it: a redelivery).
+    #[inline]
+    pub fn deliver_with(
+        &mut self,
+        user: &[u8],
+        payload: &[u8],
+        forward: bool,
+        id: &[u8],
+        skip_local: bool,
         mut links: Option<&mut Vec<ConnId>>,
     ) -> (bool, bool) {
         self.m.msgs_in += 1;
@@ -77,7 +94,11 @@ impl Route<'_> {
                 if c.is_closing() {
                     continue;
                 }
-                f::encode_forward(&mut c.out.buf, user, b"", payload);
+                let id = match c.state.link() {
+                    Some(l) if l.version >= 2 => id,
+                    _ => b"",
+                };
+                f::encode_forward(&mut c.out.buf, user, b"", id, payload);
                 self.m.forwarded += 1;
                 forwarded = true;
                 dirty.mark(c, peer);
@@ -87,6 +108,7 @@ impl Route<'_> {
             }
         }
         let local = match self.router.as_deref_mut() {
+            _ if skip_local => false,
             Some(r) => match shard::owner(user, self.loops) {
                 0 => self.local(user, payload),
                 o => match r.homes.route(user) {
@@ -99,7 +121,7 @@ impl Route<'_> {
             },
             None => self.local(user, payload),
         };
-        if !local && !forwarded {
+        if !local && !forwarded && !skip_local {
             self.m.no_route += 1;
         }
         (local, forwarded)

@@ -17,8 +17,10 @@ use super::cluster::{self, Heartbeater};
 use super::config::{Config, MAX_THREADS};
 use super::confirm::Confirms;
 use super::conn::Limits;
+use super::dedup::Dedup;
 use super::duty::Duties;
 use super::error::NodeError;
+use super::intake::Intake;
 use super::link::Mesh;
 use super::metrics::Metrics;
 use super::route::Turn;
@@ -245,6 +247,7 @@ impl Node {
         role: Role,
         hb: Option<Heartbeater>,
         control: Option<Control>,
+        replies: Vec<crossbeam_channel::Sender<crate::source::Reply>>,
     ) -> NodeLoop {
         let now = Instant::now();
         NodeLoop {
@@ -264,6 +267,10 @@ impl Node {
             kill: self.handle.kill.clone(),
             control,
             inbox_held: false,
+            intake: Intake::new(
+                replies,
+                Dedup::new(self.cfg.dedup_window, if id == 0 { self.cfg.dedup_max } else { 0 }),
+            ),
         }
     }
 
@@ -322,7 +329,7 @@ impl Node {
                 router_waker: self.handle.waker.clone(),
                 events: Vec::new(),
             };
-            let roles = self.roles(id, &common, Role::Owner(owner), None, None);
+            let roles = self.roles(id, &common, Role::Owner(owner), None, None, Vec::new());
             // Tells loop 0 this loop is gone, however it ends (even by panic).
             let gone = LoopGone { id, shared: common.shared.clone(), waker: self.handle.waker.clone() };
             let spawned = std::thread::Builder::new().name(format!("herald-loop-{id}")).spawn(move || {
@@ -359,8 +366,26 @@ impl Node {
         } else {
             Role::Single
         };
+        // Connectors: each on its own thread, handing batches to loop 0.
+        let mut replies = Vec::new();
+        for (index, spec) in self.cfg.sources.iter().enumerate() {
+            let (reply_tx, reply_rx) = crossbeam_channel::unbounded();
+            replies.push(reply_tx);
+            let (tx, waker) = (ctl_tx.clone(), self.handle.waker.clone());
+            let intake = crate::source::Intake {
+                send: Box::new(move |mut b: crate::source::Batch| {
+                    b.source = index;
+                    let ok = tx.send(cluster::Ctl::Source(b)).is_ok();
+                    let _ = waker.wake();
+                    ok
+                }),
+                replies: reply_rx,
+                node_id: self.cfg.node_id.clone(),
+            };
+            crate::source::spawn(spec.clone(), intake, self.handle.stop.clone()).map_err(NodeError::Setup)?;
+        }
         let control = Control { tx: ctl_tx, rx: ctl_rx, waker: self.handle.waker.clone() };
-        let roles = self.roles(0, &common, role, Some(hb), Some(control));
+        let roles = self.roles(0, &common, role, Some(hb), Some(control), replies);
         let id = &self.cfg.node_id;
         for (what, tls, addr) in [
             ("client", &self.tls, Some(self.client_addr())),

@@ -23,6 +23,7 @@ use super::conn::{listener, Peer};
 use super::duty::Duties;
 use super::http::{self, Request};
 use super::http_publish::{self, Gate};
+use super::intake::{self, Intake};
 use super::link::Mesh;
 use super::metrics::Metrics;
 use super::publish;
@@ -78,6 +79,9 @@ pub struct NodeLoop {
     /// Loops 1..N: the inbox was left at a hand-over, whose HELLO must run
     /// before the messages behind it (they may be for that very user).
     pub inbox_held: bool,
+    /// Loop 0: connectors' batches, and the ids of queue messages appended
+    /// here (also for FORWARDs that carry one).
+    pub intake: Intake,
 }
 
 impl NodeLoop {
@@ -123,19 +127,43 @@ impl NodeLoop {
         self.results(conns, ready, now);
     }
 
+    /// Whether publishes from HTTP and connectors are taken now.
+    fn gate(&mut self, conns: &Conns<Peer>) -> Gate {
+        if self.draining() || self.duties.stopping() {
+            Gate::Draining
+        } else if self.backlogged(conns) {
+            Gate::Busy
+        } else {
+            Gate::Open
+        }
+    }
+
+    /// Routes the connectors' batches that wait (as far as the gate allows).
+    fn sources(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+        if !self.intake.waiting() {
+            return;
+        }
+        let gate = self.gate(conns);
+        let NodeLoop { sessions, m, mesh, role, shared, turn, confirms, intake, .. } = self;
+        let mut route = Route {
+            conns,
+            sessions,
+            m,
+            presence: &mesh.presence,
+            router: role.router(),
+            loops: shared.n,
+            turn,
+        };
+        intake.run(&mut route, confirms, gate, now);
+    }
+
     /// Runs `f` with what an HTTP API request needs (http_publish).
     fn with_api<R>(
         &mut self,
         conns: &mut Conns<Peer>,
         f: impl FnOnce(&mut Route<'_>, &mut http_publish::Cx<'_>) -> R,
     ) -> R {
-        let gate = if self.draining() || self.duties.stopping() {
-            Gate::Draining
-        } else if self.backlogged(conns) {
-            Gate::Busy
-        } else {
-            Gate::Open
-        };
+        let gate = self.gate(conns);
         let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, confirms, .. } = self;
         let mut route = Route {
             conns,
@@ -154,6 +182,13 @@ impl NodeLoop {
     /// publishers, HTTP answers to API connections (which then go on with
     /// the requests that waited behind them).
     fn results(&mut self, conns: &mut Conns<Peer>, ready: Vec<(ConnId, Done)>, now: Instant) {
+        let (sources, ready): (Vec<_>, Vec<_>) =
+            ready.into_iter().partition(|(id, _)| intake::source_of(*id).is_some());
+        for (id, d) in sources {
+            if let Some(s) = intake::source_of(id) {
+                self.intake.done(s, &d);
+            }
+        }
         let (api, ingest): (Vec<_>, Vec<_>) = ready
             .into_iter()
             .partition(|(id, _)| conns.get(*id).is_some_and(|c| matches!(c.state, Peer::Api(_))));
@@ -295,6 +330,7 @@ impl NodeLoop {
                 Ctl::Dialed(peer, Err(e)) => {
                     log::warn!("herald node {}: cannot reach peer {peer}: {e}", self.cfg.node_id)
                 }
+                Ctl::Source(b) => self.intake.take(b),
             }
         }
     }
@@ -306,6 +342,9 @@ impl NodeLoop {
         };
         let (status, body) = match req {
             Request::Metrics => {
+                self.m.source_msgs = self.intake.msgs;
+                self.m.source_dups = self.intake.dups;
+                self.m.dedup_ids = self.intake.dedup.len() as u64;
                 let (m, q, users) = self.duties.node_stats(&self.m, conns, &self.sessions, &self.shared);
                 ("200 OK", m.render(&self.cfg.node_id, q, users))
             }
@@ -390,8 +429,20 @@ impl Service for NodeLoop {
                 publish::batch(&mut route, confirms, id, &b);
                 Flow::Continue
             }
-            Frame::Forward(fw) => {
+            Frame::Forward(fw) if fw.id.is_empty() => {
                 self.route(conns).deliver(fw.user, fw.payload, false, None);
+                Flow::Continue
+            }
+            Frame::Forward(fw) => {
+                // A connector's message (§6.5): appended here at most once.
+                let dup = self.intake.dedup.seen(fw.id, now);
+                if dup {
+                    self.intake.dups += 1;
+                }
+                let (local, _) = self.route(conns).deliver_with(fw.user, fw.payload, false, b"", dup, None);
+                if local {
+                    self.intake.dedup.insert(fw.id, now);
+                }
                 Flow::Continue
             }
             Frame::Ping(n) => {
@@ -508,6 +559,7 @@ impl Service for NodeLoop {
             // The hand-overs' HELLOs have run: take the rest of the inbox.
             self.inbox(conns, now);
         }
+        self.sources(conns, now);
         self.mesh.send_presence(conns);
         for (link, nonce) in self.confirms.pings(now) {
             if let Some(out) = conns.queue(link) {
@@ -538,6 +590,10 @@ impl Service for NodeLoop {
     fn timeout(&self, now: Instant) -> Duration {
         if self.inbox_held {
             return Duration::ZERO;
+        }
+        if self.intake.waiting() {
+            // Connector batches wait for the mesh to catch up.
+            return Duration::from_millis(1);
         }
         if !self.parked.is_empty() && matches!(self.role, Role::Router(_)) {
             // Publishers wait for another loop to catch up; it does not

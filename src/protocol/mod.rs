@@ -53,6 +53,8 @@ pub mod limits {
     pub const MAX_USER_LEN: usize = 64;
     /// Longest conflation key.
     pub const MAX_KEY_LEN: usize = 64;
+    /// Longest de-duplication id in a FORWARD (protocol.md §6.5).
+    pub const MAX_FORWARD_ID_LEN: usize = 64;
     /// Longest node id.
     pub const MAX_NODE_ID_LEN: usize = 64;
     /// Longest `host:port` endpoint string.

@@ -190,7 +190,18 @@ pub fn all() -> Vec<Sample> {
     add(
         "forward",
         Channel::Ingest,
-        Frame::Forward(Forward { flags: 0, user: b"alice", key: b"", payload: b"hi" }),
+        Frame::Forward(Forward { flags: 0, user: b"alice", key: b"", id: b"", payload: b"hi" }),
+    );
+    add(
+        "forward-id",
+        Channel::Ingest,
+        Frame::Forward(Forward {
+            flags: FORWARD_ID,
+            user: b"alice",
+            key: b"",
+            id: b"js:HERALD:42",
+            payload: b"hi",
+        }),
     );
     add(
         "assign-request",

@@ -317,7 +317,7 @@ fn deliver_fast_path_matches_generic_encoder() {
     encode_publish(&mut c, 1, 9, b"alice", b"", b"hi");
     assert_eq!(c, samples::all().into_iter().find(|s| s.name == "publish").unwrap().bytes);
     let mut d = Vec::new();
-    encode_forward(&mut d, b"alice", b"", b"hi");
+    encode_forward(&mut d, b"alice", b"", b"", b"hi");
     assert_eq!(d, samples::all().into_iter().find(|s| s.name == "forward").unwrap().bytes);
 }
 

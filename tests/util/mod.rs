@@ -4,8 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod herd;
 pub mod netns;
 pub mod proc;
+pub mod queues;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -52,12 +52,18 @@ pub fn encode_publish(
 
 /// Appends a FORWARD frame.
 #[inline]
-pub fn encode_forward(out: &mut Vec<u8>, user: &[u8], key: &[u8], payload: &[u8]) {
-    out.reserve(HEADER_LEN + 3 + user.len() + key.len() + payload.len());
+///
+/// A non-empty `id` sets [`super::FORWARD_ID`] and follows the key (send it
+/// only on a link of protocol version 2, protocol.md §6.5).
+pub fn encode_forward(out: &mut Vec<u8>, user: &[u8], key: &[u8], id: &[u8], payload: &[u8]) {
+    out.reserve(HEADER_LEN + 4 + user.len() + key.len() + id.len() + payload.len());
     let at = begin(out, ty::FORWARD);
-    out.push(0);
+    out.push(if id.is_empty() { 0 } else { super::types::FORWARD_ID });
     put_str8(out, user);
     put_str8(out, key);
+    if !id.is_empty() {
+        put_str8(out, id);
+    }
     out.extend_from_slice(payload);
     end(out, at);
 }
@@ -217,6 +223,9 @@ impl<'a> Frame<'a> {
                 out.push(f.flags);
                 put_str8(out, f.user);
                 put_str8(out, f.key);
+                if f.flags & super::types::FORWARD_ID != 0 {
+                    put_str8(out, f.id);
+                }
                 out.extend_from_slice(f.payload);
             }
             Frame::AssignRequest(a) => {

@@ -39,7 +39,7 @@ pub use entries::{
 pub use types::{
     negotiate, Admin, AdminResult, AdminStatus, AssignRequest, Assignment, Deliver, ErrorFrame, Forward,
     Frame, Goodbye, Heartbeat, Hello, NoCapacity, Nodes, NodesRequest, PeerAuth, PeerHello, PeerWelcome,
-    Position, Presence, PubHello, PubResult, PubWelcome, Publish, PublishBatch, Welcome, HELLO_RESUME,
-    PRESENCE_SNAPSHOT_BEGIN, PRESENCE_SNAPSHOT_END, PUBLISH_WANT_RESULT,
+    Position, Presence, PubHello, PubResult, PubWelcome, Publish, PublishBatch, Welcome, FORWARD_ID,
+    HELLO_RESUME, PRESENCE_SNAPSHOT_BEGIN, PRESENCE_SNAPSHOT_END, PUBLISH_WANT_RESULT,
 };
 pub use wire::{Reader, HEADER_LEN};

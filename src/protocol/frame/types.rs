@@ -206,15 +206,21 @@ pub struct Presence<'a> {
     pub entries: List<'a, PresenceEntry<'a>>,
 }
 
+/// FORWARD flag: a de-duplication id follows the key (protocol version 2).
+pub const FORWARD_ID: u8 = 0x01;
+
 /// FORWARD (0x23), node → node (protocol.md §6.5). Never forwarded again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Forward<'a> {
-    /// Reserved, 0.
+    /// [`FORWARD_ID`] if `id` is present (version 2 links only); else 0.
     pub flags: u8,
     /// The recipient.
     pub user: &'a [u8],
     /// Reserved conflation key.
     pub key: &'a [u8],
+    /// The message's de-duplication id (a queue message's identity, from a
+    /// connector), 1..=64 bytes when `flags` has [`FORWARD_ID`]; else empty.
+    pub id: &'a [u8],
     /// The application payload.
     pub payload: &'a [u8],
 }
