@@ -288,6 +288,41 @@ struct LoadArgs {
     /// Run this shell command after publishing, while the clients are still connected.
     #[arg(long)]
     exec_before_stop: Option<String>,
+    /// Publish into NATS (HOST:PORT) on `herald.user.<user>` instead of the
+    /// ingest port, for a node consuming the stream with `--source
+    /// jetstream://` (core NATS publishes, which the stream stores; the
+    /// latency then includes the queue hop).
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "ingest")]
+    via_jetstream: Option<String>,
+}
+
+/// Core NATS publishing from the probe's tick loop: a current-thread
+/// runtime driven only inside `publish` (each tick's messages, then a
+/// flush, so nothing waits in the client between ticks).
+struct NatsSink {
+    rt: tokio::runtime::Runtime,
+    client: async_nats::Client,
+    subjects: Vec<async_nats::Subject>,
+}
+
+impl NatsSink {
+    fn connect(addr: &str, users: &[String]) -> Result<NatsSink, String> {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        let client = rt.block_on(async_nats::connect(addr)).map_err(|e| format!("nats {addr}: {e}"))?;
+        let subjects = users.iter().map(|u| format!("herald.user.{u}").into()).collect();
+        Ok(NatsSink { rt, client, subjects })
+    }
+
+    fn publish(&self, msgs: &mut Vec<(usize, Vec<u8>)>) -> Result<(), String> {
+        let (client, subjects) = (&self.client, &self.subjects);
+        self.rt.block_on(async {
+            for (u, p) in msgs.drain(..) {
+                client.publish(subjects[u].clone(), p.into()).await.map_err(|e| e.to_string())?;
+            }
+            client.flush().await.map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// Resident set size of a process, KiB.
@@ -519,8 +554,17 @@ fn load(mut a: LoadArgs) -> i32 {
     else {
         return 2;
     };
+    let names: Vec<String> = (0..a.clients).map(user_name).collect();
+    let nats = match a.via_jetstream.as_deref().map(|addr| NatsSink::connect(addr, &names)).transpose() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("probe: {e}");
+            return 1;
+        }
+    };
+    let mut nats_msgs: Vec<(usize, Vec<u8>)> = Vec::new();
     let mut ingest: Vec<String> = a.ingest.iter().map(|a| a.to_string()).collect();
-    if ingest.is_empty() {
+    if ingest.is_empty() && nats.is_none() {
         match herald::decision::client::nodes(
             &a.common.decision,
             &herald::decision::client::Dial::new(
@@ -584,7 +628,6 @@ fn load(mut a: LoadArgs) -> i32 {
         }
     }
     let total_ns = (a.warmup + a.duration) * 1_000_000_000;
-    let names: Vec<String> = (0..a.clients).map(user_name).collect();
     let mut next_msg = vec![0u32; a.clients];
     let mut sent: u64 = 0;
     let mut sent_recorded: u64 = 0;
@@ -639,9 +682,13 @@ fn load(mut a: LoadArgs) -> i32 {
         for j in 0..k {
             let u = user_rr;
             user_rr = (user_rr + 1) % a.clients;
-            let p = (sent + j) as usize % pubs.len();
             Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] }.write(&mut payload);
             next_msg[u] += 1;
+            if nats.is_some() {
+                nats_msgs.push((u, payload.clone()));
+                continue;
+            }
+            let p = (sent + j) as usize % pubs.len();
             let name = &names[u];
             let b = &mut bufs[p];
             let w = writers[p].get_or_insert_with(|| BatchWriter::start(b, 0, 0));
@@ -651,6 +698,12 @@ fn load(mut a: LoadArgs) -> i32 {
                 let mut w2 = BatchWriter::start(b, 0, 0);
                 w2.push(b, name.as_bytes(), b"", &payload);
                 writers[p] = Some(w2);
+            }
+        }
+        if let Some(n) = &nats {
+            if let Err(e) = n.publish(&mut nats_msgs) {
+                eprintln!("probe: publish to NATS failed: {e}");
+                return 1;
             }
         }
         for (p, w) in writers.into_iter().enumerate() {

@@ -38,7 +38,7 @@ pub fn run(spec: Spec, intake: Intake, stop: Arc<AtomicBool>) {
     // async one); a plain thread carries the answers over.
     let (tx, mut replies) = tokio::sync::mpsc::unbounded_channel();
     let from_node = intake.replies.clone();
-    let _ = std::thread::Builder::new().name("herald-jetstream-acks".into()).spawn(move || {
+    let _ = std::thread::Builder::new().name("herald-js-acks".into()).spawn(move || {
         while let Ok(r) = from_node.recv() {
             if tx.send(r).is_err() {
                 return;
@@ -101,6 +101,8 @@ impl Connector {
                 js.get_or_create_stream(jetstream::stream::Config {
                     name: self.spec.stream.clone(),
                     subjects: vec![self.spec.subject.clone()],
+                    // A queue: a message is removed once acknowledged.
+                    retention: jetstream::stream::RetentionPolicy::WorkQueue,
                     ..Default::default()
                 })
                 .await?

@@ -306,7 +306,7 @@ pub fn spawn(
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     match spec.kind {
         Kind::JetStream => std::thread::Builder::new()
-            .name("herald-jetstream".into())
+            .name("herald-js".into())
             .spawn(move || jetstream::run(spec, intake, stop)),
         Kind::Redis => {
             Err(std::io::Error::other(format!("{}: the Redis connector is not in this build yet", spec.url)))
