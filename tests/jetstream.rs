@@ -1,4 +1,4 @@
-//! The JetStream connector (`--source jetstream://…`, protocol.md §11)
+//! The JetStream connector (`--source jetstream://…`, protocol.md §12.1)
 //! against a real `nats-server -js` the test starts: messages published to
 //! the stream reach their users; malformed ones are dead-lettered and do not
 //! stall the consumer; a consuming node killed mid-stream loses nothing and

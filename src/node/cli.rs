@@ -51,14 +51,18 @@ pub struct NodeArgs {
     #[arg(long)]
     pub http: Option<SocketAddr>,
     /// Pull messages from a queue engine and route each like a confirmed
-    /// publish (protocol.md §11); repeatable. `jetstream://HOST:PORT/STREAM`
+    /// publish (protocol.md §12); repeatable. `jetstream://HOST:PORT/STREAM`
     /// (a durable pull consumer shared by every node with this source) with
     /// `?consumer=herald&subject=herald.user.>&batch=256&in_flight=4096&
-    /// ack_wait=10s&max_deliver=5&dead_letter=SUBJECT&no_route=drop|retry`.
+    /// ack_wait=10s&max_deliver=5&dead_letter=SUBJECT&no_route=drop|retry`;
+    /// `redis://HOST:PORT/KEY` (a consumer group on the stream KEY, this
+    /// node one consumer in it; entry fields user, key, data) with
+    /// `?group=herald&name=NODE-ID&batch=256&in_flight=4096&ack_wait=10s&
+    /// dead_letter=STREAM&no_route=drop|retry`.
     #[arg(long = "source", value_name = "URL", value_parser = crate::source::Spec::parse)]
     pub sources: Vec<crate::source::Spec>,
     /// Queue-message ids appended here are remembered this long, so a
-    /// connector's redelivery is not delivered twice (protocol.md §11).
+    /// connector's redelivery is not delivered twice (protocol.md §12).
     #[arg(long, default_value_t = CliDuration(Config::default().dedup_window))]
     pub dedup_window: CliDuration,
     /// At most this many such ids are remembered (24 bytes each; the oldest

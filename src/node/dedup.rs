@@ -1,5 +1,5 @@
 //! Which queue messages this node has already appended to a stream, so that
-//! a connector's redelivery (protocol.md §6.5, FORWARD's id; §11) never
+//! a connector's redelivery (protocol.md §6.5, FORWARD's id; §12) never
 //! reaches a client twice.
 //!
 //! A message from a connector carries an id naming it in its queue (the

@@ -1,7 +1,7 @@
 //! The NATS JetStream connector (`--source jetstream://HOST:PORT/STREAM?...`):
 //! a durable pull consumer that every node with this source shares, so each
 //! stream message goes to one node, which routes it through the mesh like a
-//! confirmed publish (protocol.md §11).
+//! confirmed publish (protocol.md §12.1).
 //!
 //! NATS's own client (`async-nats`) runs here on a current-thread tokio
 //! runtime: this thread is the only one with an async runtime in the node.

@@ -1,10 +1,10 @@
 //! Connectors: a node pulls messages from a queue engine its backend already
 //! writes to (NATS JetStream, Redis Streams) and routes each one like a
-//! confirmed publish (`herald node --source URL`, protocol.md §11).
+//! confirmed publish (`herald node --source URL`, protocol.md §12).
 //!
 //! Each connector runs on a thread of its own (JetStream's client needs an
 //! async runtime; it gets a small one there, never in the node's event
-//! loop). It hands the loop [`Batch`]es through [`Intake::send`] and gets one
+//! loop; Redis's is synchronous). It hands the loop [`Batch`]es through [`Intake::send`] and gets one
 //! [`Reply`] per batch back, with each message's [`Fate`] once the node has
 //! taken it at PUB_RESULT level: queued to a local session, forwarded to a
 //! peer that confirmed it, known to have no route, or already delivered (a
@@ -13,7 +13,7 @@
 //!
 //! This module is the part without sockets: the `--source` URL ([`Spec`]),
 //! the mapping of a queue message to a herald message ([`map`]) and the
-//! hand-off types. The connectors: [`jetstream`].
+//! hand-off types. The connectors: [`jetstream`] and [`mod@redis`].
 
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use crossbeam_channel::Receiver;
 use crate::protocol::limits::{MAX_FORWARD_ID_LEN, MAX_KEY_LEN, MAX_PAYLOAD, MAX_USER_LEN};
 
 pub mod jetstream;
+pub mod redis;
 
 /// One message from a queue, mapped ([`map`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,7 +164,7 @@ impl std::error::Error for SpecError {}
 
 impl Spec {
     /// Parses `jetstream://HOST:PORT/STREAM?...` or `redis://HOST:PORT/KEY?...`
-    /// (protocol.md §11 lists the parameters).
+    /// (protocol.md §12 lists the parameters).
     pub fn parse(url: &str) -> Result<Spec, SpecError> {
         let err = |m: String| SpecError(format!("{url}: {m}"));
         let (kind, rest) = if let Some(r) = url.strip_prefix("jetstream://") {
@@ -207,6 +208,15 @@ impl Spec {
                     .filter(|&n| n > 0)
                     .ok_or_else(|| err(format!("{k}={v}: must be a positive number")))
             };
+            let only = match k {
+                "subject" | "max_deliver" => Some(Kind::JetStream),
+                "name" => Some(Kind::Redis),
+                _ => None,
+            };
+            if only.is_some_and(|o| o != kind) {
+                let scheme = if kind == Kind::Redis { "jetstream" } else { "redis" };
+                return Err(err(format!("{k}= applies to {scheme}:// sources only")));
+            }
             match k {
                 "consumer" | "group" => s.group = nonempty(k, v).map_err(err)?,
                 "name" => s.name = Some(nonempty(k, v).map_err(err)?),
@@ -308,9 +318,9 @@ pub fn spawn(
         Kind::JetStream => std::thread::Builder::new()
             .name("herald-js".into())
             .spawn(move || jetstream::run(spec, intake, stop)),
-        Kind::Redis => {
-            Err(std::io::Error::other(format!("{}: the Redis connector is not in this build yet", spec.url)))
-        }
+        Kind::Redis => std::thread::Builder::new()
+            .name("herald-redis".into())
+            .spawn(move || self::redis::run(spec, intake, stop)),
     }
 }
 
@@ -352,6 +362,9 @@ mod tests {
             ("jetstream://x:1/S?colour=red", "unknown parameter"),
             ("jetstream://x:1/S?subject=a.b", "must end with >"),
             ("redis://x:1/S?no_route=keep", "drop or retry"),
+            ("redis://x:1/S?subject=a.>", "jetstream:// sources only"),
+            ("redis://x:1/S?max_deliver=3", "jetstream:// sources only"),
+            ("jetstream://x:1/S?name=n1", "redis:// sources only"),
         ] {
             let e = Spec::parse(url).unwrap_err().to_string();
             assert!(e.contains(why), "{url}: {e}");
