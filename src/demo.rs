@@ -6,8 +6,9 @@
 //! gets 2–4 messages a second: quotes at the user's own spread, fills and
 //! balance changes) through every node in turn, and a swarm of simulated
 //! clients that ask the decision servers for a node, check that every
-//! message is theirs, in order, exactly once, and measure latency from the
-//! intended send time. It prints one status line a second and a summary,
+//! message is theirs, in order, exactly once (one that arrives after a later
+//! one of its user's is counted as reordered, not lost: [`Tally::late`]),
+//! and measure latency from the intended send time. It prints one status line a second and a summary,
 //! and fails if any message went to the wrong user or was lost without the
 //! protocol saying so. `--chaos` kills one node halfway and shows its
 //! clients being re-homed.
@@ -15,6 +16,15 @@
 //! Every connection speaks TLS unless `--plaintext` is given: a throwaway
 //! CA and a certificate per node and decision server (`herald cert dev`'s
 //! set) are made in a temporary directory, which is removed at the end.
+//!
+//! With `--source jetstream` (or `redis`) the traffic takes the path of a
+//! backend that already writes to a message queue: the publisher publishes
+//! into the queue (JetStream subjects `herald.user.<user>`, or `XADD`s to a
+//! Redis stream), and the nodes pull from it (`herald node --source`,
+//! protocol.md §12). The demo starts the queue server itself ([`queue`]);
+//! `published` then counts what the queue acknowledged storing, and the
+//! latency runs from the moment the backend meant to publish into the
+//! queue, so it includes the queue's hop.
 
 use std::fmt::Write as _;
 use std::io;
@@ -30,6 +40,10 @@ use crate::node::{self, Node};
 use crate::protocol::frame::BatchWriter;
 use crate::protocol::AdminOp;
 use crate::swarm::{mono_ns, user_name, Stamp, Swarm, SwarmConfig, Tally};
+
+pub mod queue;
+
+pub use queue::{Backend, Queue, QueueError, QueueState, Source};
 
 /// Demo settings.
 #[derive(Debug, Clone)]
@@ -48,6 +62,13 @@ pub struct DemoConfig {
     pub stop: Arc<AtomicBool>,
     /// Plain TCP everywhere instead of TLS with throwaway certificates.
     pub plaintext: bool,
+    /// Route the traffic through this queue engine (`--source`): the
+    /// backend publishes into it, the nodes pull from it. None: the backend
+    /// publishes to the nodes' ingest ports.
+    pub source: Option<Source>,
+    /// With `source`: the queue server already running at `HOST:PORT` to
+    /// use (`--source-server`); None: the demo starts one.
+    pub source_server: Option<String>,
 }
 
 /// The demo's throwaway TLS: a dev CA and certificates in a temporary
@@ -109,14 +130,43 @@ pub struct DemoReport {
     pub latency_us: [f64; 5],
     /// Messages lost without the protocol announcing it.
     pub unannounced_loss: i64,
+    /// With `--source`: how the traffic went through the queue.
+    pub queue: Option<QueueReport>,
+}
+
+/// What the queue saw (`herald demo --source`).
+#[derive(Debug, Clone)]
+pub struct QueueReport {
+    /// The engine.
+    pub source: Source,
+    /// The stream (JetStream) or stream key (Redis).
+    pub stream: String,
+    /// The stream and its consumer at the end (None: the queue did not say).
+    pub state: Option<QueueState>,
+    /// Per consuming node: the messages it took from the queue
+    /// (`herald_source_messages_total`; None: its metrics did not answer).
+    pub taken: Vec<(String, Option<u64>)>,
+}
+
+impl QueueReport {
+    /// The messages the nodes took from the queue, all together.
+    pub fn taken_total(&self) -> u64 {
+        self.taken.iter().filter_map(|t| t.1).sum()
+    }
 }
 
 impl DemoReport {
+    /// Messages missing from silent jumps at the end: those that arrived
+    /// late (after a later message of their user's) are not.
+    pub fn silent_loss(&self) -> u64 {
+        self.tally.silent_gaps.saturating_sub(self.tally.late)
+    }
+
     /// True when nothing went to the wrong user and nothing was lost silently.
     pub fn ok(&self) -> bool {
         self.tally.wrong_user == 0
             && self.tally.dups == 0
-            && self.tally.silent_gaps == 0
+            && self.silent_loss() == 0
             && self.unannounced_loss == 0
     }
 }
@@ -182,6 +232,10 @@ struct Cluster {
 struct NodeRun {
     id: String,
     ingest: String,
+    /// Its `/metrics` (with `--source` only).
+    metrics: Option<String>,
+    /// Whether it pulls from the queue (`--source`).
+    consumes: bool,
     handle: node::ShutdownHandle,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
@@ -192,6 +246,8 @@ fn start_cluster(
     publisher_secret: &[u8],
     per_node: usize,
     tls: Option<&DemoTls>,
+    source: Option<&crate::source::Spec>,
+    chaos: bool,
 ) -> io::Result<Cluster> {
     let cluster_secret = secret("cluster");
     let admin_secret = secret("admin");
@@ -222,6 +278,13 @@ fn start_cluster(
     let mut nodes = Vec::new();
     for i in 0..n_nodes {
         let id = format!("n{}", i + 1);
+        // With --source every node pulls from the queue, but the one
+        // --chaos kills (as without, where the publisher does not publish
+        // to it): what a killed consumer had taken comes back after the
+        // ack wait, behind newer messages (protocol.md §12, "Order").
+        let sources: Vec<crate::source::Spec> =
+            source.filter(|_| !(chaos && i == 0)).into_iter().cloned().collect();
+        let consumes = !sources.is_empty();
         let node = Node::bind(node::Config {
             node_id: id.clone(),
             listen: "127.0.0.1:0".parse().expect("valid"),
@@ -234,15 +297,19 @@ fn start_cluster(
             log_every: Duration::ZERO,
             drain_window: Duration::from_secs(1),
             tls: tls.map(|t| t.server(&id, true)),
-            tls_ports: node::TlsPorts { client: true, ingest: true, metrics: false, http: false },
+            tls_ports: node::TlsPorts { client: true, ingest: true, metrics: source.is_some(), http: false },
             cluster_ca: tls.map(DemoTls::ca),
             decision_tls: tls.map(|t| crate::tls::Trust::Ca(t.ca())),
+            // The demo reads what each node took from the queue there.
+            metrics: source.map(|_| "127.0.0.1:0".parse().expect("valid")),
+            sources,
             ..node::Config::default()
         })?;
         let ingest = node.ingest_addr().to_string();
+        let metrics = node.metrics_addr().map(|a| a.to_string());
         let handle = node.shutdown_handle();
         let thread = Some(std::thread::spawn(move || node.run().map_err(io::Error::from)));
-        nodes.push(NodeRun { id, ingest, handle, thread });
+        nodes.push(NodeRun { id, ingest, metrics, consumes, handle, thread });
     }
     let dial = decision::client::Dial::new(Duration::from_secs(1), tls.map(|t| t.client.clone()));
     Ok(Cluster { admin_secret, dial, decisions, nodes })
@@ -253,20 +320,55 @@ impl Cluster {
         self.decisions.iter().map(|d| d.2.clone()).collect()
     }
 
-    fn wait_registered(&self) -> bool {
+    /// Waits until every node is registered with every decision server;
+    /// a node that stopped (it refused its settings) is an error saying why.
+    fn wait_registered(&mut self) -> io::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            for n in &mut self.nodes {
+                if n.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                    let r = n.thread.take().map(|t| t.join());
+                    let why = match r {
+                        Some(Ok(Err(e))) => e.to_string(),
+                        Some(Err(_)) => "it panicked".to_owned(),
+                        _ => "it stopped".to_owned(),
+                    };
+                    return Err(io::Error::other(format!("node {} stopped: {why}", n.id)));
+                }
+            }
             let all = self.decisions.iter().all(|d| {
                 decision::client::nodes(std::slice::from_ref(&d.2), &self.dial)
                     .map(|v| v.len() == self.nodes.len())
                     .unwrap_or(false)
             });
             if all {
-                return true;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        false
+        Err(io::Error::other("nodes never registered with the decision servers"))
+    }
+
+    /// Per node that pulls from the queue: `herald_source_messages_total`
+    /// from its `/metrics` (over TLS unless --plaintext).
+    fn taken_from_queue(&self, tls: Option<&Arc<rustls::ClientConfig>>) -> Vec<(String, Option<u64>)> {
+        // HTTPS: the metrics port speaks ALPN http/1.1, not herald/1.
+        let https = tls.map(|t| {
+            let mut c = (**t).clone();
+            c.alpn_protocols = vec![crate::tls::ALPN_HTTP.to_vec()];
+            Arc::new(c)
+        });
+        let tls = https.as_ref();
+        self.nodes
+            .iter()
+            .filter(|n| n.consumes)
+            .map(|n| {
+                (
+                    n.id.clone(),
+                    n.metrics.as_deref().and_then(|m| metric(m, tls, "herald_source_messages_total")),
+                )
+            })
+            .collect()
     }
 
     fn stop(mut self) {
@@ -285,6 +387,18 @@ impl Cluster {
             let _ = d.1.join();
         }
     }
+}
+
+/// One counter from a node's `/metrics`.
+fn metric(addr: &str, tls: Option<&Arc<rustls::ClientConfig>>, name: &str) -> Option<u64> {
+    let (mut s, _) = crate::dial::dial_stream(addr, Duration::from_secs(2), tls).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    io::Write::write_all(&mut s, b"GET /metrics HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").ok()?;
+    let mut body = String::new();
+    let _ = io::Read::read_to_string(&mut s, &mut body);
+    body.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Clients past this many run in child processes: each client costs this
@@ -396,11 +510,12 @@ impl Clients {
         }
     }
 
-    /// (received, live, wrong-user, silent gaps).
+    /// (received, live, wrong-user, silent gaps not filled by late messages).
     fn counts(&self) -> (u64, usize, u64, u64) {
         match self {
             Clients::Local { swarm, .. } => {
-                (swarm.tally.received, swarm.live, swarm.tally.wrong_user, swarm.tally.silent_gaps)
+                let t = &swarm.tally;
+                (t.received, swarm.live, t.wrong_user, t.silent_gaps.saturating_sub(t.late))
             }
             Clients::Children { stats, .. } => stats
                 .iter()
@@ -463,6 +578,15 @@ impl Clients {
 
 /// Runs the demo, printing status lines to stdout; returns the report.
 pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
+    // The queue first: a queue server that is not installed fails at once.
+    let queue = match cfg.source {
+        Some(source) => {
+            let q = Queue::open(source, cfg.source_server.as_deref())?;
+            q.prepare()?;
+            Some(q)
+        }
+        None => None,
+    };
     let client_secret = secret("client");
     let publisher_secret = secret("publisher");
     let n_nodes = cfg.nodes.max(if cfg.chaos { 2 } else { 1 });
@@ -472,7 +596,16 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         let ids: Vec<String> = (1..=n_nodes).map(|i| format!("n{i}")).collect();
         Some(DemoTls::new(&ids, &["d1".to_owned(), "d2".to_owned()])?)
     };
-    let cluster = start_cluster(n_nodes, &client_secret, &publisher_secret, cfg.clients, tls.as_ref())?;
+    let spec = queue.as_ref().map(Queue::node_source);
+    let mut cluster = start_cluster(
+        n_nodes,
+        &client_secret,
+        &publisher_secret,
+        cfg.clients,
+        tls.as_ref(),
+        spec.as_ref(),
+        cfg.chaos,
+    )?;
     println!(
         "herald demo: {} decision servers and {n_nodes} nodes on loopback; {} clients; {}",
         cluster.decisions.len(),
@@ -486,10 +619,22 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         ),
         None => println!("plaintext: no TLS (--plaintext)"),
     }
+    let consumers: Vec<&str> = cluster.nodes.iter().filter(|n| n.consumes).map(|n| n.id.as_str()).collect();
+    if let Some(q) = &queue {
+        let engine = q.source.engine();
+        println!("path: backend → {engine} → herald → clients");
+        let skipped = if cfg.chaos {
+            format!("; {} (the node --chaos kills) does not consume", cluster.nodes[0].id)
+        } else {
+            String::new()
+        };
+        println!("{engine}: {}: {}{skipped}", q.describe(), consumers.join(", "));
+    }
+    let consumers = consumers.len();
     let client_tls = tls.as_ref().map(|t| t.client.clone());
-    if !cluster.wait_registered() {
+    if let Err(e) = cluster.wait_registered() {
         cluster.stop();
-        return Err(io::Error::other("nodes never registered with the decision servers"));
+        return Err(e);
     }
     let t0 = Instant::now();
     // Latency is recorded from the first publishing tick on.
@@ -541,6 +686,24 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         }
         println!("mesh formed: every node forwards to the others ({:.2}s)", t_mesh.elapsed().as_secs_f64());
     }
+    if let Some(q) = &queue {
+        // What is published before a node pulls waits in the stream; this
+        // only keeps the first messages' latency honest.
+        let t_q = Instant::now();
+        if q.wait_consumers(consumers, Duration::from_secs(10)) {
+            println!(
+                "{}: {consumers} node{} consuming ({:.2}s)",
+                q.source.engine(),
+                if consumers == 1 { "" } else { "s" },
+                t_q.elapsed().as_secs_f64()
+            );
+        } else {
+            println!(
+                "{}: not every node is consuming yet; the stream keeps what is published until they do",
+                q.source.engine()
+            );
+        }
+    }
 
     // The publisher thread: 2–4 messages a second per user, paced in 1 ms ticks.
     let victim = cfg.chaos.then(|| cluster.nodes[0].id.clone());
@@ -559,12 +722,28 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
             }
         }
     }
+    // Into the queue, or to the nodes' ingest ports.
+    let backend = match queue.as_ref().map(|q| q.backend(published.clone())).transpose() {
+        Ok(b) => b,
+        Err(e) => {
+            cluster.stop();
+            return Err(e.into());
+        }
+    };
     let publisher = {
         let (published, pub_done, stop, cred, tls) =
             (published.clone(), pub_done.clone(), cfg.stop.clone(), cred.clone(), client_tls.clone());
         let (n, duration, rate) = (cfg.clients, cfg.duration, cfg.rate);
         std::thread::spawn(move || -> io::Result<()> {
-            let r = publish_loop(&ingest, &cred, tls, n, duration, rate, start_ns, &published, &stop);
+            let r = (|| {
+                let mut b = match backend {
+                    Some(b) => b,
+                    None => Box::new(IngestBackend::connect(&ingest, &cred, tls, published)?),
+                };
+                let r = publish_loop(&mut *b, n, duration, rate, start_ns, &stop);
+                let finished = b.finish();
+                r.and(finished)
+            })();
             pub_done.store(true, Ordering::SeqCst);
             r
         })
@@ -589,10 +768,14 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let mut killed_at: Option<Instant> = None;
     let mut rehomed_reported = false;
     let mut tail_until: Option<Instant> = None;
+    let (mut seen, mut progress_at, mut done_at) = (0u64, Instant::now(), None);
     loop {
         clients.step(Duration::from_millis(5));
         let now = Instant::now();
         let (received, live, wrong, silent) = clients.counts();
+        if received != seen {
+            (seen, progress_at) = (received, now);
+        }
         if let (Some(v), None) = (&victim, killed_at) {
             if now.saturating_duration_since(t_pub) >= cfg.duration / 2 {
                 if let Some(n) = cluster.nodes.iter().find(|n| &n.id == v) {
@@ -635,14 +818,35 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         }
         if pub_done.load(Ordering::SeqCst) && tail_until.is_none() {
             tail_until = Some(now + Duration::from_millis(1500));
+            done_at = Some(now);
         }
         if tail_until.is_some_and(|t| now >= t) {
+            // Through a queue a backlog may still be on its way: wait while
+            // it keeps coming (for up to 15 s).
+            let short = received < published.load(Ordering::SeqCst);
+            let coming = now.saturating_duration_since(progress_at) < Duration::from_secs(2);
+            let within = done_at.is_some_and(|d| now.saturating_duration_since(d) < Duration::from_secs(15));
+            if queue.is_some() && short && coming && within {
+                tail_until = Some(now + Duration::from_millis(100));
+                continue;
+            }
             break;
         }
     }
     let pub_result = publisher.join().map_err(|_| io::Error::other("publisher panicked"))?;
     let (t, h) = clients.finish();
+    let queue_report = queue.as_ref().map(|q| QueueReport {
+        source: q.source,
+        stream: q.stream.clone(),
+        state: q.state().ok(),
+        taken: cluster.taken_from_queue(client_tls.as_ref()),
+    });
     cluster.stop();
+    if let Some(q) = queue {
+        q.remove_stream();
+        // Its server (if the demo started it) is stopped here.
+        drop(q);
+    }
     pub_result?;
     let published = published.load(Ordering::SeqCst);
     let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
@@ -651,28 +855,87 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         tally: t,
         latency_us: [q(0.5), q(0.9), q(0.99), q(0.999), h.max() as f64 / 1000.0],
         unannounced_loss: published as i64 - t.received as i64 - t.announced_gaps as i64,
+        queue: queue_report,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The backend publishing to the nodes' ingest ports (without `--source`):
+/// one publisher connection per node, messages spread over them in turn,
+/// each tick's as one PUBLISH_BATCH per connection.
+struct IngestBackend {
+    pubs: Vec<Publisher>,
+    bufs: Vec<Vec<u8>>,
+    writers: Vec<Option<BatchWriter>>,
+    rr: usize,
+    pushed: u64,
+    published: Arc<AtomicU64>,
+}
+
+impl IngestBackend {
+    fn connect(
+        ingest: &[String],
+        cred: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        published: Arc<AtomicU64>,
+    ) -> io::Result<IngestBackend> {
+        let pubs: Vec<Publisher> = ingest
+            .iter()
+            .map(|i| {
+                Publisher::connect_tls(std::slice::from_ref(i), cred, tls.clone())
+                    .map_err(|e| io::Error::other(e.to_string()))
+            })
+            .collect::<io::Result<_>>()?;
+        let bufs = vec![Vec::with_capacity(64 * 1024); pubs.len()];
+        let writers = (0..pubs.len()).map(|_| None).collect();
+        Ok(IngestBackend { pubs, bufs, writers, rr: 0, pushed: 0, published })
+    }
+}
+
+impl Backend for IngestBackend {
+    fn push(&mut self, user: &[u8], payload: &[u8]) -> io::Result<()> {
+        self.rr = (self.rr + 1) % self.pubs.len();
+        let rr = self.rr;
+        let b = &mut self.bufs[rr];
+        let w = self.writers[rr].get_or_insert_with(|| BatchWriter::start(b, 0, 0));
+        if !w.push(b, user, b"", payload) {
+            if let Some(full) = self.writers[rr].take() {
+                full.finish(b);
+            }
+            let mut w2 = BatchWriter::start(b, 0, 0);
+            w2.push(b, user, b"", payload);
+            self.writers[rr] = Some(w2);
+        }
+        self.pushed += 1;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        for (i, w) in self.writers.iter_mut().enumerate() {
+            if let Some(w) = w.take() {
+                w.finish(&mut self.bufs[i]);
+                self.pubs[i].write_raw(&self.bufs[i]).map_err(|e| io::Error::other(e.to_string()))?;
+                self.bufs[i].clear();
+            }
+        }
+        self.published.fetch_add(std::mem::take(&mut self.pushed), Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The backend's traffic: each user's messages, paced in 1 ms ticks, to
+/// `backend`.
 fn publish_loop(
-    ingest: &[String],
-    cred: &str,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    backend: &mut dyn Backend,
     clients: usize,
     duration: Duration,
     rate: Option<u64>,
     start_ns: u64,
-    published: &AtomicU64,
     stop: &AtomicBool,
 ) -> io::Result<()> {
-    let mut pubs: Vec<Publisher> = ingest
-        .iter()
-        .map(|i| {
-            Publisher::connect_tls(std::slice::from_ref(i), cred, tls.clone())
-                .map_err(|e| io::Error::other(e.to_string()))
-        })
-        .collect::<io::Result<_>>()?;
     // Per-user period: 2, 3 or 4 messages a second (or scaled to --rate).
     let base: Vec<f64> = (0..clients).map(|u| 2.0 + (u % 3) as f64).collect();
     let natural: f64 = base.iter().sum();
@@ -687,9 +950,7 @@ fn publish_loop(
     let mut next_msg = vec![0u32; clients];
     let names: Vec<String> = (0..clients).map(user_name).collect();
     let mut payload = Vec::with_capacity(160);
-    let mut bufs: Vec<Vec<u8>> = vec![Vec::with_capacity(64 * 1024); pubs.len()];
     let ticks = duration.as_millis() as u64;
-    let mut rr = 0usize;
     for tick in 0..ticks {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -701,32 +962,14 @@ fn publish_loop(
         }
         let slot = (tick as usize) % horizon;
         let due = std::mem::take(&mut wheel[slot]);
-        let mut writers: Vec<Option<BatchWriter>> = (0..pubs.len()).map(|_| None).collect();
         for &u in &due {
             let u = u as usize;
             broker_payload(&mut payload, Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] }, u);
             next_msg[u] += 1;
-            rr = (rr + 1) % pubs.len();
-            let b = &mut bufs[rr];
-            let w = writers[rr].get_or_insert_with(|| BatchWriter::start(b, 0, 0));
-            if !w.push(b, names[u].as_bytes(), b"", &payload) {
-                if let Some(full) = writers[rr].take() {
-                    full.finish(b);
-                }
-                let mut w2 = BatchWriter::start(b, 0, 0);
-                w2.push(b, names[u].as_bytes(), b"", &payload);
-                writers[rr] = Some(w2);
-            }
+            backend.push(names[u].as_bytes(), &payload)?;
             wheel[(slot + period_ms[u] as usize) % horizon].push(u as u32);
         }
-        for (i, w) in writers.into_iter().enumerate() {
-            if let Some(w) = w {
-                w.finish(&mut bufs[i]);
-                pubs[i].write_raw(&bufs[i]).map_err(|e| io::Error::other(e.to_string()))?;
-                bufs[i].clear();
-            }
-        }
-        published.fetch_add(due.len() as u64, Ordering::Relaxed);
+        backend.flush()?;
     }
     Ok(())
 }

@@ -26,7 +26,8 @@
 //!   servers, plain TCP or TLS, for the client, the publisher, decision
 //!   requests and the swarm.
 //! - [`decision`]: the decision server (heartbeat table, assignment, admin) and its client helpers.
-//! - [`demo`]: `herald demo`, a whole cluster on loopback with simulated traffic.
+//! - [`demo`]: `herald demo`, a whole cluster on loopback with simulated traffic,
+//!   to the nodes' ingest ports or through a message queue (`demo/queue.rs`).
 //! - [`swarm`]: thousands of simulated clients on one loop (demo and probe).
 //! - [`cert`]: `herald cert`, a development CA and the TLS certificates it
 //!   issues to nodes and decision servers (rcgen).

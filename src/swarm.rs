@@ -13,6 +13,11 @@
 //! and each silent one is kept as a [`Swarm::silent_ranges`] entry so a
 //! coordinator that knows what the nodes confirmed can tell whether it was
 //! lost after a publisher was told it was routed (`herald-probe soak`).
+//! A message that arrives after a later one of its user's, into such a
+//! silent jump, is counted as [`Tally::late`] (reordered: its jump stays
+//! counted in `silent_gaps`, and it is no duplicate): messages of one user
+//! that took different publisher connections, or different nodes sharing a
+//! queue consumer, are not ordered (protocol.md §5.7, §12).
 
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
@@ -115,6 +120,10 @@ pub struct Tally {
     pub silent_gaps: u64,
     /// Messages missing across a RESTARTED/GAP welcome: lost, but announced.
     pub announced_gaps: u64,
+    /// Messages that came after a later one of their user's, into a jump
+    /// counted in `silent_gaps` (reordered, not lost: `silent_gaps - late`
+    /// are still missing).
+    pub late: u64,
     /// Connections that closed.
     pub closed: u64,
     /// Successful reconnections.
@@ -127,7 +136,7 @@ impl Tally {
     /// The worker protocol's `RESULT …` line (see [`run_worker`]).
     pub fn result_line(&self) -> String {
         format!(
-            "RESULT {} {} {} {} {} {} {} {}",
+            "RESULT {} {} {} {} {} {} {} {} {}",
             self.received,
             self.wrong_user,
             self.dups,
@@ -135,7 +144,8 @@ impl Tally {
             self.announced_gaps,
             self.closed,
             self.reconnects,
-            self.welcomed
+            self.welcomed,
+            self.late
         )
     }
 
@@ -146,11 +156,25 @@ impl Tally {
             return None;
         }
         let n: Vec<u64> = p.map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let (late, n) = match n.len() {
+            9 => (n[8], &n[..8]),
+            _ => (0, &n[..]),
+        };
         let [received, wrong_user, dups, silent_gaps, announced_gaps, closed, reconnects, welcomed] = n[..]
         else {
             return None;
         };
-        Some(Tally { received, wrong_user, dups, silent_gaps, announced_gaps, closed, reconnects, welcomed })
+        Some(Tally {
+            received,
+            wrong_user,
+            dups,
+            silent_gaps,
+            announced_gaps,
+            late,
+            closed,
+            reconnects,
+            welcomed,
+        })
     }
 
     /// Adds another tally.
@@ -160,6 +184,7 @@ impl Tally {
         self.dups += o.dups;
         self.silent_gaps += o.silent_gaps;
         self.announced_gaps += o.announced_gaps;
+        self.late += o.late;
         self.closed += o.closed;
         self.reconnects += o.reconnects;
         self.welcomed += o.welcomed;
@@ -193,6 +218,38 @@ struct SConn {
     rehoming: bool,
     /// Re-homed, waiting for the first message.
     await_msg: bool,
+    /// The latest silent jumps not yet filled by late messages: [from, to).
+    holes: Vec<(u32, u32)>,
+}
+
+/// Silent jumps a client remembers, for telling a late message from a
+/// duplicate.
+const MAX_HOLES: usize = 8;
+
+impl SConn {
+    /// Remembers the silent jump [from, to).
+    fn note_hole(&mut self, from: u32, to: u32) {
+        self.holes.push((from, to));
+        if self.holes.len() > MAX_HOLES {
+            self.holes.remove(0);
+        }
+    }
+
+    /// Whether `msg` falls in a silent jump (a late message); takes it out.
+    fn fill_hole(&mut self, msg: u32) -> bool {
+        let Some(i) = self.holes.iter().position(|&(a, b)| a <= msg && msg < b) else { return false };
+        let (a, b) = self.holes[i];
+        self.holes.remove(i);
+        for part in [(msg + 1, b), (a, msg)] {
+            if part.0 < part.1 {
+                self.holes.insert(i, part);
+            }
+        }
+        if self.holes.len() > MAX_HOLES {
+            self.holes.remove(0);
+        }
+        true
+    }
 }
 
 /// The simulated clients. See the module docs.
@@ -256,6 +313,7 @@ impl Swarm {
                 failures: 0,
                 rehoming: false,
                 await_msg: false,
+                holes: Vec::new(),
             })
             .collect();
         let expires = std::time::SystemTime::now()
@@ -654,7 +712,11 @@ impl Swarm {
                         self.tally.wrong_user += 1;
                     }
                     if st.msg < c.next_msg {
-                        self.tally.dups += 1;
+                        if c.fill_hole(st.msg) {
+                            self.tally.late += 1;
+                        } else {
+                            self.tally.dups += 1;
+                        }
                     } else {
                         let missing = (st.msg - c.next_msg) as u64;
                         if c.announced || seq_jump {
@@ -662,6 +724,7 @@ impl Swarm {
                         } else if missing > 0 {
                             self.tally.silent_gaps += missing;
                             self.silent_ranges.push((c.user, c.next_msg, st.msg));
+                            c.note_hole(c.next_msg, st.msg);
                         }
                         c.announced = false;
                         c.next_msg = st.msg + 1;
@@ -725,7 +788,8 @@ impl Swarm {
 ///
 /// Prints `PROGRESS n` while connecting, `READY n secs`, then `STAT
 /// received live wrong silent p50_ns p99_ns p999_ns` once a second (the
-/// percentiles over that second), and on `STOP` (or EOF) `RESULT …`, the
+/// percentiles over that second; `silent`: messages still missing from
+/// silent jumps, net of late ones), and on `STOP` (or EOF) `RESULT …`, the
 /// histograms as `H`/`W`/`M value count` lines, `NEXT n…` (each client's
 /// next expected message number, in user order) and `END`. Reads `START ns`
 /// (record latency from then on) and `KILL ns` (time re-homing from then).
@@ -803,7 +867,7 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
                 t.received,
                 swarm.live,
                 t.wrong_user,
-                t.silent_gaps,
+                t.silent_gaps - t.late,
                 interval.value_at_quantile(0.5),
                 interval.value_at_quantile(0.99),
                 interval.value_at_quantile(0.999)
@@ -898,6 +962,23 @@ mod tests {
     }
 
     #[test]
+    fn a_late_message_fills_its_silent_jump_and_is_no_duplicate() {
+        let mut sw = Swarm::new(SwarmConfig { count: 1, ..SwarmConfig::default() }).unwrap();
+        let c = &mut sw.conns[0];
+        c.note_hole(3, 7);
+        assert!(c.fill_hole(5));
+        assert_eq!(c.holes, [(3, 5), (6, 7)]);
+        assert!(!c.fill_hole(5), "a second copy is a duplicate");
+        assert!(c.fill_hole(6) && c.fill_hole(3) && c.fill_hole(4));
+        assert!(c.holes.is_empty());
+        for k in 0..MAX_HOLES as u32 + 2 {
+            c.note_hole(10 * k, 10 * k + 1);
+        }
+        assert_eq!(c.holes.len(), MAX_HOLES);
+        assert!(!c.fill_hole(0), "the oldest jumps are forgotten");
+    }
+
+    #[test]
     fn result_lines_round_trip() {
         let t = Tally {
             received: 1,
@@ -905,11 +986,14 @@ mod tests {
             dups: 3,
             silent_gaps: 4,
             announced_gaps: 5,
+            late: 9,
             closed: 6,
             reconnects: 7,
             welcomed: 8,
         };
         assert_eq!(Tally::parse_result_line(&t.result_line()), Some(t));
+        let old = Tally::parse_result_line("RESULT 1 2 3 4 5 6 7 8").unwrap();
+        assert_eq!(old, Tally { late: 0, ..t });
         assert_eq!(Tally::parse_result_line("RESULT 1 2 3"), None);
         assert_eq!(Tally::parse_result_line("H 1 2"), None);
     }

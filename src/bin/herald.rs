@@ -19,31 +19,30 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-fn run_demo(
-    clients: usize,
-    rate: Option<u64>,
-    nodes: usize,
-    duration: std::time::Duration,
-    chaos: bool,
-    plaintext: bool,
-) -> ExitCode {
-    if clients > 18_000 {
+fn run_demo(cfg: herald::demo::DemoConfig) -> ExitCode {
+    if cfg.clients > 18_000 {
         error!(
             "herald demo: at most 18,000 clients: the demo's nodes share one process and its 20,000 files; \
              for more, run herald node processes and herald-probe"
         );
         return ExitCode::from(2);
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let s2 = stop.clone();
+    let s2 = cfg.stop.clone();
     let _ = ctrlc::set_handler(move || s2.store(true, std::sync::atomic::Ordering::SeqCst));
-    let cfg = herald::demo::DemoConfig { clients, rate, nodes, duration, chaos, stop, plaintext };
     match herald::demo::run(cfg) {
         Ok(r) => {
             let t = r.tally;
             println!();
             println!("summary");
-            println!("  published          {}", r.published);
+            if let Some(q) = &r.queue {
+                println!("  path               backend → {} → herald → clients", q.source.engine());
+            }
+            match &r.queue {
+                Some(q) => {
+                    println!("  published          {}  (stored by {})", r.published, q.source.engine())
+                }
+                None => println!("  published          {}", r.published),
+            }
             println!("  received           {}", t.received);
             println!("  wrong user         {}", t.wrong_user);
             println!("  duplicates         {}", t.dups);
@@ -52,11 +51,45 @@ fn run_demo(
                 "  lost, announced    {}  (stream restarted on another node: the client was told)",
                 t.announced_gaps
             );
+            if r.queue.is_some() || t.late > 0 {
+                let why = if r.queue.is_some() {
+                    "nodes sharing a queue consumer, protocol.md §12"
+                } else {
+                    "different publisher connections, protocol.md §5.7"
+                };
+                println!(
+                    "  reordered          {}  (came after a later message of the same user: {why})",
+                    t.late
+                );
+            }
             println!("  reconnects         {}", t.reconnects);
             println!(
                 "  latency (µs)       p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
                 r.latency_us[0], r.latency_us[1], r.latency_us[2], r.latency_us[3], r.latency_us[4]
             );
+            if let Some(q) = &r.queue {
+                let taken: Vec<String> = q
+                    .taken
+                    .iter()
+                    .map(|(id, n)| format!("{id} {}", n.map_or("?".to_owned(), |n| n.to_string())))
+                    .collect();
+                println!(
+                    "  taken from queue   {}  ({}; herald_source_messages_total)",
+                    q.taken_total(),
+                    taken.join(", ")
+                );
+                match q.state {
+                    Some(s) if q.source == herald::demo::Source::JetStream => println!(
+                        "  queue at the end   stream {}: {} stored; consumer herald: {} undelivered, {} unacknowledged, {} redelivered",
+                        q.stream, s.stored, s.undelivered, s.unacked, s.other
+                    ),
+                    Some(s) => println!(
+                        "  queue at the end   stream {}: {} entries; group herald: {} consumers, {} undelivered, {} pending",
+                        q.stream, s.stored, s.other, s.undelivered, s.unacked
+                    ),
+                    None => println!("  queue at the end   stream {}: the queue did not say", q.stream),
+                }
+            }
             if r.ok() {
                 println!("OK: every message reached its own user, none lost silently");
                 ExitCode::SUCCESS
@@ -179,6 +212,17 @@ enum Cmd {
         /// with a throwaway CA and certificates in a temporary directory.
         #[arg(long)]
         plaintext: bool,
+        /// Route the traffic through a message queue: the backend publishes
+        /// into it and the nodes pull from it (`herald node --source`). The
+        /// demo starts the queue server (nats-server -js or redis-server) on
+        /// a free loopback port unless --source-server is given.
+        #[arg(long, value_enum)]
+        source: Option<herald::demo::Source>,
+        /// With --source: use the queue server already running at HOST:PORT
+        /// (in a stream of the run's own, deleted at the end) instead of
+        /// starting one.
+        #[arg(long, requires = "source", value_name = "HOST:PORT")]
+        source_server: Option<String>,
         /// Least severe messages logged: error, warn, info, debug or trace.
         #[arg(long, default_value = "info", value_parser = logging::parse_level)]
         log_level: LevelFilter,
@@ -443,9 +487,20 @@ fn run(cmd: Cmd) -> ExitCode {
         }
         Cmd::Decision(a) => herald::decision::cli::run_decision(a),
         Cmd::Admin(a) => herald::decision::cli::run_admin(a),
-        Cmd::Demo { clients, rate, nodes, duration, chaos, plaintext, log_level } => {
+        Cmd::Demo { clients, rate, nodes, duration, chaos, plaintext, source, source_server, log_level } => {
             logging::init(log_level);
-            run_demo(clients, rate, nodes, duration, chaos, plaintext)
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            run_demo(herald::demo::DemoConfig {
+                clients,
+                rate,
+                nodes,
+                duration,
+                chaos,
+                stop,
+                plaintext,
+                source,
+                source_server,
+            })
         }
         Cmd::SwarmWorker { first, count, decision, record_after, tls_ca } => {
             logging::init(LevelFilter::Info);
