@@ -65,7 +65,7 @@ pub struct NodeArgs {
     /// connector's redelivery is not delivered twice (protocol.md §12).
     #[arg(long, default_value_t = CliDuration(Config::default().dedup_window))]
     pub dedup_window: CliDuration,
-    /// At most this many such ids are remembered (24 bytes each; the oldest
+    /// At most this many such ids are remembered (about 26 bytes each; the oldest
     /// are forgotten first).
     #[arg(long, default_value_t = Config::default().dedup_max)]
     pub dedup_max: usize,

@@ -53,7 +53,7 @@ pub struct Config {
     pub sources: Vec<crate::source::Spec>,
     /// Ids of queue messages appended here are remembered this long...
     pub dedup_window: Duration,
-    /// ...and at most this many of them (24 bytes each).
+    /// ...and at most this many of them (about 26 bytes each).
     pub dedup_max: usize,
     /// Address clients are told to use (defaults to the bound client address).
     pub advertise: Option<String>,
