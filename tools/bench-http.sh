@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk"; exit 2; }
 cargo build --release --bins -q
 R=$PWD/target/release
-REPS=${REPS:-3} DUR=${DUR:-10} CONNS=${CONNS:-16} BATCH=${BATCH:-100}
+REPS=${REPS:-3} DUR=${DUR:-10} CONNS=${CONNS:-16} BATCH=${BATCH:-100} WRK_THREADS=${WRK_THREADS:-2}
 dir=$(mktemp -d)
 node_pid=
 cleanup() { [ -n "$node_pid" ] && kill "$node_pid" 2>/dev/null; rm -rf "$dir"; }
@@ -32,12 +32,14 @@ export USERS=1000 PAYLOAD=100
 cat >"$dir/measure.sh" <<EOS
 #!/usr/bin/env bash
 set -euo pipefail
+# The node's CPU (clock ticks) around each run: its cost per message.
+ticks() { awk '{print \$14 + \$15}' /proc/$node_pid/stat; }
 for i in \$(seq $REPS); do
   echo "== round \$i"
-  BATCH=1 wrk -t2 -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish | grep '^WRK' | sed 's/^/http-single /'
-  BATCH=$BATCH wrk -t2 -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish/batch | grep '^WRK' | sed 's/^/http-batch /'
-  $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --batch $BATCH --duration ${DUR}s | sed 's/^/ingest-batch /'
-  $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --batch 1 --duration ${DUR}s | sed 's/^/ingest-single /'
+  t=\$(ticks); out=\$(BATCH=1 wrk -t$WRK_THREADS -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish | grep '^WRK'); echo "http-single node_ticks=\$((\$(ticks) - t)) \$out"
+  t=\$(ticks); out=\$(BATCH=$BATCH wrk -t$WRK_THREADS -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish/batch | grep '^WRK'); echo "http-batch node_ticks=\$((\$(ticks) - t)) \$out"
+  t=\$(ticks); out=\$($R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --batch $BATCH --duration ${DUR}s); echo "ingest-batch node_ticks=\$((\$(ticks) - t)) \$out"
+  t=\$(ticks); out=\$($R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --batch 1 --duration ${DUR}s); echo "ingest-single node_ticks=\$((\$(ticks) - t)) \$out"
 done
 EOS
 chmod +x "$dir/measure.sh"
@@ -47,19 +49,24 @@ $R/herald-probe load --node 127.0.0.1:17620 --secret-file "$dir/cs" --publisher-
 grep -E '^(==|http-|ingest-)' "$dir/probe.out" | tee "$dir/runs"
 python3 - "$dir/runs" <<'PY'
 import re, statistics, sys
-rates = {}
+rates, cost = {}, {}
 for line in open(sys.argv[1]):
     kind = line.split()[0]
     kv = dict(re.findall(r'(\w+)=([\d.]+)', line))
     if kind.startswith('http'):
-        r = int(kv['requests']) * int(kv['batch']) / (int(kv['duration_us']) / 1e6)
+        msgs = int(kv['requests']) * int(kv['batch'])
+        r = msgs / (int(kv['duration_us']) / 1e6)
     elif kind.startswith('ingest'):
+        msgs = int(kv['messages'])
         r = float(kv['msgs_per_s'])
     else:
         continue
     rates.setdefault(kind, []).append(r)
+    # clock ticks are 10 ms
+    cost.setdefault(kind, []).append(int(kv['node_ticks']) * 10_000 / max(msgs, 1))
 for k, v in rates.items():
-    print(f"SUMMARY {k}: messages/s median {statistics.median(v):,.0f} (runs: {', '.join(f'{x:,.0f}' for x in v)})")
+    c = cost[k]
+    print(f"SUMMARY {k}: messages/s median {statistics.median(v):,.0f} (runs: {', '.join(f'{x:,.0f}' for x in v)}); node CPU µs/msg median {statistics.median(c):.2f} (runs: {', '.join(f'{x:.2f}' for x in c)})")
 if 'http-batch' in rates and 'ingest-batch' in rates:
     ratio = [h / i for h, i in zip(rates['http-batch'], rates['ingest-batch'])]
     print(f"SUMMARY http-batch / ingest-batch, paired: {', '.join(f'{x:.2f}' for x in ratio)}; median {statistics.median(ratio):.2f}")

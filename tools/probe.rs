@@ -294,6 +294,36 @@ struct LoadArgs {
     /// latency then includes the queue hop).
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "ingest")]
     via_jetstream: Option<String>,
+    /// Publish into Redis (HOST:PORT), XADD to the stream `herald` with the
+    /// fields `user` and `data`, one pipeline a tick, instead of the ingest
+    /// port, for a node consuming it with `--source redis://`.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["ingest", "via_jetstream"])]
+    via_redis: Option<String>,
+}
+
+/// XADD from the probe's tick loop: each tick's messages as one pipeline.
+struct RedisSink {
+    conn: redis::Connection,
+}
+
+impl RedisSink {
+    fn connect(addr: &str) -> Result<RedisSink, String> {
+        let conn = redis::Client::open(format!("redis://{addr}/"))
+            .and_then(|c| c.get_connection())
+            .map_err(|e| format!("redis {addr}: {e}"))?;
+        Ok(RedisSink { conn })
+    }
+
+    fn publish(&mut self, names: &[String], msgs: &mut Vec<(usize, Vec<u8>)>) -> Result<(), String> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let mut p = redis::pipe();
+        for (u, data) in msgs.drain(..) {
+            p.cmd("XADD").arg("herald").arg("*").arg("user").arg(&names[u]).arg("data").arg(data).ignore();
+        }
+        p.query::<()>(&mut self.conn).map_err(|e| e.to_string())
+    }
 }
 
 /// Core NATS publishing from the probe's tick loop: a current-thread
@@ -562,9 +592,16 @@ fn load(mut a: LoadArgs) -> i32 {
             return 1;
         }
     };
+    let mut redis = match a.via_redis.as_deref().map(RedisSink::connect).transpose() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("probe: {e}");
+            return 1;
+        }
+    };
     let mut nats_msgs: Vec<(usize, Vec<u8>)> = Vec::new();
     let mut ingest: Vec<String> = a.ingest.iter().map(|a| a.to_string()).collect();
-    if ingest.is_empty() && nats.is_none() {
+    if ingest.is_empty() && nats.is_none() && redis.is_none() {
         match herald::decision::client::nodes(
             &a.common.decision,
             &herald::decision::client::Dial::new(
@@ -684,7 +721,7 @@ fn load(mut a: LoadArgs) -> i32 {
             user_rr = (user_rr + 1) % a.clients;
             Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] }.write(&mut payload);
             next_msg[u] += 1;
-            if nats.is_some() {
+            if nats.is_some() || redis.is_some() {
                 nats_msgs.push((u, payload.clone()));
                 continue;
             }
@@ -703,6 +740,12 @@ fn load(mut a: LoadArgs) -> i32 {
         if let Some(n) = &nats {
             if let Err(e) = n.publish(&mut nats_msgs) {
                 eprintln!("probe: publish to NATS failed: {e}");
+                return 1;
+            }
+        }
+        if let Some(r) = redis.as_mut() {
+            if let Err(e) = r.publish(&names, &mut nats_msgs) {
+                eprintln!("probe: XADD to Redis failed: {e}");
                 return 1;
             }
         }

@@ -10,6 +10,8 @@
 //! refused from the head alone, so no request can make the node buffer more
 //! than [`MAX_HEAD`] + [`MAX_BATCH_BODY`] per connection.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use serde::Deserialize;
 
@@ -24,24 +26,25 @@ pub const MAX_PUBLISH_BODY: usize = 96 * 1024;
 /// Longest body of a batch, as PUBLISH_BATCH's frame limit (1 MiB).
 pub const MAX_BATCH_BODY: usize = 1 << 20;
 
-/// One message to publish.
+/// One message to publish, borrowed from the request's body where the JSON
+/// string needs no unescaping (no copy per message on the common path).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
+pub struct Message<'a> {
     /// The user id, 1..=64 bytes.
-    pub user: Vec<u8>,
+    pub user: Cow<'a, [u8]>,
     /// The conflation key, 0..=64 bytes.
-    pub key: Vec<u8>,
+    pub key: Cow<'a, [u8]>,
     /// The payload, 0..=65,536 bytes.
-    pub payload: Vec<u8>,
+    pub payload: Cow<'a, [u8]>,
 }
 
 /// What a request asks for, once its head and body are valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Call {
+pub enum Call<'a> {
     /// `POST /v1/publish` or `POST /v1/publish/{user}`: one message.
-    Publish(Message),
+    Publish(Message<'a>),
     /// `POST /v1/publish/batch`: up to 1,024 messages, in order.
-    Batch(Vec<Message>),
+    Batch(Vec<Message<'a>>),
     /// `GET /v1/users/{id}`: where the user is.
     User(Vec<u8>),
 }
@@ -164,39 +167,70 @@ pub fn head(buf: &[u8]) -> Result<Option<Head>, ApiError> {
     Ok(Some(h))
 }
 
-/// One message of a JSON body (`user`, `data` or `data_b64`, optional `key`).
+/// One message of a JSON body (`user`, `data` or `data_b64`, optional `key`),
+/// its strings borrowed from the body unless they hold escapes.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Json {
-    user: String,
-    #[serde(default, deserialize_with = "some")]
-    data: Option<String>,
-    #[serde(default, deserialize_with = "some")]
-    data_b64: Option<String>,
-    #[serde(default, deserialize_with = "some")]
-    key: Option<String>,
+struct Json<'a> {
+    #[serde(borrow, deserialize_with = "text")]
+    user: Cow<'a, str>,
+    #[serde(default, borrow, deserialize_with = "some")]
+    data: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "some")]
+    data_b64: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "some")]
+    key: Option<Cow<'a, str>>,
+}
+
+/// A JSON string, borrowed from the input if it has no escapes.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Cow<'de, str>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Cow<'de, str>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+            Ok(Cow::Borrowed(v))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v.to_owned()))
+        }
+        fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(v))
+        }
+    }
+    d.deserialize_str(V)
 }
 
 /// An optional field that, when present, must be a string (`null` is
 /// refused, as the OpenAPI description says).
-fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    String::deserialize(d).map(Some)
+fn some<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    text(d).map(Some)
+}
+
+/// A string's bytes, still borrowed if it was.
+fn bytes(s: Cow<'_, str>) -> Cow<'_, [u8]> {
+    match s {
+        Cow::Borrowed(b) => Cow::Borrowed(b.as_bytes()),
+        Cow::Owned(o) => Cow::Owned(o.into_bytes()),
+    }
 }
 
 /// The call a whole request makes: its head and its `content_length` bytes
 /// of body.
-pub fn call(h: &Head, body: &[u8]) -> Result<Call, ApiError> {
+pub fn call<'a>(h: &Head, body: &'a [u8]) -> Result<Call<'a>, ApiError> {
     let segments: Vec<&str> = h.path.trim_start_matches('/').split('/').collect();
     match (h.method.as_str(), segments.as_slice()) {
         ("POST", ["v1", "publish"]) => {
-            let j: Json = serde_json::from_slice(body).map_err(bad_json)?;
+            let j: Json<'a> = serde_json::from_slice(body).map_err(bad_json)?;
             Ok(Call::Publish(message(j, "")?))
         }
         ("POST", ["v1", "publish", "batch"]) => batch(h, body).map(Call::Batch),
         ("POST", ["v1", "publish", user]) => {
             let user = percent_decode(user).ok_or_else(|| ApiError::field("user", "bad percent-encoding"))?;
             let key = query_param(&h.query, "key").unwrap_or_default();
-            Ok(Call::Publish(checked(user, key, body.to_vec(), "")?))
+            Ok(Call::Publish(checked(user.into(), key.into(), body.into(), "")?))
         }
         ("GET", ["v1", "users", user]) => {
             let user = percent_decode(user).ok_or_else(|| ApiError::field("user", "bad percent-encoding"))?;
@@ -220,8 +254,8 @@ fn bad_json(e: serde_json::Error) -> ApiError {
 
 /// A batch: a JSON array, or NDJSON (one object per line) with
 /// `Content-Type: application/x-ndjson`.
-fn batch(h: &Head, body: &[u8]) -> Result<Vec<Message>, ApiError> {
-    let items: Vec<Json> = match h.content_type.as_str() {
+fn batch<'a>(h: &Head, body: &'a [u8]) -> Result<Vec<Message<'a>>, ApiError> {
+    let items: Vec<Json<'a>> = match h.content_type.as_str() {
         "application/x-ndjson" | "application/jsonl" => {
             let mut v = Vec::new();
             for (i, line) in body.split(|&b| b == b'\n').enumerate() {
@@ -246,7 +280,14 @@ fn batch(h: &Head, body: &[u8]) -> Result<Vec<Message>, ApiError> {
     if items.len() > MAX_BATCH {
         return Err(too_many());
     }
-    items.into_iter().enumerate().map(|(i, j)| message(j, &format!("[{i}]."))).collect()
+    // The field prefix (`[3].`) is only written into an error.
+    items.into_iter().enumerate().map(|(i, j)| message(j, "").map_err(|e| at_index(e, i))).collect()
+}
+
+/// `e` about message `i` of a batch: its field as `[i].field`.
+fn at_index(mut e: ApiError, i: usize) -> ApiError {
+    e.field = e.field.map(|f| format!("[{i}].{f}"));
+    e
 }
 
 fn too_many() -> ApiError {
@@ -254,21 +295,28 @@ fn too_many() -> ApiError {
 }
 
 /// One JSON message, checked; `at` prefixes field names (`[3].user`).
-fn message(j: Json, at: &str) -> Result<Message, ApiError> {
+fn message<'a>(j: Json<'a>, at: &str) -> Result<Message<'a>, ApiError> {
     let payload = match (j.data, j.data_b64) {
-        (Some(d), None) => d.into_bytes(),
-        (None, Some(b)) => base64::engine::general_purpose::STANDARD.decode(b.as_bytes()).map_err(|e| {
-            ApiError::field(format!("{at}data_b64"), format!("not base64 (RFC 4648, padded): {e}"))
-        })?,
+        (Some(d), None) => bytes(d),
+        (None, Some(b)) => {
+            Cow::Owned(base64::engine::general_purpose::STANDARD.decode(b.as_bytes()).map_err(|e| {
+                ApiError::field(format!("{at}data_b64"), format!("not base64 (RFC 4648, padded): {e}"))
+            })?)
+        }
         (Some(_), Some(_)) => {
             return Err(ApiError::field(format!("{at}data"), "give data or data_b64, not both"))
         }
         (None, None) => return Err(ApiError::field(format!("{at}data"), "missing: give data or data_b64")),
     };
-    checked(j.user.into_bytes(), j.key.map(String::into_bytes).unwrap_or_default(), payload, at)
+    checked(bytes(j.user), j.key.map(bytes).unwrap_or_default(), payload, at)
 }
 
-fn checked(user: Vec<u8>, key: Vec<u8>, payload: Vec<u8>, at: &str) -> Result<Message, ApiError> {
+fn checked<'a>(
+    user: Cow<'a, [u8]>,
+    key: Cow<'a, [u8]>,
+    payload: Cow<'a, [u8]>,
+    at: &str,
+) -> Result<Message<'a>, ApiError> {
     check_user(&user, at)?;
     if key.len() > MAX_KEY_LEN {
         return Err(ApiError::field(
@@ -361,11 +409,17 @@ impl Response {
         );
         if batch {
             body.push_str(",\"results\":[");
+            body.reserve(results.len() * 34);
             for (i, r) in results.iter().enumerate() {
                 if i > 0 {
                     body.push(',');
                 }
-                body.push_str(&format!("{{\"local\":{},\"forwarded\":{}}}", r.local, r.forwarded));
+                body.push_str(match (r.local, r.forwarded) {
+                    (false, false) => "{\"local\":false,\"forwarded\":false}",
+                    (true, false) => "{\"local\":true,\"forwarded\":false}",
+                    (false, true) => "{\"local\":false,\"forwarded\":true}",
+                    (true, true) => "{\"local\":true,\"forwarded\":true}",
+                });
             }
             body.push(']');
         }
@@ -434,18 +488,34 @@ mod tests {
         (h.clone(), b[h.len..].to_vec())
     }
 
-    fn post(path: &str, ctype: &str, body: &str) -> Result<Call, ApiError> {
+    fn owned(m: Message<'_>) -> Message<'static> {
+        Message {
+            user: m.user.into_owned().into(),
+            key: m.key.into_owned().into(),
+            payload: m.payload.into_owned().into(),
+        }
+    }
+
+    fn post(path: &str, ctype: &str, body: &str) -> Result<Call<'static>, ApiError> {
         let (h, b) = req(&format!(
             "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         ));
         assert_eq!(h.bearer.as_deref(), Some(&b"tok"[..]));
         assert_eq!(b.len(), h.content_length);
-        call(&h, &b)
+        call(&h, &b).map(|c| match c {
+            Call::Publish(m) => Call::Publish(owned(m)),
+            Call::Batch(ms) => Call::Batch(ms.into_iter().map(owned).collect()),
+            Call::User(u) => Call::User(u),
+        })
     }
 
-    fn msg(user: &str, payload: &[u8]) -> Message {
-        Message { user: user.into(), key: Vec::new(), payload: payload.to_vec() }
+    fn msg(user: &str, payload: &[u8]) -> Message<'static> {
+        Message {
+            user: user.as_bytes().to_vec().into(),
+            key: Vec::new().into(),
+            payload: payload.to_vec().into(),
+        }
     }
 
     #[test]
@@ -481,20 +551,30 @@ mod tests {
         assert_eq!(
             b64,
             Ok(Call::Publish(Message {
-                user: b"bob".to_vec(),
-                key: b"EURUSD".to_vec(),
-                payload: vec![0, 255]
+                user: b"bob".to_vec().into(),
+                key: b"EURUSD".to_vec().into(),
+                payload: vec![0, 255].into()
             }))
         );
         let raw = post("/v1/publish/d%C3%A9j%C3%A0?key=k1", "application/octet-stream", "\u{1}raw");
         assert_eq!(
             raw,
             Ok(Call::Publish(Message {
-                user: "déjà".into(),
-                key: b"k1".to_vec(),
-                payload: b"\x01raw".to_vec()
+                user: "déjà".as_bytes().to_vec().into(),
+                key: b"k1".to_vec().into(),
+                payload: b"\x01raw".to_vec().into()
             }))
         );
+    }
+
+    #[test]
+    fn plain_strings_are_borrowed_from_the_body_and_escaped_ones_unescaped() {
+        let body = br#"[{"user":"alice","data":"plain"},{"user":"b\u006fb","data":"a\nb"}]"#;
+        let h = Head { path: "/v1/publish/batch".into(), ..req("POST / HTTP/1.1\r\n\r\n").0 };
+        let Ok(Call::Batch(ms)) = call(&Head { method: "POST".into(), ..h }, body) else { panic!() };
+        assert!(matches!((&ms[0].user, &ms[0].payload), (Cow::Borrowed(b"alice"), Cow::Borrowed(b"plain"))));
+        assert_eq!((&*ms[1].user, &*ms[1].payload), (&b"bob"[..], &b"a\nb"[..]));
+        assert!(matches!(ms[1].payload, Cow::Owned(_)));
     }
 
     #[test]
