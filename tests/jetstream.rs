@@ -6,13 +6,12 @@
 
 mod util;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald::client::{Client, Event};
-use util::herd::Herd;
+use herald::client::Client;
+use util::herd::{assert_exactly_once, collect, Herd};
 use util::queues::{Kind, Server};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -50,34 +49,25 @@ async fn publish(
 async fn jetstream(addr: &str) -> async_nats::jetstream::Context {
     let client = async_nats::ConnectOptions::new().retry_on_initial_connect().connect(addr).await.unwrap();
     let js = async_nats::jetstream::new(client);
-    // The stream the nodes consume (they would create it too).
-    js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: "HERALD".into(),
-        subjects: vec!["herald.user.>".into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    // The stream the nodes consume, as they create it (protocol.md §12.1:
+    // work-queue retention) if a node has not made it yet.
+    if js.get_stream("HERALD").await.is_err() {
+        let made = js
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: "HERALD".into(),
+                subjects: vec!["herald.user.>".into()],
+                retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
+                ..Default::default()
+            })
+            .await;
+        // A node may have made it in between.
+        assert!(made.is_ok() || js.get_stream("HERALD").await.is_ok(), "cannot make the stream: {made:?}");
+    }
     js
 }
 
 fn source(nats: &Server, extra: &str) -> Vec<String> {
     vec!["--source".into(), format!("jetstream://{}/HERALD?ack_wait=1s{extra}", nats.addr())]
-}
-
-/// Reads `client`'s messages until it has `want` that do not start with
-/// `probe`, or `within` passes.
-fn collect(client: &mut Client, want: usize, within: Duration) -> Vec<Vec<u8>> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    while got.len() < want && Instant::now() < deadline {
-        if let Ok(Some(Event::Message(m))) = client.next_event_timeout(Duration::from_millis(100)) {
-            if !m.payload.starts_with(b"probe") {
-                got.push(m.payload);
-            }
-        }
-    }
-    got
 }
 
 #[test]
@@ -167,29 +157,6 @@ fn publisher(
     })
 }
 
-/// Every user got each of its `per_user` messages exactly once.
-fn assert_exactly_once(clients: &mut [(String, Client)], per_user: usize, within: Duration) {
-    for (u, c) in clients.iter_mut() {
-        let got = collect(c, per_user, within);
-        let mut count: HashMap<Vec<u8>, usize> = HashMap::new();
-        for p in &got {
-            *count.entry(p.clone()).or_default() += 1;
-        }
-        let dups: Vec<_> = count
-            .iter()
-            .filter(|(_, &n)| n > 1)
-            .map(|(p, n)| (String::from_utf8_lossy(p).into_owned(), *n))
-            .collect();
-        assert!(dups.is_empty(), "{u}: delivered twice: {dups:?}");
-        let missing: Vec<usize> =
-            (0..per_user).filter(|i| !count.contains_key(format!("{u}-{i}").as_bytes())).collect();
-        assert!(missing.is_empty(), "{u}: {} of {per_user} missing: {missing:?}", missing.len());
-        // And nothing more arrives afterwards (a late redelivery).
-        let late = collect(c, 1, Duration::from_millis(300));
-        assert!(late.is_empty(), "{u}: a late copy: {late:?}");
-    }
-}
-
 #[test]
 fn a_consuming_node_killed_mid_stream_loses_nothing_and_duplicates_nothing() {
     let Some(nats) = Server::start(Kind::Nats, "js-kill") else { return };
@@ -221,7 +188,7 @@ fn a_consuming_node_killed_mid_stream_loses_nothing_and_duplicates_nothing() {
     let taken_by_c1 = herd.nodes[1].metric("herald_source_messages_total");
     herd.nodes[1].proc.kill9();
     p.join().unwrap();
-    assert_exactly_once(&mut clients, per_user, Duration::from_secs(30));
+    assert_exactly_once(&mut clients, vec![Vec::new(); users.len()], per_user, Duration::from_secs(30));
     eprintln!(
         "c1 had taken {taken_by_c1} when killed; c2 took {}; h dropped {} redelivered copies",
         herd.nodes[2].metric("herald_source_messages_total"),
@@ -248,5 +215,5 @@ fn a_restarted_nats_server_loses_nothing() {
     }
     nats.restart(Duration::from_secs(1));
     p.join().unwrap();
-    assert_exactly_once(&mut clients, per_user, Duration::from_secs(30));
+    assert_exactly_once(&mut clients, vec![Vec::new(); users.len()], per_user, Duration::from_secs(30));
 }

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use herald::client::{Client, Event};
+use herald::client::Client;
 use redis::Value;
-use util::herd::Herd;
+use util::herd::{assert_exactly_once, collect, drain, Herd};
 use util::queues::{Kind, Server};
 
 const KEY: &str = "events";
@@ -159,21 +159,6 @@ fn source(redis: &Server, extra: &str) -> Vec<String> {
     vec!["--source".into(), format!("redis://{}/{KEY}?ack_wait=1s{extra}", redis.addr())]
 }
 
-/// Reads `client`'s messages until it has `want` that do not start with
-/// `probe`, or `within` passes.
-fn collect(client: &mut Client, want: usize, within: Duration) -> Vec<Vec<u8>> {
-    let deadline = Instant::now() + within;
-    let mut got = Vec::new();
-    while got.len() < want && Instant::now() < deadline {
-        if let Ok(Some(Event::Message(m))) = client.next_event_timeout(Duration::from_millis(100)) {
-            if !m.payload.starts_with(b"probe") {
-                got.push(m.payload);
-            }
-        }
-    }
-    got
-}
-
 #[test]
 fn stream_entries_reach_their_users_and_malformed_ones_are_dead_lettered() {
     let Some(server) = Server::start(Kind::Redis, "rs-basic") else { return };
@@ -264,47 +249,6 @@ fn publisher(
             }
         }
     })
-}
-
-/// Takes what `client` has received by now.
-fn drain(client: &mut Client, into: &mut Vec<Vec<u8>>) {
-    while let Ok(Some(e)) = client.next_event_timeout(Duration::from_millis(1)) {
-        if let Event::Message(m) = e {
-            if !m.payload.starts_with(b"probe") {
-                into.push(m.payload);
-            }
-        }
-    }
-}
-
-/// Every user got each of its `per_user` messages exactly once (`already`:
-/// what each had been seen to get before).
-fn assert_exactly_once(
-    clients: &mut [(String, Client)],
-    already: Vec<Vec<Vec<u8>>>,
-    per_user: usize,
-    within: Duration,
-) {
-    for ((u, c), mut got) in clients.iter_mut().zip(already) {
-        let more = collect(c, per_user.saturating_sub(got.len()), within);
-        got.extend(more);
-        let mut count: HashMap<Vec<u8>, usize> = HashMap::new();
-        for p in &got {
-            *count.entry(p.clone()).or_default() += 1;
-        }
-        let dups: Vec<_> = count
-            .iter()
-            .filter(|(_, &n)| n > 1)
-            .map(|(p, n)| (String::from_utf8_lossy(p).into_owned(), *n))
-            .collect();
-        assert!(dups.is_empty(), "{u}: delivered twice: {dups:?}");
-        let missing: Vec<usize> =
-            (0..per_user).filter(|i| !count.contains_key(format!("{u}-{i}").as_bytes())).collect();
-        assert!(missing.is_empty(), "{u}: {} of {per_user} missing: {missing:?}", missing.len());
-        // And nothing more arrives afterwards (a late redelivery).
-        let late = collect(c, 1, Duration::from_millis(300));
-        assert!(late.is_empty(), "{u}: a late copy: {late:?}");
-    }
 }
 
 /// Waits until `sent` reaches `n`.

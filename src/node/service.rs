@@ -44,6 +44,14 @@ pub struct Control {
     pub waker: Arc<mio::Waker>,
 }
 
+/// What a caller of [`NodeLoop::split`] may need beside the route.
+struct Beside<'a> {
+    confirms: &'a mut Confirms,
+    intake: &'a mut Intake,
+    cfg: &'a Config,
+    unix: u64,
+}
+
 /// One event loop's worth of the node.
 pub struct NodeLoop {
     /// The configuration.
@@ -94,16 +102,25 @@ impl NodeLoop {
     /// The parts a publish touches: a delivery's, and the waiting PUB_RESULTs.
     #[inline]
     fn route_confirms<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> (Route<'a>, &'a mut Confirms) {
+        let (route, beside) = self.split(conns);
+        (route, beside.confirms)
+    }
+
+    /// The loop split into what one delivery touches and what its callers
+    /// need beside it.
+    #[inline]
+    fn split<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> (Route<'a>, Beside<'a>) {
+        let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, confirms, intake, .. } = self;
         let route = Route {
             conns,
-            sessions: &mut self.sessions,
-            m: &mut self.m,
-            presence: &self.mesh.presence,
-            router: self.role.router(),
-            loops: self.shared.n,
-            turn: &mut self.turn,
+            sessions,
+            m,
+            presence: &mesh.presence,
+            router: role.router(),
+            loops: shared.n,
+            turn,
         };
-        (route, &mut self.confirms)
+        (route, Beside { confirms, intake, cfg, unix: *unix })
     }
 
     /// Closes (ERROR IDLE_TIMEOUT) every mesh link that left a confirmation
@@ -144,17 +161,8 @@ impl NodeLoop {
             return;
         }
         let gate = self.gate(conns);
-        let NodeLoop { sessions, m, mesh, role, shared, turn, confirms, intake, .. } = self;
-        let mut route = Route {
-            conns,
-            sessions,
-            m,
-            presence: &mesh.presence,
-            router: role.router(),
-            loops: shared.n,
-            turn,
-        };
-        intake.run(&mut route, confirms, gate, now);
+        let (mut route, b) = self.split(conns);
+        b.intake.run(&mut route, b.confirms, gate, now);
     }
 
     /// Runs `f` with what an HTTP API request needs (http_publish).
@@ -164,17 +172,9 @@ impl NodeLoop {
         f: impl FnOnce(&mut Route<'_>, &mut http_publish::Cx<'_>) -> R,
     ) -> R {
         let gate = self.gate(conns);
-        let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, confirms, .. } = self;
-        let mut route = Route {
-            conns,
-            sessions,
-            m,
-            presence: &mesh.presence,
-            router: role.router(),
-            loops: shared.n,
-            turn,
-        };
-        let mut cx = http_publish::Cx { confirms, secret: &cfg.publisher_secret, unix: *unix, gate };
+        let (mut route, b) = self.split(conns);
+        let mut cx =
+            http_publish::Cx { confirms: b.confirms, secret: &b.cfg.publisher_secret, unix: b.unix, gate };
         f(&mut route, &mut cx)
     }
 
