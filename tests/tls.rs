@@ -488,12 +488,6 @@ fn a_tls_decision_server_answers_over_tls_only() {
     d.stop();
 }
 
-/// A port that is free now (for a node that must advertise its own port
-/// before it binds it).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// The whole TLS path with DNS names: a node advertising `localhost:PORT`
 /// heartbeats a TLS decision server (and asks it for the node list over
 /// TLS); the client library asks that server over TLS, is handed
@@ -503,7 +497,8 @@ fn free_port() -> u16 {
 fn a_tls_client_is_assigned_a_dns_name_and_reaches_the_tls_node() {
     let pki = Pki::new("dec-flow");
     let d = decision(Some(pki.files("decision", false)));
-    let port = free_port();
+    // Free now: the node must advertise its own port before it binds it.
+    let port = util::queues::free_port();
     let advertised = format!("localhost:{port}");
     let node = TestNode::start(herald::node::Config {
         node_id: "dns-node".into(),

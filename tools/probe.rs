@@ -599,7 +599,7 @@ fn load(mut a: LoadArgs) -> i32 {
             return 1;
         }
     };
-    let mut nats_msgs: Vec<(usize, Vec<u8>)> = Vec::new();
+    let mut queued: Vec<(usize, Vec<u8>)> = Vec::new();
     let mut ingest: Vec<String> = a.ingest.iter().map(|a| a.to_string()).collect();
     if ingest.is_empty() && nats.is_none() && redis.is_none() {
         match herald::decision::client::nodes(
@@ -722,7 +722,7 @@ fn load(mut a: LoadArgs) -> i32 {
             Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] }.write(&mut payload);
             next_msg[u] += 1;
             if nats.is_some() || redis.is_some() {
-                nats_msgs.push((u, payload.clone()));
+                queued.push((u, payload.clone()));
                 continue;
             }
             let p = (sent + j) as usize % pubs.len();
@@ -738,13 +738,13 @@ fn load(mut a: LoadArgs) -> i32 {
             }
         }
         if let Some(n) = &nats {
-            if let Err(e) = n.publish(&mut nats_msgs) {
+            if let Err(e) = n.publish(&mut queued) {
                 eprintln!("probe: publish to NATS failed: {e}");
                 return 1;
             }
         }
         if let Some(r) = redis.as_mut() {
-            if let Err(e) = r.publish(&names, &mut nats_msgs) {
+            if let Err(e) = r.publish(&names, &mut queued) {
                 eprintln!("probe: XADD to Redis failed: {e}");
                 return 1;
             }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, consumer::AckPolicy, AckKind};
 use futures_util::StreamExt;
 
-use super::{map, Batch, Fate, Intake, Malformed, NoRoute, Reply, Spec};
+use super::{map, Batch, Fate, Intake, Malformed, Reply, Spec};
 
 /// Runs the connector until `stop` (then answers what is in flight, for at
 /// most a few seconds, and returns).
@@ -193,7 +193,9 @@ impl Connector {
         self.held.push_back((self.seq, keep));
         if !(self.intake.send)(b) {
             // The node has stopped: these stay unacknowledged (redelivered).
-            self.held.pop_back();
+            if let Some((_, msgs)) = self.held.pop_back() {
+                self.in_flight = self.in_flight.saturating_sub(msgs.len());
+            }
         }
     }
 
@@ -238,7 +240,6 @@ impl Connector {
             };
             let _ = m.ack_with(kind).await;
         }
-        debug_assert!(matches!(self.spec.no_route, NoRoute::Drop | NoRoute::Retry));
     }
 
     /// Sleeps `d`, still acknowledging what the node answers.

@@ -504,15 +504,14 @@ fn read_reply(v: Value) -> Result<Vec<Entry>, Error> {
 fn claim_reply(v: Value) -> Result<(String, Vec<Entry>), Error> {
     let Value::Array(parts) = v else { return Err(Error::Reply("XAUTOCLAIM: not an array")) };
     let mut parts = parts.into_iter();
-    let next = parts
-        .next()
-        .as_ref()
-        .and_then(bytes)
-        .and_then(|b| std::str::from_utf8(b).ok())
-        .map(str::to_owned)
-        .ok_or(Error::Reply("XAUTOCLAIM: no cursor"))?;
+    let next = text(parts.next()).ok_or(Error::Reply("XAUTOCLAIM: no cursor"))?;
     let claimed = entries(parts.next().unwrap_or(Value::Array(Vec::new())))?;
     Ok((next, claimed))
+}
+
+/// A reply element that is UTF-8 text (a cursor, an entry id).
+fn text(v: Option<Value>) -> Option<String> {
+    v.as_ref().and_then(bytes).and_then(|b| std::str::from_utf8(b).ok()).map(str::to_owned)
 }
 
 /// A list of entries, each `[id, [field, value, ...]]`; a nil in place of
@@ -533,13 +532,7 @@ fn entries(v: Value) -> Result<Vec<Entry>, Error> {
             return Err(Error::Reply("an entry that is not [id, fields]"));
         };
         let mut e = e.into_iter();
-        let id = e
-            .next()
-            .as_ref()
-            .and_then(bytes)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .map(str::to_owned)
-            .ok_or(Error::Reply("an entry without an id"))?;
+        let id = text(e.next()).ok_or(Error::Reply("an entry without an id"))?;
         let fields = match e.next() {
             Some(Value::Array(f)) => Some(f),
             Some(Value::Map(m)) => Some(m.into_iter().flat_map(|(k, v)| [k, v]).collect()),
