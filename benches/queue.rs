@@ -114,7 +114,7 @@ fn batched_hand_off(c: &mut Criterion) {
                 // woken once per batch, as the node's loops are.
                 while got < iters * 64 {
                     let Ok(batch) = rx.recv() else { break };
-                    for (user, p) in shard::messages(&batch) {
+                    for (user, _key, p) in shard::messages(&batch) {
                         seq += 1;
                         encode_deliver(&mut out, user.len() as u64, seq, p);
                         if out.len() > 8 * 1024 {
@@ -131,7 +131,7 @@ fn batched_hand_off(c: &mut Criterion) {
                 let mut batch = free_rx.try_recv().unwrap_or_else(|_| Vec::with_capacity(16 * 1024));
                 batch.clear();
                 for _ in 0..64 {
-                    shard::push(&mut batch, b"u12345", &payload);
+                    shard::push(&mut batch, b"u12345", b"", &payload);
                 }
                 tx.send(batch).unwrap();
             }

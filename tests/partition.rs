@@ -230,6 +230,7 @@ impl User {
                     }
                     Event::Gap { expected: 0, .. } => s.restarts += 1,
                     Event::Gap { expected, got } => s.lost += got.saturating_sub(expected),
+                    Event::Conflated { .. } => panic!("unkeyed messages are never conflated"),
                     Event::Connected { node_id, lost, .. } => {
                         s.lost += lost;
                         s.node = node_id.clone();

@@ -304,6 +304,7 @@ const TYPES: &[(&str, u8)] = &[
     ("HEARTBEAT", ty::HEARTBEAT),
     ("WELCOME", ty::WELCOME),
     ("DELIVER", ty::DELIVER),
+    ("CONFLATED", ty::CONFLATED),
     ("GOODBYE", ty::GOODBYE),
     ("PUB_WELCOME", ty::PUB_WELCOME),
     ("PUB_RESULT", ty::PUB_RESULT),

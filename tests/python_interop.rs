@@ -12,6 +12,9 @@ fn python_client_written_from_the_spec_interoperates() {
         .arg("interop_test.py")
         .current_dir(dir)
         .env("HERALD_BIN", env!("CARGO_BIN_EXE_herald"))
+        // Also run the end-to-end conflation checks (a node of its own run
+        // with --slow-policy conflate, protocol.md §5.7).
+        .env("HERALD_SLOW_POLICY", "conflate")
         .output()
         .expect("python3 must be installed to run the interop test");
     let stdout = String::from_utf8_lossy(&out.stdout);

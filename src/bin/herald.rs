@@ -171,6 +171,11 @@ enum Cmd {
         /// The message text.
         #[arg(long)]
         message: String,
+        /// Conflation key (protocol.md §5.7): on a node run with
+        /// `--slow-policy conflate`, a later message with the same key
+        /// replaces this one in a slow session's queue.
+        #[arg(long, default_value = "")]
+        key: String,
         /// Publisher credential (a token minted with the publisher secret).
         #[arg(long, conflicts_with = "publisher_secret_file")]
         credential: Option<String>,
@@ -418,6 +423,7 @@ fn run(cmd: Cmd) -> ExitCode {
             http,
             user,
             message,
+            key,
             credential,
             publisher_secret_file,
             confirm,
@@ -448,7 +454,7 @@ fn run(cmd: Cmd) -> ExitCode {
             };
             if let Some(url) = http {
                 let r = herald::client::HttpPublisher::connect(&url, &cred, tls)
-                    .and_then(|mut p| p.publish(&user, message.as_bytes()));
+                    .and_then(|mut p| p.publish_keyed(&user, &key, message.as_bytes()));
                 return match r {
                     Ok(r) => {
                         println!(
@@ -466,13 +472,13 @@ fn run(cmd: Cmd) -> ExitCode {
             let node = node.unwrap_or_default();
             let r = Publisher::connect_tls(std::slice::from_ref(&node), &cred, tls).and_then(|mut p| {
                 if confirm {
-                    let r = p.publish_confirmed(user.as_bytes(), message.as_bytes())?;
+                    let r = p.publish_confirmed_keyed(user.as_bytes(), key.as_bytes(), message.as_bytes())?;
                     println!(
                         "accepted={} local={} forwarded={} no_route={}",
                         r.accepted, r.local, r.forwarded, r.no_route
                     );
                 } else {
-                    p.publish(user.as_bytes(), message.as_bytes())?;
+                    p.publish_keyed(user.as_bytes(), key.as_bytes(), message.as_bytes())?;
                     p.flush()?;
                 }
                 Ok(())

@@ -62,12 +62,26 @@ impl HttpPublisher {
     /// returns the node's counts as a PUB_RESULT; an error answer is
     /// [`ClientError::Http`] with its HTTP status and JSON body.
     pub fn publish(&mut self, user: &str, payload: &[u8]) -> Result<f::PubResult, ClientError> {
+        self.publish_keyed(user, "", payload)
+    }
+
+    /// [`HttpPublisher::publish`] with a conflation key (protocol.md §5.7;
+    /// empty: never conflated).
+    pub fn publish_keyed(
+        &mut self,
+        user: &str,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<f::PubResult, ClientError> {
         use base64::Engine as _;
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "user": user,
             "data_b64": base64::engine::general_purpose::STANDARD.encode(payload),
-        })
-        .to_string();
+        });
+        if !key.is_empty() {
+            body["key"] = key.into();
+        }
+        let body = body.to_string();
         let (status, v) = self.call("POST", "/v1/publish", body.as_bytes())?;
         if status != 200 {
             return Err(ClientError::Http { status, message: v.to_string() });

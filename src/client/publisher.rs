@@ -154,8 +154,16 @@ impl Publisher {
 
     /// Queues one message; written when the buffer fills or on [`Publisher::flush`].
     pub fn publish(&mut self, user: &[u8], payload: &[u8]) -> Result<(), ClientError> {
+        self.publish_keyed(user, b"", payload)
+    }
+
+    /// Queues one message with conflation key `key` (protocol.md §5.7): on a
+    /// node run with `--slow-policy conflate`, a later message with the same
+    /// key may replace it in a slow session's queue. An empty key: never.
+    pub fn publish_keyed(&mut self, user: &[u8], key: &[u8], payload: &[u8]) -> Result<(), ClientError> {
         check_user(user, payload)?;
-        f::encode_publish(&mut self.wbuf, 0, 0, user, b"", payload);
+        check_key(key)?;
+        f::encode_publish(&mut self.wbuf, 0, 0, user, key, payload);
         if self.wbuf.len() >= PUB_FLUSH_AT {
             self.flush()?;
         }
@@ -195,11 +203,23 @@ impl Publisher {
 
     /// Publishes one message and waits for the node's PUB_RESULT.
     pub fn publish_confirmed(&mut self, user: &[u8], payload: &[u8]) -> Result<f::PubResult, ClientError> {
+        self.publish_confirmed_keyed(user, b"", payload)
+    }
+
+    /// [`Publisher::publish_confirmed`] with a conflation key (see
+    /// [`Publisher::publish_keyed`]).
+    pub fn publish_confirmed_keyed(
+        &mut self,
+        user: &[u8],
+        key: &[u8],
+        payload: &[u8],
+    ) -> Result<f::PubResult, ClientError> {
         check_user(user, payload)?;
+        check_key(key)?;
         let id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1).max(1);
         let mut frame = Vec::with_capacity(64 + payload.len());
-        f::encode_publish(&mut frame, PUBLISH_WANT_RESULT, id, user, b"", payload);
+        f::encode_publish(&mut frame, PUBLISH_WANT_RESULT, id, user, key, payload);
         // If the node dies before answering, fail over and send it again:
         // a confirmed publish is delivered at least once.
         let mut tries = self.nodes.len().max(1);
@@ -339,6 +359,13 @@ impl Publisher {
             wire::read_before(&mut self.sock, &mut self.rbuf, &mut chunk, deadline, "answer from the node")?;
         }
     }
+}
+
+fn check_key(key: &[u8]) -> Result<(), ClientError> {
+    if key.len() > limits::MAX_KEY_LEN {
+        return Err(ClientError::Io(io::Error::new(ErrorKind::InvalidInput, "key must be at most 64 bytes")));
+    }
+    Ok(())
 }
 
 fn check_user(user: &[u8], payload: &[u8]) -> Result<(), ClientError> {

@@ -48,6 +48,17 @@ pub enum Event {
         /// The seq that arrived (or the new stream's next seq).
         got: u64,
     },
+    /// Messages `first..=last` were replaced by later messages with the
+    /// same keys (CONFLATED, protocol.md §3.8): not a loss. The latest
+    /// message of each key follows.
+    Conflated {
+        /// The first seq taken out.
+        first: u64,
+        /// The last seq taken out.
+        last: u64,
+        /// The keys those messages carried, each once.
+        keys: Vec<Vec<u8>>,
+    },
     /// The session ended; the client will reconnect.
     Disconnected {
         /// The node's reason, if it sent one.
@@ -357,6 +368,27 @@ impl Client {
                 let position = Position { epoch: d.epoch, seq: d.seq };
                 self.last = Some(position);
                 self.queued.push_back(Event::Message(Message { position, payload: d.payload.to_vec() }));
+                After::Nothing
+            }
+            Frame::Conflated(c) => {
+                let epoch = self.session.as_ref().map_or(0, |s| s.epoch);
+                if c.epoch != epoch {
+                    return After::Violation(Code::ProtocolError, "CONFLATED for another stream".into());
+                }
+                let mut first = c.first_seq;
+                if let Some(last) = self.last.filter(|p| p.epoch == c.epoch) {
+                    if c.last_seq <= last.seq {
+                        return After::Nothing; // already past it (cannot happen with a correct node)
+                    }
+                    let next = last.seq.saturating_add(1);
+                    if first > next {
+                        self.queued.push_back(Event::Gap { expected: next, got: first });
+                    }
+                    first = first.max(next);
+                }
+                self.last = Some(Position { epoch: c.epoch, seq: c.last_seq });
+                let keys = c.keys.iter().map(|k| k.0.to_vec()).collect();
+                self.queued.push_back(Event::Conflated { first, last: c.last_seq, keys });
                 After::Nothing
             }
             Frame::Ping(n) => {

@@ -21,7 +21,7 @@ use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use super::close::CloseReason;
-use super::outbox::Outbox;
+use super::outbox::{Flushed, Outbox};
 use super::transport::Transport;
 use crate::protocol::frame::{ErrorFrame, Frame};
 use crate::protocol::{Channel, Code};
@@ -107,6 +107,15 @@ pub trait ConnState {
     /// Bytes arrived from the peer (keepalive bookkeeping).
     #[inline]
     fn received(&mut self) {}
+
+    /// Called before each write of `out`: an index into `out.buf` that this
+    /// write must stop at (the state holds back what follows, and may
+    /// rework it now), or `None` to write everything. When a write stops
+    /// there, it is called again and a second write made.
+    #[inline]
+    fn write_limit(&mut self, _out: &mut Outbox) -> Option<usize> {
+        None
+    }
 
     /// Whether this connection's pending output counts toward
     /// [`IoCounts::pending`] (the node's output budget: client sessions).
@@ -471,7 +480,21 @@ impl<S: ConnState> Conns<S> {
     pub(super) fn flush(&mut self, id: ConnId) {
         let Some(c) = self.slab.get_mut(id.0) else { return };
         let closing = c.closing.is_some();
-        match c.out.flush(&mut c.io, &self.registry, id.token(), closing) {
+        let limit = c.state.write_limit(&mut c.out);
+        let mut r = c.out.flush(&mut c.io, &self.registry, id.token(), closing, limit);
+        if let Ok(f @ Flushed { held: true, .. }) = r {
+            // The socket took everything up to the limit: let the state
+            // rework what it held back, and write on.
+            let limit = c.state.write_limit(&mut c.out);
+            r = c.out.flush(&mut c.io, &self.registry, id.token(), closing, limit).map(|g| Flushed {
+                wrote: match (f.wrote, g.wrote) {
+                    (Some(a), Some(b)) => Some(a + b),
+                    (a, b) => a.or(b),
+                },
+                ..g
+            });
+        }
+        match r {
             Err(_) => self.close(id, CloseReason::Io, Mode::Drop),
             Ok(f) => {
                 if let Some(n) = f.wrote {

@@ -4,6 +4,12 @@
 //! WRITABLE interest is registered only while output is left over, and a
 //! buffer that grew large is released once it empties, so idle connections
 //! hold no output memory.
+//!
+//! A connection's state may hold back the tail of its output (a node
+//! conflating a slow session takes frames out of the middle of the queue,
+//! protocol.md §5.7): a flush then writes only up to the limit it is given,
+//! and says when it got there, so the caller can rework the tail and write
+//! again in the same turn.
 
 use std::io::{self, ErrorKind, Write};
 
@@ -31,6 +37,9 @@ pub struct Outbox {
     /// Queued output; the first `pos` bytes are already written.
     pub buf: Vec<u8>,
     pos: usize,
+    /// Bytes taken off the front of `buf` since the box was made: the
+    /// stream offset of `buf[0]`.
+    base: u64,
     want_write: bool,
     dirty: bool,
 }
@@ -42,6 +51,9 @@ pub struct Flushed {
     pub wrote: Option<usize>,
     /// Everything queued is written.
     pub empty: bool,
+    /// The write stopped at the limit it was given: everything before it is
+    /// written, and output after it is left.
+    pub held: bool,
 }
 
 impl Outbox {
@@ -63,6 +75,27 @@ impl Outbox {
         self.buf.len() - self.pos
     }
 
+    /// Bytes of `buf` already written (they are dropped from the front now
+    /// and then).
+    #[inline]
+    pub fn written(&self) -> usize {
+        self.pos
+    }
+
+    /// The stream offset of `buf[0]`: the bytes ever queued before it. So
+    /// `base() + i` names byte `i` of `buf` for as long as it is queued.
+    #[inline]
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Whether a write has left output over that is not all written since:
+    /// the connection waits to hear that its socket drained.
+    #[inline]
+    pub fn backed_up(&self) -> bool {
+        self.want_write
+    }
+
     /// Makes room for `n` more bytes, growing the buffer by a quarter (or
     /// `n`) rather than doubling it: a long queue's memory then stays
     /// within about 1.25 times its bytes, which is what the node's output
@@ -74,23 +107,26 @@ impl Outbox {
         }
     }
 
-    /// Makes one write of the pending bytes. If that empties the box, the
-    /// buffer is reset (and freed if `release` or if it grew past 16 KiB)
-    /// and WRITABLE interest is dropped; otherwise the written part is
-    /// compacted away once it is half the buffer and WRITABLE interest is
-    /// asked for, so the loop hears when the socket drains. An error means
-    /// the connection is broken.
+    /// Makes one write of the pending bytes, or of those before `limit` (an
+    /// index into `buf`) if given. If that empties the box, the buffer is
+    /// reset (and freed if `release` or if it grew past 16 KiB) and WRITABLE
+    /// interest is dropped; otherwise the written part is compacted away
+    /// once it is half the buffer and WRITABLE interest is asked for, so the
+    /// loop hears when the socket drains. An error means the connection is
+    /// broken.
     pub fn flush<S: Sink>(
         &mut self,
         sock: &mut S,
         registry: &Registry,
         token: Token,
         release: bool,
+        limit: Option<usize>,
     ) -> io::Result<Flushed> {
         self.dirty = false;
         let mut wrote = None;
-        if self.pending() > 0 {
-            match sock.write(&self.buf[self.pos..]) {
+        let end = limit.map_or(self.buf.len(), |l| l.clamp(self.pos, self.buf.len()));
+        if end > self.pos {
+            match sock.write(&self.buf[self.pos..end]) {
                 Ok(n) => {
                     self.pos += n;
                     wrote = Some(n);
@@ -103,8 +139,10 @@ impl Outbox {
         } else if sock.backlog() {
             sock.flush()?;
         }
+        let held = self.pos == end && end < self.buf.len();
         let empty = self.pending() == 0 && !sock.backlog();
         if empty {
+            self.base += self.buf.len() as u64;
             self.pos = 0;
             if release || self.buf.capacity() > KEEP {
                 self.buf = Vec::new();
@@ -118,6 +156,7 @@ impl Outbox {
         } else {
             if self.pos > self.buf.len() / 2 {
                 self.buf.drain(..self.pos);
+                self.base += self.pos as u64;
                 self.pos = 0;
             }
             if !self.want_write {
@@ -125,7 +164,7 @@ impl Outbox {
                 let _ = registry.reregister(sock, token, Interest::READABLE | Interest::WRITABLE);
             }
         }
-        Ok(Flushed { wrote, empty })
+        Ok(Flushed { wrote, empty, held })
     }
 }
 
@@ -157,16 +196,16 @@ mod tests {
         out.buf.extend_from_slice(b"hello");
         assert!(out.mark_dirty(), "first mark: add to the dirty list");
         assert!(!out.mark_dirty(), "already listed");
-        let f = out.flush(&mut s, poll.registry(), Token(1), false).unwrap();
+        let f = out.flush(&mut s, poll.registry(), Token(1), false, None).unwrap();
         assert!(!out.is_dirty(), "a flush takes it off");
-        assert_eq!(f, Flushed { wrote: Some(5), empty: true });
+        assert_eq!(f, Flushed { wrote: Some(5), empty: true, held: false });
         assert!(out.buf.capacity() > 0, "a small buffer is kept for reuse");
         let mut got = [0u8; 5];
         peer.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hello");
         // Nothing pending: no write at all; release frees the buffer.
-        let f = out.flush(&mut s, poll.registry(), Token(1), true).unwrap();
-        assert_eq!(f, Flushed { wrote: None, empty: true });
+        let f = out.flush(&mut s, poll.registry(), Token(1), true, None).unwrap();
+        assert_eq!(f, Flushed { wrote: None, empty: true, held: false });
         assert_eq!(out.buf.capacity(), 0);
     }
 
@@ -176,7 +215,7 @@ mod tests {
         let (mut s, mut peer) = pair(&poll);
         let mut out = Outbox::default();
         out.buf.resize(64 << 20, 7); // far more than the socket buffers hold
-        let f = out.flush(&mut s, poll.registry(), Token(1), false).unwrap();
+        let f = out.flush(&mut s, poll.registry(), Token(1), false, None).unwrap();
         assert!(!f.empty && f.wrote.unwrap() > 0, "{f:?}");
         let left = out.pending();
         assert!(left > 0 && left < 64 << 20);
@@ -187,7 +226,7 @@ mod tests {
         let mut events = Events::with_capacity(8);
         poll.poll(&mut events, Some(Duration::from_secs(5))).unwrap();
         assert!(events.iter().any(|e| e.token() == Token(1) && e.is_writable()), "WRITABLE after draining");
-        let f = out.flush(&mut s, poll.registry(), Token(1), false).unwrap();
+        let f = out.flush(&mut s, poll.registry(), Token(1), false, None).unwrap();
         assert!(f.wrote.unwrap() > 0 && out.pending() < left);
     }
 }

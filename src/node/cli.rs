@@ -86,7 +86,9 @@ pub struct NodeArgs {
     /// 0: the kernel's default, autotuned up to 4 MiB per socket.
     #[arg(long, default_value_t = Config::default().client_sndbuf)]
     pub client_sndbuf: usize,
-    /// What to do with a client whose queue is full: disconnect or drop.
+    /// What to do with a client whose queue is full: disconnect, drop, or
+    /// conflate (a backed-up session keeps only the latest message of each
+    /// non-empty key, protocol.md §5.7; cut off only if the rest is over).
     #[arg(long, default_value = policy_name(Config::default().slow_policy), value_parser = parse_policy)]
     pub slow_policy: SlowPolicy,
     /// Node-wide bound on client sessions' pending output (queued, not yet
@@ -182,6 +184,7 @@ fn policy_name(p: SlowPolicy) -> &'static str {
     match p {
         SlowPolicy::Disconnect => "disconnect",
         SlowPolicy::Drop => "drop",
+        SlowPolicy::Conflate => "conflate",
     }
 }
 
@@ -189,7 +192,8 @@ fn parse_policy(s: &str) -> Result<SlowPolicy, String> {
     match s {
         "disconnect" => Ok(SlowPolicy::Disconnect),
         "drop" => Ok(SlowPolicy::Drop),
-        _ => Err("must be disconnect or drop".to_owned()),
+        "conflate" => Ok(SlowPolicy::Conflate),
+        _ => Err("must be disconnect, drop or conflate".to_owned()),
     }
 }
 

@@ -34,6 +34,11 @@ pub enum SlowPolicy {
     Disconnect,
     /// Keep it, drop the messages that do not fit; the client sees a seq gap.
     Drop,
+    /// While its output is backed up, a later message with the same
+    /// non-empty key replaces the earlier one still queued (protocol.md
+    /// §5.7); close it as under `Disconnect` only if what is left does not
+    /// fit. Version-1 sessions: as `Disconnect`.
+    Conflate,
 }
 
 /// Node configuration. `Default` gives the CLI defaults.

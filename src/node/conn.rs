@@ -15,10 +15,12 @@
 
 use std::time::Instant;
 
+use crate::net::outbox::Outbox;
 use crate::net::{ConnState, Framing};
 use crate::protocol::frame::ty;
 use crate::protocol::Channel;
 
+use super::conflate::Conflation;
 use super::keepalive::Keepalive;
 use super::registry::UserIdx;
 
@@ -52,6 +54,11 @@ pub enum Peer {
         user: UserIdx,
         /// Keepalive.
         ka: Keepalive,
+        /// The session speaks protocol version 2 (it may be sent CONFLATED).
+        v2: bool,
+        /// While conflating (backed up, `--slow-policy conflate`): where
+        /// each key's latest message is in the queue.
+        cf: Option<Box<Conflation>>,
     },
     /// Ingest port: waiting for PUB_HELLO or PEER_HELLO.
     IngestHandshake,
@@ -258,6 +265,16 @@ impl ConnState for Peer {
     #[inline]
     fn budgeted(&self) -> bool {
         matches!(self, Peer::Client { .. })
+    }
+
+    /// A conflating session holds back what follows its first message taken
+    /// out (protocol.md §5.7).
+    #[inline]
+    fn write_limit(&mut self, out: &mut Outbox) -> Option<usize> {
+        match self {
+            Peer::Client { cf: Some(cf), .. } => cf.write_limit(out),
+            _ => None,
+        }
     }
 
     #[inline]

@@ -138,7 +138,7 @@ fn handle(
         .iter()
         .map(|m| {
             let mut links = Vec::new();
-            let (local, _) = route.deliver(&m.user, &m.payload, true, Some(&mut links));
+            let (local, _) = route.deliver(&m.user, &m.key, &m.payload, true, Some(&mut links));
             (local, links)
         })
         .collect();

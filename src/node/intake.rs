@@ -97,7 +97,7 @@ impl Intake {
                     let dup = self.dedup.seen(&m.id, now);
                     let mut links = Vec::new();
                     let (local, _) =
-                        route.deliver_with(&m.user, &m.payload, true, &m.id, dup, Some(&mut links));
+                        route.deliver_with(&m.user, &m.key, &m.payload, true, &m.id, dup, Some(&mut links));
                     if local {
                         self.dedup.insert(&m.id, now);
                     }

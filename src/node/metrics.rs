@@ -44,6 +44,9 @@ pub struct Metrics {
     pub no_route: u64,
     /// Messages dropped for a full client queue (drop policy).
     pub dropped: u64,
+    /// Messages taken out of a backed-up session's queue by a later one
+    /// with the same key (conflate policy).
+    pub conflated: u64,
     /// Messages replayed on resume.
     pub replayed: u64,
     /// Sessions welcomed, by resume outcome (index into [`RESUME_RESULTS`]).
@@ -81,6 +84,7 @@ impl Default for Metrics {
             forwarded: 0,
             no_route: 0,
             dropped: 0,
+            conflated: 0,
             replayed: 0,
             welcomes: [0; 4],
             bytes_in: 0,
@@ -133,6 +137,7 @@ impl Metrics {
         self.forwarded += o.forwarded;
         self.no_route += o.no_route;
         self.dropped += o.dropped;
+        self.conflated += o.conflated;
         self.replayed += o.replayed;
         for (a, b) in self.welcomes.iter_mut().zip(o.welcomes.iter()) {
             *a += b;
@@ -161,6 +166,7 @@ impl Metrics {
         self.forwarded = o.forwarded;
         self.no_route = o.no_route;
         self.dropped = o.dropped;
+        self.conflated = o.conflated;
         self.replayed = o.replayed;
         self.welcomes = o.welcomes;
         self.bytes_in = o.bytes_in;
@@ -236,6 +242,12 @@ impl Metrics {
             self.no_route,
         );
         g("messages_dropped_total", "counter", "Messages dropped for a full client queue.", self.dropped);
+        g(
+            "messages_conflated_total",
+            "counter",
+            "Messages a later one with the same key took out of a backed-up session's queue.",
+            self.conflated,
+        );
         g("source_messages_total", "counter", "Messages taken from connectors (--source).", self.source_msgs);
         g(
             "source_duplicates_total",

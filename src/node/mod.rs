@@ -12,7 +12,8 @@
 //! - `duty`: the timed duties (sweep, drains, heartbeats, stats).
 //! - The rooms:
 //!   - `session`: client sessions: HELLO, WELCOME, resume, delivery
-//!     with the queue bound and slow-consumer policy;
+//!     with the queue bound and slow-consumer policy, with `conflate`,
+//!     a backed-up session's latest message per key;
 //!   - `publish`: publishers: PUB_HELLO, PUBLISH, PUBLISH_BATCH;
 //!   - `link`: mesh links: the PEER_* handshake, presence, dialling;
 //!   - [`confirm`]: a confirmed publish's forwards, confirmed by PING/PONG
@@ -49,6 +50,7 @@ pub mod cli;
 pub(crate) mod cluster;
 pub(crate) mod config;
 pub mod confirm;
+pub(crate) mod conflate;
 pub(crate) mod conn;
 pub(crate) mod dedup;
 pub(crate) mod drain;

@@ -51,11 +51,11 @@ pub fn hello(
 #[inline]
 pub fn publish(route: &mut Route<'_>, confirms: &mut Confirms, id: ConnId, p: &f::Publish<'_>) {
     if p.flags & PUBLISH_WANT_RESULT == 0 {
-        route.deliver(p.user, p.payload, true, None);
+        route.deliver(p.user, p.key, p.payload, true, None);
         return;
     }
     let mut links = Vec::new();
-    let (local, _) = route.deliver(p.user, p.payload, true, Some(&mut links));
+    let (local, _) = route.deliver(p.user, p.key, p.payload, true, Some(&mut links));
     if let Some(r) = confirms.request(id, p.request_id, std::iter::once((local, links))) {
         results(route.conns, &[(id, r)]);
     }
@@ -65,14 +65,14 @@ pub fn publish(route: &mut Route<'_>, confirms: &mut Confirms, id: ConnId, p: &f
 pub fn batch(route: &mut Route<'_>, confirms: &mut Confirms, id: ConnId, b: &f::PublishBatch<'_>) {
     if b.flags & PUBLISH_WANT_RESULT == 0 {
         for e in b.entries.iter() {
-            route.deliver(e.user, e.payload, true, None);
+            route.deliver(e.user, e.key, e.payload, true, None);
         }
         return;
     }
     let mut msgs = Vec::with_capacity(b.entries.len());
     for e in b.entries.iter() {
         let mut links = Vec::new();
-        let (local, _) = route.deliver(e.user, e.payload, true, Some(&mut links));
+        let (local, _) = route.deliver(e.user, e.key, e.payload, true, Some(&mut links));
         msgs.push((local, links));
     }
     if let Some(r) = confirms.request(id, b.request_id, msgs.into_iter()) {

@@ -64,11 +64,12 @@ impl Route<'_> {
     pub fn deliver(
         &mut self,
         user: &[u8],
+        key: &[u8],
         payload: &[u8],
         forward: bool,
         links: Option<&mut Vec<ConnId>>,
     ) -> (bool, bool) {
-        self.deliver_with(user, payload, forward, b"", false, links)
+        self.deliver_with(user, key, payload, forward, b"", false, links)
     }
 
     /// [`Route::deliver`] for a message with a de-duplication id (from a
@@ -76,9 +77,11 @@ impl Route<'_> {
     /// peers of protocol version 2), and `skip_local` leaves out this
     /// node's sessions (they already have it: a redelivery).
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub fn deliver_with(
         &mut self,
         user: &[u8],
+        key: &[u8],
         payload: &[u8],
         forward: bool,
         id: &[u8],
@@ -98,7 +101,7 @@ impl Route<'_> {
                     Some(l) if l.version >= 2 => id,
                     _ => b"",
                 };
-                f::encode_forward(&mut c.out.buf, user, b"", id, payload);
+                f::encode_forward(&mut c.out.buf, user, key, id, payload);
                 self.m.forwarded += 1;
                 forwarded = true;
                 dirty.mark(c, peer);
@@ -110,16 +113,16 @@ impl Route<'_> {
         let local = match self.router.as_deref_mut() {
             _ if skip_local => false,
             Some(r) => match shard::owner(user, self.loops) {
-                0 => self.local(user, payload),
+                0 => self.local(user, key, payload),
                 o => match r.homes.route(user) {
                     shard::Route::Unknown => false,
                     shard::Route::Send { online } => {
-                        r.queue(o, user, payload, self.turn.start);
+                        r.queue(o, user, key, payload, self.turn.start);
                         online
                     }
                 },
             },
-            None => self.local(user, payload),
+            None => self.local(user, key, payload),
         };
         if !local && !forwarded && !skip_local {
             self.m.no_route += 1;
@@ -129,8 +132,8 @@ impl Route<'_> {
 
     /// Delivers to this loop's sessions of `user`; true if it has any.
     #[inline]
-    pub fn local(&mut self, user: &[u8], payload: &[u8]) -> bool {
-        let found = self.sessions.deliver(self.conns, self.m, user, payload);
+    pub fn local(&mut self, user: &[u8], key: &[u8], payload: &[u8]) -> bool {
+        let found = self.sessions.deliver(self.conns, self.m, user, key, payload);
         if found {
             self.turn.msgs += 1;
         }

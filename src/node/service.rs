@@ -291,8 +291,8 @@ impl NodeLoop {
                 Inbox::Msgs { buf, since } => {
                     self.turn.origin = Some(self.turn.origin.map_or(since, |t| t.min(since)));
                     let mut r = self.route(conns);
-                    for (user, payload) in shard::messages(&buf) {
-                        r.local(user, payload);
+                    for (user, key, payload) in shard::messages(&buf) {
+                        r.local(user, key, payload);
                     }
                     if let Some(o) = self.role.owner() {
                         o.done(buf);
@@ -430,7 +430,7 @@ impl Service for NodeLoop {
                 Flow::Continue
             }
             Frame::Forward(fw) if fw.id.is_empty() => {
-                self.route(conns).deliver(fw.user, fw.payload, false, None);
+                self.route(conns).deliver(fw.user, fw.key, fw.payload, false, None);
                 Flow::Continue
             }
             Frame::Forward(fw) => {
@@ -439,7 +439,8 @@ impl Service for NodeLoop {
                 if dup {
                     self.intake.dups += 1;
                 }
-                let (local, _) = self.route(conns).deliver_with(fw.user, fw.payload, false, b"", dup, None);
+                let (local, _) =
+                    self.route(conns).deliver_with(fw.user, fw.key, fw.payload, false, b"", dup, None);
                 if local {
                     self.intake.dedup.insert(fw.id, now);
                 }
@@ -508,7 +509,7 @@ impl Service for NodeLoop {
     fn closed(&mut self, conns: &mut Conns<Peer>, id: ConnId, reason: CloseReason, now: Instant) {
         self.m.close(reason);
         let Some(c) = conns.get_mut(id) else { return };
-        match self.sessions.ended(&mut c.state, id, &mut self.m, now) {
+        match self.sessions.ended(&mut c.state, &mut c.out, id, &mut self.m, now) {
             Ended::Session { user, last } => {
                 self.shared.client_closed();
                 match &mut self.role {

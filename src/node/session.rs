@@ -10,12 +10,16 @@
 
 use std::time::{Duration, Instant};
 
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::net::outbox::Outbox;
 use crate::net::{CloseReason, ConnId, Conns};
-use crate::protocol::frame::{self as f, Frame};
+use crate::protocol::frame::{self as f, Frame, HEADER_LEN};
 use crate::protocol::{Code, GoodbyeAction};
 
 use super::auth::{self, Credential};
 use super::config::{Config, SlowPolicy};
+use super::conflate::Conflation;
 use super::conn::Peer;
 use super::keepalive::Keepalive;
 use super::metrics::Metrics;
@@ -139,7 +143,7 @@ impl Sessions {
         let session = self.next_session * self.loops + self.loop_id;
         self.next_session += 1;
         let c = conns.get_mut(id)?;
-        c.state = Peer::Client { user: a.user, ka: Keepalive::Quiet };
+        c.state = Peer::Client { user: a.user, ka: Keepalive::Quiet, v2: admitted.version >= 2, cf: None };
         let out = conns.queue(id)?;
         Frame::Welcome(f::Welcome {
             version: admitted.version,
@@ -168,10 +172,18 @@ impl Sessions {
     }
 
     /// Queues one message to every local session of `user`, retaining it
-    /// for resume if the user has a stream here. Returns whether the user
-    /// has a session here.
+    /// for resume if the user has a stream here, and conflating it by `key`
+    /// in the sessions that are backed up under `--slow-policy conflate`.
+    /// Returns whether the user has a session here.
     #[inline]
-    pub fn deliver(&mut self, conns: &mut Conns<Peer>, m: &mut Metrics, user: &[u8], payload: &[u8]) -> bool {
+    pub fn deliver(
+        &mut self,
+        conns: &mut Conns<Peer>,
+        m: &mut Metrics,
+        user: &[u8],
+        key: &[u8],
+        payload: &[u8],
+    ) -> bool {
         let Some(u) = self.reg.find(user) else { return false };
         let Some((frame, sessions)) = self.reg.publish(u, payload) else { return false };
         if sessions.is_empty() {
@@ -189,15 +201,42 @@ impl Sessions {
                 // missed is a clean suffix of its stream, all in retention.
                 continue;
             }
-            if c.pending() + frame.len() > self.queue_bytes {
+            // Bytes conflated away still in the queue (the bound does not
+            // count them), and whether the frame is queued already.
+            let (mut dead, mut queued) = (0, false);
+            if self.slow_policy == SlowPolicy::Conflate {
+                if let Peer::Client { v2: true, cf, .. } = &mut c.state {
+                    // Backed up (§5.7): the socket left output over, or one
+                    // turn's burst alone has filled a quarter of the bound.
+                    let backed_up = c.out.backed_up() || c.out.pending() >= self.queue_bytes / 4;
+                    if !backed_up && cf.as_ref().is_none_or(|cf| cf.dead() == 0) {
+                        // Keeping up: nothing it indexed is queued any more.
+                        *cf = None;
+                    } else if !key.is_empty() {
+                        let epoch = BigEndian::read_u64(&frame[HEADER_LEN..HEADER_LEN + 8]);
+                        let cf = cf.get_or_insert_with(|| Box::new(Conflation::new(epoch)));
+                        c.out.reserve(frame.len());
+                        m.conflated += cf.push(&mut c.out, key, frame) as u64;
+                        (dead, queued) = (cf.dead(), true);
+                    } else if let Some(cf) = cf {
+                        dead = cf.dead();
+                    }
+                }
+            }
+            let fits = c.pending() - dead + if queued { 0 } else { frame.len() } <= self.queue_bytes;
+            if !fits {
                 match self.slow_policy {
-                    SlowPolicy::Disconnect => cut_off(conns, s, CloseReason::Sent(Code::SlowConsumer)),
+                    SlowPolicy::Disconnect | SlowPolicy::Conflate => {
+                        cut_off(conns, s, CloseReason::Sent(Code::SlowConsumer))
+                    }
                     SlowPolicy::Drop => m.dropped += 1,
                 }
                 continue;
             }
-            c.out.reserve(frame.len());
-            c.out.buf.extend_from_slice(frame);
+            if !queued {
+                c.out.reserve(frame.len());
+                c.out.buf.extend_from_slice(frame);
+            }
             dirty.charge(c, frame.len());
             if let Peer::Client { ka: ka @ Keepalive::Due, .. } = &mut c.state {
                 // A PING rides on the delivery: no extra write (nor charge:
@@ -213,9 +252,20 @@ impl Sessions {
 
     /// Bookkeeping for a connection that is closing: detaches a session
     /// from its user's stream (which is kept for the grace period).
-    pub fn ended(&mut self, state: &mut Peer, id: ConnId, m: &mut Metrics, now: Instant) -> Ended {
+    /// What conflation held back is settled first: nothing dead is written.
+    pub fn ended(
+        &mut self,
+        state: &mut Peer,
+        out: &mut Outbox,
+        id: ConnId,
+        m: &mut Metrics,
+        now: Instant,
+    ) -> Ended {
         match std::mem::replace(state, Peer::Closed) {
-            Peer::Client { user, .. } => {
+            Peer::Client { user, cf, .. } => {
+                if let Some(mut cf) = cf {
+                    cf.settle(out);
+                }
                 let last = self.reg.detach(user, id.0, now).is_some();
                 m.clients -= 1;
                 match self.reg.user(user) {

@@ -53,25 +53,29 @@ pub fn owner(user: &[u8], n: usize) -> usize {
 }
 
 /// Appends one message to a batch.
-pub fn push(batch: &mut Vec<u8>, user: &[u8], payload: &[u8]) {
-    // User ids are at most 255 bytes and payloads at most 64 KiB (checked by
-    // the codec before they get here).
+pub fn push(batch: &mut Vec<u8>, user: &[u8], key: &[u8], payload: &[u8]) {
+    // User ids and keys are at most 255 bytes and payloads at most 64 KiB
+    // (checked by the codec before they get here).
     batch.push(user.len() as u8);
     batch.extend_from_slice(user);
+    batch.push(key.len() as u8);
+    batch.extend_from_slice(key);
     batch.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     batch.extend_from_slice(payload);
 }
 
-/// The messages of a batch, in order.
-pub fn messages(mut batch: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+/// The messages of a batch, in order: (user, key, payload).
+pub fn messages(mut batch: &[u8]) -> impl Iterator<Item = (&[u8], &[u8], &[u8])> {
     std::iter::from_fn(move || {
         let (&ulen, rest) = batch.split_first()?;
         let (user, rest) = rest.split_at(ulen as usize);
+        let (&klen, rest) = rest.split_first()?;
+        let (key, rest) = rest.split_at(klen as usize);
         let (len, rest) = rest.split_at(4);
         let plen = u32::from_le_bytes(len.try_into().ok()?) as usize;
         let (payload, rest) = rest.split_at(plen);
         batch = rest;
-        Some((user, payload))
+        Some((user, key, payload))
     })
 }
 
@@ -305,7 +309,7 @@ pub struct Router {
 
 impl Router {
     /// Appends a message for loop `id`'s user to this turn's batch.
-    pub fn queue(&mut self, id: usize, user: &[u8], payload: &[u8], turn: Instant) {
+    pub fn queue(&mut self, id: usize, user: &[u8], key: &[u8], payload: &[u8], turn: Instant) {
         let free = &self.free;
         let l = &mut self.links[id - 1];
         if l.batch.capacity() == 0 {
@@ -315,7 +319,7 @@ impl Router {
         if l.since.is_none() {
             l.since = Some(turn);
         }
-        push(&mut l.batch, user, payload);
+        push(&mut l.batch, user, key, payload);
     }
 
     /// Hands a client connection to loop `id`; gives the message back if
@@ -454,11 +458,19 @@ mod tests {
     #[test]
     fn batches_round_trip_in_order() {
         let mut b = Vec::new();
-        push(&mut b, b"alice", b"one");
-        push(&mut b, b"bob", b"");
-        push(&mut b, &[b'x'; 255], &[7u8; 70_000][..65_536]);
-        let got: Vec<(Vec<u8>, usize)> = messages(&b).map(|(u, p)| (u.to_vec(), p.len())).collect();
-        assert_eq!(got, vec![(b"alice".to_vec(), 3), (b"bob".to_vec(), 0), (vec![b'x'; 255], 65_536)]);
+        push(&mut b, b"alice", b"", b"one");
+        push(&mut b, b"bob", b"EURUSD", b"");
+        push(&mut b, &[b'x'; 255], &[b'k'; 64], &[7u8; 70_000][..65_536]);
+        let got: Vec<(Vec<u8>, Vec<u8>, usize)> =
+            messages(&b).map(|(u, k, p)| (u.to_vec(), k.to_vec(), p.len())).collect();
+        assert_eq!(
+            got,
+            vec![
+                (b"alice".to_vec(), vec![], 3),
+                (b"bob".to_vec(), b"EURUSD".to_vec(), 0),
+                (vec![b'x'; 255], vec![b'k'; 64], 65_536)
+            ]
+        );
     }
 
     fn ev(user: &[u8], change: Change, known: bool) -> HomeEvent {

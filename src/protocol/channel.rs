@@ -40,6 +40,8 @@ pub mod ty {
     pub const WELCOME: u8 = 0x81;
     /// Node → client: one personal message with its stream position.
     pub const DELIVER: u8 = 0x82;
+    /// Node → client (version 2): messages a later one with the same key replaced.
+    pub const CONFLATED: u8 = 0x83;
     /// Node → client/publisher/peer: orderly close with directions.
     pub const GOODBYE: u8 = 0x84;
     /// Node → publisher: handshake accepted.
@@ -102,7 +104,7 @@ impl Channel {
         use ty::*;
         match self {
             Channel::ToNode => matches!(t, HELLO | PING | PONG | ERROR),
-            Channel::ToClient => matches!(t, WELCOME | DELIVER | GOODBYE | PING | PONG | ERROR),
+            Channel::ToClient => matches!(t, WELCOME | DELIVER | CONFLATED | GOODBYE | PING | PONG | ERROR),
             Channel::Ingest => matches!(
                 t,
                 PUB_HELLO

@@ -87,6 +87,17 @@ pub fn all() -> Vec<Sample> {
         Channel::ToClient,
         Frame::Deliver(Deliver { epoch: 0x1122_3344_5566_7788, seq: 42, payload: b"hi" }),
     );
+    let keys = encode_entries(&[KeyEntry(b"EURUSD")]);
+    add(
+        "conflated",
+        Channel::ToClient,
+        Frame::Conflated(Conflated {
+            epoch: 0x1122_3344_5566_7788,
+            first_seq: 40,
+            last_seq: 41,
+            keys: List::from_encoded(1, &keys).expect("one key"),
+        }),
+    );
     add("ping", Channel::ToClient, Frame::Ping(0x0102_0304_0506_0708));
     add("pong", Channel::ToNode, Frame::Pong(0x0102_0304_0506_0708));
     add(

@@ -32,7 +32,7 @@ fn every_frame_type_has_a_sample() {
         .filter(|&t| decode(&[0, 0, 0, 1, t], Channel::ToNode) != Err(DecodeError::UnknownType(t)))
         .collect();
     assert_eq!(types, all, "every known type needs a sample (and a vector in protocol.md)");
-    assert_eq!(all.len(), 26);
+    assert_eq!(all.len(), 27);
 }
 
 #[test]
@@ -427,6 +427,8 @@ fn max_frame_len_is_the_largest_valid_frame_of_each_bounded_type() {
     let id = vec![b'n'; MAX_NODE_ID_LEN];
     let target = vec![b'e'; MAX_ENDPOINT_LEN];
     let message = vec![b'm'; MAX_ERROR_MESSAGE_LEN];
+    let key = [b'k'; MAX_KEY_LEN];
+    let keys = encode_entries(&vec![KeyEntry(&key); MAX_CONFLATED_KEYS]);
     let largest = [
         (
             Frame::Hello(Hello {
@@ -449,6 +451,15 @@ fn max_frame_len_is_the_largest_valid_frame_of_each_bounded_type() {
                 epoch: 1,
                 next_seq: 1,
                 node_id: &id,
+            }),
+            Channel::ToClient,
+        ),
+        (
+            Frame::Conflated(Conflated {
+                epoch: 1,
+                first_seq: 1,
+                last_seq: 2,
+                keys: List::from_encoded(MAX_CONFLATED_KEYS, &keys).unwrap(),
             }),
             Channel::ToClient,
         ),

@@ -1,4 +1,4 @@
-"""A small, standard-library-only Python client for the herald wire protocol v1.
+"""A small, standard-library-only Python client for the herald wire protocol v1 / v2.
 
 Written from protocol.md alone (no look at the Rust sources). Contents:
 
@@ -7,8 +7,9 @@ Written from protocol.md alone (no look at the Rust sources). Contents:
   truncation, trailing bytes, field ranges, undefined enum values, magic);
 * ``Client``: the client side of client <-> node (§3): HELLO (with RESUME when
   it has a position), WELCOME (resume result -> loss report), DELIVER
-  (position tracking, gap detection, duplicate discard), PING -> PONG,
-  keepalive watch, GOODBYE, ERROR, reconnect with resume;
+  (position tracking, gap detection, duplicate discard), CONFLATED on a
+  version-2 session (§3.8: reported as a ``Conflated`` event, moves the position,
+  not a gap), PING -> PONG, keepalive watch, GOODBYE, ERROR, reconnect with resume;
 * ``Publisher``: the publisher side of publisher <-> node (§5);
 * ``ask_decision``: ASSIGN_REQUEST / ASSIGNMENT / NO_CAPACITY (§7.1), plaintext or
   over TLS (``tls=``, as for the client port) to a decision server whose port speaks TLS;
@@ -43,7 +44,7 @@ from typing import Any, Iterable, Optional
 # ---------------------------------------------------------------------------
 
 MAGIC = 0x48524C44  # "HRLD"
-VERSION = 1
+VERSION = 1  # what Client / Publisher offer by default (max_version=2 for version 2)
 
 # frame types (§2.3)
 HELLO = 0x01
@@ -62,6 +63,7 @@ ADMIN = 0x32
 HEARTBEAT = 0x40
 WELCOME = 0x81
 DELIVER = 0x82
+CONFLATED = 0x83  # version 2 (§3.8)
 GOODBYE = 0x84
 PUB_WELCOME = 0x90
 PUB_RESULT = 0x91
@@ -78,7 +80,8 @@ FRAME_NAMES = {
     PUBLISH: "PUBLISH", PUBLISH_BATCH: "PUBLISH_BATCH", PEER_HELLO: "PEER_HELLO",
     PEER_AUTH: "PEER_AUTH", PRESENCE: "PRESENCE", FORWARD: "FORWARD",
     ASSIGN_REQUEST: "ASSIGN_REQUEST", NODES_REQUEST: "NODES_REQUEST", ADMIN: "ADMIN",
-    HEARTBEAT: "HEARTBEAT", WELCOME: "WELCOME", DELIVER: "DELIVER", GOODBYE: "GOODBYE",
+    HEARTBEAT: "HEARTBEAT", WELCOME: "WELCOME", DELIVER: "DELIVER",
+    CONFLATED: "CONFLATED", GOODBYE: "GOODBYE",
     PUB_WELCOME: "PUB_WELCOME", PUB_RESULT: "PUB_RESULT", PEER_WELCOME: "PEER_WELCOME",
     ASSIGNMENT: "ASSIGNMENT", NO_CAPACITY: "NO_CAPACITY", NODES: "NODES",
     ADMIN_RESULT: "ADMIN_RESULT", ADMIN_STATUS: "ADMIN_STATUS", ERROR: "ERROR",
@@ -139,11 +142,20 @@ MAX_ERROR_MESSAGE_LEN = 1024
 MAX_ADMIN_MESSAGE_LEN = 4096
 MAX_BATCH = 1024
 MAX_ASSIGN_RESULTS = 8
+MAX_CONFLATED_KEYS = 255  # keys in one CONFLATED: list8, 1..=255 (§3.8)
+
+# §2.4 step 2, table max-lengths: the largest valid `length` of each type whose
+# fields are all bounded; above it -> PROTOCOL_ERROR from the header alone.
+MAX_LENGTHS: dict[int, int] = {
+    HELLO: 603, PING: 9, PONG: 9, WELCOME: 96, CONFLATED: 16601, GOODBYE: 137,
+    ERROR: 1029, PUB_HELLO: 587, PUB_WELCOME: 71, PUB_RESULT: 13, PEER_HELLO: 96,
+    PEER_WELCOME: 123, PEER_AUTH: 33,
+}
 
 # channels (§2.2): name -> (max length, allowed types)
 CHANNELS: dict[str, tuple[int, frozenset[int]]] = {
     "ToNode": (2048, frozenset({HELLO, PING, PONG, ERROR})),
-    "ToClient": (65553, frozenset({WELCOME, DELIVER, GOODBYE, PING, PONG, ERROR})),
+    "ToClient": (65553, frozenset({WELCOME, DELIVER, CONFLATED, GOODBYE, PING, PONG, ERROR})),
     "Ingest": (1048576, frozenset({PUB_HELLO, PUBLISH, PUBLISH_BATCH, PEER_HELLO, PEER_AUTH,
                                    PRESENCE, FORWARD, PING, PONG, ERROR})),
     "FromIngest": (1048576, frozenset({PUB_WELCOME, PUB_RESULT, PEER_WELCOME, PRESENCE,
@@ -265,6 +277,10 @@ LAYOUTS: dict[int, list[tuple]] = {
               ("epoch", "u64", None), ("next_seq", "u64", None),
               ("node_id", "str8", 1, MAX_NODE_ID_LEN)],
     DELIVER: [("epoch", "u64", None), ("seq", "u64", None), ("payload", "rest", 0, MAX_PAYLOAD)],
+    # §3.8; keys decode as [{"key": b"..."}, ...]; last_seq >= first_seq is checked
+    # after the fields (decode_body / encode)
+    CONFLATED: [("epoch", "u64", None), ("first_seq", "u64", None), ("last_seq", "u64", None),
+                ("keys", "list8", 1, MAX_CONFLATED_KEYS, [("key", "str8", 1, MAX_KEY_LEN)])],
     GOODBYE: [("reason", "u16", None), ("action", "u8", (ASK_DECISION, GO_TO_NODE, RETRY_AFTER)),
               ("delay_ms", "u32", None), ("target", "str8", 0, MAX_ENDPOINT_LEN)],
     PUB_WELCOME: [("version", "u8", None), ("max_frame", "u32", None),
@@ -384,7 +400,35 @@ def decode_body(ftype: int, body: bytes) -> dict:
     out = _decode_fields(cur, layout, True)
     if cur.i != len(body):
         raise HeraldError(PROTOCOL_ERROR, f"{len(body) - cur.i} bytes left over")
+    if ftype == CONFLATED and out["last_seq"] < out["first_seq"]:
+        raise HeraldError(PROTOCOL_ERROR, f"CONFLATED last_seq {out['last_seq']} < "
+                                          f"first_seq {out['first_seq']}")
     return out
+
+
+def _largest_body(layout: list[tuple]) -> int:
+    n = 0
+    for spec in layout:
+        kind = spec[1]
+        if kind == "magic":
+            n += 4
+        elif kind in _INT:
+            n += struct.calcsize(_INT[kind])
+        elif kind in ("str8", "str16", "str32"):
+            n += struct.calcsize(_INT[_LEN[kind]]) + spec[3]
+        elif kind == "bytes":
+            n += spec[2]
+        elif kind == "rest":
+            n += spec[3]
+        else:  # lists
+            n += struct.calcsize(_INT[_LEN[kind]]) + spec[3] * _largest_body(spec[4])
+    return n
+
+
+def largest_length(ftype: int) -> int:
+    """1 (type) + the body with every field at its limit, from the layout (to check
+    the max-lengths table of §2.4 against the layouts)."""
+    return 1 + _largest_body(LAYOUTS[ftype])
 
 
 def check_header(length: int, ftype: Optional[int], channel: str,
@@ -401,6 +445,9 @@ def check_header(length: int, ftype: Optional[int], channel: str,
         raise HeraldError(UNKNOWN_FRAME_TYPE, f"type 0x{ftype:02x}")
     if ftype not in chan_types or (allowed is not None and ftype not in allowed):
         raise HeraldError(UNEXPECTED_FRAME, f"{FRAME_NAMES[ftype]} on {channel}")
+    top = MAX_LENGTHS.get(ftype)
+    if top is not None and length > top:
+        raise HeraldError(PROTOCOL_ERROR, f"{FRAME_NAMES[ftype]} of length {length} > {top}")
 
 
 def decode_frame(data: bytes, channel: str) -> Frame:
@@ -469,6 +516,8 @@ def encode(ftype: int, fields: Optional[dict] = None, *, channel: Optional[str] 
     if ftype == ASSIGN_REQUEST and fields.get("version") == 2:
         layout = ASSIGN_REQUEST_V2
     _encode_fields(layout, fields, body)
+    if ftype == CONFLATED and fields.get("last_seq", 0) < fields.get("first_seq", 0):
+        raise ValueError("CONFLATED: last_seq < first_seq")
     frame = struct.pack(">IB", 1 + len(body), ftype) + bytes(body)
     if ftype in SIGNED and secret is not None:
         frame = frame[:-32] + hmac.new(secret, frame[4:-32], hashlib.sha256).digest()
@@ -803,6 +852,47 @@ class Message:
 
 
 @dataclass
+class Conflated:
+    """§3.8 (version 2): the messages ``first_seq..=last_seq`` of the stream were replaced
+    by later messages with the same keys, which arrive (as DELIVER, or again as
+    CONFLATED) later on this session. Not a loss; ``gap`` (as in ``Message.gap``) counts
+    messages missed just before ``first_seq``. ``first_seq`` is the first seq newly
+    accounted for: the frame's own ``first_seq``, or s + 1 when the frame overlapped the
+    position (e, s) (then ``frame_first_seq`` < ``first_seq``)."""
+    epoch: int
+    first_seq: int
+    last_seq: int
+    keys: list  # list[bytes], each key once, in the order of its first message
+    gap: int = 0
+    frame_first_seq: int = 0
+
+    @property
+    def count(self) -> int:
+        """How many messages were conflated (``last_seq - first_seq + 1``)."""
+        return self.last_seq - self.first_seq + 1
+
+
+def position_step(position: tuple[int, int], epoch: int, first_seq: int,
+                  last_seq: int) -> Optional[tuple[int, int, tuple[int, int]]]:
+    """The position rules of §3.3 (a DELIVER of seq q: ``first_seq = last_seq = q``) and
+    §3.8 (a CONFLATED), for a frame received at ``position`` (e, s). Pure.
+
+    Returns None if the frame must be discarded (``last_seq`` <= s; position unchanged),
+    else ``(gap, first, new_position)``: ``gap`` = ``first_seq - s - 1`` messages missed
+    before the frame (0 if none), ``first`` = the first seq the frame accounts for
+    (``max(first_seq, s + 1)``: a CONFLATED overlapping the position counts only from
+    s + 1), ``new_position`` = (e, ``last_seq``). An ``epoch`` other than e raises
+    HeraldError(PROTOCOL_ERROR)."""
+    e, s = position
+    if epoch != e:
+        raise HeraldError(PROTOCOL_ERROR, f"epoch {epoch:#x} != session epoch {e:#x}")
+    if last_seq <= s:
+        return None
+    gap = max(0, first_seq - s - 1)
+    return gap, max(first_seq, s + 1), (e, last_seq)
+
+
+@dataclass
 class Goodbye:
     reason: int
     action: int
@@ -827,15 +917,20 @@ class Client:
 
         c = Client("127.0.0.1:7400", token)
         w = c.connect()                 # HELLO (RESUME if c.position) -> Welcome
-        ev = c.recv(timeout=1.0)        # Message | Goodbye | Pong | None (timeout)
+        ev = c.recv(timeout=1.0)        # Message | Conflated | Goodbye | Pong | None
         c.close()
         w = c.connect()                 # resumes from c.position
 
     ``recv`` answers PINGs itself, checks every DELIVER against the position, reports
     gaps in ``Message.gap``, discards duplicates, and treats a node silent for
-    3 x heartbeat_ms as dead. Protocol violations by the node are answered with ERROR
-    (§2.4) and raised as HeraldError; an ERROR from the node raises RemoteError; EOF or
-    I/O errors raise ConnectionClosed. ``position`` survives ``close``.
+    3 x heartbeat_ms as dead. On a version-2 session (``max_version=2``, WELCOME
+    version 2) it also takes CONFLATED (§3.8), checked against the position like a
+    DELIVER, and returns it as a ``Conflated`` event (first_seq, last_seq, keys,
+    count; a gap before it in ``Conflated.gap``); the position moves to its
+    ``last_seq``. A CONFLATED on a version-1 session is UNEXPECTED_FRAME. Protocol
+    violations by the node are answered with ERROR (§2.4) and raised as HeraldError;
+    an ERROR from the node raises RemoteError; EOF or I/O errors raise
+    ConnectionClosed. ``position`` survives ``close``.
 
     TLS (§11): ``tls`` is None (plaintext, the default), an ``ssl.SSLContext`` (e.g.
     from ``tls_context``), a CA file, or True for the system CA store. Every connect,
@@ -860,6 +955,8 @@ class Client:
         self.conn: Optional[FrameConn] = None
         self.welcome: Optional[Welcome] = None
         self.duplicates_discarded = 0
+        self.conflated_discarded = 0  # CONFLATED with last_seq <= s (§3.8)
+        self.conflated_overlaps = 0  # CONFLATED with first_seq <= s < last_seq (§3.8)
         self._pings: dict[int, float] = {}
 
     # -- connection lifecycle ------------------------------------------------
@@ -940,7 +1037,7 @@ class Client:
         return nonce
 
     def recv(self, timeout: float = 1.0):
-        """Next event (Message, Goodbye or Pong), or None when ``timeout`` passes."""
+        """Next event (Message, Conflated, Goodbye or Pong), or None when ``timeout`` passes."""
         if self.conn is None:
             raise ConnectionClosed("not connected")
         deadline = time.monotonic() + timeout
@@ -955,25 +1052,48 @@ class Client:
                 return None
             # wake up in time to notice a dead node
             wait = min(remaining, max(0.01, self.conn.last_rx + 3 * hb - now))
-            fr = self._read(wait, allowed={DELIVER, GOODBYE, PING, PONG, ERROR})
+            fr = self._read(wait, allowed=self._established_types())
             if fr is None:
                 continue
             ev = self._handle(fr)
             if ev is not None:
                 return ev
 
+    def _established_types(self) -> frozenset:
+        """What may arrive after WELCOME: CONFLATED only on a version-2 session (§3.8)."""
+        if self.welcome is not None and self.welcome.version >= 2:
+            return frozenset({DELIVER, CONFLATED, GOODBYE, PING, PONG, ERROR})
+        return frozenset({DELIVER, GOODBYE, PING, PONG, ERROR})
+
+    def _step(self, name: str, epoch: int, first_seq: int, last_seq: int):
+        try:
+            return position_step(self.position, epoch, first_seq, last_seq)
+        except HeraldError as err:
+            self._violation(err.code, f"{name} {err.message}")
+
     def _handle(self, fr: Frame):
+        """Act on one frame of the Established state; returns the event for the
+        application, or None. Needs a socket only for PING and violations."""
         f = fr.fields
         if fr.type == DELIVER:
-            e, s = self.position
-            if f["epoch"] != e:
-                self._violation(PROTOCOL_ERROR, f"DELIVER epoch {f['epoch']:#x} != session epoch {e:#x}")
-            if f["seq"] <= s:
+            step = self._step("DELIVER", f["epoch"], f["seq"], f["seq"])
+            if step is None:
                 self.duplicates_discarded += 1  # never hand a message over twice
                 return None
-            gap = f["seq"] - s - 1
-            self.position = (e, f["seq"])
-            return Message(e, f["seq"], f["payload"], gap)
+            gap, _, self.position = step
+            return Message(f["epoch"], f["seq"], f["payload"], gap)
+        if fr.type == CONFLATED:
+            if fr.type not in self._established_types():
+                self._violation(UNEXPECTED_FRAME, "CONFLATED on a version-1 session")
+            step = self._step("CONFLATED", f["epoch"], f["first_seq"], f["last_seq"])
+            if step is None:
+                self.conflated_discarded += 1
+                return None
+            gap, first, self.position = step
+            if first != f["first_seq"]:
+                self.conflated_overlaps += 1
+            return Conflated(f["epoch"], first, f["last_seq"], [k["key"] for k in f["keys"]],
+                             gap, f["first_seq"])
         if fr.type == PING:
             self.conn.send(PONG, {"nonce": f["nonce"]})
             return None
@@ -1001,7 +1121,8 @@ class Client:
             raise
 
     def _violation(self, code: int, message: str):
-        self.conn.send_error(code, message)
+        if self.conn is not None:  # None when frames are fed to _handle without a socket
+            self.conn.send_error(code, message)
         self.conn = None
         raise HeraldError(code, message)
 
@@ -1058,11 +1179,18 @@ class Publisher:
     Writes are blocking with a timeout; results are read with ``read_result``. A
     long-running publisher that pipelines heavily must keep reading while it writes
     (§5.6); this small implementation expects the caller to interleave the two.
+    ``key`` (PUBLISH, batch entries) is the conflation key of §5.7: empty for a
+    message that must arrive, non-empty for a state of which only the latest value
+    matters. ``max_version=2`` offers versions 1..=2 in PUB_HELLO.
     """
 
     def __init__(self, endpoint: str, credential: str | bytes, *, agent: str = "herald-py-pub/0.1",
-                 connect_timeout: float = 2.0, handshake_timeout: float = 10.0):
+                 connect_timeout: float = 2.0, handshake_timeout: float = 10.0,
+                 min_version: int = 1, max_version: int = 1):
         self.endpoint = endpoint
+        self.min_version = min_version
+        self.max_version = max_version
+        self.version = 0  # negotiated, from PUB_WELCOME
         self.credential = _b(credential)
         self.agent = _b(agent)
         self.connect_timeout = connect_timeout
@@ -1078,7 +1206,8 @@ class Publisher:
         self.close()
         self.conn = FrameConn.open(self.endpoint, "FromIngest", "Ingest", self.connect_timeout)
         try:
-            self.conn.send(PUB_HELLO, {"min_version": 1, "max_version": 1, "flags": 0,
+            self.conn.send(PUB_HELLO, {"min_version": self.min_version,
+                                       "max_version": self.max_version, "flags": 0,
                                        "credential": self.credential, "agent": self.agent})
         except OSError:
             pass
@@ -1089,10 +1218,11 @@ class Publisher:
         if fr.type == ERROR:
             self.close()
             raise RemoteError(fr["code"], fr["message"])
-        if fr["version"] != 1:
+        if not self.min_version <= fr["version"] <= self.max_version:
             self.conn.send_error(UNSUPPORTED_VERSION, "version")
             self.conn = None
             raise HeraldError(UNSUPPORTED_VERSION, f"node chose version {fr['version']}")
+        self.version = fr["version"]
         self.max_frame = min(fr["max_frame"], CHANNELS["Ingest"][0])
         self.node_id = fr["node_id"]
         self.pending.clear()

@@ -14,6 +14,12 @@ a foreign ALPN are refused; plaintext on the TLS port is closed at once;
 SIGHUP rotates the certificate without cutting sessions. A decision server
 with `--tls-cert` answers ASSIGN_REQUEST over TLS (the ssl module, localhost
 verified against the dev CA) and nothing in plaintext.
+Version 2 conflation (§3.8): the CONFLATED vector and body checks, the max-lengths
+table, the §3.3 / §3.8 position rules fed to the client without a socket, and a
+version-2 session with CONFLATED frames from the fake node. With
+HERALD_SLOW_POLICY=conflate also end to end: slow readers on a node started with
+`--slow-policy conflate` get every unkeyed message, the latest value of every key,
+and CONFLATED frames whose counts add up (skipped otherwise).
 Prints "N passed, M failed" last and exits non-zero on any failure.
 """
 
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import os
 import queue
+import random
 import re
 import shutil
 import signal
@@ -127,6 +134,10 @@ def offline_checks():
     lim = {r[0]: int(r[1]) for r in parse_table(md, "limits")}
     check("table limits matches library",
           all(getattr(hc, k) == v for k, v in lim.items()), f"{lim}")
+    ml = {hc.FRAME_TYPES[r[0]]: int(r[1]) for r in parse_table(md, "max-lengths")}
+    check("table max-lengths matches library", ml == hc.MAX_LENGTHS, f"{ml}")
+    off = {hc.FRAME_NAMES[t]: (v, hc.largest_length(t)) for t, v in ml.items() if hc.largest_length(t) != v}
+    check("table max-lengths: each is 1 + every field of the layout at its limit", not off, f"{off}")
 
     # -- vectors --------------------------------------------------------------
     vectors = parse_vectors(md)
@@ -161,6 +172,11 @@ def offline_checks():
           and f["session_id"] == 7 and f["next_seq"] == 42 and f["node_id"] == b"n1")
     f = frames.get("deliver")
     check("deliver fields", f and f["seq"] == 42 and f["payload"] == b"hi")
+    f = frames.get("conflated")
+    check("conflated fields (epoch, seqs 40..=41, key EURUSD)",
+          f and f.type == hc.CONFLATED and f["epoch"] == 0x1122334455667788
+          and (f["first_seq"], f["last_seq"]) == (40, 41) and f["keys"] == [{"key": b"EURUSD"}],
+          f"{f and f.fields}")
     f = frames.get("goodbye-node")
     check("goodbye-node fields", f and f["reason"] == hc.REBALANCE and f["action"] == hc.GO_TO_NODE
           and f["target"] == b"10.0.0.2:7400")
@@ -241,7 +257,137 @@ def offline_checks():
                   hc.HeraldError, hc.PROTOCOL_ERROR)
     big = hc.encode(hc.DELIVER, {"epoch": 1, "seq": 1, "payload": b"x" * 65536}, channel="ToClient")
     check("largest DELIVER is exactly the ToClient limit", len(big) - 4 == 65553)
+    conflated_codec_checks(frames)
     return frames
+
+
+def conflated_frame(epoch: int, first: int, last: int, keys_wire: bytes, extra: int = 0) -> bytes:
+    """A CONFLATED built by hand (the encoder refuses bad ones): ``keys_wire`` is the
+    list8<str8> as bytes; ``extra`` is added to the length field."""
+    body = struct.pack(">QQQ", epoch, first, last) + keys_wire
+    return struct.pack(">IB", 1 + len(body) + extra, hc.CONFLATED) + body
+
+
+def conflated_codec_checks(frames):
+    """§3.8 / §2.4: the CONFLATED body checks, channel and largest length."""
+    E = 0x1122334455667788
+    v = frames.get("conflated")
+    if v is not None:
+        check("conflated vector: length 33 = 1 + 24 + 1 + 7", len(v.raw) == 4 + 33)
+        expect_raises("CONFLATED on ToNode -> UNEXPECTED_FRAME", lambda: hc.decode_frame(v.raw, "ToNode"),
+                      hc.HeraldError, hc.UNEXPECTED_FRAME)
+        expect_raises("CONFLATED on FromIngest -> UNEXPECTED_FRAME",
+                      lambda: hc.decode_frame(v.raw, "FromIngest"), hc.HeraldError, hc.UNEXPECTED_FRAME)
+    one = b"\x01\x06EURUSD"
+    check("CONFLATED first_seq = last_seq decodes",
+          hc.decode_frame(conflated_frame(E, 7, 7, one), "ToClient")["last_seq"] == 7)
+    expect_raises("CONFLATED last_seq < first_seq -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(conflated_frame(E, 41, 40, one), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("CONFLATED with 0 keys -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(conflated_frame(E, 40, 41, b"\x00"), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("CONFLATED with an empty key -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(conflated_frame(E, 40, 41, b"\x01\x00"), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("CONFLATED with a 65-byte key -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(conflated_frame(E, 40, 41, b"\x01\x41" + b"k" * 65), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("CONFLATED with a second key missing (count 2) -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(conflated_frame(E, 40, 41, b"\x02\x06EURUSD"), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("CONFLATED with a byte left over -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(conflated_frame(E, 40, 41, one + b"\x00"), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("CONFLATED without its keys (truncated) -> PROTOCOL_ERROR",
+                  lambda: hc.decode_frame(conflated_frame(E, 40, 41, b""), "ToClient"),
+                  hc.HeraldError, hc.PROTOCOL_ERROR)
+    keys = [{"key": b"%02x" % i + b"k" * 62} for i in range(255)]
+    big = hc.encode(hc.CONFLATED, {"epoch": E, "first_seq": 1, "last_seq": 2 ** 64 - 1, "keys": keys},
+                    channel="ToClient")
+    check("largest CONFLATED (255 keys of 64 bytes) is length 16601 and decodes",
+          len(big) - 4 == 16601 and hc.decode_frame(big, "ToClient")["keys"] == keys)
+    expect_raises("CONFLATED of length 16602 -> PROTOCOL_ERROR from the header alone",
+                  lambda: hc.check_header(16602, hc.CONFLATED, "ToClient"), hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("PING of length 10 -> PROTOCOL_ERROR from the header alone (§10.6)",
+                  lambda: hc.check_header(10, hc.PING, "ToClient"), hc.HeraldError, hc.PROTOCOL_ERROR)
+    expect_raises("encoder refuses 256 keys", lambda: hc.encode(hc.CONFLATED, {
+        "epoch": E, "first_seq": 1, "last_seq": 1, "keys": [{"key": b"k"}] * 256}), ValueError)
+    expect_raises("encoder refuses last_seq < first_seq", lambda: hc.encode(hc.CONFLATED, {
+        "epoch": E, "first_seq": 2, "last_seq": 1, "keys": [{"key": b"k"}]}), ValueError)
+
+
+# ---------------------------------------------------------------------------
+# §3.3 / §3.8 position rules, without a socket
+# ---------------------------------------------------------------------------
+
+def position_rule_checks():
+    E = 0xE1
+    step = hc.position_step
+    pos = (E, 5)
+    # DELIVER (first_seq = last_seq = seq), §3.3
+    check("position: DELIVER s+1 -> in order, position (e, seq)", step(pos, E, 6, 6) == (0, 6, (E, 6)))
+    check("position: DELIVER s+3 -> gap 2", step(pos, E, 8, 8) == (2, 8, (E, 8)))
+    check("position: DELIVER s and below -> discard",
+          step(pos, E, 5, 5) is None and step(pos, E, 1, 1) is None)
+    # CONFLATED, §3.8
+    check("position: CONFLATED first_seq = s+1 -> conflated, no gap, position (e, last_seq)",
+          step(pos, E, 6, 9) == (0, 6, (E, 9)))
+    check("position: CONFLATED first_seq > s+1 -> gap first_seq-s-1, then conflated",
+          step(pos, E, 8, 9) == (2, 8, (E, 9)))
+    check("position: CONFLATED last_seq <= s -> discard",
+          step(pos, E, 3, 5) is None and step(pos, E, 5, 5) is None and step(pos, E, 1, 2) is None)
+    check("position: CONFLATED first_seq <= s < last_seq -> s+1..=last_seq conflated",
+          step(pos, E, 4, 7) == (0, 6, (E, 7)) and step(pos, E, 5, 6) == (0, 6, (E, 6)))
+    check("position: CONFLATED right after WELCOME (first_seq = next_seq)",
+          step((E, 0), E, 1, 3) == (0, 1, (E, 3)))
+    expect_raises("position: CONFLATED of another epoch -> PROTOCOL_ERROR",
+                  lambda: step(pos, E + 1, 6, 6), hc.HeraldError, hc.PROTOCOL_ERROR)
+
+    # the same through Client._handle: frames fed in without a connection
+    def frame(ftype, **fields):
+        return hc.decode_frame(hc.encode(ftype, fields, channel="ToClient"), "ToClient")
+
+    def cf(first, last, *keys, epoch=E):
+        return frame(hc.CONFLATED, epoch=epoch, first_seq=first, last_seq=last,
+                     keys=[{"key": k} for k in keys])
+
+    def dl(seq, epoch=E):
+        return frame(hc.DELIVER, epoch=epoch, seq=seq, payload=b"p%d" % seq)
+
+    c = hc.Client("127.0.0.1:9", "tok", max_version=2)
+    c.welcome = hc.Welcome(2, hc.FRESH, 10000, 1, E, 6, b"n", 0)
+    c.position = (E, 5)
+    evs = [c._handle(fr) for fr in (cf(6, 7, b"EURUSD"), dl(8), cf(10, 12, b"a", b"b"), cf(11, 12, b"a"),
+                                    cf(12, 14, b"b"), dl(14), dl(15))]
+    got = [(type(e).__name__, e.first_seq, e.last_seq, e.count, e.gap, e.keys) if isinstance(e, hc.Conflated)
+           else (type(e).__name__, e.seq, e.gap) if isinstance(e, hc.Message) else e for e in evs]
+    check("client: CONFLATED 6..7 = s+1 -> Conflated(count 2, keys), no gap",
+          got[0] == ("Conflated", 6, 7, 2, 0, [b"EURUSD"]), f"{got[0]}")
+    check("client: the DELIVER after it (8) is in order, not a gap", got[1] == ("Message", 8, 0), f"{got[1]}")
+    check("client: CONFLATED 10..12 after 8 -> gap 1, then Conflated(count 3, keys a, b)",
+          got[2] == ("Conflated", 10, 12, 3, 1, [b"a", b"b"]), f"{got[2]}")
+    check("client: CONFLATED 11..12 at s = 12 -> discarded",
+          got[3] is None and c.conflated_discarded == 1, f"{got[3]}")
+    check("client: CONFLATED 12..14 at s = 12 -> 13..14 conflated (overlap counted)",
+          got[4] == ("Conflated", 13, 14, 2, 0, [b"b"]) and evs[4].frame_first_seq == 12
+          and c.conflated_overlaps == 1, f"{got[4]}")
+    check("client: DELIVER 14 after CONFLATED ..14 -> discarded as a duplicate",
+          got[5] is None and c.duplicates_discarded == 1, f"{got[5]}")
+    check("client: DELIVER 15 -> in order; position (E, 15)", got[6] == ("Message", 15, 0)
+          and c.position == (E, 15), f"{got[6]} {c.position}")
+    total = sum(e.count + e.gap if isinstance(e, hc.Conflated) else 1 + e.gap for e in evs if e is not None)
+    check("client: delivered + conflated + gap = every seq 6..=15", total == 10, f"{total}")
+    expect_raises("client: CONFLATED of another epoch -> PROTOCOL_ERROR",
+                  lambda: c._handle(cf(16, 16, b"a", epoch=E + 1)), hc.HeraldError, hc.PROTOCOL_ERROR)
+    check("client: ... and the position is unchanged", c.position == (E, 15))
+    c1 = hc.Client("127.0.0.1:9", "tok")
+    c1.welcome = hc.Welcome(1, hc.FRESH, 10000, 1, E, 1, b"n", 0)
+    c1.position = (E, 0)
+    check("client: a version-1 session does not take CONFLATED",
+          hc.CONFLATED not in c1._established_types() and hc.CONFLATED in c._established_types())
+    expect_raises("client: CONFLATED on a version-1 session -> UNEXPECTED_FRAME",
+                  lambda: c1._handle(cf(1, 1, b"a")), hc.HeraldError, hc.UNEXPECTED_FRAME)
 
 
 # ---------------------------------------------------------------------------
@@ -359,6 +505,85 @@ def fake_node_checks():
     node.join()
 
 
+def fake_node_conflated_checks():
+    """§3.8 on the wire: a version-2 session with CONFLATED frames from a scripted node."""
+    E = 0x0A0B0C0D0E0F1011
+
+    def welcome(conn, res, version=2):
+        res["hello"] = conn.read_frame(3)
+        conn.send(hc.WELCOME, {"version": version, "resume": hc.FRESH, "heartbeat_ms": 10000,
+                               "session_id": 9, "epoch": E, "next_seq": 1, "node_id": b"fake"})
+
+    def cf(first, last, *keys):
+        return hc.encode(hc.CONFLATED, {"epoch": E, "first_seq": first, "last_seq": last,
+                                        "keys": [{"key": k} for k in keys]}, channel="ToClient")
+
+    def script(conn, res):
+        welcome(conn, res)
+        conn.send_raw(cf(1, 2, b"EURUSD"))  # the first frame after WELCOME: first_seq = next_seq
+        for seq in (3, 4):
+            conn.send(hc.DELIVER, {"epoch": E, "seq": seq, "payload": b"m%d" % seq})
+        conn.send_raw(cf(6, 7, b"k1", b"k2"))  # seq 5 missing: a gap, then conflated
+        conn.send_raw(cf(7, 7, b"k2"))  # last_seq <= s: discarded
+        conn.send(hc.DELIVER, {"epoch": E, "seq": 8, "payload": b"m8"})
+        conn.send_raw(conflated_frame(E, 10, 9, b"\x01\x01k"))  # last_seq < first_seq
+        res["reply"] = conn.read_frame(3)
+
+    node = FakeNode(script)
+    c = hc.Client(node.endpoint, "tok", max_version=2)
+    w = c.connect()
+    got, err = [], None
+    try:
+        while True:
+            ev = c.recv(3)
+            if ev is None:
+                break
+            got.append(ev)
+    except hc.HeraldError as e:
+        err = e
+    node.join()
+    hello = node.result.get("hello")
+    check("fake v2: HELLO offers versions 1..=2", hello is not None
+          and (hello["min_version"], hello["max_version"]) == (1, 2), str(node.error))
+    check("fake v2: WELCOME version 2", w.version == 2)
+    summary = [("C", e.first_seq, e.last_seq, e.count, e.gap, e.keys) if isinstance(e, hc.Conflated)
+               else ("D", e.seq, e.gap) for e in got]
+    check("fake v2: CONFLATED 1..2, DELIVER 3, 4, gap 1 + CONFLATED 6..7, DELIVER 8",
+          summary == [("C", 1, 2, 2, 0, [b"EURUSD"]), ("D", 3, 0), ("D", 4, 0),
+                      ("C", 6, 7, 2, 1, [b"k1", b"k2"]), ("D", 8, 0)], f"{summary}")
+    check("fake v2: CONFLATED 7..7 at s = 7 discarded", c.conflated_discarded == 1)
+    check("fake v2: CONFLATED last_seq < first_seq -> client raises PROTOCOL_ERROR",
+          err is not None and err.code == hc.PROTOCOL_ERROR, f"{err!r}")
+    reply = node.result.get("reply")
+    check("fake v2: ... and sends ERROR PROTOCOL_ERROR", reply is not None and reply.type == hc.ERROR
+          and reply["code"] == hc.PROTOCOL_ERROR, f"{reply} {node.error}")
+    check("fake v2: position (E, 8) kept", c.position == (E, 8), f"{c.position}")
+
+    def one_bad(name, data, code, version=2):
+        def sc(conn, res):
+            welcome(conn, res, version)
+            conn.send_raw(data)
+            res["reply"] = conn.read_frame(3)
+        nd = FakeNode(sc)
+        cl = hc.Client(nd.endpoint, "tok", max_version=2)
+        cl.connect()
+        expect_raises(f"fake v2: {name} -> {hc.CODE_NAMES[code]}", lambda: cl.recv(3), hc.HeraldError, code)
+        nd.join()
+        r = nd.result.get("reply")
+        check(f"fake v2: ... ERROR {hc.CODE_NAMES[code]} sent", r is not None and r.type == hc.ERROR
+              and r["code"] == code, f"{r} {nd.error}")
+
+    # the header alone decides: the body never comes
+    one_bad("CONFLATED header with length 16602 (no body)", struct.pack(">IB", 16602, hc.CONFLATED),
+            hc.PROTOCOL_ERROR)
+    one_bad("CONFLATED of another epoch",
+            hc.encode(hc.CONFLATED, {"epoch": E + 1, "first_seq": 1, "last_seq": 1, "keys": [{"key": b"k"}]}),
+            hc.PROTOCOL_ERROR)
+    one_bad("CONFLATED with an empty key", conflated_frame(E, 1, 1, b"\x01\x00"), hc.PROTOCOL_ERROR)
+    one_bad("CONFLATED on a session whose WELCOME chose version 1", cf(1, 1, b"k"),
+            hc.UNEXPECTED_FRAME, version=1)
+
+
 # ---------------------------------------------------------------------------
 # against the real node
 # ---------------------------------------------------------------------------
@@ -411,12 +636,16 @@ class Node:
 
 
 def drain_messages(client: hc.Client, want: int, timeout: float):
+    """Events until ``want`` Messages (Conflated events are kept and do not count), a
+    Goodbye, or ``timeout``."""
     out = []
     deadline = time.monotonic() + timeout
-    while len(out) < want and time.monotonic() < deadline:
+    while sum(isinstance(x, hc.Message) for x in out) < want and time.monotonic() < deadline:
         ev = client.recv(max(0.01, deadline - time.monotonic()))
         if isinstance(ev, hc.Message):
             out.append(ev)
+        elif isinstance(ev, hc.Conflated):
+            out.append(ev)  # not a message, and not the end of the session either
         elif ev is not None and not isinstance(ev, hc.Pong):
             out.append(ev)
             break
@@ -857,9 +1086,216 @@ def decision_tls_checks(binary: str):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------------
+# conflation end to end (§3.8, §5.7): a slow reader on a node with --slow-policy conflate
+# ---------------------------------------------------------------------------
+
+CONFLATE_GATE = "HERALD_SLOW_POLICY"  # =conflate: run conflation_e2e_checks
+
+
+def conflation_schedule(n: int, seed: int, keys=(b"EURUSD", b"GBPUSD", b"USDJPY", b"margin", b"pnl"),
+                        unkeyed_every: int = 16, size: int = 200):
+    """[(key, payload)] for seqs 1..=n: every ``unkeyed_every``-th message has the empty
+    key (an event that must arrive), the others one of ``keys``."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(1, n + 1):
+        key = b"" if i % unkeyed_every == 0 else rnd.choice(keys)
+        head = b"%d:%s:" % (i, key)
+        out.append((key, head + b"." * max(0, size - len(head))))
+    return out
+
+
+def read_until(client: hc.Client, last_seq: int, timeout: float, pause: float = 0.0):
+    """Events until the position reaches ``last_seq``; (events, error or None)."""
+    events, deadline = [], time.monotonic() + timeout
+    try:
+        while client.position[1] < last_seq and time.monotonic() < deadline:
+            ev = client.recv(min(1.0, max(0.01, deadline - time.monotonic())))
+            if ev is None or isinstance(ev, hc.Pong):
+                continue
+            events.append(ev)
+            if not isinstance(ev, (hc.Message, hc.Conflated)):
+                return events, f"session ended: {ev}"
+            if pause:
+                time.sleep(pause)
+    except (hc.HeraldError, hc.RemoteError, hc.ConnectionClosed) as e:
+        return events, f"{type(e).__name__}: {e}"
+    if client.position[1] < last_seq:
+        return events, f"timed out at position {client.position}"
+    return events, None
+
+
+def account_conflation(name: str, sched, events, err, want_conflated: bool):
+    """The end-to-end promise of §3.8 / §5.7 for a stream of len(sched) messages
+    published to a fresh stream (seq i = sched[i-1]): every seq accounted for exactly
+    once, by a DELIVER with its payload or a CONFLATED naming its key; every unkeyed
+    message delivered; the latest message of each key delivered; each conflated one
+    replaced by a later message of its key; the counts add up; no gap."""
+    n = len(sched)
+    check(f"{name}: the session lasted until seq {n} was accounted for", err is None, f"{err}")
+    msgs = [e for e in events if isinstance(e, hc.Message)]
+    confs = [e for e in events if isinstance(e, hc.Conflated)]
+    gaps = sum(e.gap for e in msgs + confs)
+    print(f"     {name}: {n} published, {len(msgs)} DELIVER, {len(confs)} CONFLATED covering "
+          f"{sum(c.count for c in confs)} messages, gaps {gaps}")
+    check(f"{name}: no gap", gaps == 0, f"{gaps}")
+    seen: dict[int, str] = {}
+    dup = []
+    for m in msgs:
+        if m.seq in seen:
+            dup.append(m.seq)
+        seen[m.seq] = "D"
+    for c in confs:
+        for q in range(c.first_seq, c.last_seq + 1):
+            if q in seen:
+                dup.append(q)
+            seen[q] = "C"
+    check(f"{name}: every seq 1..={n} accounted for exactly once",
+          not dup and sorted(seen) == list(range(1, n + 1)),
+          f"dup {dup[:5]}, missing {sorted(set(range(1, n + 1)) - set(seen))[:5]}, "
+          f"extra {sorted(set(seen) - set(range(1, n + 1)))[:5]}")
+    check(f"{name}: DELIVER count + CONFLATED counts = {n}",
+          len(msgs) + sum(c.count for c in confs) == n, f"{len(msgs)} + {sum(c.count for c in confs)}")
+    bad = [m.seq for m in msgs if not 1 <= m.seq <= n or m.payload != sched[m.seq - 1][1]]
+    check(f"{name}: every DELIVER carries the payload published at its seq", not bad, f"{bad[:5]}")
+    unkeyed = [i for i in range(1, n + 1) if sched[i - 1][0] == b""]
+    check(f"{name}: every unkeyed message ({len(unkeyed)}) delivered",
+          all(seen.get(i) == "D" for i in unkeyed), f"{[i for i in unkeyed if seen.get(i) != 'D'][:5]}")
+    last_of = {}
+    for i, (k, _) in enumerate(sched, 1):
+        if k:
+            last_of[k] = i
+    check(f"{name}: the latest message of each key ({len(last_of)}) delivered",
+          all(seen.get(i) == "D" for i in last_of.values()),
+          f"{ {k: (i, seen.get(i)) for k, i in last_of.items()} }")
+    wrong = []
+    for c in confs:
+        ks = []
+        for q in range(c.first_seq, c.last_seq + 1):
+            k = sched[q - 1][0] if 1 <= q <= n else None
+            if not k or k not in c.keys or last_of.get(k, 0) <= q:
+                wrong.append((q, k, c.keys))
+            if k and k not in ks:
+                ks.append(k)
+        if c.keys != ks:
+            wrong.append((c.first_seq, c.last_seq, c.keys, "keys should be", ks))
+    check(f"{name}: each CONFLATED names the keys of its seqs once, in order of first message, "
+          f"and each seq it covers had a later message of its key", not wrong, f"{wrong[:3]}")
+    if want_conflated:
+        check(f"{name}: the slow reader got at least one CONFLATED", bool(confs))
+
+
+def conflation_burst_note(client_ep: str, cs: bytes, pub: hc.Publisher):
+    """Informative, not a check: one PUBLISH_BATCH of 1,024 keyed messages (5 keys,
+    about 640 KB) to a reader that reads nothing. §3.7 says a conflating session is cut
+    off "only when its unkeyed messages plus the latest message of each key exceed
+    256 KiB" (here: 5 messages), but §5.7 replaces only messages queued while the
+    session was *backed up*, i.e. after a write to its socket did not take everything;
+    whether the node tries a write while it queues one frame's messages the text does
+    not say. Prints what this node does."""
+    sched = conflation_schedule(1024, seed=3, unkeyed_every=10 ** 9, size=600)
+    c = hc.Client(client_ep, hc.mint_ttl(cs, "py-conflate-burst"), max_version=2)
+    c.connect()
+    pub.publish_batch([("py-conflate-burst", k, p) for k, p in sched], want_result=True)
+    r = pub.read_result(10)
+    time.sleep(0.2)
+    events, err = read_until(c, len(sched), 10)
+    confs = [e for e in events if isinstance(e, hc.Conflated)]
+    print(f"     note (§3.7 vs §5.7): one 1,024-message keyed batch to a stalled reader: local {r.local}; "
+          f"{sum(isinstance(e, hc.Message) for e in events)} DELIVER, {len(confs)} CONFLATED "
+          f"({sum(x.count for x in confs)} messages), then {err or 'the session stayed up'}")
+    c.close()
+
+
+def conflation_e2e_checks(binary: str):
+    """A node with ``--slow-policy conflate`` and slow version-2 readers: §3.8 / §5.7
+    end to end. Runs only with HERALD_SLOW_POLICY=conflate in the environment."""
+    if os.environ.get(CONFLATE_GATE) != "conflate":
+        print(f"skip conflation end-to-end checks ({CONFLATE_GATE}=conflate runs them against a node "
+              f"started with --slow-policy conflate)")
+        return
+    tmp = tempfile.mkdtemp(prefix="herald-py-conflate-")
+    node = Node(binary, tmp, ("--slow-policy", "conflate", "--client-sndbuf", "8192"))
+    try:
+        st = node.startup()
+        if not check("conflate: node with --slow-policy conflate prints its startup line", st is not None,
+                     f"stderr: {node.stderr[-5:]}"):
+            return
+        _, client_ep, ingest_ep = st
+        cs, ps = node.client_secret, node.pub_secret
+        pub = hc.Publisher(ingest_ep, hc.mint_ttl(ps, "py-conflate-pub"), max_version=2)
+        pw = pub.connect()
+        check("conflate: publisher offering 1..=2 is welcomed with version 2", pw["version"] == 2,
+              f"{pw.fields}")
+
+        def publish_all(user: str, sched, per_batch: int, pause: float, lockstep: bool = False):
+            """PUBLISH_BATCHes of ``per_batch``; with ``lockstep`` each waits for its
+            PUB_RESULT, else only the last has WANT_RESULT. Returns the results."""
+            results = []
+            for i in range(0, len(sched), per_batch):
+                chunk = sched[i:i + per_batch]
+                last = i + per_batch >= len(sched)
+                pub.publish_batch([(user, k, p) for k, p in chunk], want_result=last or lockstep)
+                if lockstep or last:
+                    results.append(pub.read_result(10))
+                if pause:
+                    time.sleep(pause)
+            return results
+
+        # 1. a stalled reader: connects (version 2), reads nothing while 4,000 messages
+        #    (about 880 KB, several times what the sockets hold) are published, then
+        #    reads. The batches go one at a time (each waits for its PUB_RESULT), so the
+        #    node has tried to write to the session, and found it backed up, long before
+        #    256 KiB are queued (§5.7, *What*: what was queued while the session kept up
+        #    is never replaced; see conflation_burst_note for a burst in one frame).
+        sched = conflation_schedule(4000, seed=1)
+        c = hc.Client(client_ep, hc.mint_ttl(cs, "py-conflate-stalled"), max_version=2)
+        w = c.connect()
+        check("conflate: stalled reader welcomed FRESH, version 2, next_seq 1",
+              w.version == 2 and w.resume == hc.FRESH and w.next_seq == 1, f"{w}")
+        rs = publish_all("py-conflate-stalled", sched, 100, 0.0, lockstep=True)
+        check("conflate: every batch to the stalled reader was queued locally (local 100 each)",
+              len(rs) == 40 and all((r.accepted, r.local) == (100, 100) for r in rs),
+              f"{[r for r in rs if r.local != 100][:3]}")
+        time.sleep(0.2)
+        events, err = read_until(c, len(sched), 20)
+        account_conflation("conflate stalled", sched, events, err, want_conflated=True)
+        extra = c.recv(0.3) if c.connected else None
+        check("conflate stalled: nothing after the last seq", extra is None or isinstance(extra, hc.Pong),
+              f"{extra}")
+        c.close()
+
+        # 2. a slow reader (a pause after every event) while a publisher keeps sending
+        sched2 = conflation_schedule(3000, seed=2)
+        c2 = hc.Client(client_ep, hc.mint_ttl(cs, "py-conflate-slow"), max_version=2)
+        c2.connect()
+        out: dict = {}
+
+        def run():
+            try:
+                out["result"] = publish_all("py-conflate-slow", sched2, 20, 0.005)
+            except Exception as e:  # noqa: BLE001
+                out["error"] = e
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        events, err = read_until(c2, len(sched2), 30, pause=0.001)
+        t.join(30)
+        check("conflate slow: publisher finished", "result" in out, f"{out.get('error')!r}")
+        account_conflation("conflate slow", sched2, events, err, want_conflated=False)
+        c2.close()
+        conflation_burst_note(client_ep, cs, pub)
+        pub.close()
+    finally:
+        node.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main():
     binary = os.environ.get("HERALD_BIN")
-    for name, fn in (("offline", offline_checks), ("fake node", fake_node_checks)):
+    for name, fn in (("offline", offline_checks), ("position rules", position_rule_checks),
+                     ("fake node", fake_node_checks), ("fake node CONFLATED", fake_node_conflated_checks)):
         try:
             fn()
         except Exception:  # noqa: BLE001
@@ -879,6 +1315,10 @@ def main():
             decision_tls_checks(binary)
         except Exception:  # noqa: BLE001
             check("decision TLS checks ran to completion", False, traceback.format_exc())
+        try:
+            conflation_e2e_checks(binary)
+        except Exception:  # noqa: BLE001
+            check("conflation end-to-end checks ran to completion", False, traceback.format_exc())
     print(f"({time.monotonic() - T0:.1f} s)")
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

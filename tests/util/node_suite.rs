@@ -563,6 +563,7 @@ fn client_library_resumes_without_loss_after_a_slow_consumer_disconnect() {
                 assert_eq!(lost, 0);
             }
             Some(Event::Gap { .. }) => panic!("no message may be lost"),
+            Some(Event::Conflated { .. }) => panic!("unkeyed messages are never conflated"),
             None => panic!("no event for 5 s at {next}"),
         }
     }

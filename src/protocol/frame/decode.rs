@@ -10,7 +10,7 @@ use crate::protocol::codes::{AdminOp, Code, GoodbyeAction, ResumeResult};
 use crate::protocol::error::DecodeError;
 use crate::protocol::limits::*;
 
-use super::entries::{AssignEntry, BatchEntry, NodeEntry, PresenceEntry, StatusEntry};
+use super::entries::{AssignEntry, BatchEntry, KeyEntry, NodeEntry, PresenceEntry, StatusEntry};
 use super::types::*;
 use super::wire::{Reader, HEADER_LEN};
 
@@ -34,6 +34,7 @@ const fn known_type(t: u8) -> bool {
             | HEARTBEAT
             | WELCOME
             | DELIVER
+            | CONFLATED
             | GOODBYE
             | PUB_WELCOME
             | PUB_RESULT
@@ -127,6 +128,8 @@ pub const fn max_frame_len(t: u8) -> Option<u32> {
         ty::PING | ty::PONG => 8,
         // version, resume, heartbeat_ms, session_id, epoch, next_seq, node_id
         ty::WELCOME => 2 + 4 + 24 + (1 + MAX_NODE_ID_LEN),
+        // epoch, first_seq, last_seq, keys
+        ty::CONFLATED => 24 + 1 + MAX_CONFLATED_KEYS * (1 + MAX_KEY_LEN),
         // reason, action, delay_ms, target
         ty::GOODBYE => 2 + 1 + 4 + (1 + MAX_ENDPOINT_LEN),
         ty::ERROR => 2 + (2 + MAX_ERROR_MESSAGE_LEN),
@@ -189,6 +192,16 @@ fn decode_body(t: u8, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
             let seq = r.u64("seq")?;
             let payload = r.payload()?;
             return Ok(Frame::Deliver(Deliver { epoch, seq, payload }));
+        }
+        ty::CONFLATED => {
+            let epoch = r.u64("epoch")?;
+            let first_seq = r.u64("first_seq")?;
+            let last_seq = r.u64("last_seq")?;
+            if last_seq < first_seq {
+                return Err(DecodeError::BadValue { field: "last_seq", value: last_seq });
+            }
+            let keys = r.list8::<KeyEntry>(1, MAX_CONFLATED_KEYS)?;
+            Frame::Conflated(Conflated { epoch, first_seq, last_seq, keys })
         }
         ty::GOODBYE => {
             let reason = Code::from_u16(r.u16("reason")?);

@@ -155,6 +155,13 @@ impl<'a> Frame<'a> {
                 put_str8(out, w.node_id);
             }
             Frame::Deliver(_) => {}
+            Frame::Conflated(c) => {
+                put_u64(out, c.epoch);
+                put_u64(out, c.first_seq);
+                put_u64(out, c.last_seq);
+                out.push(c.keys.len() as u8);
+                out.extend_from_slice(c.keys.as_bytes());
+            }
             Frame::Goodbye(g) => {
                 put_u16(out, g.reason.to_u16());
                 out.push(g.action.to_u8());

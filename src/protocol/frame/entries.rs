@@ -1,6 +1,6 @@
 //! Counted lists inside frames: the [`Entry`] trait, [`List`] (validated at
 //! decode, borrowed from the input) and its iterator, and the entry types of
-//! PUBLISH_BATCH, PRESENCE, ASSIGNMENT, NODES and ADMIN_STATUS with their
+//! PUBLISH_BATCH, CONFLATED, PRESENCE, ASSIGNMENT, NODES and ADMIN_STATUS with their
 //! readers and writers.
 
 use crate::protocol::codes::PresenceOp;
@@ -14,11 +14,15 @@ use super::wire::{put_str8, put_u32, put_u64, Reader};
 pub struct BatchEntry<'a> {
     /// The recipient's user id.
     pub user: &'a [u8],
-    /// Reserved conflation key.
+    /// Conflation key (empty: never conflated).
     pub key: &'a [u8],
     /// The application payload.
     pub payload: &'a [u8],
 }
+
+/// One key in a CONFLATED frame (1..=64 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyEntry<'a>(pub &'a [u8]);
 
 /// One PRESENCE change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -216,6 +220,18 @@ impl<'a> Entry<'a> for BatchEntry<'a> {
         put_str8(out, self.key);
         put_u32(out, self.payload.len() as u32);
         out.extend_from_slice(self.payload);
+    }
+}
+
+impl<'a> Entry<'a> for KeyEntry<'a> {
+    const FIELD: &'static str = "keys";
+    #[inline]
+    fn read(r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        Ok(KeyEntry(r.str8("key", 1, MAX_KEY_LEN)?))
+    }
+    #[inline]
+    fn write(&self, out: &mut Vec<u8>) {
+        put_str8(out, self.0);
     }
 }
 

@@ -6,7 +6,7 @@ use crate::protocol::channel::ty;
 use crate::protocol::codes::{AdminOp, Code, GoodbyeAction, ResumeResult};
 use crate::protocol::{MIN_VERSION, VERSION};
 
-use super::entries::{AssignEntry, BatchEntry, List, NodeEntry, PresenceEntry, StatusEntry};
+use super::entries::{AssignEntry, BatchEntry, KeyEntry, List, NodeEntry, PresenceEntry, StatusEntry};
 
 /// A stream position: which stream (epoch) and how far into it (seq).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -63,6 +63,24 @@ pub struct Deliver<'a> {
     pub seq: u64,
     /// The application payload, opaque to herald.
     pub payload: &'a [u8],
+}
+
+/// Most keys one CONFLATED frame lists (protocol.md §3.8).
+pub const MAX_CONFLATED_KEYS: usize = 255;
+
+/// CONFLATED (0x83), node → client, protocol version 2 (protocol.md §3.8):
+/// the messages `first_seq..=last_seq` were replaced by later messages with
+/// the same keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflated<'a> {
+    /// The stream epoch.
+    pub epoch: u64,
+    /// The first seq taken out.
+    pub first_seq: u64,
+    /// The last seq taken out (≥ `first_seq`).
+    pub last_seq: u64,
+    /// The keys those messages carried, each once (1..=255).
+    pub keys: List<'a, KeyEntry<'a>>,
 }
 
 /// GOODBYE (0x84), node → client or publisher or peer (protocol.md §3.5).
@@ -337,7 +355,7 @@ pub struct Heartbeat<'a> {
     pub cpu_permille: u16,
 }
 
-/// Every frame of protocol version 1.
+/// Every frame of protocol versions 1 and 2.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(missing_docs)]
 pub enum Frame<'a> {
@@ -346,6 +364,7 @@ pub enum Frame<'a> {
     Pong(u64),
     Welcome(Welcome<'a>),
     Deliver(Deliver<'a>),
+    Conflated(Conflated<'a>),
     Goodbye(Goodbye<'a>),
     Error(ErrorFrame<'a>),
     PubHello(PubHello<'a>),
@@ -379,6 +398,7 @@ impl<'a> Frame<'a> {
             Frame::Pong(_) => ty::PONG,
             Frame::Welcome(_) => ty::WELCOME,
             Frame::Deliver(_) => ty::DELIVER,
+            Frame::Conflated(_) => ty::CONFLATED,
             Frame::Goodbye(_) => ty::GOODBYE,
             Frame::Error(_) => ty::ERROR,
             Frame::PubHello(_) => ty::PUB_HELLO,
