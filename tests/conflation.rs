@@ -373,3 +373,35 @@ fn one_burst_over_the_bound_is_conflated_not_cut_off() {
     assert!(seen.conflated > 0);
     assert_eq!(seen.delivered + seen.conflated, n + 1);
 }
+
+/// Under `conflate` a backed-up session whose unkeyed messages alone are
+/// over the bound is still cut off, and what it is sent before the close is
+/// valid frames only (nothing conflated away is ever written).
+#[test]
+fn unkeyed_messages_over_the_bound_still_cut_off_and_the_last_bytes_are_valid() {
+    let mut cfg = conflate_config();
+    cfg.queue_bytes = 64 * 1024;
+    let node = TestNode::start(cfg);
+    let (mut sock, _, _) = connect(&node, "full", Some(4096), 2, None);
+    let mut p = Publisher::connect(&node.ingest.to_string(), &pub_credential()).unwrap();
+    let big = vec![b'f'; 2000];
+    for i in 0..200 {
+        // Quotes to conflate, and fills that fill the queue.
+        p.publish_keyed(b"full", b"EURUSD", format!("EURUSD={i}").as_bytes()).unwrap();
+        p.publish(b"full", &big).unwrap();
+    }
+    p.publish_confirmed(b"full", b"end").unwrap();
+    assert_eq!(eventually(|| node.closes("slow_consumer"), 1), 1);
+    assert!(node.metric("herald_messages_conflated_total") > 0);
+    let mut all = Vec::new();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = sock.read_to_end(&mut all);
+    let mut b = &all[..];
+    loop {
+        match decode(b, Channel::ToClient) {
+            Ok(Decoded::Frame(_, n)) => b = &b[n..],
+            Ok(Decoded::Incomplete(_)) => break,
+            Err(e) => panic!("invalid bytes before the close: {e}"),
+        }
+    }
+}
