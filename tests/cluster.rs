@@ -606,3 +606,61 @@ fn an_http_publish_is_forwarded_only_when_the_peer_confirms_it() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// Presence follows the stream, not the session (protocol.md §6.4): a
+/// client that drops and resumes on the same node within the grace period
+/// gets what was published for it through another node meanwhile. (Before,
+/// the peer heard OFFLINE at once, answered those publishes `no_route`, and
+/// the resumed client saw a contiguous stream without them.) Both of n2's
+/// loops: loop 0's own users and another loop's, whose presence loop 0
+/// keeps.
+#[test]
+fn a_client_resuming_within_grace_gets_what_a_peer_took_meanwhile() {
+    use herald::protocol::frame::{Channel, Frame, Position};
+    use herald::protocol::ResumeResult;
+    let mut c = Cluster::new("grace");
+    c.start_decision();
+    for id in ["n1", "n2"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(2);
+    let n2: std::net::SocketAddr = c.node_client(1).parse().unwrap();
+    for loop_id in 0..2 {
+        let user = (0..).map(|i| format!("grace{i}")).find(|u| owner(u.as_bytes(), 2) == loop_id).unwrap();
+        let mut r = Raw::connect(n2, Channel::ToClient);
+        send_hello(&mut r, &token_for(&user), None);
+        let epoch = match frame(&r.expect(Duration::from_secs(5)), Channel::ToClient) {
+            Frame::Welcome(w) => w.epoch,
+            other => panic!("{other:?}"),
+        };
+        publish_until_routed(&c.node_ingest(0), &user, b"before");
+        let mut last = 0;
+        while let Got::Frame(b) = r.next(Duration::from_millis(300)) {
+            if let Frame::Deliver(d) = frame(&b, Channel::ToClient) {
+                last = d.seq;
+            }
+        }
+        assert!(last > 0);
+        drop(r);
+        // The session is gone; its stream is kept for the grace period.
+        std::thread::sleep(Duration::from_millis(500));
+        let mut p = Publisher::connect(&c.node_ingest(0), &pub_credential()).unwrap();
+        let res = p.publish_confirmed(user.as_bytes(), b"while away").unwrap();
+        assert_eq!(
+            (res.forwarded, res.no_route),
+            (1, 0),
+            "{user}: the peer still forwards to the stream in grace"
+        );
+        let mut r = Raw::connect(n2, Channel::ToClient);
+        send_hello(&mut r, &token_for(&user), Some(Position { epoch, seq: last }));
+        match frame(&r.expect(Duration::from_secs(5)), Channel::ToClient) {
+            Frame::Welcome(w) => assert_eq!(w.resume, ResumeResult::Resumed),
+            other => panic!("{other:?}"),
+        }
+        let b = r.expect(Duration::from_secs(5));
+        match frame(&b, Channel::ToClient) {
+            Frame::Deliver(d) => assert_eq!((d.seq, d.payload), (last + 1, &b"while away"[..])),
+            other => panic!("{user}: expected the message published while away, got {other:?}"),
+        }
+    }
+}

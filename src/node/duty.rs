@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::net::{CloseReason, ConnId, Conns, Tick};
 use crate::protocol::frame::{self as f, Frame};
-use crate::protocol::{Code, GoodbyeAction};
+use crate::protocol::{Code, GoodbyeAction, PresenceOp};
 
 use super::cluster::Heartbeater;
 use super::config::Config;
@@ -45,6 +45,8 @@ pub struct Parts<'a> {
     pub m: &'a mut Metrics,
     /// The stop flag.
     pub stop: &'a AtomicBool,
+    /// Presence changes for the mesh (a stream this loop forgot).
+    pub presence_out: &'a mut Vec<(PresenceOp, Box<[u8]>)>,
 }
 
 /// Timer state of one loop.
@@ -111,11 +113,12 @@ impl Duties {
         if pass_done {
             // Once per full pass (about a second): forget users past grace,
             // and (loops 1..N) report to loop 0.
-            let role = &mut *p.role;
-            p.sessions.reg.sweep(now, |id| {
-                if let Some(o) = role.owner() {
-                    o.report(id, Change::Forgotten, false);
-                }
+            let (role, presence) = (&mut *p.role, &mut *p.presence_out);
+            p.sessions.reg.sweep(now, |id| match role.owner() {
+                Some(o) => o.report(id, Change::Forgotten, false),
+                // Loop 0's own users: the stream is gone, so peers stop
+                // forwarding to it now (§6.4).
+                None => presence.push((PresenceOp::Offline, id.into())),
             });
         }
         if p.role.is_owner() {

@@ -209,9 +209,11 @@ impl Registry {
         self.users.len()
     }
 
-    /// Users with at least one session, and their ids.
-    pub fn online(&self) -> impl Iterator<Item = &[u8]> {
-        self.users.iter().filter(|(_, u)| !u.sessions.is_empty()).map(|(_, u)| &u.id[..])
+    /// Users whose stream is held here (a session, or within grace): the
+    /// ones presence announces ONLINE (protocol.md §6.4). While draining,
+    /// only those with a session.
+    pub fn online(&self, draining: bool) -> impl Iterator<Item = &[u8]> {
+        self.users.iter().filter(move |(_, u)| !draining || !u.sessions.is_empty()).map(|(_, u)| &u.id[..])
     }
 }
 
@@ -319,6 +321,6 @@ mod tests {
         assert_eq!(r.sweep(t0 + Duration::from_secs(30), |id| assert_eq!(id, b"alice")), 1);
         assert!(r.find(b"alice").is_none());
         assert!(r.find(b"bob").is_some());
-        assert_eq!(r.online().count(), 1);
+        assert_eq!(r.online(false).count(), 1);
     }
 }

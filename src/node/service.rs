@@ -200,8 +200,17 @@ impl NodeLoop {
 
     /// Loops 1..N, at exit: the last figures for loop 0.
     pub fn final_stats(&mut self, conns: &Conns<Peer>) {
-        let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
-        let mut p = super::duty::Parts { cfg, loop_id: *id, shared, role, sessions, m, stop };
+        let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, mesh, .. } = self;
+        let mut p = super::duty::Parts {
+            cfg,
+            loop_id: *id,
+            shared,
+            role,
+            sessions,
+            m,
+            stop,
+            presence_out: &mut mesh.presence_out,
+        };
         duties.publish_stats(true, &mut p, conns);
     }
 
@@ -237,7 +246,7 @@ impl NodeLoop {
                         if let Err(Inbox::Adopt { user, .. }) = r.hand_over(owner, msg) {
                             // The owner is gone (it failed): the socket closes
                             // as the message drops here; undo the bookkeeping.
-                            r.homes.apply(HomeEvent { user, change: Change::Refused, known: false });
+                            r.homes.apply(HomeEvent { user, change: Change::Refused, known: false }, false);
                             self.shared.client_closed();
                         }
                         return Flow::Gone;
@@ -305,10 +314,11 @@ impl NodeLoop {
     /// Loop 0: reports from the other loops and messages from helper threads.
     fn control(&mut self, conns: &mut Conns<Peer>, now: Instant) {
         self.duties.check_loops(&self.shared, &self.stop, &self.cfg.node_id);
+        let draining = self.draining();
         if let Some(r) = self.role.router() {
             while let Ok(events) = r.events.try_recv() {
                 for ev in events {
-                    if let Some(change) = r.homes.apply(ev) {
+                    if let Some(change) = r.homes.apply(ev, draining) {
                         self.mesh.presence_out.push(change);
                     }
                 }
@@ -470,12 +480,28 @@ impl Service for NodeLoop {
             Frame::PubHello(h) => publish::hello(conns, id, &h, &self.cfg, self.unix, now),
             Frame::PeerHello(h) => self.mesh.peer_hello(conns, id, &h, &self.cfg, now),
             Frame::PeerWelcome(w) => {
-                let homes = self.role.router().map(|r| r.homes.online()).into_iter().flatten();
-                self.mesh.peer_welcome(conns, id, &w, &self.cfg, self.sessions.reg.online().chain(homes), now)
+                let draining = self.draining();
+                let homes = self.role.router().map(|r| r.homes.online(draining)).into_iter().flatten();
+                self.mesh.peer_welcome(
+                    conns,
+                    id,
+                    &w,
+                    &self.cfg,
+                    self.sessions.reg.online(draining).chain(homes),
+                    now,
+                )
             }
             Frame::PeerAuth(a) => {
-                let homes = self.role.router().map(|r| r.homes.online()).into_iter().flatten();
-                self.mesh.peer_auth(conns, id, &a, &self.cfg, self.sessions.reg.online().chain(homes), now)
+                let draining = self.draining();
+                let homes = self.role.router().map(|r| r.homes.online(draining)).into_iter().flatten();
+                self.mesh.peer_auth(
+                    conns,
+                    id,
+                    &a,
+                    &self.cfg,
+                    self.sessions.reg.online(draining).chain(homes),
+                    now,
+                )
             }
             Frame::Presence(p) => self.mesh.presence_frame(conns, id, &p, now),
             other => {
@@ -512,9 +538,13 @@ impl Service for NodeLoop {
         match self.sessions.ended(&mut c.state, &mut c.out, id, &mut self.m, now) {
             Ended::Session { user, last } => {
                 self.shared.client_closed();
+                let draining = self.draining();
                 match &mut self.role {
                     Role::Owner(o) => o.report(&user, Change::Detached, true),
-                    _ if last => self.mesh.presence_out.push((PresenceOp::Offline, user)),
+                    // Presence follows the stream (§6.4): OFFLINE once the
+                    // grace period forgets it (the sweep), or now if the
+                    // node is draining (its clients resume elsewhere).
+                    _ if last && draining => self.mesh.presence_out.push((PresenceOp::Offline, user)),
                     _ => {}
                 }
             }
@@ -609,8 +639,21 @@ impl Service for NodeLoop {
             return Tick::Exit;
         }
         self.declare_down(conns, now);
-        let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, .. } = self;
-        duties.tick(conns, now, super::duty::Parts { cfg, loop_id: *id, shared, role, sessions, m, stop })
+        let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, mesh, .. } = self;
+        duties.tick(
+            conns,
+            now,
+            super::duty::Parts {
+                cfg,
+                loop_id: *id,
+                shared,
+                role,
+                sessions,
+                m,
+                stop,
+                presence_out: &mut mesh.presence_out,
+            },
+        )
     }
 
     fn listening(&self, l: usize) -> bool {

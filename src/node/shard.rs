@@ -136,6 +136,14 @@ struct Home {
     known: bool,
 }
 
+impl Home {
+    /// Whether peers should hear the user is here: it has a session, or
+    /// (unless the node is draining) a stream in its grace period.
+    fn present(&self, draining: bool) -> bool {
+        self.sessions > 0 || (self.known && !draining)
+    }
+}
+
 /// Loop 0's view of the users that other loops own.
 ///
 /// A user is entered when loop 0 hands over a session for it and leaves once
@@ -171,10 +179,13 @@ impl Homes {
     }
 
     /// Applies a report; returns the presence change the whole node sees
-    /// (the user's first session arrived, or its last one left).
-    pub fn apply(&mut self, ev: HomeEvent) -> Option<(PresenceOp, Box<[u8]>)> {
+    /// (protocol.md §6.4): ONLINE when the user's first session arrives,
+    /// OFFLINE when its stream is gone (forgotten after the grace period),
+    /// or, if `draining`, when its last session leaves (its clients are
+    /// moving to other nodes and will not resume here).
+    pub fn apply(&mut self, ev: HomeEvent, draining: bool) -> Option<(PresenceOp, Box<[u8]>)> {
         let h = self.map.get_mut(&*ev.user)?;
-        let before = h.sessions;
+        let before = h.present(draining);
         match ev.change {
             Change::Attached => {
                 h.pending = h.pending.saturating_sub(1);
@@ -185,13 +196,13 @@ impl Homes {
             Change::Forgotten => {}
         }
         h.known = ev.known;
-        let after = h.sessions;
+        let after = h.present(draining);
         if h.pending == 0 && h.sessions == 0 && !h.known {
             self.map.remove(&*ev.user);
         }
         match (before, after) {
-            (0, 1..) => Some((PresenceOp::Online, ev.user)),
-            (1.., 0) => Some((PresenceOp::Offline, ev.user)),
+            (false, true) => Some((PresenceOp::Online, ev.user)),
+            (true, false) => Some((PresenceOp::Offline, ev.user)),
             _ => None,
         }
     }
@@ -204,9 +215,11 @@ impl Homes {
         }
     }
 
-    /// Users with an established session on another loop.
-    pub fn online(&self) -> impl Iterator<Item = &[u8]> {
-        self.map.iter().filter(|(_, h)| h.sessions > 0).map(|(u, _)| u.as_bytes())
+    /// Users another loop holds a stream for (a session, or within grace):
+    /// the ones presence announces ONLINE (§6.4; while draining, only those
+    /// with a session).
+    pub fn online(&self, draining: bool) -> impl Iterator<Item = &[u8]> {
+        self.map.iter().filter(move |(_, h)| h.present(draining)).map(|(u, _)| u.as_bytes())
     }
 
     /// Whether no user is tracked.
@@ -483,29 +496,51 @@ mod tests {
         assert_eq!(h.route(b"a"), Route::Unknown);
         h.handed_over(b"a");
         assert_eq!(h.route(b"a"), Route::Send { online: false }, "a session is on its way");
-        assert_eq!(h.apply(ev(b"a", Change::Attached, true)), Some((PresenceOp::Online, b"a"[..].into())));
+        assert_eq!(
+            h.apply(ev(b"a", Change::Attached, true), false),
+            Some((PresenceOp::Online, b"a"[..].into()))
+        );
         assert_eq!(h.route(b"a"), Route::Send { online: true });
         h.handed_over(b"a");
-        assert_eq!(h.apply(ev(b"a", Change::Attached, true)), None, "second session");
-        assert_eq!(h.apply(ev(b"a", Change::Detached, true)), None);
-        assert_eq!(h.apply(ev(b"a", Change::Detached, true)), Some((PresenceOp::Offline, b"a"[..].into())));
+        assert_eq!(h.apply(ev(b"a", Change::Attached, true), false), None, "second session");
+        assert_eq!(h.apply(ev(b"a", Change::Detached, true), false), None);
+        // The last session left, but the stream is kept for the grace
+        // period: peers keep forwarding to it (§6.4).
+        assert_eq!(h.apply(ev(b"a", Change::Detached, true), false), None);
         assert_eq!(h.route(b"a"), Route::Send { online: false }, "retained within grace");
-        assert_eq!(h.apply(ev(b"a", Change::Forgotten, false)), None);
+        assert_eq!(h.online(false).count(), 1, "in the snapshot while in grace");
+        assert_eq!(h.online(true).count(), 0, "but not from a draining node");
+        assert_eq!(
+            h.apply(ev(b"a", Change::Forgotten, false), false),
+            Some((PresenceOp::Offline, b"a"[..].into()))
+        );
         assert_eq!(h.route(b"a"), Route::Unknown);
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_draining_node_says_offline_when_the_last_session_leaves() {
+        let mut h = Homes::default();
+        h.handed_over(b"a");
+        h.apply(ev(b"a", Change::Attached, true), true);
+        assert_eq!(
+            h.apply(ev(b"a", Change::Detached, true), true),
+            Some((PresenceOp::Offline, b"a"[..].into()))
+        );
+        assert_eq!(h.apply(ev(b"a", Change::Forgotten, false), true), None, "said once");
     }
 
     #[test]
     fn a_refused_stranger_leaves_nothing_behind_but_a_known_user_stays() {
         let mut h = Homes::default();
         h.handed_over(b"mallory");
-        h.apply(ev(b"mallory", Change::Refused, false));
+        h.apply(ev(b"mallory", Change::Refused, false), false);
         assert!(h.is_empty());
         h.handed_over(b"a");
-        h.apply(ev(b"a", Change::Attached, true));
-        h.apply(ev(b"a", Change::Detached, true));
+        h.apply(ev(b"a", Change::Attached, true), false);
+        h.apply(ev(b"a", Change::Detached, true), false);
         h.handed_over(b"a");
-        h.apply(ev(b"a", Change::Refused, true));
+        h.apply(ev(b"a", Change::Refused, true), false);
         assert_eq!(h.route(b"a"), Route::Send { online: false });
     }
 
@@ -513,13 +548,13 @@ mod tests {
     fn forgotten_while_a_session_is_in_flight_keeps_the_user() {
         let mut h = Homes::default();
         h.handed_over(b"a");
-        h.apply(ev(b"a", Change::Attached, true));
-        h.apply(ev(b"a", Change::Detached, true));
+        h.apply(ev(b"a", Change::Attached, true), false);
+        h.apply(ev(b"a", Change::Detached, true), false);
         h.handed_over(b"a"); // crosses the owner's sweep
-        h.apply(ev(b"a", Change::Forgotten, false));
+        h.apply(ev(b"a", Change::Forgotten, false), false);
         assert_eq!(h.route(b"a"), Route::Send { online: false });
-        h.apply(ev(b"a", Change::Attached, true));
+        h.apply(ev(b"a", Change::Attached, true), false);
         assert_eq!(h.route(b"a"), Route::Send { online: true });
-        assert_eq!(h.online().count(), 1);
+        assert_eq!(h.online(false).count(), 1);
     }
 }
