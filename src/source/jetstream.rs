@@ -49,9 +49,14 @@ pub fn run(spec: Spec, intake: Intake, stop: Arc<AtomicBool>) {
         let mut c = Connector { spec, intake, held: VecDeque::new(), in_flight: 0, seq: 0, bad: 0 };
         let mut backoff = Duration::from_millis(100);
         while !stop.load(Ordering::SeqCst) {
+            let began = std::time::Instant::now();
             match c.session(&mut replies, &stop).await {
                 Ok(()) => break,
                 Err(e) => {
+                    if began.elapsed() > Duration::from_secs(10) {
+                        // It had been working: the first retry comes soon.
+                        backoff = Duration::from_millis(100);
+                    }
                     log::warn!("herald source {}: {e}; again in {backoff:?}", c.spec.url);
                     c.wait(&mut replies, backoff, &stop).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));

@@ -146,7 +146,7 @@ pub struct Spec {
     pub dead_letter: Option<String>,
     /// What to do with a message whose user has no route (default drop).
     pub no_route: NoRoute,
-    /// The URL as given (for logs).
+    /// The URL as given, with any password replaced by `***` (for logs).
     pub url: String,
 }
 
@@ -166,7 +166,9 @@ impl Spec {
     /// Parses `jetstream://HOST:PORT/STREAM?...` or `redis://HOST:PORT/KEY?...`
     /// (protocol.md §12 lists the parameters).
     pub fn parse(url: &str) -> Result<Spec, SpecError> {
-        let err = |m: String| SpecError(format!("{url}: {m}"));
+        // What is logged and shown in errors never holds a password.
+        let shown = redact(url);
+        let err = |m: String| SpecError(format!("{shown}: {m}"));
         let (kind, rest) = if let Some(r) = url.strip_prefix("jetstream://") {
             (Kind::JetStream, r)
         } else if let Some(r) = url.strip_prefix("redis://") {
@@ -197,7 +199,7 @@ impl Spec {
             max_deliver: 5,
             dead_letter: None,
             no_route: NoRoute::Drop,
-            url: url.to_owned(),
+            url: shown.clone(),
         };
         for kv in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) =
@@ -252,6 +254,20 @@ impl Spec {
     /// JetStream: the subject prefix before the user (`herald.user.`).
     pub fn subject_prefix(&self) -> &str {
         self.subject.trim_end_matches('>')
+    }
+}
+
+/// `url` with the password of a `user:password@` part replaced by `***`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((cred, host)) => {
+            let user = cred.split_once(':').map_or(cred, |(u, _)| u);
+            let masked = if cred.contains(':') { format!("{user}:***") } else { "***".to_owned() };
+            format!("{scheme}://{masked}@{host}{}", &rest[authority_end..])
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -350,6 +366,17 @@ mod tests {
             (r.ack_wait, r.dead_letter.as_deref(), r.no_route),
             (Duration::from_secs(2), Some("dead"), NoRoute::Retry)
         );
+    }
+
+    #[test]
+    fn a_password_in_the_url_is_never_shown() {
+        let s = Spec::parse("redis://app:s3cret@127.0.0.1:6379/herald?group=g").unwrap();
+        assert_eq!(s.server, "app:s3cret@127.0.0.1:6379", "the connection still gets it");
+        assert_eq!(s.url, "redis://app:***@127.0.0.1:6379/herald?group=g");
+        let e = Spec::parse("redis://app:s3cret@127.0.0.1:6379/herald?bogus=1").unwrap_err();
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert_eq!(redact("jetstream://tok@h:4222/S"), "jetstream://***@h:4222/S");
+        assert_eq!(redact("jetstream://h:4222/S"), "jetstream://h:4222/S");
     }
 
     #[test]
