@@ -664,3 +664,47 @@ fn a_client_resuming_within_grace_gets_what_a_peer_took_meanwhile() {
         }
     }
 }
+
+/// A node drained by an admin stops offering the streams it keeps in grace
+/// (their clients resume elsewhere), and offers them again when undrained
+/// (protocol.md §6.4).
+#[test]
+fn a_drained_node_withdraws_its_streams_in_grace_and_an_undrain_offers_them_again() {
+    use herald::protocol::frame::{Channel, Frame};
+    let mut c = Cluster::new("grace-drain");
+    c.start_decision();
+    for id in ["n1", "n2"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(2);
+    let n2: std::net::SocketAddr = c.node_client(1).parse().unwrap();
+    let users: Vec<String> = (0..2)
+        .map(|l| (0..).map(|i| format!("gd{i}")).find(|u| owner(u.as_bytes(), 2) == l).unwrap())
+        .collect();
+    for user in &users {
+        let mut r = Raw::connect(n2, Channel::ToClient);
+        send_hello(&mut r, &token_for(user), None);
+        assert!(matches!(frame(&r.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
+        publish_until_routed(&c.node_ingest(0), user, b"hi");
+        drop(r);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let mut p = Publisher::connect(&c.node_ingest(0), &pub_credential()).unwrap();
+    let routed =
+        |p: &mut Publisher, user: &str| p.publish_confirmed(user.as_bytes(), b"x").unwrap().forwarded;
+    for user in &users {
+        assert_eq!(routed(&mut p, user), 1, "{user}: in grace, still offered");
+    }
+    c.admin(AdminOp::Drain, "n2", 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while users.iter().any(|u| routed(&mut p, u) != 0) {
+        assert!(Instant::now() < deadline, "the drained node still offers its streams in grace");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.admin(AdminOp::Undrain, "n2", 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while users.iter().any(|u| routed(&mut p, u) != 1) {
+        assert!(Instant::now() < deadline, "the undrained node does not offer its streams in grace again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -125,7 +125,7 @@ impl Duties {
             self.publish_stats(pass_done, &mut p, conns);
         }
         self.heartbeat(now, &p);
-        self.admin_drain_step(conns, now, &p);
+        self.admin_drain_step(conns, now, &mut p);
         if !p.cfg.log_every.is_zero() && now >= self.next_log {
             self.next_log = now + p.cfg.log_every;
             if !p.role.is_owner() {
@@ -221,12 +221,14 @@ impl Duties {
     }
 
     /// Moves clients away while an admin drain is on, spread over the window.
-    fn admin_drain_step(&mut self, conns: &mut Conns<Peer>, now: Instant, p: &Parts<'_>) {
+    fn admin_drain_step(&mut self, conns: &mut Conns<Peer>, now: Instant, p: &mut Parts<'_>) {
         let flagged = p.shared.admin_draining.load(Ordering::Relaxed);
         if flagged && self.admin_drain.is_none() && self.drain.is_none() {
             self.admin_drain = Some(AdminDrain::new(p.m.clients as usize));
-        } else if !flagged {
-            self.admin_drain = None;
+            withdraw_grace(p, PresenceOp::Offline);
+        } else if !flagged && self.admin_drain.take().is_some() && self.drain.is_none() {
+            // Undrained: the streams still in grace are offered again.
+            withdraw_grace(p, PresenceOp::Online);
         }
         let Some(ad) = self.admin_drain else { return };
         if self.drain.is_some() {
@@ -246,6 +248,7 @@ impl Duties {
                 p.cfg.drain_window
             );
             self.drain = Some(Drain::new(now, p.cfg.drain_window, total));
+            withdraw_grace(p, PresenceOp::Offline);
         }
         let Some(d) = self.drain.as_mut() else { return false };
         let others_done = p.loop_id != 0 || p.shared.running.load(Ordering::SeqCst) == 0;
@@ -373,4 +376,19 @@ fn send_away(conns: &mut Conns<Peer>, n: usize, which: impl Fn(&Peer) -> bool, n
         conns.begin_close(id, CloseReason::Sent(Code::Draining), now);
     }
     ids.len()
+}
+
+/// A node that starts to drain stops offering the streams it keeps for the
+/// grace period (`op` OFFLINE; loop 0, for the whole node): their clients
+/// will resume on other nodes, so peers should stop forwarding here
+/// (protocol.md §6.4). An admin's undrain offers them again (ONLINE).
+fn withdraw_grace(p: &mut Parts<'_>, op: PresenceOp) {
+    if p.loop_id != 0 {
+        return;
+    }
+    let idle = p.sessions.reg.idle().map(|u| (op, u.into()));
+    p.presence_out.extend(idle);
+    if let Some(r) = p.role.router() {
+        p.presence_out.extend(r.homes.in_grace().map(|u| (op, u.into())));
+    }
 }

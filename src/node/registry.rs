@@ -209,6 +209,11 @@ impl Registry {
         self.users.len()
     }
 
+    /// Users with a stream here but no session (within grace).
+    pub fn idle(&self) -> impl Iterator<Item = &[u8]> {
+        self.users.iter().filter(|(_, u)| u.sessions.is_empty()).map(|(_, u)| &u.id[..])
+    }
+
     /// Users whose stream is held here (a session, or within grace): the
     /// ones presence announces ONLINE (protocol.md §6.4). While draining,
     /// only those with a session.

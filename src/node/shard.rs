@@ -222,6 +222,11 @@ impl Homes {
         self.map.iter().filter(move |(_, h)| h.present(draining)).map(|(u, _)| u.as_bytes())
     }
 
+    /// Users another loop holds a stream for without a session (in grace).
+    pub fn in_grace(&self) -> impl Iterator<Item = &[u8]> {
+        self.map.iter().filter(|(_, h)| h.sessions == 0 && h.known).map(|(u, _)| u.as_bytes())
+    }
+
     /// Whether no user is tracked.
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
