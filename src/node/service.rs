@@ -200,8 +200,14 @@ impl NodeLoop {
 
     /// Loops 1..N, at exit: the last figures for loop 0.
     pub fn final_stats(&mut self, conns: &Conns<Peer>) {
+        let (duties, mut p) = self.duties();
+        duties.publish_stats(true, &mut p, conns);
+    }
+
+    /// The timed duties, and the parts of the loop they work on.
+    fn duties(&mut self) -> (&mut super::duty::Duties, super::duty::Parts<'_>) {
         let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, mesh, .. } = self;
-        let mut p = super::duty::Parts {
+        let p = super::duty::Parts {
             cfg,
             loop_id: *id,
             shared,
@@ -211,7 +217,7 @@ impl NodeLoop {
             stop,
             presence_out: &mut mesh.presence_out,
         };
-        duties.publish_stats(true, &mut p, conns);
+        (duties, p)
     }
 
     /// Whether new sessions are refused with DRAINING.
@@ -639,21 +645,8 @@ impl Service for NodeLoop {
             return Tick::Exit;
         }
         self.declare_down(conns, now);
-        let NodeLoop { cfg, id, shared, role, sessions, m, duties, stop, mesh, .. } = self;
-        duties.tick(
-            conns,
-            now,
-            super::duty::Parts {
-                cfg,
-                loop_id: *id,
-                shared,
-                role,
-                sessions,
-                m,
-                stop,
-                presence_out: &mut mesh.presence_out,
-            },
-        )
+        let (duties, p) = self.duties();
+        duties.tick(conns, now, p)
     }
 
     fn listening(&self, l: usize) -> bool {
