@@ -43,12 +43,14 @@ struct Cluster {
     nodes: Vec<Member>,
     /// With TLS: every node gets its own certificate from `herald cert dev`.
     tls: bool,
+    /// Flags every node gets as well.
+    node_args: Vec<String>,
 }
 
 impl Cluster {
     fn new(name: &str) -> Cluster {
         let dir = secrets_dir(&format!("cluster-{name}"), CLUSTER_SECRET, ADMIN_SECRET);
-        Cluster { dir, decisions: Vec::new(), nodes: Vec::new(), tls: false }
+        Cluster { dir, decisions: Vec::new(), nodes: Vec::new(), tls: false, node_args: Vec::new() }
     }
 
     fn start_decision(&mut self) {
@@ -133,6 +135,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(self.node_args.iter().cloned());
         if self.tls {
             let (cert, key) = (format!("pki/{id}.pem"), format!("pki/{id}.key"));
             for a in [
@@ -706,5 +709,77 @@ fn a_drained_node_withdraws_its_streams_in_grace_and_an_undrain_offers_them_agai
     while users.iter().any(|u| routed(&mut p, u) != 1) {
         assert!(Instant::now() < deadline, "the undrained node does not offer its streams in grace again");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Conflation happens on the node that holds the session, for messages
+/// published through another node too: FORWARD carries the key, and so does
+/// the hand-off to the user's loop (protocol.md §5.7, §6.5). A client that
+/// reads nothing until the end gets every fill and the last value of every
+/// key, with CONFLATED for the rest.
+#[test]
+fn messages_forwarded_from_a_peer_are_conflated_by_their_key() {
+    use herald::protocol::frame::{decode, Channel, Decoded, Frame};
+    use std::io::Read;
+    let mut c = Cluster::new("conflate");
+    c.node_args =
+        ["--slow-policy", "conflate", "--client-sndbuf", "4096"].iter().map(|s| s.to_string()).collect();
+    c.start_decision();
+    for id in ["n1", "n2"] {
+        c.start_node(id, 1000);
+    }
+    c.wait_nodes(2);
+    let n2: std::net::SocketAddr = c.node_client(1).parse().unwrap();
+    for loop_id in 0..2 {
+        let user = (0..).map(|i| format!("cq{i}")).find(|u| owner(u.as_bytes(), 2) == loop_id).unwrap();
+        let mut r = Raw::connect_small(n2, Channel::ToClient, 4096);
+        send_hello(&mut r, &token_for(&user), None);
+        assert!(matches!(frame(&r.expect(Duration::from_secs(5)), Channel::ToClient), Frame::Welcome(_)));
+        publish_until_routed(&c.node_ingest(0), &user, b"first");
+        let mut p = Publisher::connect(&c.node_ingest(0), &pub_credential()).unwrap();
+        let mut latest = HashMap::new();
+        let value = "v".repeat(500);
+        for i in 0..2000 {
+            let key = format!("k{}", i % 5);
+            let payload = format!("{key}={i}:{value}");
+            p.publish_keyed(user.as_bytes(), key.as_bytes(), payload.as_bytes()).unwrap();
+            latest.insert(key, payload);
+            if i % 100 == 99 {
+                p.publish(user.as_bytes(), format!("fill{}", i / 100).as_bytes()).unwrap();
+            }
+        }
+        assert_eq!(p.publish_confirmed(user.as_bytes(), b"end").unwrap().forwarded, 1);
+        // Now read it all.
+        let (mut buf, mut got, mut fills, mut conflated) = (Vec::new(), HashMap::new(), Vec::new(), 0);
+        r.sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut chunk = vec![0u8; 65536];
+        'read: loop {
+            let n = r.sock.read(&mut chunk).expect("the session stays open");
+            assert!(n > 0, "{user}: cut off");
+            buf.extend_from_slice(&chunk[..n]);
+            let mut used = 0;
+            while let Ok(Decoded::Frame(f, k)) = decode(&buf[used..], Channel::ToClient) {
+                used += k;
+                match f {
+                    Frame::Deliver(d) if d.payload == b"end" => break 'read,
+                    Frame::Deliver(d) => {
+                        let s = String::from_utf8(d.payload.to_vec()).unwrap();
+                        match s.split_once('=') {
+                            Some((k, _)) => {
+                                got.insert(k.to_owned(), s);
+                            }
+                            None => fills.push(s),
+                        }
+                    }
+                    Frame::Conflated(cf) => conflated += cf.last_seq - cf.first_seq + 1,
+                    _ => {}
+                }
+            }
+            buf.drain(..used);
+        }
+        assert!(conflated > 0, "{user}: forwarded keyed messages were conflated");
+        assert_eq!(got, latest, "{user}: the last value of every key");
+        let want: Vec<String> = (0..20).map(|i| format!("fill{i}")).collect();
+        assert_eq!(fills.iter().filter(|f| f.starts_with("fill")).cloned().collect::<Vec<_>>(), want);
     }
 }
