@@ -3,12 +3,16 @@
 //! `--conns` connections, each with one request in flight at a time: a
 //! PUBLISH_BATCH of `--batch` messages (or one PUBLISH) with WANT_RESULT,
 //! then its PUB_RESULT, then the next. Users `u0..u{users-1}` in turn, as
-//! the wrk script does. Prints one `INGEST` line: requests, messages and
-//! the rate.
+//! the wrk script sends them: the connections are split into `--groups`
+//! (wrk's threads, `wrk -t`), and each group's requests take the next
+//! users of one sequence that group shares, as each wrk thread's script
+//! does. So one turn of the node sees the same spread of users from both
+//! load generators, which decides how many client sockets it writes to per
+//! message. Prints one `INGEST` line: requests, messages and the rate.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -39,12 +43,18 @@ struct Args {
     /// Users u0..u{users-1}, in turn.
     #[arg(long, default_value_t = 1000)]
     users: usize,
+    /// Groups of connections, each walking the users through one shared
+    /// sequence (as many as wrk's threads, `wrk -t`).
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
     /// How long to publish.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
 }
 
-fn worker(a: &Args, cred: &str, first_user: usize, stop: &AtomicBool, done: &AtomicU64) {
+/// One connection's loop. `next_user` is its group's sequence: each request
+/// takes the next `batch` users of it.
+fn worker(a: &Args, cred: &str, next_user: &AtomicUsize, stop: &AtomicBool, done: &AtomicU64) {
     let mut s = TcpStream::connect(&a.ingest).expect("connect");
     s.set_nodelay(true).expect("nodelay");
     let hello = Frame::PubHello(f::PubHello {
@@ -68,16 +78,15 @@ fn worker(a: &Args, cred: &str, first_user: usize, stop: &AtomicBool, done: &Ato
     };
     assert_eq!(next(&mut buf, &mut s), f::ty::PUB_WELCOME, "PUB_WELCOME");
     let payload = vec![b'x'; a.payload];
-    let mut user = first_user;
     let mut id = 0u32;
     let mut req = Vec::with_capacity(a.batch * (a.payload + 16) + 64);
     let names: Vec<String> = (0..a.users).map(|i| format!("u{i}")).collect();
     while !stop.load(Ordering::Relaxed) {
         req.clear();
         id = id.wrapping_add(1);
+        let mut user = next_user.fetch_add(a.batch, Ordering::Relaxed) % a.users;
         if a.batch == 1 {
             f::encode_publish(&mut req, PUBLISH_WANT_RESULT, id, names[user].as_bytes(), b"", &payload);
-            user = (user + 1) % a.users;
         } else {
             let mut w = f::BatchWriter::start(&mut req, PUBLISH_WANT_RESULT, id);
             for _ in 0..a.batch {
@@ -101,11 +110,14 @@ fn main() {
     let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let cred = token::mint(&secret, b"publish-bench", unix + 3600).expect("credential");
     let (stop, done) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    assert!(a.users > 0 && a.groups > 0, "--users and --groups must be at least 1");
+    let sequences: Vec<AtomicUsize> = (0..a.groups).map(|_| AtomicUsize::new(0)).collect();
     let t0 = Instant::now();
     std::thread::scope(|sc| {
         for c in 0..a.conns {
-            let (a, cred, stop, done) = (&a, &cred, &stop, &done);
-            sc.spawn(move || worker(a, cred, c * 37 % a.users.max(1), stop, done));
+            // wrk gives each of its threads an equal share of the connections.
+            let (a, cred, stop, done, seq) = (&a, &cred, &stop, &done, &sequences[c % a.groups]);
+            sc.spawn(move || worker(a, cred, seq, stop, done));
         }
         std::thread::sleep(a.duration);
         stop.store(true, Ordering::SeqCst);

@@ -3,6 +3,9 @@
 -- Environment: CRED (publisher credential), USERS (default 1000),
 -- PAYLOAD (bytes, default 100), BATCH (messages per request; with BATCH > 1
 -- the path must be /v1/publish/batch and each body holds BATCH messages).
+-- Each wrk thread runs its own copy of this script, so each thread walks
+-- the users in turn on its own, over all its connections
+-- (herald-publish-bench --groups does the same).
 local cred = os.getenv("CRED")
 local users = tonumber(os.getenv("USERS") or "1000")
 local size = tonumber(os.getenv("PAYLOAD") or "100")
@@ -17,8 +20,15 @@ local function msg()
   return m
 end
 
--- Pre-built bodies, so that wrk's own CPU goes to HTTP, not to Lua.
-for i = 1, 64 do
+local function gcd(a, b)
+  while b ~= 0 do a, b = b, a % b end
+  return a
+end
+
+-- Pre-built bodies, so that wrk's own CPU goes to HTTP, not to Lua: one
+-- whole cycle of the users (USERS / gcd(USERS, BATCH) bodies), so that
+-- the sequence runs on without a jump where the bodies wrap around.
+for i = 1, math.floor(users / gcd(users, batch)) do
   if batch == 1 then
     bodies[i] = msg()
   else
