@@ -8,21 +8,24 @@
 #   ingest single PUBLISH with WANT_RESULT
 # each for DUR seconds over CONNS keep-alive connections with one request
 # in flight on each (wrk -c CONNS; herald-publish-bench --conns CONNS).
-# Payloads of 100 bytes to users u0..u999 in turn, in the same pattern from
-# both load generators: each of wrk's WRK_THREADS threads walks the users
-# on its own over its connections, and herald-publish-bench --groups
-# WRK_THREADS does the same. (The pattern decides how many client sockets
-# the node writes to per message, which is most of its cost.) Around each
+# Payloads of 100 bytes to users u0..u999, in the same order from both load
+# generators (ORDER, see tools/wrk/publish.lua): random (the default), a
+# user drawn for each message, or turn, in turn (each of wrk's WRK_THREADS
+# threads walks the users on its own over its connections, and
+# herald-publish-bench --groups WRK_THREADS does the same). The order
+# decides how many client sockets the node writes to per message, which is
+# most of its cost; with random users that does not depend on how the
+# load generator's requests line up in time. Around each
 # run the script reads the node's clock ticks and, from its metrics port,
 # its socket writes. Prints every run and a summary of medians. wrk comes
 # from Debian (apt-get install -y wrk).
-# Usage: REPS=3 DUR=10 CONNS=16 BATCH=100 tools/bench-http.sh
+# Usage: REPS=3 DUR=10 CONNS=16 BATCH=100 ORDER=random tools/bench-http.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk"; exit 2; }
 cargo build --release --bins -q
 R=$PWD/target/release
-REPS=${REPS:-3} DUR=${DUR:-10} CONNS=${CONNS:-16} BATCH=${BATCH:-100} WRK_THREADS=${WRK_THREADS:-2}
+REPS=${REPS:-3} DUR=${DUR:-10} CONNS=${CONNS:-16} BATCH=${BATCH:-100} WRK_THREADS=${WRK_THREADS:-2} ORDER=${ORDER:-random}
 dir=$(mktemp -d)
 node_pid=
 cleanup() { [ -n "$node_pid" ] && kill "$node_pid" 2>/dev/null; rm -rf "$dir"; }
@@ -34,7 +37,7 @@ $R/herald node --id bench-http --listen 127.0.0.1:17620 --ingest 127.0.0.1:17621
 node_pid=$!
 sleep 1
 export CRED=$($R/herald token --secret-file "$dir/ps" --user bench --ttl 2h)
-export USERS=1000 PAYLOAD=100
+export USERS=1000 PAYLOAD=100 ORDER
 cat >"$dir/measure.sh" <<EOS
 #!/usr/bin/env bash
 set -euo pipefail
@@ -52,8 +55,8 @@ for i in \$(seq $REPS); do
   echo "== round \$i"
   BATCH=1 run http-single wrk -t$WRK_THREADS -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish
   BATCH=$BATCH run http-batch wrk -t$WRK_THREADS -c$CONNS -d${DUR}s -s $PWD/tools/wrk/publish.lua http://127.0.0.1:17622/v1/publish/batch
-  run ingest-batch $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --groups $WRK_THREADS --batch $BATCH --duration ${DUR}s
-  run ingest-single $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --groups $WRK_THREADS --batch 1 --duration ${DUR}s
+  run ingest-batch $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --order $ORDER --groups $WRK_THREADS --batch $BATCH --duration ${DUR}s
+  run ingest-single $R/herald-publish-bench --ingest 127.0.0.1:17621 --publisher-secret-file $dir/ps --conns $CONNS --order $ORDER --groups $WRK_THREADS --batch 1 --duration ${DUR}s
 done
 EOS
 chmod +x "$dir/measure.sh"
