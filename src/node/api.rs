@@ -1,8 +1,8 @@
 //! The HTTP publish API, sans-IO: bytes of an HTTP/1.1 request in, a typed
 //! [`Call`] out, and a typed [`Response`] back to bytes. No sockets and no
-//! clock; the event loop is to own the connection, check the bearer token,
-//! route the messages and keep the connection alive. (Issue #12: no
-//! listener serves this yet; `herald node --http` is the next step.)
+//! clock; the event loop owns the connection, and `http_publish.rs`
+//! (the `herald node --http` listener) checks the bearer token, routes the
+//! messages and keeps the connection alive.
 //!
 //! The head is parsed by `httparse`; bodies are JSON (`serde_json`), NDJSON
 //! or raw bytes. Every length is checked before anything is buffered: a head
