@@ -13,6 +13,18 @@
 //! protocol saying so. `--chaos` kills one node halfway and shows its
 //! clients being re-homed.
 //!
+//! Conflation (protocol.md §5.7): the nodes run with `--slow-policy
+//! conflate`, and the quotes carry their instrument as the key (fills and
+//! balance changes carry none: they must arrive). One more client, the
+//! *slow desk*, streams every quote ([`SLOW_RATE`] messages a second, one
+//! in ten unkeyed) over a link a quarter as fast ([`SLOW_BPS`], behind a
+//! small receive buffer), on the last node (never the one `--chaos`
+//! kills). Its quotes are conflated; the demo fails if it lost an unkeyed
+//! message, was disconnected, or if what it received plus what was
+//! conflated is not what was published to it. The nodes' client send
+//! buffer is small ([`CLIENT_SNDBUF`]), so that a slow client's backlog
+//! waits in herald's queue, where conflation works, not in the kernel's.
+//!
 //! Every connection speaks TLS unless `--plaintext` is given: a throwaway
 //! CA and a certificate per node and decision server (`herald cert dev`'s
 //! set) are made in a temporary directory, which is removed at the end.
@@ -39,7 +51,7 @@ use crate::decision::{self, DecisionServer};
 use crate::node::{self, Node};
 use crate::protocol::frame::BatchWriter;
 use crate::protocol::AdminOp;
-use crate::swarm::{mono_ns, user_name, Stamp, Swarm, SwarmConfig, Tally};
+use crate::swarm::{mono_ns, user_name, SlowReaders, Stamp, Swarm, SwarmConfig, Tally, Unkeyed};
 
 pub mod queue;
 
@@ -132,6 +144,38 @@ pub struct DemoReport {
     pub unannounced_loss: i64,
     /// With `--source`: how the traffic went through the queue.
     pub queue: Option<QueueReport>,
+    /// The slow desk.
+    pub slow: SlowReport,
+}
+
+/// What the slow desk (a client reading a quarter of its stream) saw.
+#[derive(Debug, Clone, Default)]
+pub struct SlowReport {
+    /// Its user.
+    pub user: String,
+    /// Its node.
+    pub node: String,
+    /// Messages published to it.
+    pub published: u64,
+    /// Messages it received.
+    pub received: u64,
+    /// Quotes conflated away on its session.
+    pub conflated: u64,
+    /// Unkeyed messages (fills, balance changes) it never received.
+    pub unkeyed_lost: u64,
+    /// Its connections that closed.
+    pub disconnects: u64,
+    /// Staleness of the quotes it received (arrival − intended send time),
+    /// ms: p50, p99, max.
+    pub stale_ms: [f64; 3],
+}
+
+impl SlowReport {
+    /// Nothing lost but conflated quotes, never cut off, and every message
+    /// accounted for.
+    pub fn ok(&self) -> bool {
+        self.unkeyed_lost == 0 && self.disconnects == 0 && self.received + self.conflated == self.published
+    }
 }
 
 /// What the queue saw (`herald demo --source`).
@@ -168,6 +212,7 @@ impl DemoReport {
             && self.tally.dups == 0
             && self.silent_loss() == 0
             && self.unannounced_loss == 0
+            && self.slow.ok()
     }
 }
 
@@ -179,15 +224,61 @@ fn secret(label: &str) -> Vec<u8> {
 
 const QUOTE_PAIRS: [&str; 6] = ["EURUSD", "GBPUSD", "USDJPY", "AUDUSD", "USDCHF", "EURGBP"];
 
-/// Writes a broker-like personal message for user `u` after the stamp.
-fn broker_payload(buf: &mut Vec<u8>, stamp: Stamp, u: usize) {
+/// Messages a second to the slow desk.
+pub const SLOW_RATE: u64 = 250;
+
+/// What the slow desk reads, bytes a second: a quarter of its stream (its
+/// messages are about 125 bytes on the wire).
+pub const SLOW_BPS: u64 = SLOW_RATE * 125 / 4;
+
+/// The slow desk's receive buffer (SO_RCVBUF, set before it connects).
+const SLOW_RCVBUF: usize = 2048;
+
+/// The nodes' client send buffer (`--client-sndbuf`).
+pub const CLIENT_SNDBUF: usize = 4096;
+
+/// The slow desk's unkeyed messages: one in ten (a balance change or a fill).
+const SLOW_UNKEYED: Unkeyed = Unkeyed { every: 10, below: 1 };
+
+/// What a broker message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Balance,
+    Fill,
+    Quote,
+}
+
+/// Message `n` of an ordinary user: 1 in 10 a balance change, 2 fills, 7 quotes.
+fn broker_kind(n: u32) -> Kind {
+    match n % 10 {
+        0 => Kind::Balance,
+        1 | 2 => Kind::Fill,
+        _ => Kind::Quote,
+    }
+}
+
+/// Message `n` of the slow desk: 1 in 10 a balance change or a fill, by
+/// turns ([`SLOW_UNKEYED`]), the rest quotes.
+fn slow_kind(n: u32) -> Kind {
+    match (n % 10, n / 10 % 2) {
+        (0, 0) => Kind::Balance,
+        (0, _) => Kind::Fill,
+        _ => Kind::Quote,
+    }
+}
+
+/// Writes a broker-like personal message of `kind` for user `u` after the
+/// stamp; returns its conflation key: a quote's instrument, none for the
+/// rest.
+fn broker_payload(buf: &mut Vec<u8>, stamp: Stamp, u: usize, kind: Kind) -> &'static str {
     buf.clear();
     buf.resize(Stamp::LEN, 0);
     stamp.write(buf);
     let n = stamp.msg as usize;
     let mut s = String::with_capacity(96);
-    match n % 10 {
-        0 => {
+    let mut key = "";
+    match kind {
+        Kind::Balance => {
             let _ = write!(
                 s,
                 r#"{{"type":"balance","user":"{}","usd":{:.2}}}"#,
@@ -195,7 +286,7 @@ fn broker_payload(buf: &mut Vec<u8>, stamp: Stamp, u: usize) {
                 100_000.0 + (n as f64) * 3.5
             );
         }
-        1 | 2 => {
+        Kind::Fill => {
             let _ = write!(
                 s,
                 r#"{{"type":"fill","user":"{}","order":{},"pair":"{}","qty":100000}}"#,
@@ -204,21 +295,22 @@ fn broker_payload(buf: &mut Vec<u8>, stamp: Stamp, u: usize) {
                 QUOTE_PAIRS[n % QUOTE_PAIRS.len()]
             );
         }
-        _ => {
+        Kind::Quote => {
             // Each user has its own spread.
             let spread = 0.00005 + (u % 7) as f64 * 0.00001;
             let mid = 1.08 + ((n * 37 + u) % 100) as f64 * 0.00001;
+            key = QUOTE_PAIRS[(u + n) % QUOTE_PAIRS.len()];
             let _ = write!(
                 s,
-                r#"{{"type":"quote","user":"{}","pair":"{}","bid":{:.5},"ask":{:.5}}}"#,
+                r#"{{"type":"quote","user":"{}","pair":"{key}","bid":{:.5},"ask":{:.5}}}"#,
                 user_name(u),
-                QUOTE_PAIRS[(u + n) % QUOTE_PAIRS.len()],
                 mid - spread / 2.0,
                 mid + spread / 2.0
             );
         }
     }
     buf.extend_from_slice(s.as_bytes());
+    key
 }
 
 struct Cluster {
@@ -231,6 +323,8 @@ struct Cluster {
 
 struct NodeRun {
     id: String,
+    /// Its client endpoint.
+    client: String,
     ingest: String,
     /// Its `/metrics` (with `--source` only).
     metrics: Option<String>,
@@ -303,13 +397,19 @@ fn start_cluster(
             // The demo reads what each node took from the queue there.
             metrics: source.map(|_| "127.0.0.1:0".parse().expect("valid")),
             sources,
+            // Quotes are keyed: a backed-up client gets the latest of each
+            // (protocol.md §5.7); a small kernel buffer leaves its backlog
+            // in herald's queue, where that works.
+            slow_policy: node::SlowPolicy::Conflate,
+            client_sndbuf: CLIENT_SNDBUF,
             ..node::Config::default()
         })?;
+        let client = node.client_addr().to_string();
         let ingest = node.ingest_addr().to_string();
         let metrics = node.metrics_addr().map(|a| a.to_string());
         let handle = node.shutdown_handle();
         let thread = Some(std::thread::spawn(move || node.run().map_err(io::Error::from)));
-        nodes.push(NodeRun { id, ingest, metrics, consumes, handle, thread });
+        nodes.push(NodeRun { id, client, ingest, metrics, consumes, handle, thread });
     }
     let dial = decision::client::Dial::new(Duration::from_secs(1), tls.map(|t| t.client.clone()));
     Ok(Cluster { admin_secret, dial, decisions, nodes })
@@ -657,6 +757,33 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         cfg.clients,
         t0.elapsed().as_secs_f64()
     );
+    // The slow desk: on the last node (never the one --chaos kills).
+    let slow_node = cluster.nodes.last().expect("a node");
+    let (slow_user, slow_node_id) = (user_name(cfg.clients), slow_node.id.clone());
+    let mut slow = match Swarm::new(SwarmConfig {
+        first: cfg.clients,
+        count: 1,
+        nodes: vec![slow_node.client.clone()],
+        secret: client_secret.clone(),
+        reconnect: true,
+        tls: client_tls.clone(),
+        slow: SlowReaders { count: 1, first: cfg.clients, stride: 1, bps: SLOW_BPS, rcvbuf: SLOW_RCVBUF },
+        unkeyed: SLOW_UNKEYED,
+        ..SwarmConfig::default()
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            cluster.stop();
+            return Err(e);
+        }
+    };
+    if slow.connect_all(Duration::from_secs(10), |_| {}) < 1 {
+        cluster.stop();
+        return Err(io::Error::other("the slow client did not connect"));
+    }
+    println!(
+        "slow client {slow_user} on {slow_node_id}: {SLOW_RATE} msgs/s (quotes keyed by pair, 1 in 10 a fill or balance) read at {SLOW_BPS} B/s, about a quarter of it; nodes run --slow-policy conflate"
+    );
 
     // Presence travels between nodes asynchronously: wait until every node
     // forwards to a user held by another node. (A payload shorter than a
@@ -712,6 +839,8 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let published = Arc::new(AtomicU64::new(0));
     let pub_done = Arc::new(AtomicBool::new(false));
     let start_ns = mono_ns() + 20_000_000;
+    slow.record_after = start_ns;
+    let slow_sent = Arc::new(AtomicU64::new(0));
     match &mut clients {
         Clients::Local { swarm, .. } => swarm.record_after = start_ns,
         Clients::Children { children, .. } => {
@@ -733,6 +862,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let publisher = {
         let (published, pub_done, stop, cred, tls) =
             (published.clone(), pub_done.clone(), cfg.stop.clone(), cred.clone(), client_tls.clone());
+        let slow_sent = slow_sent.clone();
         let (n, duration, rate) = (cfg.clients, cfg.duration, cfg.rate);
         std::thread::spawn(move || -> io::Result<()> {
             let r = (|| {
@@ -740,7 +870,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
                     Some(b) => b,
                     None => Box::new(IngestBackend::connect(&ingest, &cred, tls, published)?),
                 };
-                let r = publish_loop(&mut *b, n, duration, rate, start_ns, &stop);
+                let r = publish_loop(&mut *b, n, duration, rate, start_ns, &stop, &slow_sent);
                 let finished = b.finish();
                 r.and(finished)
             })();
@@ -771,8 +901,11 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let (mut seen, mut progress_at, mut done_at) = (0u64, Instant::now(), None);
     loop {
         clients.step(Duration::from_millis(5));
+        slow.step(Duration::ZERO);
         let now = Instant::now();
         let (received, live, wrong, silent) = clients.counts();
+        let slow_got = slow.tally.received + slow.tally.conflated;
+        let received = received + slow_got;
         if received != seen {
             (seen, progress_at) = (received, now);
         }
@@ -801,24 +934,28 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         }
         if now.saturating_duration_since(last_print) >= Duration::from_secs(1) {
             let secs = now.saturating_duration_since(last_print).as_secs_f64();
-            let rate = received.saturating_sub(last_received) as f64 / secs;
-            last_received = received;
+            let rate = (received - slow_got).saturating_sub(last_received) as f64 / secs;
+            last_received = received - slow_got;
             let [p50, p99, p999] = clients.interval_us();
             let nodes: Vec<String> = per_node().into_iter().map(|(id, c)| format!("{id}:{c}")).collect();
             println!(
-                "t={:>3.0}s  clients {} (live {live})  {:>7.0} msg/s  latency p50 {:>6.0}µs p99 {:>6.0}µs p99.9 {:>6.0}µs  wrong-user {wrong}  silent-loss {silent}",
+                "t={:>3.0}s  clients {} (live {live})  {:>7.0} msg/s  latency p50 {:>6.0}µs p99 {:>6.0}µs p99.9 {:>6.0}µs  wrong-user {wrong}  silent-loss {silent}  slow client: {} conflated",
                 now.saturating_duration_since(t_pub).as_secs_f64(),
                 nodes.join(" "),
                 rate,
                 p50,
                 p99,
                 p999,
+                slow.tally.conflated,
             );
             last_print = now;
         }
         if pub_done.load(Ordering::SeqCst) && tail_until.is_none() {
             tail_until = Some(now + Duration::from_millis(1500));
             done_at = Some(now);
+            // The slow client now reads at full speed: what it was sent
+            // arrives and can be accounted for.
+            slow.unthrottle();
         }
         if tail_until.is_some_and(|t| now >= t) {
             // Through a queue a backlog may still be on its way: wait while
@@ -848,14 +985,29 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         drop(q);
     }
     pub_result?;
-    let published = published.load(Ordering::SeqCst);
+    // The slow desk's messages are reported apart.
+    let slow_sent = slow_sent.load(Ordering::SeqCst);
+    let published = published.load(Ordering::SeqCst).saturating_sub(slow_sent);
     let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    let st = slow.slow_stats();
+    let ms = |p: f64| st.stale.value_at_quantile(p) as f64 / 1e6;
+    let slow = SlowReport {
+        user: slow_user,
+        node: slow_node_id,
+        published: slow_sent,
+        received: st.received,
+        conflated: st.conflated,
+        unkeyed_lost: st.unkeyed_lost,
+        disconnects: st.closed,
+        stale_ms: [ms(0.5), ms(0.99), st.stale.max() as f64 / 1e6],
+    };
     Ok(DemoReport {
         published,
         tally: t,
         latency_us: [q(0.5), q(0.9), q(0.99), q(0.999), h.max() as f64 / 1000.0],
         unannounced_loss: published as i64 - t.received as i64 - t.announced_gaps as i64,
         queue: queue_report,
+        slow,
     })
 }
 
@@ -892,17 +1044,17 @@ impl IngestBackend {
 }
 
 impl Backend for IngestBackend {
-    fn push(&mut self, user: &[u8], payload: &[u8]) -> io::Result<()> {
+    fn push(&mut self, user: &[u8], key: &[u8], payload: &[u8]) -> io::Result<()> {
         self.rr = (self.rr + 1) % self.pubs.len();
         let rr = self.rr;
         let b = &mut self.bufs[rr];
         let w = self.writers[rr].get_or_insert_with(|| BatchWriter::start(b, 0, 0));
-        if !w.push(b, user, b"", payload) {
+        if !w.push(b, user, key, payload) {
             if let Some(full) = self.writers[rr].take() {
                 full.finish(b);
             }
             let mut w2 = BatchWriter::start(b, 0, 0);
-            w2.push(b, user, b"", payload);
+            w2.push(b, user, key, payload);
             self.writers[rr] = Some(w2);
         }
         self.pushed += 1;
@@ -927,7 +1079,8 @@ impl Backend for IngestBackend {
 }
 
 /// The backend's traffic: each user's messages, paced in 1 ms ticks, to
-/// `backend`.
+/// `backend`; and the slow desk's (user `clients`, [`SLOW_RATE`] a second),
+/// counted in `slow_sent`.
 fn publish_loop(
     backend: &mut dyn Backend,
     clients: usize,
@@ -935,6 +1088,7 @@ fn publish_loop(
     rate: Option<u64>,
     start_ns: u64,
     stop: &AtomicBool,
+    slow_sent: &AtomicU64,
 ) -> io::Result<()> {
     // Per-user period: 2, 3 or 4 messages a second (or scaled to --rate).
     let base: Vec<f64> = (0..clients).map(|u| 2.0 + (u % 3) as f64).collect();
@@ -949,6 +1103,8 @@ fn publish_loop(
     }
     let mut next_msg = vec![0u32; clients];
     let names: Vec<String> = (0..clients).map(user_name).collect();
+    let slow_name = user_name(clients);
+    let (mut slow_owed, mut slow_msg) = (0u64, 0u32);
     let mut payload = Vec::with_capacity(160);
     let ticks = duration.as_millis() as u64;
     for tick in 0..ticks {
@@ -964,12 +1120,54 @@ fn publish_loop(
         let due = std::mem::take(&mut wheel[slot]);
         for &u in &due {
             let u = u as usize;
-            broker_payload(&mut payload, Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] }, u);
+            let stamp = Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] };
+            let key = broker_payload(&mut payload, stamp, u, broker_kind(next_msg[u]));
             next_msg[u] += 1;
-            backend.push(names[u].as_bytes(), &payload)?;
+            backend.push(names[u].as_bytes(), key.as_bytes(), &payload)?;
             wheel[(slot + period_ms[u] as usize) % horizon].push(u as u32);
+        }
+        // The slow desk's messages due by the end of this tick.
+        slow_owed += SLOW_RATE;
+        while slow_owed >= 1000 {
+            slow_owed -= 1000;
+            let stamp = Stamp { sent_ns: intended, user: clients as u32, msg: slow_msg };
+            let key = broker_payload(&mut payload, stamp, clients, slow_kind(slow_msg));
+            slow_msg += 1;
+            backend.push(slow_name.as_bytes(), key.as_bytes(), &payload)?;
+            slow_sent.fetch_add(1, Ordering::Relaxed);
         }
         backend.flush()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_are_keyed_by_pair_and_the_rest_unkeyed() {
+        let mut buf = Vec::new();
+        for n in 0..40u32 {
+            let stamp = Stamp { sent_ns: 1, user: 3, msg: n };
+            let key = broker_payload(&mut buf, stamp, 3, broker_kind(n));
+            let text = String::from_utf8_lossy(&buf[Stamp::LEN..]).into_owned();
+            assert_eq!(key.is_empty(), !text.contains(r#""type":"quote""#), "{text}");
+            if !key.is_empty() {
+                assert!(text.contains(&format!(r#""pair":"{key}""#)), "{text}");
+            }
+            // The slow client's rule for what must arrive is the publisher's.
+            let key = broker_payload(&mut buf, stamp, 3, slow_kind(n));
+            assert_eq!(key.is_empty(), SLOW_UNKEYED.is_unkeyed(n), "message {n}");
+        }
+    }
+
+    #[test]
+    fn the_slow_client_fails_the_demo_on_a_lost_fill_or_a_disconnect() {
+        let ok = SlowReport { published: 10, received: 4, conflated: 6, ..SlowReport::default() };
+        assert!(ok.ok());
+        assert!(!SlowReport { unkeyed_lost: 1, ..ok.clone() }.ok());
+        assert!(!SlowReport { disconnects: 1, ..ok.clone() }.ok());
+        assert!(!SlowReport { received: 3, ..ok }.ok(), "every message is received or conflated");
+    }
 }

@@ -18,6 +18,16 @@
 //! counted in `silent_gaps`, and it is no duplicate): messages of one user
 //! that took different publisher connections, or different nodes sharing a
 //! queue consumer, are not ordered (protocol.md §5.7, §12).
+//!
+//! Conflation (protocol.md §5.7, §3.8): a CONFLATED frame moves a client's
+//! position past the messages a later one of the same key replaced; the
+//! messages it covers are counted in [`Tally::conflated`], accounted for,
+//! not lost (a jump in message numbers the CONFLATED frames before it
+//! explain is no gap). Some clients can read slowly ([`SlowReaders`]): a
+//! small receive buffer asked for before connecting, and a byte budget a
+//! second; what they get is counted apart ([`SlowStats`]), with the age of
+//! each keyed message they receive (its staleness) instead of latency, and
+//! every unkeyed message they never got ([`Unkeyed`] says which are).
 
 use std::fmt::Write as _;
 use std::io::{ErrorKind, Read, Write};
@@ -105,6 +115,193 @@ pub struct SwarmConfig {
     /// Speak TLS to the decision servers, verifying them with this
     /// configuration.
     pub decision_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Clients that read slowly (none by default).
+    pub slow: SlowReaders,
+    /// Which of each user's messages the publisher sends without a key.
+    pub unkeyed: Unkeyed,
+}
+
+/// Which of each user's messages the publisher sends without a key (an
+/// event that must arrive, never conflated): message `n` when `n % every <
+/// below`. The default, [`Unkeyed::ALL`]: every one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unkeyed {
+    /// The period (at least 1).
+    pub every: u32,
+    /// How many of each period's first messages are unkeyed.
+    pub below: u32,
+}
+
+impl Default for Unkeyed {
+    fn default() -> Unkeyed {
+        Unkeyed::ALL
+    }
+}
+
+impl Unkeyed {
+    /// Every message is unkeyed.
+    pub const ALL: Unkeyed = Unkeyed { every: 1, below: 1 };
+    /// Every message has a key.
+    pub const NONE: Unkeyed = Unkeyed { every: 1, below: 0 };
+
+    /// Whether message `n` is sent without a key.
+    pub fn is_unkeyed(&self, n: u32) -> bool {
+        n % self.every.max(1) < self.below
+    }
+
+    /// Unkeyed messages among `0..n`.
+    pub fn below_n(&self, n: u32) -> u64 {
+        let e = self.every.max(1);
+        (n / e) as u64 * self.below.min(e) as u64 + (n % e).min(self.below) as u64
+    }
+}
+
+/// Clients that read slowly: users `first`, `first + stride`, … (`count` of
+/// them). Each asks for a receive buffer of `rcvbuf` bytes before it
+/// connects and reads at most `bps` bytes a second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlowReaders {
+    /// How many (0: none).
+    pub count: usize,
+    /// The first slow user.
+    pub first: usize,
+    /// Users between two slow ones, counting one of them (at least 1).
+    pub stride: usize,
+    /// Bytes a second each reads.
+    pub bps: u64,
+    /// SO_RCVBUF asked for before connecting (0: the system's default).
+    pub rcvbuf: usize,
+}
+
+impl SlowReaders {
+    /// `count` slow readers spread evenly over users `0..clients`.
+    pub fn spread(count: usize, clients: usize, bps: u64, rcvbuf: usize) -> SlowReaders {
+        let count = count.min(clients);
+        SlowReaders { count, first: 0, stride: (clients / count.max(1)).max(1), bps, rcvbuf }
+    }
+
+    /// Whether user `u` reads slowly.
+    pub fn is_slow(&self, u: usize) -> bool {
+        let stride = self.stride.max(1);
+        self.count > 0
+            && u >= self.first
+            && (u - self.first).is_multiple_of(stride)
+            && (u - self.first) / stride < self.count
+    }
+}
+
+/// How often a slow reader sends a PING of its own: it reads the node's
+/// late, and any byte from it tells the node it is there (protocol.md §3.4).
+const SLOW_PING: Duration = Duration::from_secs(5);
+
+/// A slow reader's budget and what it got.
+struct Throttle {
+    /// Bytes it may read now.
+    tokens: f64,
+    /// When `tokens` was last topped up.
+    at: Instant,
+    /// The socket may hold more than was read.
+    readable: bool,
+    /// When to send the next PING.
+    next_ping: Instant,
+    /// Bit `n`: message `n` arrived.
+    got: Vec<u64>,
+}
+
+impl Throttle {
+    fn new(now: Instant) -> Throttle {
+        Throttle { tokens: 0.0, at: now, readable: false, next_ping: now + SLOW_PING, got: Vec::new() }
+    }
+
+    /// Tops the budget up for the time since the last call: at most a tenth
+    /// of a second's bytes (and 256) can pile up.
+    fn refill(&mut self, now: Instant, bps: u64) {
+        let cap = (bps as f64 / 10.0).max(256.0);
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * bps as f64).min(cap);
+        self.at = now;
+    }
+
+    fn mark(&mut self, n: u32) {
+        let (w, b) = (n as usize / 64, n % 64);
+        if self.got.len() <= w {
+            self.got.resize(w + 1, 0);
+        }
+        self.got[w] |= 1 << b;
+    }
+
+    fn has(&self, n: u32) -> bool {
+        self.got.get(n as usize / 64).is_some_and(|w| w & (1 << (n % 64)) != 0)
+    }
+}
+
+/// What the slow readers ([`SlowReaders`]) counted, all together.
+#[derive(Debug, Clone)]
+pub struct SlowStats {
+    /// Slow clients.
+    pub clients: u64,
+    /// Messages they received.
+    pub received: u64,
+    /// Messages conflated away on their sessions (CONFLATED frames).
+    pub conflated: u64,
+    /// Unkeyed messages below each one's highest message number that it never got (must be 0).
+    pub unkeyed_lost: u64,
+    /// Their connections that closed, and reconnections.
+    pub closed: u64,
+    /// Successful reconnections.
+    pub reconnects: u64,
+    /// Staleness: at each keyed message received, now − its intended send
+    /// time, ns (from [`Swarm::record_after`] on).
+    pub stale: Histogram<u64>,
+    /// The same for the unkeyed messages they received.
+    pub unkeyed_age: Histogram<u64>,
+}
+
+impl SlowStats {
+    /// Nothing counted yet.
+    pub fn new() -> SlowStats {
+        SlowStats {
+            clients: 0,
+            received: 0,
+            conflated: 0,
+            unkeyed_lost: 0,
+            closed: 0,
+            reconnects: 0,
+            stale: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds"),
+            unkeyed_age: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("valid bounds"),
+        }
+    }
+
+    /// The worker protocol's `SLOW …` line (see [`run_worker`]).
+    pub fn slow_line(&self) -> String {
+        format!(
+            "SLOW {} {} {} {} {} {}",
+            self.clients, self.received, self.conflated, self.unkeyed_lost, self.closed, self.reconnects
+        )
+    }
+
+    /// Adds the counts of a `SLOW …` line; false if it is not one.
+    pub fn add_slow_line(&mut self, line: &str) -> bool {
+        let mut p = line.split_whitespace();
+        if p.next() != Some("SLOW") {
+            return false;
+        }
+        let n: Vec<u64> = p.filter_map(|x| x.parse().ok()).collect();
+        let [clients, received, conflated, unkeyed_lost, closed, reconnects] = n[..] else { return false };
+        self.clients += clients;
+        self.received += received;
+        self.conflated += conflated;
+        self.unkeyed_lost += unkeyed_lost;
+        self.closed += closed;
+        self.reconnects += reconnects;
+        true
+    }
+}
+
+impl Default for SlowStats {
+    fn default() -> SlowStats {
+        SlowStats::new()
+    }
 }
 
 /// What the swarm counted.
@@ -130,13 +327,16 @@ pub struct Tally {
     pub reconnects: u64,
     /// Clients that completed the handshake at least once.
     pub welcomed: u64,
+    /// Messages conflated away (the seqs CONFLATED frames covered):
+    /// replaced by a later message of the same key, not lost.
+    pub conflated: u64,
 }
 
 impl Tally {
     /// The worker protocol's `RESULT …` line (see [`run_worker`]).
     pub fn result_line(&self) -> String {
         format!(
-            "RESULT {} {} {} {} {} {} {} {} {}",
+            "RESULT {} {} {} {} {} {} {} {} {} {}",
             self.received,
             self.wrong_user,
             self.dups,
@@ -145,7 +345,8 @@ impl Tally {
             self.closed,
             self.reconnects,
             self.welcomed,
-            self.late
+            self.late,
+            self.conflated
         )
     }
 
@@ -156,9 +357,10 @@ impl Tally {
             return None;
         }
         let n: Vec<u64> = p.map(|x| x.parse().ok()).collect::<Option<_>>()?;
-        let (late, n) = match n.len() {
-            9 => (n[8], &n[..8]),
-            _ => (0, &n[..]),
+        let (late, conflated, n) = match n.len() {
+            10 => (n[8], n[9], &n[..8]),
+            9 => (n[8], 0, &n[..8]),
+            _ => (0, 0, &n[..]),
         };
         let [received, wrong_user, dups, silent_gaps, announced_gaps, closed, reconnects, welcomed] = n[..]
         else {
@@ -174,6 +376,7 @@ impl Tally {
             closed,
             reconnects,
             welcomed,
+            conflated,
         })
     }
 
@@ -188,6 +391,7 @@ impl Tally {
         self.closed += o.closed;
         self.reconnects += o.reconnects;
         self.welcomed += o.welcomed;
+        self.conflated += o.conflated;
     }
 }
 
@@ -220,6 +424,11 @@ struct SConn {
     await_msg: bool,
     /// The latest silent jumps not yet filled by late messages: [from, to).
     holes: Vec<(u32, u32)>,
+    /// Messages CONFLATED frames covered since the last stamped DELIVER:
+    /// the jump in message numbers they explain.
+    conflated_pending: u64,
+    /// Set for a slow reader.
+    slow: Option<Box<Throttle>>,
 }
 
 /// Silent jumps a client remembers, for telling a late message from a
@@ -281,25 +490,38 @@ pub struct Swarm {
     /// announced, as (user, first missing msg, first msg after the jump);
     /// the owner drains it.
     pub silent_ranges: Vec<(u32, u32, u32)>,
+    /// The slow readers' clients, by index.
+    slow_idx: Vec<usize>,
+    /// What the slow readers counted so far (but `unkeyed_lost`, which
+    /// [`Swarm::slow_stats`] works out).
+    slow: SlowStats,
+    /// The slow readers still read slowly ([`Swarm::unthrottle`]).
+    throttled: bool,
 }
 
-fn connect_one(node: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    match source {
-        None => TcpStream::connect_timeout(&node, Duration::from_secs(2)),
-        Some(ip) => {
-            use socket2::{Domain, Socket, Type};
-            let s = Socket::new(Domain::for_address(node), Type::STREAM, None)?;
-            s.bind(&SocketAddr::new(ip, 0).into())?;
-            s.connect_timeout(&node.into(), Duration::from_secs(2))?;
-            Ok(s.into())
-        }
+/// A connected socket to `node`, from `source` if given, with a receive
+/// buffer of `rcvbuf` bytes asked for before connecting (0: the default).
+fn connect_one(node: SocketAddr, source: Option<IpAddr>, rcvbuf: usize) -> std::io::Result<TcpStream> {
+    if source.is_none() && rcvbuf == 0 {
+        return TcpStream::connect_timeout(&node, Duration::from_secs(2));
     }
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(node), Type::STREAM, None)?;
+    if rcvbuf > 0 {
+        s.set_recv_buffer_size(rcvbuf)?;
+    }
+    if let Some(ip) = source {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.connect_timeout(&node.into(), Duration::from_secs(2))?;
+    Ok(s.into())
 }
 
 impl Swarm {
     /// A swarm of `cfg.count` clients; nothing is connected yet.
     pub fn new(cfg: SwarmConfig) -> std::io::Result<Swarm> {
-        let conns = (0..cfg.count)
+        let now = Instant::now();
+        let conns: Vec<SConn> = (0..cfg.count)
             .map(|i| SConn {
                 sock: None,
                 user: (cfg.first + i) as u32,
@@ -314,8 +536,13 @@ impl Swarm {
                 rehoming: false,
                 await_msg: false,
                 holes: Vec::new(),
+                conflated_pending: 0,
+                slow: cfg.slow.is_slow(cfg.first + i).then(|| Box::new(Throttle::new(now))),
             })
             .collect();
+        let slow_idx: Vec<usize> = (0..conns.len()).filter(|&i| conns[i].slow.is_some()).collect();
+        let mut slow = SlowStats::new();
+        slow.clients = slow_idx.len() as u64;
         let expires = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -338,7 +565,38 @@ impl Swarm {
             decision_conn: None,
             restarts_pending: false,
             silent_ranges: Vec::new(),
+            slow_idx,
+            slow,
+            throttled: true,
         })
+    }
+
+    /// From now on the slow readers read at full speed, so that what they
+    /// were sent arrives and can be accounted for; their staleness is no
+    /// longer recorded.
+    pub fn unthrottle(&mut self) {
+        self.throttled = false;
+        for &i in &self.slow_idx {
+            if let Some(t) = self.conns[i].slow.as_mut() {
+                t.readable = true;
+            }
+        }
+    }
+
+    /// What the slow readers counted, with the unkeyed messages each never
+    /// got below its highest message number.
+    pub fn slow_stats(&self) -> SlowStats {
+        let mut s = self.slow.clone();
+        s.unkeyed_lost = self
+            .slow_idx
+            .iter()
+            .map(|&i| {
+                let c = &self.conns[i];
+                let t = c.slow.as_deref().expect("a slow reader");
+                (0..c.next_msg).filter(|&n| self.cfg.unkeyed.is_unkeyed(n) && !t.has(n)).count() as u64
+            })
+            .sum();
+        s
     }
 
     /// Number of clients.
@@ -476,7 +734,9 @@ impl Swarm {
             else {
                 continue;
             };
-            if let Ok(s) = connect_one(addr, src) {
+            if let Ok(s) =
+                connect_one(addr, src, if self.conns[i].slow.is_some() { self.cfg.slow.rcvbuf } else { 0 })
+            {
                 connected = Some((node, s));
                 break;
             }
@@ -533,6 +793,10 @@ impl Swarm {
         c.sock = Some(sock);
         c.node = node;
         c.rbuf.clear();
+        if let Some(t) = c.slow.as_mut() {
+            t.readable = true;
+            t.next_ping = now + SLOW_PING;
+        }
         if self.cfg.plain {
             c.phase = Phase::Live;
             self.live += 1;
@@ -554,6 +818,9 @@ impl Swarm {
         let c = &mut self.conns[i];
         if let Some(mut s) = c.sock.take() {
             let _ = self.poll.registry().deregister(&mut s);
+            if c.slow.is_some() && c.ever_welcomed {
+                self.slow.closed += 1;
+            }
         }
         if c.phase == Phase::Live {
             self.live -= 1;
@@ -618,8 +885,15 @@ impl Swarm {
     /// One poll: reads what arrived, restarts clients whose retry time came.
     pub fn step(&mut self, timeout: Duration) {
         let mut events = std::mem::replace(&mut self.events, mio::Events::with_capacity(1));
-        // Clients are waiting to reconnect: do not sleep in poll.
-        let timeout = if self.restarts_pending { Duration::ZERO } else { timeout };
+        // Clients are waiting to reconnect: do not sleep in poll. Slow
+        // readers with more to read read again within 10 ms.
+        let timeout = if self.restarts_pending {
+            Duration::ZERO
+        } else if self.slow_idx.is_empty() {
+            timeout
+        } else {
+            timeout.min(Duration::from_millis(10))
+        };
         if self.poll.poll(&mut events, Some(timeout)).is_err() {
             self.events = events;
             return;
@@ -629,6 +903,7 @@ impl Swarm {
             self.read(ev.token().0, now);
         }
         self.events = events;
+        self.slow_turn(now);
         if self.cfg.reconnect || self.tally.welcomed < self.conns.len() as u64 {
             // A bounded number of (blocking) restarts per step, so replies
             // to earlier ones are read, and timed, promptly.
@@ -649,10 +924,44 @@ impl Swarm {
         }
     }
 
+    /// The slow readers' turn: each reads what its budget allows if its
+    /// socket may hold more, and sends its PING when due.
+    fn slow_turn(&mut self, now: Instant) {
+        for k in 0..self.slow_idx.len() {
+            let i = self.slow_idx[k];
+            let c = &mut self.conns[i];
+            let Some(t) = c.slow.as_mut() else { continue };
+            if c.phase == Phase::Live && now >= t.next_ping {
+                t.next_ping = now + SLOW_PING;
+                if let Some(s) = c.sock.as_mut() {
+                    let _ = s.write(&Frame::Ping(0).to_vec());
+                    let _ = s.flush();
+                }
+            }
+            if c.sock.is_some() && t.readable {
+                self.read(i, now);
+            }
+        }
+    }
+
     fn read(&mut self, i: usize, now: Instant) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        while let Some(sock) = self.conns.get_mut(i).and_then(|c| c.sock.as_mut()) {
-            match sock.read(&mut scratch) {
+        let bps = self.cfg.slow.bps;
+        while let Some(c) = self.conns.get_mut(i).filter(|c| c.sock.is_some()) {
+            // A slow reader reads once, what its budget allows.
+            let limit = match c.slow.as_mut().filter(|_| self.throttled) {
+                Some(t) => {
+                    t.refill(now, bps);
+                    t.readable = true;
+                    (t.tokens as usize).min(scratch.len())
+                }
+                None => scratch.len(),
+            };
+            if limit == 0 {
+                break;
+            }
+            let sock = c.sock.as_mut().expect("checked");
+            match sock.read(&mut scratch[..limit]) {
                 Ok(0) => {
                     self.tally.closed += 1;
                     self.fail(i, now);
@@ -668,8 +977,17 @@ impl Swarm {
                     }
                     buf.drain(..used);
                     self.conns[i].rbuf = buf;
+                    if let Some(t) = self.conns[i].slow.as_mut().filter(|_| self.throttled) {
+                        t.tokens -= n as f64;
+                        break;
+                    }
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if let Some(t) = self.conns[i].slow.as_mut() {
+                        t.readable = false;
+                    }
+                    break;
+                }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.tally.closed += 1;
@@ -718,7 +1036,10 @@ impl Swarm {
                             self.tally.dups += 1;
                         }
                     } else {
-                        let missing = (st.msg - c.next_msg) as u64;
+                        // What the CONFLATED frames since the last message
+                        // covered is no gap.
+                        let jump = (st.msg - c.next_msg) as u64;
+                        let missing = jump - jump.min(std::mem::take(&mut c.conflated_pending));
                         if c.announced || seq_jump {
                             self.tally.announced_gaps += missing;
                         } else if missing > 0 {
@@ -729,8 +1050,47 @@ impl Swarm {
                         c.announced = false;
                         c.next_msg = st.msg + 1;
                     }
-                    if st.sent_ns >= self.record_after {
-                        let _ = self.hist.record(t.saturating_sub(st.sent_ns).max(1));
+                    match c.slow.as_mut() {
+                        None => {
+                            if st.sent_ns >= self.record_after {
+                                let _ = self.hist.record(t.saturating_sub(st.sent_ns).max(1));
+                            }
+                        }
+                        Some(th) => {
+                            th.mark(st.msg);
+                            self.slow.received += 1;
+                            if st.sent_ns >= self.record_after && self.throttled {
+                                let h = if self.cfg.unkeyed.is_unkeyed(st.msg) {
+                                    &mut self.slow.unkeyed_age
+                                } else {
+                                    &mut self.slow.stale
+                                };
+                                let _ = h.record(t.saturating_sub(st.sent_ns).max(1));
+                            }
+                        }
+                    }
+                }
+                Frame::Conflated(cf) => {
+                    // The position rules of protocol.md §3.8.
+                    let Some(p) = c.pos.filter(|p| p.epoch == cf.epoch) else {
+                        log::warn!("swarm: {} got CONFLATED for another stream", user_name(c.user as usize));
+                        self.tally.closed += 1;
+                        self.fail(i, now);
+                        return at;
+                    };
+                    if cf.last_seq <= p.seq {
+                        continue;
+                    }
+                    if cf.first_seq > p.seq + 1 {
+                        // A gap first, announced as a seq jump is.
+                        c.announced = true;
+                    }
+                    let n = cf.last_seq - cf.first_seq.max(p.seq + 1) + 1;
+                    c.pos = Some(Position { epoch: cf.epoch, seq: cf.last_seq });
+                    c.conflated_pending += n;
+                    self.tally.conflated += n;
+                    if c.slow.is_some() {
+                        self.slow.conflated += n;
                     }
                 }
                 Frame::Welcome(w) if c.phase == Phase::Handshake => {
@@ -738,6 +1098,9 @@ impl Swarm {
                     self.live += 1;
                     if c.ever_welcomed {
                         self.tally.reconnects += 1;
+                        if c.slow.is_some() {
+                            self.slow.reconnects += 1;
+                        }
                     } else {
                         self.tally.welcomed += 1;
                         c.ever_welcomed = true;
@@ -750,6 +1113,7 @@ impl Swarm {
                     }
                     if matches!(w.resume, ResumeResult::Restarted | ResumeResult::Gap) {
                         c.announced = true;
+                        c.conflated_pending = 0;
                     }
                     if w.resume != ResumeResult::Resumed {
                         c.pos = Some(Position { epoch: w.epoch, seq: w.next_seq.saturating_sub(1) });
@@ -790,9 +1154,13 @@ impl Swarm {
 /// received live wrong silent p50_ns p99_ns p999_ns` once a second (the
 /// percentiles over that second; `silent`: messages still missing from
 /// silent jumps, net of late ones), and on `STOP` (or EOF) `RESULT …`, the
-/// histograms as `H`/`W`/`M value count` lines, `NEXT n…` (each client's
-/// next expected message number, in user order) and `END`. Reads `START ns`
-/// (record latency from then on) and `KILL ns` (time re-homing from then).
+/// histograms as `H`/`W`/`M value count` lines, with slow readers
+/// ([`SlowReaders`]) a `SLOW …` line ([`SlowStats::slow_line`]) and their
+/// staleness and unkeyed messages' age as `S`/`U value count` lines,
+/// `NEXT n…` (each client's next expected message number, in user order)
+/// and `END`. Reads `START ns`
+/// (record latency from then on), `KILL ns` (time re-homing from then) and
+/// `UNTHROTTLE` (the slow readers read at full speed: [`Swarm::unthrottle`]).
 ///
 /// For `herald-probe soak` it also reads `SAMPLE` (answered by one line
 /// `SAMPLE received live wrong silent announced dups closed reconnects
@@ -816,7 +1184,7 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
                     record_from.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
                 } else if let Some(ns) = line.strip_prefix("KILL ") {
                     kill_at.store(ns.trim().parse().unwrap_or(0), Ordering::SeqCst);
-                } else if line == "SAMPLE" || line.starts_with("WAVE ") {
+                } else if line == "SAMPLE" || line == "UNTHROTTLE" || line.starts_with("WAVE ") {
                     let _ = cmd_tx.send(line);
                 } else {
                     break;
@@ -886,6 +1254,15 @@ pub fn run_worker(cfg: SwarmConfig, record_after: u64) -> i32 {
     for v in swarm.rehome_message.iter_recorded() {
         let _ = writeln!(o, "M {} {}", v.value_iterated_to(), v.count_at_value());
     }
+    if !swarm.slow_idx.is_empty() {
+        let slow = swarm.slow_stats();
+        let _ = writeln!(o, "{}", slow.slow_line());
+        for (k, h) in [("S", &slow.stale), ("U", &slow.unkeyed_age)] {
+            for v in h.iter_recorded() {
+                let _ = writeln!(o, "{k} {} {}", v.value_iterated_to(), v.count_at_value());
+            }
+        }
+    }
     let next: Vec<String> = swarm.conns.iter().map(|c| c.next_msg.to_string()).collect();
     let _ = writeln!(o, "NEXT {}", next.join(" "));
     let _ = writeln!(o, "END");
@@ -920,6 +1297,7 @@ fn worker_command(swarm: &mut Swarm, cmd: &str, sampled: &mut Histogram<u64>) {
             }
             println!("{line}");
         }
+        Some("UNTHROTTLE") => swarm.unthrottle(),
         Some("WAVE") => {
             let per_mille = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
             let round = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -978,6 +1356,79 @@ mod tests {
         assert!(!c.fill_hole(0), "the oldest jumps are forgotten");
     }
 
+    /// A DELIVER of message `msg` of user 0 at `seq`.
+    fn deliver(out: &mut Vec<u8>, seq: u64, msg: u32) {
+        let mut p = [0u8; 20];
+        Stamp { sent_ns: 1, user: 0, msg }.write(&mut p);
+        f::encode_deliver(out, 7, seq, &p);
+    }
+
+    /// A CONFLATED for `first..=last`, naming key "k".
+    fn conflated(out: &mut Vec<u8>, first: u64, last: u64) {
+        let body: Vec<u8> =
+            [&7u64.to_be_bytes()[..], &first.to_be_bytes(), &last.to_be_bytes(), &[1, 1, b'k']].concat();
+        out.extend_from_slice(&(1 + body.len() as u32).to_be_bytes());
+        out.push(f::ty::CONFLATED);
+        out.extend_from_slice(&body);
+    }
+
+    #[test]
+    fn conflated_messages_are_accounted_for_not_lost() {
+        let cfg = SwarmConfig {
+            count: 1,
+            slow: SlowReaders { count: 1, first: 0, stride: 1, bps: 1000, rcvbuf: 0 },
+            // Messages 0, 4, 8, … are unkeyed.
+            unkeyed: Unkeyed { every: 4, below: 1 },
+            ..SwarmConfig::default()
+        };
+        let mut sw = Swarm::new(cfg).unwrap();
+        sw.record_after = 0;
+        sw.conns[0].phase = Phase::Live;
+        sw.conns[0].pos = Some(Position { epoch: 7, seq: 0 });
+        let mut b = Vec::new();
+        deliver(&mut b, 1, 0);
+        conflated(&mut b, 2, 3); // messages 1 and 2
+        deliver(&mut b, 4, 3);
+        deliver(&mut b, 5, 4);
+        conflated(&mut b, 6, 6); // message 5
+        conflated(&mut b, 6, 6); // a repeat: discarded
+        deliver(&mut b, 7, 6);
+        let now = Instant::now();
+        assert_eq!(sw.frames(0, &b, 10, now), b.len());
+        let t = sw.tally;
+        assert_eq!((t.received, t.conflated, t.silent_gaps, t.announced_gaps, t.dups), (4, 3, 0, 0, 0));
+        assert_eq!(sw.conns[0].pos, Some(Position { epoch: 7, seq: 7 }));
+        // A jump the CONFLATED frames do not explain is still a gap; an
+        // unkeyed message in it is an unkeyed loss.
+        let mut b = Vec::new();
+        conflated(&mut b, 8, 8); // message 7
+        deliver(&mut b, 10, 9); // seq 9 (message 8, unkeyed) missing
+        sw.frames(0, &b, 10, now);
+        let t = sw.tally;
+        assert_eq!((t.conflated, t.silent_gaps, t.announced_gaps), (4, 0, 1), "a seq jump is announced");
+        let slow = sw.slow_stats();
+        assert_eq!((slow.clients, slow.received, slow.conflated, slow.unkeyed_lost), (1, 5, 4, 1));
+        assert_eq!(slow.stale.len() + slow.unkeyed_age.len(), 5);
+        assert_eq!(slow.unkeyed_age.len(), 2, "messages 0 and 4");
+        assert!(sw.hist.is_empty(), "a slow reader's ages are not latency");
+        let mut back = SlowStats::new();
+        assert!(back.add_slow_line(&slow.slow_line()));
+        assert_eq!((back.received, back.conflated, back.unkeyed_lost), (5, 4, 1));
+    }
+
+    #[test]
+    fn unkeyed_rules_and_slow_spreads() {
+        let u = Unkeyed { every: 10, below: 3 };
+        assert_eq!((0..25).filter(|&n| u.is_unkeyed(n)).count() as u64, u.below_n(25));
+        assert_eq!(u.below_n(25), 9);
+        assert_eq!(Unkeyed::ALL.below_n(5), 5);
+        assert_eq!(Unkeyed::NONE.below_n(5), 0);
+        let s = SlowReaders::spread(100, 1000, 1, 0);
+        assert_eq!((0..1000).filter(|&u| s.is_slow(u)).count(), 100);
+        assert!(s.is_slow(0) && s.is_slow(990) && !s.is_slow(5) && !s.is_slow(1000));
+        assert!(!SlowReaders::default().is_slow(0));
+    }
+
     #[test]
     fn result_lines_round_trip() {
         let t = Tally {
@@ -990,10 +1441,13 @@ mod tests {
             closed: 6,
             reconnects: 7,
             welcomed: 8,
+            conflated: 10,
         };
         assert_eq!(Tally::parse_result_line(&t.result_line()), Some(t));
         let old = Tally::parse_result_line("RESULT 1 2 3 4 5 6 7 8").unwrap();
-        assert_eq!(old, Tally { late: 0, ..t });
+        assert_eq!(old, Tally { late: 0, conflated: 0, ..t });
+        let nine = Tally::parse_result_line("RESULT 1 2 3 4 5 6 7 8 9").unwrap();
+        assert_eq!(nine, Tally { conflated: 0, ..t });
         assert_eq!(Tally::parse_result_line("RESULT 1 2 3"), None);
         assert_eq!(Tally::parse_result_line("H 1 2"), None);
     }

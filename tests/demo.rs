@@ -2,7 +2,9 @@
 //! a node killed halfway, over TLS (the default) and with `--plaintext`;
 //! and with `--source jetstream` (or `redis`), its traffic going through a
 //! queue server the demo starts (skipped, saying so, when it is not
-//! installed).
+//! installed). In every form its slow client (a quarter of its stream's
+//! bandwidth, on nodes run with `--slow-policy conflate`) has quotes
+//! conflated, loses no fill or balance change and is never cut off.
 
 use std::io::Write as _;
 use std::process::Command;
@@ -46,6 +48,30 @@ fn summary(out: &str, label: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {label:?} line: {out}"))
 }
 
+/// The slow client's summary line: quotes conflated (some, when `some`),
+/// no fill or balance change lost, never disconnected, and what it received
+/// plus what was conflated is what was published to it.
+fn assert_slow_client(out: &str, some: bool) {
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("slow client        "))
+        .unwrap_or_else(|| panic!("no slow client line: {out}"));
+    assert!(line.contains(" quotes conflated, 0 fills/balances lost, 0 disconnects"), "{line}");
+    let num = |after: &str, before: &str| -> u64 {
+        let r = line.split(before).next().unwrap();
+        let r = r.rsplit(after).next().unwrap();
+        r.trim().replace(',', "").parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    let conflated = num("slow client", "quotes conflated");
+    let published = num(":", "published");
+    let received = num("published,", "received");
+    assert_eq!(received + conflated, published, "{line}");
+    if some {
+        assert!(conflated > 0, "a client reading a quarter of its stream is conflated: {line}");
+    }
+    assert!(out.lines().any(|l| l.starts_with("t=") && l.contains("slow client: ")), "{out}");
+}
+
 /// A run through a queue: green, every message the queue stored was taken
 /// by the nodes from it and reached its user, and the queue server the demo
 /// started is gone with its data.
@@ -56,6 +82,7 @@ fn assert_through_queue(engine: &str, out: &str) {
     assert!(out.contains("wrong user         0"), "{out}");
     assert!(out.contains("duplicates         0"), "{out}");
     assert!(out.contains("lost, unannounced  0"), "{out}");
+    assert_slow_client(out, false);
     let published = summary(out, "published");
     let taken = summary(out, "taken from queue");
     assert!(published > 0, "{out}");
@@ -73,6 +100,8 @@ fn demo_finishes_green() {
     assert!(out.contains("OK: every message reached its own user"), "{out}");
     assert!(out.contains("wrong user         0"), "{out}");
     assert!(out.lines().any(|l| l.starts_with("t=") && l.contains("n1:") && l.contains("n2:")), "{out}");
+    assert_slow_client(&out, true);
+    assert!(out.contains("nodes run --slow-policy conflate"), "{out}");
     assert!(
         out.contains("TLS 1.3 on every client, publisher, mesh and decision-server connection"),
         "TLS by default: {out}"
@@ -89,6 +118,7 @@ fn demo_plaintext_finishes_green() {
     assert!(out.contains("plaintext: no TLS"), "{out}");
     assert!(!out.contains("throwaway CA"), "{out}");
     assert!(out.contains("OK: every message reached its own user"), "{out}");
+    assert_slow_client(&out, false);
 }
 
 #[test]
@@ -98,6 +128,8 @@ fn demo_with_chaos_rehomes_the_killed_nodes_clients() {
     assert!(out.contains("chaos: killing node n1"), "{out}");
     assert!(out.contains("chaos: all 200 clients live again"), "{out}");
     assert!(out.contains("lost, unannounced  0"), "{out}");
+    // On the node --chaos does not kill: never cut off.
+    assert_slow_client(&out, true);
 }
 
 #[test]
@@ -148,7 +180,8 @@ fn demo_redis_backend_stores_what_it_counts() {
     let mut b = q.backend(published.clone()).unwrap();
     for tick in 0..10 {
         for u in 0..7 {
-            b.push(format!("u{u}").as_bytes(), format!("\0\r\n{tick} binary\x7f").as_bytes()).unwrap();
+            let key = if u % 2 == 0 { &b""[..] } else { b"EURUSD" };
+            b.push(format!("u{u}").as_bytes(), key, format!("\0\r\n{tick} binary\x7f").as_bytes()).unwrap();
         }
         b.flush().unwrap();
     }

@@ -16,6 +16,16 @@
 //! growth, descriptor leaks, cross-user deliveries and silent losses.
 //!
 //! `--plain` drives `herald-forwarder` (no auth: the token is the user id).
+//!
+//! Conflation (protocol.md §5.7): `--keys N` gives each user's messages the
+//! keys k0..k(N-1) in turn (`--fills-every M`: every M-th one unkeyed), and
+//! `--slow N` makes N of the clients, spread evenly, read throttled to a
+//! fraction of their stream's bandwidth behind a small receive buffer. The
+//! probe then reports, for the slow clients apart, what they received, what
+//! was conflated, the unkeyed messages they never got (must be 0 under
+//! `--slow-policy conflate`), their disconnects, and the staleness of the
+//! keyed messages they got (now − intended send time), p50 and p99; the
+//! latency line is then the fast clients' alone.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -33,7 +43,7 @@ use hdrhistogram::Histogram;
 use herald::cli::read_secret;
 use herald::protocol::frame::{self as f, BatchWriter, Frame};
 use herald::protocol::{decode, token, Channel, Decoded, MIN_VERSION, VERSION};
-use herald::swarm::{mono_ns, user_name, Stamp, SwarmConfig, Tally};
+use herald::swarm::{mono_ns, user_name, SlowReaders, SlowStats, Stamp, SwarmConfig, Tally, Unkeyed};
 
 #[derive(Parser)]
 #[command(about = "herald latency probe and load generator")]
@@ -134,6 +144,8 @@ enum Cmd {
     Worker {
         #[command(flatten)]
         common: Common,
+        #[command(flatten)]
+        readers: Readers,
         /// First user index.
         #[arg(long)]
         first: usize,
@@ -151,7 +163,9 @@ fn main() {
     // The library's swarm logs through `log`; the probe's own messages stay eprintln!.
     herald::logging::init(log::LevelFilter::Info);
     let code = match a.cmd {
-        Cmd::Worker { common, first, count, record_after } => worker(common, first, count, record_after),
+        Cmd::Worker { common, readers, first, count, record_after } => {
+            worker(common, readers, first, count, record_after)
+        }
         Cmd::Load(args) => load(*args),
         Cmd::Soak(args) => soak::soak(*args),
         Cmd::Plot { out, title, inputs } => {
@@ -208,7 +222,84 @@ pub(crate) fn secret_for(
     }
 }
 
-fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
+/// How a worker's clients read and which messages are keyed (internal
+/// flags, set by `load` from `--slow…`, `--keys` and `--fills-every`).
+#[derive(clap::Args, Clone)]
+pub(crate) struct Readers {
+    /// Slow readers: how many, the first, the stride.
+    #[arg(long, default_value_t = 0, hide = true)]
+    slow_count: usize,
+    #[arg(long, default_value_t = 0, hide = true)]
+    slow_first: usize,
+    #[arg(long, default_value_t = 1, hide = true)]
+    slow_stride: usize,
+    /// Their read rate, bytes a second.
+    #[arg(long, default_value_t = 0, hide = true)]
+    slow_read_bps: u64,
+    /// Their SO_RCVBUF.
+    #[arg(long, default_value_t = 0, hide = true)]
+    slow_read_rcvbuf: usize,
+    /// Message n is unkeyed when n % every < below.
+    #[arg(long, default_value_t = 1, hide = true)]
+    unkeyed_every: u32,
+    #[arg(long, default_value_t = 1, hide = true)]
+    unkeyed_below: u32,
+}
+
+impl Default for Readers {
+    fn default() -> Readers {
+        Readers::new(SlowReaders::default(), Unkeyed::ALL)
+    }
+}
+
+impl Readers {
+    fn new(slow: SlowReaders, unkeyed: Unkeyed) -> Readers {
+        Readers {
+            slow_count: slow.count,
+            slow_first: slow.first,
+            slow_stride: slow.stride,
+            slow_read_bps: slow.bps,
+            slow_read_rcvbuf: slow.rcvbuf,
+            unkeyed_every: unkeyed.every,
+            unkeyed_below: unkeyed.below,
+        }
+    }
+
+    fn slow(&self) -> SlowReaders {
+        SlowReaders {
+            count: self.slow_count,
+            first: self.slow_first,
+            stride: self.slow_stride,
+            bps: self.slow_read_bps,
+            rcvbuf: self.slow_read_rcvbuf,
+        }
+    }
+
+    fn unkeyed(&self) -> Unkeyed {
+        Unkeyed { every: self.unkeyed_every, below: self.unkeyed_below }
+    }
+
+    /// As a worker's command-line flags.
+    fn args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.slow_count > 0 {
+            for (k, x) in [
+                ("--slow-count", self.slow_count as u64),
+                ("--slow-first", self.slow_first as u64),
+                ("--slow-stride", self.slow_stride as u64),
+                ("--slow-read-bps", self.slow_read_bps),
+                ("--slow-read-rcvbuf", self.slow_read_rcvbuf as u64),
+            ] {
+                v.extend([k.to_owned(), x.to_string()]);
+            }
+        }
+        v.extend(["--unkeyed-every".into(), self.unkeyed_every.to_string()]);
+        v.extend(["--unkeyed-below".into(), self.unkeyed_below.to_string()]);
+        v
+    }
+}
+
+fn worker(c: Common, readers: Readers, first: usize, count: usize, record_after: u64) -> i32 {
     let Some(secret) = secret_for(c.plain, c.secret_file.as_deref(), "worker", "--secret-file") else {
         return 2;
     };
@@ -230,6 +321,8 @@ fn worker(c: Common, first: usize, count: usize, record_after: u64) -> i32 {
         reconnect: c.reconnect,
         tls,
         decision_tls,
+        slow: readers.slow(),
+        unkeyed: readers.unkeyed(),
     };
     herald::swarm::run_worker(cfg, record_after)
 }
@@ -295,11 +388,71 @@ struct LoadArgs {
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "ingest")]
     via_jetstream: Option<String>,
     /// Publish into Redis (HOST:PORT), XADD to the stream `herald` with the
-    /// fields `user` and `data`, one pipeline a tick, instead of the ingest
-    /// port, for a node consuming it with `--source redis://`.
+    /// fields `user` and `data` (and `key`), one pipeline a tick, instead of
+    /// the ingest port, for a node consuming it with `--source redis://`.
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["ingest", "via_jetstream"])]
     via_redis: Option<String>,
+    /// Conflation keys: each user's messages carry the keys k0..k(N-1) in
+    /// turn (through NATS as the header Herald-Key, through Redis as the
+    /// field `key`); 0: no keys.
+    #[arg(long, default_value_t = 0)]
+    keys: u32,
+    /// With --keys: each user's messages 0, M, 2M, … go without a key
+    /// (events that must arrive, never conflated); 0: none.
+    #[arg(long, default_value_t = 0)]
+    fills_every: u32,
+    /// This many clients, spread evenly over the users, read slowly (see
+    /// --slow-fraction, --slow-bps, --slow-rcvbuf); reported apart.
+    #[arg(long, default_value_t = 0)]
+    slow: usize,
+    /// A slow client reads this fraction of its stream's bandwidth: rate /
+    /// clients messages a second of 21 + --payload bytes each.
+    #[arg(long, default_value_t = 0.1)]
+    slow_fraction: f64,
+    /// A slow client reads this many bytes a second (instead of --slow-fraction).
+    #[arg(long)]
+    slow_bps: Option<u64>,
+    /// The receive buffer (SO_RCVBUF) a slow client asks for before it connects.
+    #[arg(long, default_value_t = 4096)]
+    slow_rcvbuf: usize,
 }
+
+/// Bytes of a DELIVER with `payload` bytes of payload (protocol.md §3.3).
+const DELIVER_OVERHEAD: usize = 21;
+
+impl LoadArgs {
+    /// Which messages go without a key.
+    fn unkeyed(&self) -> Unkeyed {
+        match (self.keys, self.fills_every) {
+            (0, _) => Unkeyed::ALL,
+            (_, 0) => Unkeyed::NONE,
+            (_, m) => Unkeyed { every: m, below: 1 },
+        }
+    }
+
+    /// A slow client's stream, bytes a second.
+    fn stream_bps(&self) -> f64 {
+        self.rate as f64 / self.clients.max(1) as f64 * (DELIVER_OVERHEAD + self.shape.payload) as f64
+    }
+
+    /// The slow readers.
+    fn slow_readers(&self) -> SlowReaders {
+        let bps =
+            self.slow_bps.unwrap_or_else(|| (self.stream_bps() * self.slow_fraction).round().max(1.0) as u64);
+        SlowReaders::spread(self.slow, self.clients, bps, self.slow_rcvbuf)
+    }
+}
+
+/// A message's key index: message `n` of a user, `None` if unkeyed.
+fn key_of(unkeyed: Unkeyed, keys: u32, n: u32) -> Option<usize> {
+    if keys == 0 || unkeyed.is_unkeyed(n) {
+        return None;
+    }
+    Some(((n as u64 - unkeyed.below_n(n)) % keys as u64) as usize)
+}
+
+/// A message for a queue: (user, key index, payload).
+type Queued = (usize, Option<usize>, Vec<u8>);
 
 /// XADD from the probe's tick loop: each tick's messages as one pipeline.
 struct RedisSink {
@@ -314,13 +467,17 @@ impl RedisSink {
         Ok(RedisSink { conn })
     }
 
-    fn publish(&mut self, names: &[String], msgs: &mut Vec<(usize, Vec<u8>)>) -> Result<(), String> {
+    fn publish(&mut self, names: &[String], keys: &[String], msgs: &mut Vec<Queued>) -> Result<(), String> {
         if msgs.is_empty() {
             return Ok(());
         }
         let mut p = redis::pipe();
-        for (u, data) in msgs.drain(..) {
-            p.cmd("XADD").arg("herald").arg("*").arg("user").arg(&names[u]).arg("data").arg(data).ignore();
+        for (u, k, data) in msgs.drain(..) {
+            let c = p.cmd("XADD").arg("herald").arg("*").arg("user").arg(&names[u]).arg("data").arg(data);
+            if let Some(k) = k {
+                c.arg("key").arg(&keys[k]);
+            }
+            c.ignore();
         }
         p.query::<()>(&mut self.conn).map_err(|e| e.to_string())
     }
@@ -344,11 +501,20 @@ impl NatsSink {
         Ok(NatsSink { rt, client, subjects })
     }
 
-    fn publish(&self, msgs: &mut Vec<(usize, Vec<u8>)>) -> Result<(), String> {
+    fn publish(&self, keys: &[String], msgs: &mut Vec<Queued>) -> Result<(), String> {
         let (client, subjects) = (&self.client, &self.subjects);
         self.rt.block_on(async {
-            for (u, p) in msgs.drain(..) {
-                client.publish(subjects[u].clone(), p.into()).await.map_err(|e| e.to_string())?;
+            for (u, k, p) in msgs.drain(..) {
+                let subject = subjects[u].clone();
+                match k {
+                    None => client.publish(subject, p.into()).await,
+                    Some(k) => {
+                        let mut h = async_nats::HeaderMap::new();
+                        h.insert("Herald-Key", keys[k].as_str());
+                        client.publish_with_headers(subject, h, p.into()).await
+                    }
+                }
+                .map_err(|e| e.to_string())?;
             }
             client.flush().await.map_err(|e| e.to_string())
         })
@@ -434,6 +600,7 @@ pub(crate) fn connect_publisher(addr: &str, plain: bool, secret: &[u8]) -> Resul
 /// returned channel.
 pub(crate) fn spawn_workers(
     common: &Common,
+    readers: &Readers,
     clients: usize,
     nworkers: usize,
     per: usize,
@@ -452,6 +619,7 @@ pub(crate) fn spawn_workers(
             cmd.arg("--node").arg(common.node.join(","));
         }
         cmd.arg("--first").arg(first.to_string()).arg("--count").arg(count.to_string());
+        cmd.args(readers.args());
         let flags = [
             (common.plain, "--plain"),
             (common.tls, "--tls"),
@@ -542,7 +710,9 @@ fn load(mut a: LoadArgs) -> i32 {
     let rss0: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_rss_kib(p)).collect();
     // Workers connect, say READY, and wait; publishing starts after every
     // worker is READY, and the recording threshold is sent to them on stdin.
-    let (mut children, rx) = spawn_workers(&a.common, a.clients, nworkers, per);
+    let (unkeyed, slow_readers) = (a.unkeyed(), a.slow_readers());
+    let readers = Readers::new(slow_readers, unkeyed);
+    let (mut children, rx) = spawn_workers(&a.common, &readers, a.clients, nworkers, per);
     let nworkers = children.len();
     let Some((connected, worker_secs)) = wait_ready(&rx, nworkers, a.clients, t_connect) else {
         return 1;
@@ -599,7 +769,8 @@ fn load(mut a: LoadArgs) -> i32 {
             return 1;
         }
     };
-    let mut queued: Vec<(usize, Vec<u8>)> = Vec::new();
+    let mut queued: Vec<Queued> = Vec::new();
+    let key_names: Vec<String> = (0..a.keys).map(|k| format!("k{k}")).collect();
     let mut ingest: Vec<String> = a.ingest.iter().map(|a| a.to_string()).collect();
     if ingest.is_empty() && nats.is_none() && redis.is_none() {
         match herald::decision::client::nodes(
@@ -720,31 +891,33 @@ fn load(mut a: LoadArgs) -> i32 {
             let u = user_rr;
             user_rr = (user_rr + 1) % a.clients;
             Stamp { sent_ns: intended, user: u as u32, msg: next_msg[u] }.write(&mut payload);
+            let key = key_of(unkeyed, a.keys, next_msg[u]);
             next_msg[u] += 1;
             if nats.is_some() || redis.is_some() {
-                queued.push((u, payload.clone()));
+                queued.push((u, key, payload.clone()));
                 continue;
             }
+            let key = key.map_or(&b""[..], |k| key_names[k].as_bytes());
             let p = (sent + j) as usize % pubs.len();
             let name = &names[u];
             let b = &mut bufs[p];
             let w = writers[p].get_or_insert_with(|| BatchWriter::start(b, 0, 0));
-            if !w.push(b, name.as_bytes(), b"", &payload) {
+            if !w.push(b, name.as_bytes(), key, &payload) {
                 let full = writers[p].take().unwrap();
                 full.finish(b);
                 let mut w2 = BatchWriter::start(b, 0, 0);
-                w2.push(b, name.as_bytes(), b"", &payload);
+                w2.push(b, name.as_bytes(), key, &payload);
                 writers[p] = Some(w2);
             }
         }
         if let Some(n) = &nats {
-            if let Err(e) = n.publish(&mut queued) {
+            if let Err(e) = n.publish(&key_names, &mut queued) {
                 eprintln!("probe: publish to NATS failed: {e}");
                 return 1;
             }
         }
         if let Some(r) = redis.as_mut() {
-            if let Err(e) = r.publish(&names, &mut queued) {
+            if let Err(e) = r.publish(&names, &key_names, &mut queued) {
                 eprintln!("probe: XADD to Redis failed: {e}");
                 return 1;
             }
@@ -774,8 +947,17 @@ fn load(mut a: LoadArgs) -> i32 {
     let preempted1: Vec<Option<u64>> = a.node_pid.iter().map(|&p| proc_preempted(p)).collect();
     let self1 = self_cpu(libc::RUSAGE_SELF);
     eprintln!();
-    // Let the last messages arrive, then stop the workers.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Let the last messages arrive (the slow clients, read at full speed
+    // now, get what they were sent), then stop the workers.
+    if a.slow > 0 {
+        for c in children.iter_mut() {
+            if let Some(s) = c.stdin.as_mut() {
+                let _ = writeln!(s, "UNTHROTTLE");
+                let _ = s.flush();
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(if a.slow > 0 { 3000 } else { 1500 }));
     if let Some(cmd) = &a.exec_before_stop {
         let _ = Command::new("sh").arg("-c").arg(cmd).status();
     }
@@ -783,6 +965,7 @@ fn load(mut a: LoadArgs) -> i32 {
     let mut t = Tally::default();
     let mut rehome_w = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3).unwrap();
     let mut rehome_m = rehome_w.clone();
+    let mut slow = SlowStats::new();
     for c in children.iter_mut() {
         let _ = c.stdin.take().map(|mut s| s.write_all(b"STOP\n"));
     }
@@ -796,12 +979,17 @@ fn load(mut a: LoadArgs) -> i32 {
                     t.add(&r);
                 }
             }
-            Some(k @ ("H" | "W" | "M")) if parts.len() == 3 => {
+            Some("SLOW") => {
+                slow.add_slow_line(&line);
+            }
+            Some(k @ ("H" | "W" | "M" | "S" | "U")) if parts.len() == 3 => {
                 let v: u64 = parts[1].parse().unwrap_or(1);
                 let c: u64 = parts[2].parse().unwrap_or(0);
                 let h = match k {
                     "H" => &mut hist,
                     "W" => &mut rehome_w,
+                    "S" => &mut slow.stale,
+                    "U" => &mut slow.unkeyed_age,
                     _ => &mut rehome_m,
                 };
                 let _ = h.record_n(v.max(1), c);
@@ -824,18 +1012,59 @@ fn load(mut a: LoadArgs) -> i32 {
         a.rate, a.duration, a.warmup, a.shape.payload
     );
     println!(
-        "received       {}  loss {loss}  wrong-user {}  duplicates {}  silent gaps {}  announced gaps {}  closed {}  reconnects {}",
-        t.received, t.wrong_user, t.dups, t.silent_gaps, t.announced_gaps, t.closed, t.reconnects
+        "received       {}  loss {loss}  wrong-user {}  duplicates {}  silent gaps {}  announced gaps {}  closed {}  reconnects {}  conflated {}",
+        t.received, t.wrong_user, t.dups, t.silent_gaps, t.announced_gaps, t.closed, t.reconnects, t.conflated
     );
+    if a.keys > 0 {
+        let share = match a.fills_every {
+            0 => "none unkeyed".to_owned(),
+            m => format!("every {m}th message of a user unkeyed"),
+        };
+        println!("keys           {} per user, in turn ({share})", a.keys);
+    }
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    if slow.clients > 0 {
+        println!(
+            "slow clients   {} of {} reading {} B/s ({:.0}% of their stream's {:.0} B/s), SO_RCVBUF {} B asked",
+            slow.clients,
+            a.clients,
+            slow_readers.bps,
+            slow_readers.bps as f64 / a.stream_bps().max(1.0) * 100.0,
+            a.stream_bps(),
+            slow_readers.rcvbuf
+        );
+        println!(
+            "slow clients   received {}  conflated {}  unkeyed lost {}  disconnects {}  reconnects {}",
+            slow.received, slow.conflated, slow.unkeyed_lost, slow.closed, slow.reconnects
+        );
+        println!(
+            "staleness (ms) p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  (n={}, keyed messages at the slow clients: arrival − intended send time)",
+            ms(&slow.stale, 0.5),
+            ms(&slow.stale, 0.9),
+            ms(&slow.stale, 0.99),
+            slow.stale.max() as f64 / 1e6,
+            slow.stale.len()
+        );
+        if !slow.unkeyed_age.is_empty() {
+            println!(
+                "unkeyed age (ms) p50 {:.1}  p99 {:.1}  max {:.1}  (n={}, unkeyed messages at the slow clients)",
+                ms(&slow.unkeyed_age, 0.5),
+                ms(&slow.unkeyed_age, 0.99),
+                slow.unkeyed_age.max() as f64 / 1e6,
+                slow.unkeyed_age.len()
+            );
+        }
+    }
     println!(
-        "latency (µs)   p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  p99.99 {:.1}  max {:.1}  (n={}, from intended send time)",
+        "latency (µs)   p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  p99.99 {:.1}  max {:.1}  (n={}, from intended send time{})",
         us(0.5),
         us(0.9),
         us(0.99),
         us(0.999),
         us(0.9999),
         hist.max() as f64 / 1000.0,
-        hist.len()
+        hist.len(),
+        if slow.clients > 0 { "; the fast clients" } else { "" }
     );
     if let Some((c0, s0, p0)) = &cpu_rec0 {
         for (i, pid) in a.node_pid.iter().enumerate() {
@@ -860,7 +1089,6 @@ fn load(mut a: LoadArgs) -> i32 {
         );
     }
     if killed {
-        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
         println!(
             "rehome         {} clients re-welcomed after the kill: p50 {:.0} ms  p99 {:.0} ms  max {:.0} ms",
             rehome_w.len(),
@@ -895,8 +1123,23 @@ fn load(mut a: LoadArgs) -> i32 {
         let tot: u64 = (0..a.node_pid.len()).filter_map(|i| Some(preempted1[i]? - p0[i]?)).sum();
         tot as f64 / a.duration.max(1) as f64
     });
+    let slow_kv = if slow.clients > 0 {
+        format!(
+            " slow={} slow_received={} slow_conflated={} slow_unkeyed_lost={} slow_closed={} stale_p50_ms={:.1} stale_p99_ms={:.1} stale_max_ms={:.1}",
+            slow.clients,
+            slow.received,
+            slow.conflated,
+            slow.unkeyed_lost,
+            slow.closed,
+            ms(&slow.stale, 0.5),
+            ms(&slow.stale, 0.99),
+            slow.stale.max() as f64 / 1e6
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "SUMMARY clients={} rate={} sent={sent} received={} loss={loss} wrong={} p50={:.1} p90={:.1} p99={:.1} p999={:.1} p9999={:.1} max={:.1} node_cpu_us_per_msg={:.3} node_preempted_per_s={:.0}",
+        "SUMMARY clients={} rate={} sent={sent} received={} loss={loss} wrong={} p50={:.1} p90={:.1} p99={:.1} p999={:.1} p9999={:.1} max={:.1} node_cpu_us_per_msg={:.3} node_preempted_per_s={:.0} conflated={}{slow_kv}",
         a.clients,
         a.rate,
         t.received,
@@ -908,12 +1151,18 @@ fn load(mut a: LoadArgs) -> i32 {
         us(0.9999),
         hist.max() as f64 / 1000.0,
         node_cpu_us.unwrap_or(f64::NAN),
-        node_preempted
+        node_preempted,
+        t.conflated
     );
     let mut code = 0;
-    let unexplained = loss - t.announced_gaps as i64;
+    // A message conflated away is accounted for, not lost.
+    let unexplained = loss - t.announced_gaps as i64 - t.conflated as i64;
     if unexplained != 0 || t.wrong_user != 0 || t.dups != 0 || t.silent_gaps != 0 {
         eprintln!("probe: FAIL: unannounced loss, duplicates, silent gaps or misrouted messages");
+        code = 1;
+    }
+    if slow.unkeyed_lost > t.announced_gaps {
+        eprintln!("probe: FAIL: slow clients lost {} unkeyed messages without notice", slow.unkeyed_lost);
         code = 1;
     }
     if let Some(slo) = a.slo_p99 {

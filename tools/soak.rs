@@ -344,7 +344,8 @@ pub(crate) fn soak(mut a: SoakArgs) -> i32 {
     a.common.reconnect = true;
     let (nworkers, per) = a.shape.workers(a.clients);
     let t_connect = Instant::now();
-    let (mut children, rx) = crate::spawn_workers(&a.common, a.clients, nworkers, per);
+    let (mut children, rx) =
+        crate::spawn_workers(&a.common, &crate::Readers::default(), a.clients, nworkers, per);
     let nworkers = children.len();
     let Some((connected, secs)) = crate::wait_ready(&rx, nworkers, a.clients, t_connect) else {
         return 1;

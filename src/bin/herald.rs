@@ -19,6 +19,19 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// `n` with a comma between thousands: 2,431.
+fn thousands(n: u64) -> String {
+    let d = n.to_string();
+    let mut out = String::new();
+    for (i, c) in d.chars().enumerate() {
+        if i > 0 && (d.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn run_demo(cfg: herald::demo::DemoConfig) -> ExitCode {
     if cfg.clients > 18_000 {
         error!(
@@ -90,9 +103,28 @@ fn run_demo(cfg: herald::demo::DemoConfig) -> ExitCode {
                     None => println!("  queue at the end   stream {}: the queue did not say", q.stream),
                 }
             }
+            let sl = &r.slow;
+            println!(
+                "  slow client        {} quotes conflated, {} fills/balances lost, {} disconnects  ({} on {}: {} published, {} received; quote staleness p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms)",
+                thousands(sl.conflated),
+                sl.unkeyed_lost,
+                sl.disconnects,
+                sl.user,
+                sl.node,
+                sl.published,
+                sl.received,
+                sl.stale_ms[0],
+                sl.stale_ms[1],
+                sl.stale_ms[2]
+            );
             if r.ok() {
                 println!("OK: every message reached its own user, none lost silently");
                 ExitCode::SUCCESS
+            } else if !sl.ok() {
+                println!(
+                    "FAIL: the slow client lost an unkeyed message, was disconnected, or was not sent what it got"
+                );
+                ExitCode::from(1)
             } else {
                 println!("FAIL: messages went to the wrong user or were lost without notice");
                 ExitCode::from(1)

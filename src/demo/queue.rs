@@ -392,7 +392,7 @@ impl Queue {
                 self.stream
             ),
             Source::Redis => format!(
-                "{server}; the backend XADDs to stream key {} (fields user, data), the nodes read through the consumer group {GROUP}",
+                "{server}; the backend XADDs to stream key {} (fields user, data, and key for a quote), the nodes read through the consumer group {GROUP}",
                 self.stream
             ),
         }
@@ -604,16 +604,17 @@ where
 /// Where the demo's backend sends its messages: the nodes' ingest ports, or
 /// a queue ([`Queue::backend`]).
 pub trait Backend: Send {
-    /// Adds a message for `user` to the current tick's.
-    fn push(&mut self, user: &[u8], payload: &[u8]) -> io::Result<()>;
+    /// Adds a message for `user` with conflation key `key` (empty: none) to
+    /// the current tick's.
+    fn push(&mut self, user: &[u8], key: &[u8], payload: &[u8]) -> io::Result<()>;
     /// Sends the current tick's messages.
     fn flush(&mut self) -> io::Result<()>;
     /// After the last tick: waits until everything sent is confirmed.
     fn finish(self: Box<Self>) -> io::Result<()>;
 }
 
-/// One tick's messages for JetStream: (subject, payload).
-type Tick = Vec<(String, Vec<u8>)>;
+/// One tick's messages for JetStream: (subject, key, payload).
+type Tick = Vec<(String, Option<String>, Vec<u8>)>;
 
 /// The backend publishing to JetStream: the demo's publisher thread hands
 /// each tick's messages to a thread of its own running async-nats on a
@@ -671,11 +672,17 @@ impl JetStreamBackend {
                         Ok::<(), String>(())
                     });
                     'ticks: while let Some(tick) = rx.recv().await {
-                        for (subject, payload) in tick {
-                            let f = js
-                                .publish(subject, payload.into())
-                                .await
-                                .map_err(|e| err(format!("cannot publish: {e}")))?;
+                        for (subject, key, payload) in tick {
+                            let sent = match key {
+                                // The key travels as the header the node reads (protocol.md §12).
+                                Some(k) => {
+                                    let mut h = async_nats::HeaderMap::new();
+                                    h.insert("Herald-Key", k.as_str());
+                                    js.publish_with_headers(subject, h, payload.into()).await
+                                }
+                                None => js.publish(subject, payload.into()).await,
+                            };
+                            let f = sent.map_err(|e| err(format!("cannot publish: {e}")))?;
                             if ack_tx.send(f).await.is_err() {
                                 break 'ticks;
                             }
@@ -716,9 +723,10 @@ impl JetStreamBackend {
 }
 
 impl Backend for JetStreamBackend {
-    fn push(&mut self, user: &[u8], payload: &[u8]) -> io::Result<()> {
+    fn push(&mut self, user: &[u8], key: &[u8], payload: &[u8]) -> io::Result<()> {
         let user = String::from_utf8_lossy(user);
-        self.tick.push((format!("{}{user}", self.prefix), payload.to_vec()));
+        let key = (!key.is_empty()).then(|| String::from_utf8_lossy(key).into_owned());
+        self.tick.push((format!("{}{user}", self.prefix), key, payload.to_vec()));
         Ok(())
     }
 
@@ -832,7 +840,7 @@ impl RedisConn {
     }
 }
 
-/// The backend publishing to Redis: each tick's `XADD KEY * user U data D`
+/// The backend publishing to Redis: each tick's `XADD KEY * user U [key K] data D`
 /// commands go out in one write, and their replies (each entry's id) are
 /// read before the next tick.
 pub struct RedisBackend {
@@ -860,8 +868,16 @@ impl RedisBackend {
 }
 
 impl Backend for RedisBackend {
-    fn push(&mut self, user: &[u8], payload: &[u8]) -> io::Result<()> {
-        resp_command(&mut self.buf, &[b"XADD", self.key.as_bytes(), b"*", b"user", user, b"data", payload]);
+    fn push(&mut self, user: &[u8], key: &[u8], payload: &[u8]) -> io::Result<()> {
+        let stream = self.key.as_bytes();
+        if key.is_empty() {
+            resp_command(&mut self.buf, &[b"XADD", stream, b"*", b"user", user, b"data", payload]);
+        } else {
+            resp_command(
+                &mut self.buf,
+                &[b"XADD", stream, b"*", b"user", user, b"key", key, b"data", payload],
+            );
+        }
         self.pending += 1;
         Ok(())
     }
