@@ -3,7 +3,7 @@
 //! `--slow-policy conflate`, gets every unkeyed message in order and the
 //! latest value of every key, is never cut off, and is told exactly how
 //! many messages were conflated away; a fast client on the same node gets
-//! everything; a version-1 session is cut off as under `disconnect`; and a
+//! everything; a version-1 session is cut off as under `disconnect`; a
 //! resume replays every retained message, conflated or not; and
 //! `herald-probe load` accounts for every message of its slow clients.
 
