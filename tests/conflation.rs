@@ -3,8 +3,9 @@
 //! `--slow-policy conflate`, gets every unkeyed message in order and the
 //! latest value of every key, is never cut off, and is told exactly how
 //! many messages were conflated away; a fast client on the same node gets
-//! everything; a version-1 session is cut off as under `disconnect`; and a
-//! resume replays every retained message, conflated or not.
+//! everything; a version-1 session is cut off as under `disconnect`; a
+//! resume replays every retained message, conflated or not; and
+//! `herald-probe load` accounts for every message of its slow clients.
 
 mod util;
 
@@ -404,4 +405,41 @@ fn unkeyed_messages_over_the_bound_still_cut_off_and_the_last_bytes_are_valid() 
             Err(e) => panic!("invalid bytes before the close: {e}"),
         }
     }
+}
+
+/// `herald-probe load` with keyed traffic and slow readers against a node
+/// under `conflate`: the slow clients are conflated, lose no unkeyed
+/// message, are never cut off, and every message is accounted for
+/// (received or conflated); the run passes.
+#[test]
+fn the_probe_accounts_for_its_slow_clients() {
+    let node = TestNode::start(conflate_config());
+    let dir = std::env::temp_dir().join(format!("herald-conflation-probe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cs, ps) = (dir.join("cs"), dir.join("ps"));
+    std::fs::write(&cs, CLIENT_SECRET).unwrap();
+    std::fs::write(&ps, PUBLISHER_SECRET).unwrap();
+    let (client, ingest) = (node.client.to_string(), node.ingest.to_string());
+    #[rustfmt::skip]
+    let args = [
+        "load", "--node", &client, "--ingest", &ingest,
+        "--secret-file", cs.to_str().unwrap(), "--publisher-secret-file", ps.to_str().unwrap(),
+        "--clients", "20", "--workers", "1", "--rate", "2000", "--duration", "3", "--warmup", "0",
+        "--payload", "500", "--keys", "5", "--fills-every", "5", "--slow", "4", "--slow-rcvbuf", "1024",
+    ];
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_herald-probe")).args(args).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let line = text.lines().find(|l| l.starts_with("SUMMARY ")).unwrap_or_else(|| panic!("{text}"));
+    let kv: BTreeMap<&str, &str> =
+        line.split_whitespace().skip(1).filter_map(|p| p.split_once('=')).collect();
+    let n = |k: &str| -> f64 { kv.get(k).unwrap_or_else(|| panic!("no {k}: {line}")).parse().unwrap() };
+    assert_eq!(n("slow"), 4.0, "{line}");
+    assert!(n("slow_conflated") > 0.0, "a client reading a tenth of its stream is conflated: {line}");
+    assert_eq!(n("slow_conflated"), n("conflated"), "only the slow clients are conflated: {line}");
+    assert_eq!(n("loss"), n("conflated"), "what did not arrive was conflated: {line}");
+    assert_eq!((n("slow_unkeyed_lost"), n("slow_closed")), (0.0, 0.0), "{line}");
+    assert!(n("stale_p50_ms") > 0.0, "{line}");
+    assert!(text.contains("slow clients   received "), "{text}");
 }

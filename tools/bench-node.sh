@@ -155,7 +155,7 @@ for s, ts in by_s.items():
     ratios = [y / x for x, y in pairs if x > 0]
     if ratios:
         runs = ', '.join(f"{x:.2f} / {y:.2f} = {y / x:.2f}" for x, y in pairs if x > 0)
-        print(f"{s}: node CPU µs/msg {ts[0]} / {ts[1]} by run: {runs}; median ratio {statistics.median(ratios):.2f}")
+        print(f"{s}: node CPU µs/msg by run, {ts[0]} / {ts[1]} = ratio {ts[1]}/{ts[0]}: {runs}; median ratio {statistics.median(ratios):.2f}")
 # Slow readers (herald-probe --slow): what they got, per run.
 slow = [(s, t, r) for (s, t), rs in rows.items() for r in rs if 'slow' in r]
 if slow:
