@@ -11,7 +11,7 @@
 
 use std::fmt::Debug;
 
-use herald::protocol::frame::{Entry, List, HEADER_LEN, HELLO_RESUME};
+use herald::protocol::frame::{Entry, List, HEADER_LEN, HELLO_RESUME, MAX_CONFLATED_KEYS};
 use herald::protocol::limits::*;
 use herald::protocol::samples::SAMPLE_SECRET;
 use herald::protocol::token::{self, Claims, TokenError};
@@ -162,6 +162,11 @@ fn check_fields(frame: &Frame<'_>) {
         }
         Frame::Welcome(w) => within("welcome.node_id", w.node_id, 1, MAX_NODE_ID_LEN),
         Frame::Deliver(d) => within("deliver.payload", d.payload, 0, MAX_PAYLOAD),
+        Frame::Conflated(c) => {
+            assert!(c.first_seq <= c.last_seq, "conflated: first_seq after last_seq");
+            assert!((1..=MAX_CONFLATED_KEYS).contains(&c.keys.len()), "conflated: {} keys", c.keys.len());
+            walk(&c.keys, |k| within("conflated.key", k.0, 1, MAX_KEY_LEN));
+        }
         Frame::Goodbye(g) => within("goodbye.target", g.target, 0, MAX_ENDPOINT_LEN),
         Frame::Error(e) => within("error.message", e.message, 0, MAX_ERROR_MESSAGE_LEN),
         Frame::PubHello(p) => {
