@@ -45,6 +45,7 @@ pub mod client;
 pub mod decision;
 pub mod demo;
 pub(crate) mod dial;
+pub mod durable;
 pub mod logging;
 pub(crate) mod net;
 pub mod node;

@@ -258,7 +258,7 @@ impl Spec {
 }
 
 /// `url` with the password of a `user:password@` part replaced by `***`.
-fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     match rest[..authority_end].rsplit_once('@') {
