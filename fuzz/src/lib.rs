@@ -193,6 +193,7 @@ fn check_fields(frame: &Frame<'_>) {
         Frame::Forward(f) => {
             within("forward.user", f.user, 1, MAX_USER_LEN);
             within("forward.key", f.key, 0, MAX_KEY_LEN);
+            assert_eq!(f.seq != 0, f.flags & herald::protocol::frame::FORWARD_SEQ != 0);
             within("forward.payload", f.payload, 0, MAX_PAYLOAD);
         }
         Frame::AssignRequest(a) => {

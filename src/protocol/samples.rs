@@ -201,7 +201,7 @@ pub fn all() -> Vec<Sample> {
     add(
         "forward",
         Channel::Ingest,
-        Frame::Forward(Forward { flags: 0, user: b"alice", key: b"", id: b"", payload: b"hi" }),
+        Frame::Forward(Forward { flags: 0, user: b"alice", key: b"", id: b"", seq: 0, payload: b"hi" }),
     );
     add(
         "forward-id",
@@ -211,8 +211,14 @@ pub fn all() -> Vec<Sample> {
             user: b"alice",
             key: b"",
             id: b"js:HERALD:42",
+            seq: 0,
             payload: b"hi",
         }),
+    );
+    add(
+        "forward-seq",
+        Channel::Ingest,
+        Frame::Forward(Forward { flags: FORWARD_SEQ, user: b"alice", key: b"", id: b"", seq: 7, payload: b"hi" }),
     );
     add(
         "assign-request",

@@ -280,14 +280,22 @@ fn decode_body(t: u8, body: &[u8]) -> Result<Frame<'_>, DecodeError> {
         }),
         ty::FORWARD => {
             let flags = r.u8("flags")?;
-            if flags & !FORWARD_ID != 0 {
+            if flags & !(FORWARD_ID | FORWARD_SEQ) != 0 {
                 return Err(DecodeError::BadValue { field: "flags", value: flags as u64 });
             }
             let user = r.str8("user", 1, MAX_USER_LEN)?;
             let key = r.str8("key", 0, MAX_KEY_LEN)?;
             let id = if flags & FORWARD_ID != 0 { r.str8("id", 1, MAX_FORWARD_ID_LEN)? } else { b"" };
+            let seq = if flags & FORWARD_SEQ != 0 {
+                match r.u64("seq")? {
+                    0 => return Err(DecodeError::BadValue { field: "seq", value: 0 }),
+                    s => s,
+                }
+            } else {
+                0
+            };
             let payload = r.payload()?;
-            return Ok(Frame::Forward(Forward { flags, user, key, id, payload }));
+            return Ok(Frame::Forward(Forward { flags, user, key, id, seq, payload }));
         }
         ty::ASSIGN_REQUEST => {
             r.magic()?;

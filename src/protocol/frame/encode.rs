@@ -68,6 +68,20 @@ pub fn encode_forward(out: &mut Vec<u8>, user: &[u8], key: &[u8], id: &[u8], pay
     end(out, at);
 }
 
+/// Appends a FORWARD frame with flag SEQ: `seq` is the message's seq in
+/// the user's durable stream (protocol.md §6.5, §13).
+#[inline]
+pub fn encode_forward_seq(out: &mut Vec<u8>, user: &[u8], key: &[u8], seq: u64, payload: &[u8]) {
+    out.reserve(HEADER_LEN + 12 + user.len() + key.len() + payload.len());
+    let at = begin(out, ty::FORWARD);
+    out.push(super::types::FORWARD_SEQ);
+    put_str8(out, user);
+    put_str8(out, key);
+    put_u64(out, seq);
+    out.extend_from_slice(payload);
+    end(out, at);
+}
+
 /// Builds a PUBLISH_BATCH in place: `start`, `push` entries, `finish`.
 pub struct BatchWriter {
     at: usize,
@@ -232,6 +246,9 @@ impl<'a> Frame<'a> {
                 put_str8(out, f.key);
                 if f.flags & super::types::FORWARD_ID != 0 {
                     put_str8(out, f.id);
+                }
+                if f.flags & super::types::FORWARD_SEQ != 0 {
+                    put_u64(out, f.seq);
                 }
                 out.extend_from_slice(f.payload);
             }

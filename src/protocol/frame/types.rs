@@ -226,11 +226,15 @@ pub struct Presence<'a> {
 
 /// FORWARD flag: a de-duplication id follows the key (protocol version 2).
 pub const FORWARD_ID: u8 = 0x01;
+/// FORWARD flag: the message's seq in the user's stream follows the key
+/// (and the id, if any): sent only between nodes in durable mode (§13).
+pub const FORWARD_SEQ: u8 = 0x02;
 
 /// FORWARD (0x23), node → node (protocol.md §6.5). Never forwarded again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Forward<'a> {
-    /// [`FORWARD_ID`] if `id` is present (version 2 links only); else 0.
+    /// [`FORWARD_ID`] if `id` is present (version 2 links only), and
+    /// [`FORWARD_SEQ`] if `seq` is; else 0.
     pub flags: u8,
     /// The recipient.
     pub user: &'a [u8],
@@ -239,6 +243,9 @@ pub struct Forward<'a> {
     /// The message's de-duplication id (a queue message's identity, from a
     /// connector), 1..=64 bytes when `flags` has [`FORWARD_ID`]; else empty.
     pub id: &'a [u8],
+    /// With [`FORWARD_SEQ`]: the message's seq in the user's durable
+    /// stream (1 or more); else 0.
+    pub seq: u64,
     /// The application payload.
     pub payload: &'a [u8],
 }
