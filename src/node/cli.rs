@@ -61,6 +61,13 @@ pub struct NodeArgs {
     /// dead_letter=STREAM&no_route=drop|retry`.
     #[arg(long = "source", value_name = "URL", value_parser = crate::source::Spec::parse)]
     pub sources: Vec<crate::source::Spec>,
+    /// Durable mode (protocol.md §13): keep every user's stream in a
+    /// replicated NATS JetStream log, and confirm a publish only once the
+    /// log has it. `jetstream://HOST:PORT[,HOST:PORT…]/STREAM` with
+    /// `?replicas=3&max_age=24h&per_user=1024&timeout=2s`. Every node of the
+    /// cluster must give the same one. Needs --threads 1.
+    #[arg(long, value_name = "URL", value_parser = crate::durable::Spec::parse)]
+    pub durable: Option<crate::durable::Spec>,
     /// Queue-message ids appended here are remembered this long, so a
     /// connector's redelivery is not delivered twice (protocol.md §12).
     #[arg(long, default_value_t = CliDuration(Config::default().dedup_window))]
@@ -224,6 +231,9 @@ impl NodeArgs {
         if self.threads == 0 || self.threads > MAX_THREADS {
             return Err(format!("--threads must be 1..={MAX_THREADS}, not {}", self.threads));
         }
+        if self.durable.is_some() && self.threads != 1 {
+            return Err("--durable runs one event loop per node for now: leave out --threads".to_owned());
+        }
         if self.output_budget == Some(0) {
             return Err("--output-budget must be more than 0".to_owned());
         }
@@ -235,6 +245,7 @@ impl NodeArgs {
             metrics: self.metrics,
             http: self.http,
             sources: self.sources.clone(),
+            durable: self.durable.clone(),
             dedup_window: self.dedup_window.0,
             dedup_max: self.dedup_max,
             advertise: self.advertise.clone(),

@@ -56,6 +56,8 @@ pub struct Config {
     pub http: Option<SocketAddr>,
     /// Queues to pull messages from (`--source`, protocol.md §11).
     pub sources: Vec<crate::source::Spec>,
+    /// Durable mode: the replicated log (`--durable`, protocol.md §13).
+    pub durable: Option<crate::durable::Spec>,
     /// Ids of queue messages appended here are remembered this long...
     pub dedup_window: Duration,
     /// ...and at most this many of them (about 26 bytes each).
@@ -142,6 +144,7 @@ impl Default for Config {
             metrics: None,
             http: None,
             sources: Vec::new(),
+            durable: None,
             dedup_window: Duration::from_secs(120),
             dedup_max: 1 << 20,
             advertise: None,

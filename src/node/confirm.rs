@@ -55,6 +55,7 @@ impl Request {
 
     fn result(&self) -> Done {
         Done {
+            refused: false,
             request_id: self.request_id,
             routed: self.msgs.iter().map(|m| (m.local, m.confirmed)).collect(),
         }
@@ -65,6 +66,9 @@ impl Request {
 /// (queued locally, forwarded and confirmed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Done {
+    /// Durable mode: the log could not keep some of its messages, so none
+    /// of them counts as confirmed (ERROR LOG_UNAVAILABLE, HTTP 503).
+    pub refused: bool,
     /// The request's id (PUB_RESULT's `request_id`).
     pub request_id: u32,
     /// Per message: (local, forwarded).

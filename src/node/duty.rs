@@ -62,6 +62,12 @@ pub struct Duties {
     failure_seen: bool,
     /// Loop 0 in a cluster: heartbeats to the decision servers.
     hb: Option<Heartbeater>,
+    /// Durable mode: the log cannot keep messages now (§13). Heartbeats
+    /// say DRAINING, and while another node is up its clients move there.
+    pub log_down: bool,
+    /// The decision servers list a node other than this one that is not
+    /// draining.
+    others_up: bool,
 }
 
 impl Duties {
@@ -76,6 +82,8 @@ impl Duties {
             next_log: now + cfg.log_every,
             failure_seen: false,
             hb,
+            log_down: false,
+            others_up: false,
         }
     }
 
@@ -210,6 +218,7 @@ impl Duties {
     /// The node list from a decision server: follow an admin drain of this
     /// node (every loop acts on the shared flag at its next tick).
     pub fn follow_admin(&mut self, list: &[crate::decision::client::NodeInfo], shared: &Shared, me: &str) {
+        self.others_up = list.iter().any(|n| n.node_id != me && !n.draining);
         let Some(mine) = list.iter().find(|n| n.node_id == me) else { return };
         let was = shared.admin_draining.swap(mine.draining, Ordering::Relaxed);
         if mine.draining && !was && self.drain.is_none() {
@@ -222,7 +231,10 @@ impl Duties {
 
     /// Moves clients away while an admin drain is on, spread over the window.
     fn admin_drain_step(&mut self, conns: &mut Conns<Peer>, now: Instant, p: &mut Parts<'_>) {
-        let flagged = p.shared.admin_draining.load(Ordering::Relaxed);
+        // Durable mode: a node that cannot reach the log moves its clients
+        // to one that can (never when no other node is up: they would have
+        // nowhere to go).
+        let flagged = p.shared.admin_draining.load(Ordering::Relaxed) || (self.log_down && self.others_up);
         if flagged && self.admin_drain.is_none() && self.drain.is_none() {
             self.admin_drain = Some(AdminDrain::new(p.m.clients as usize));
             withdraw_grace(p, PresenceOp::Offline);
@@ -287,7 +299,7 @@ impl Duties {
 
     fn heartbeat(&mut self, now: Instant, p: &Parts<'_>) {
         let Some(hb) = self.hb.as_mut() else { return };
-        let flags = if self.drain.is_some() { f::NODE_DRAINING } else { 0 };
+        let flags = if self.drain.is_some() || self.log_down { f::NODE_DRAINING } else { 0 };
         let (m, shared) = (&*p.m, p.shared);
         hb.maybe_send(
             now,

@@ -22,6 +22,8 @@ pub enum NodeError {
     Tls(crate::tls::TlsError),
     /// The OS refused a poll, waker or thread.
     Setup(io::Error),
+    /// Durable mode: the log could not be reached or set up.
+    Durable(String),
     /// An event loop failed with an I/O error.
     LoopFailed {
         /// The loop's index.
@@ -42,6 +44,7 @@ impl NodeError {
     pub fn kind(&self) -> io::ErrorKind {
         match self {
             NodeError::Config(_) | NodeError::Tls(_) => io::ErrorKind::InvalidInput,
+            NodeError::Durable(_) => io::ErrorKind::NotConnected,
             NodeError::Bind { source, .. }
             | NodeError::LoopFailed { source, .. }
             | NodeError::Setup(source) => source.kind(),
@@ -54,6 +57,7 @@ impl fmt::Display for NodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NodeError::Config(m) => write!(f, "{m}"),
+            NodeError::Durable(m) => write!(f, "durable mode: {m}"),
             NodeError::Tls(e) => write!(f, "{e}"),
             NodeError::Bind { what, addr, source } => {
                 write!(f, "cannot bind the {what} address {addr}: {source}")

@@ -15,6 +15,7 @@ use crate::protocol::Code;
 use super::api::{self, ApiError, Call, Response, Routed};
 use super::confirm::{Confirms, Done};
 use super::conn::{ApiConn, Peer};
+use super::journal::Journal;
 use super::route::Route;
 
 /// A keep-alive connection idle this long (no request in progress) is closed.
@@ -30,6 +31,8 @@ pub struct Cx<'a> {
     pub unix: u64,
     /// Whether publishes are taken now.
     pub gate: Gate,
+    /// Durable mode: what waits on the log.
+    pub journal: Option<&'a mut Journal>,
 }
 
 /// Whether the node takes publishes now.
@@ -134,6 +137,21 @@ fn handle(
         Call::Batch(ms) => (ms, true),
         Call::User(u) => return Some(user(route, &u)),
     };
+    if let Some(j) = cx.journal.as_deref_mut() {
+        // Durable mode: answered once the log has every message.
+        let Some(Peer::Api(a)) = route.conns.get_mut(id).map(|c| &mut c.state) else { return None };
+        a.next_request = a.next_request.wrapping_add(1);
+        let rid = a.next_request;
+        let ready =
+            j.request(id, rid, msgs.iter().map(|m| (&m.user[..], &m.key[..], &m.payload[..], &b""[..])));
+        if let Some((_, d)) = ready.into_iter().next() {
+            return Some(published(&d, batch));
+        }
+        if let Some(Peer::Api(a)) = route.conns.get_mut(id).map(|c| &mut c.state) {
+            a.held = Some((batch, false));
+        }
+        return None;
+    }
     let routed: Vec<(bool, Vec<ConnId>)> = msgs
         .iter()
         .map(|m| {
@@ -154,6 +172,17 @@ fn handle(
 }
 
 fn published(d: &Done, batch: bool) -> Response {
+    if d.refused {
+        let message = "the replicated log cannot keep messages now; nothing of this request was confirmed";
+        let e = ApiError {
+            status: 503,
+            code: "log_unavailable",
+            field: None,
+            message: message.into(),
+            allow: None,
+        };
+        return Response::error(&e);
+    }
     let rs: Vec<Routed> = d.routed.iter().map(|&(local, forwarded)| Routed { local, forwarded }).collect();
     Response::published(&rs, batch)
 }

@@ -21,6 +21,7 @@ use crate::source::{Batch, Fate, Reply};
 use super::confirm::{Confirms, Done};
 use super::dedup::Dedup;
 use super::http_publish::Gate;
+use super::journal::Journal;
 use super::route::Route;
 
 /// Sources are requesters `BASE + index`: no slab key comes near it.
@@ -51,13 +52,15 @@ pub struct Intake {
     pub msgs: u64,
     /// Of them, redeliveries dropped as already appended here.
     pub dups: u64,
+    /// Durable mode: a message with no route is kept in the log.
+    pub durable: bool,
 }
 
 impl Intake {
     /// Sources answered through `replies` (index = source).
     pub fn new(replies: Vec<Sender<Reply>>, dedup: Dedup) -> Intake {
         let held = replies.iter().map(|_| VecDeque::new()).collect();
-        Intake { replies, pending: VecDeque::new(), held, dedup, msgs: 0, dups: 0 }
+        Intake { replies, pending: VecDeque::new(), held, dedup, msgs: 0, dups: 0, durable: false }
     }
 
     /// A connector sent `b`.
@@ -73,7 +76,14 @@ impl Intake {
     /// Routes the batches that wait, as far as `gate` allows: all of them
     /// if open, none while busy (they wait for the next turn), and every one
     /// refused while draining (the connector hands them back to the queue).
-    pub fn run(&mut self, route: &mut Route<'_>, confirms: &mut Confirms, gate: Gate, now: Instant) {
+    pub fn run(
+        &mut self,
+        route: &mut Route<'_>,
+        confirms: &mut Confirms,
+        mut journal: Option<&mut Journal>,
+        gate: Gate,
+        now: Instant,
+    ) {
         while let Some(b) = self.pending.pop_front() {
             match gate {
                 Gate::Busy => {
@@ -87,6 +97,18 @@ impl Intake {
                 Gate::Open => {}
             }
             if b.source >= self.replies.len() {
+                continue;
+            }
+            if let Some(j) = journal.as_deref_mut() {
+                // Durable mode: the log keeps each message once (the queue
+                // id is its de-duplication id), and a redelivery comes back
+                // at its first seq, which the user's node drops.
+                self.msgs += b.msgs.len() as u64;
+                self.held[b.source].push_back((b.seq, vec![false; b.msgs.len()]));
+                let msgs = b.msgs.iter().map(|m| (&m.user[..], &m.key[..], &m.payload[..], &m.id[..]));
+                for (_, d) in j.request(requester(b.source), b.seq as u32, msgs) {
+                    self.done(b.source, &d);
+                }
                 continue;
             }
             let mut dups = Vec::with_capacity(b.msgs.len());
@@ -117,6 +139,11 @@ impl Intake {
     /// The oldest held batch of `source` is confirmed: its reply.
     pub fn done(&mut self, source: usize, d: &Done) {
         let Some((seq, dups)) = self.held.get_mut(source).and_then(|h| h.pop_front()) else { return };
+        if d.refused {
+            // Not kept by the log: the queue gives it to us or another node again.
+            self.reply(source, Reply { seq, fates: vec![Fate::Refused; dups.len()] });
+            return;
+        }
         let fates = d
             .routed
             .iter()
@@ -125,6 +152,7 @@ impl Intake {
                 (_, _, true) => Fate::Forwarded,
                 (true, _, _) => Fate::Duplicate,
                 (_, true, _) => Fate::Local,
+                _ if self.durable => Fate::Kept,
                 _ => Fate::NoRoute,
             })
             .collect();

@@ -66,6 +66,13 @@ pub struct Metrics {
     pub source_dups: u64,
     /// Queue-message ids remembered for de-duplication (a gauge).
     pub dedup_ids: u64,
+    /// Durable mode: messages the log acknowledged.
+    pub durable_appended: u64,
+    /// Durable mode: messages the log did not keep (or that were refused
+    /// while it could not).
+    pub durable_refused: u64,
+    /// Durable mode: whether the log takes appends (a gauge, 1 or 0).
+    pub durable_healthy: u64,
     /// Ingest-to-socket-write latency, microseconds.
     pub latency_us: Histogram<u64>,
 }
@@ -94,6 +101,9 @@ impl Default for Metrics {
             source_msgs: 0,
             source_dups: 0,
             dedup_ids: 0,
+            durable_appended: 0,
+            durable_refused: 0,
+            durable_healthy: 0,
             latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
         }
     }
@@ -149,6 +159,9 @@ impl Metrics {
         self.source_msgs += o.source_msgs;
         self.source_dups += o.source_dups;
         self.dedup_ids += o.dedup_ids;
+        self.durable_appended += o.durable_appended;
+        self.durable_refused += o.durable_refused;
+        self.durable_healthy += o.durable_healthy;
         let _ = self.latency_us.add(&o.latency_us);
     }
 
@@ -176,6 +189,9 @@ impl Metrics {
         self.source_msgs = o.source_msgs;
         self.source_dups = o.source_dups;
         self.dedup_ids = o.dedup_ids;
+        self.durable_appended = o.durable_appended;
+        self.durable_refused = o.durable_refused;
+        self.durable_healthy = o.durable_healthy;
     }
 
     /// Makes these figures a copy of `o`, reusing this histogram's memory.
@@ -256,6 +272,24 @@ impl Metrics {
             self.source_dups,
         );
         g("dedup_ids", "gauge", "Queue-message ids remembered for de-duplication.", self.dedup_ids);
+        g(
+            "durable_appended_total",
+            "counter",
+            "Durable mode: messages the replicated log acknowledged.",
+            self.durable_appended,
+        );
+        g(
+            "durable_refused_total",
+            "counter",
+            "Durable mode: messages not kept because the log could not take them (none was confirmed).",
+            self.durable_refused,
+        );
+        g(
+            "durable_log_healthy",
+            "gauge",
+            "Durable mode: 1 while the replicated log takes appends, else 0.",
+            self.durable_healthy,
+        );
         g("messages_replayed_total", "counter", "Messages replayed on resume.", self.replayed);
         g("bytes_in_total", "counter", "Bytes read from sockets.", self.bytes_in);
         g("bytes_out_total", "counter", "Bytes written to sockets.", self.bytes_out);

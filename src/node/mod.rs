@@ -60,6 +60,7 @@ pub(crate) mod fxhash;
 pub(crate) mod http;
 pub(crate) mod http_publish;
 pub(crate) mod intake;
+pub(crate) mod journal;
 pub(crate) mod keepalive;
 pub(crate) mod link;
 #[doc(hidden)]

@@ -31,6 +31,9 @@ pub struct User {
     /// Connection keys of the user's sessions.
     pub sessions: Vec<usize>,
     idle_since: Option<Instant>,
+    /// Durable mode: the highest seq heard of beyond `head + 1` (messages
+    /// between are to be read from the log).
+    pub want: u64,
 }
 
 /// What [`Registry::attach`] decided.
@@ -111,6 +114,7 @@ impl Registry {
                     log: UserLog::default(),
                     sessions: Vec::with_capacity(1),
                     idle_since: None,
+                    want: 0,
                 });
                 self.by_id.insert(user.into(), i);
                 i
@@ -132,6 +136,57 @@ impl Registry {
         };
         let first_session = u.sessions.len() == 1;
         Attach { user: idx, result, epoch: u.epoch, next_seq, replay_from, first_session }
+    }
+
+    /// Durable mode: a user whose stream the log holds up to `head` (its
+    /// epoch the same on every node), with no session yet.
+    pub fn insert_durable(&mut self, user: &[u8], epoch: u64, head: u64, now: Instant) -> UserIdx {
+        if let Some(&i) = self.by_id.get(user) {
+            return i;
+        }
+        let i = self.users.insert(User {
+            id: user.into(),
+            epoch,
+            head,
+            log: UserLog::default(),
+            sessions: Vec::new(),
+            idle_since: Some(now),
+            want: 0,
+        });
+        self.by_id.insert(user.into(), i);
+        i
+    }
+
+    /// Durable mode: the log no longer holds the messages up to `head`
+    /// (its limits dropped them): the stream goes on after it.
+    pub fn skip_to(&mut self, user: UserIdx, head: u64) {
+        if let Some(u) = self.users.get_mut(user) {
+            if head > u.head {
+                u.head = head;
+                u.log.clear();
+            }
+        }
+    }
+
+    /// Durable mode: a message at `seq` was heard of beyond `head + 1`.
+    pub fn want(&mut self, user: UserIdx, seq: u64) {
+        if let Some(u) = self.users.get_mut(user) {
+            u.want = u.want.max(seq);
+        }
+    }
+
+    /// Whether a session resuming from `resume` can be served from what is
+    /// here (the log need not be read): no position, another epoch (it is
+    /// RESTARTED), the head itself, or a position the ring still holds.
+    pub fn can_serve(&mut self, user: UserIdx, resume: Option<Position>) -> bool {
+        let Some(u) = self.users.get_mut(user) else { return false };
+        match resume {
+            None => true,
+            Some(p) if p.epoch != u.epoch => true,
+            Some(p) if p.seq > u.head => false,
+            Some(p) if p.seq == u.head => true,
+            Some(p) => u.log.first_live(&self.ring).is_some_and(|first| first <= p.seq + 1),
+        }
     }
 
     /// Appends retained DELIVER frames from `from` to `out`; returns how many.

@@ -130,6 +130,43 @@ impl Route<'_> {
         (local, forwarded)
     }
 
+    /// Durable mode: delivers a message the log has appended at `seq` to
+    /// the user's sessions here and, with a FORWARD carrying the seq, to
+    /// every peer where the user is online (protocol.md §13). Returns
+    /// (local, forwarded): a forward counts at once, since the log, not the
+    /// peer, keeps the message.
+    pub fn deliver_seq(&mut self, user: &[u8], key: &[u8], payload: &[u8], seq: u64) -> (bool, bool) {
+        self.m.msgs_in += 1;
+        let mut forwarded = false;
+        for &peer in self.presence.peers_of(user) {
+            let peer = ConnId(peer);
+            let Some((c, mut dirty)) = self.conns.get_mut_dirty(peer) else { continue };
+            if c.is_closing() {
+                continue;
+            }
+            f::encode_forward_seq(&mut c.out.buf, user, key, seq, payload);
+            self.m.forwarded += 1;
+            forwarded = true;
+            dirty.mark(c, peer);
+        }
+        let local = self.local_at(user, key, payload, seq, false);
+        if !local && !forwarded {
+            self.m.no_route += 1;
+        }
+        (local, forwarded)
+    }
+
+    /// Durable mode: delivers to this loop's sessions of `user` at `seq`
+    /// ([`Sessions::deliver_at`]); true if it has any.
+    #[inline]
+    pub fn local_at(&mut self, user: &[u8], key: &[u8], payload: &[u8], seq: u64, skip: bool) -> bool {
+        let found = self.sessions.deliver_at(self.conns, self.m, user, key, payload, seq, skip);
+        if found {
+            self.turn.msgs += 1;
+        }
+        found
+    }
+
     /// Delivers to this loop's sessions of `user`; true if it has any.
     #[inline]
     pub fn local(&mut self, user: &[u8], key: &[u8], payload: &[u8]) -> bool {

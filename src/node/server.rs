@@ -240,6 +240,7 @@ impl Node {
     }
 
     /// One loop's roles.
+    #[allow(clippy::too_many_arguments)]
     fn roles(
         &self,
         id: usize,
@@ -248,6 +249,7 @@ impl Node {
         hb: Option<Heartbeater>,
         control: Option<Control>,
         replies: Vec<crossbeam_channel::Sender<crate::source::Reply>>,
+        log: Option<super::service::LogLink>,
     ) -> NodeLoop {
         let now = Instant::now();
         NodeLoop {
@@ -267,10 +269,21 @@ impl Node {
             kill: self.handle.kill.clone(),
             control,
             inbox_held: false,
-            intake: Intake::new(
-                replies,
-                Dedup::new(self.cfg.dedup_window, if id == 0 { self.cfg.dedup_max } else { 0 }),
-            ),
+            intake: {
+                let mut i = Intake::new(
+                    replies,
+                    Dedup::new(self.cfg.dedup_window, if id == 0 { self.cfg.dedup_max } else { 0 }),
+                );
+                i.durable = log.is_some();
+                i
+            },
+            journal: log.as_ref().map(|l| {
+                super::journal::Journal::new(
+                    l.log.created,
+                    format!("{}.{}", self.cfg.node_id, shared.incarnation),
+                )
+            }),
+            log,
         }
     }
 
@@ -329,7 +342,7 @@ impl Node {
                 router_waker: self.handle.waker.clone(),
                 events: Vec::new(),
             };
-            let roles = self.roles(id, &common, Role::Owner(owner), None, None, Vec::new());
+            let roles = self.roles(id, &common, Role::Owner(owner), None, None, Vec::new(), None);
             // Tells loop 0 this loop is gone, however it ends (even by panic).
             let gone = LoopGone { id, shared: common.shared.clone(), waker: self.handle.waker.clone() };
             let spawned = std::thread::Builder::new().name(format!("herald-loop-{id}")).spawn(move || {
@@ -384,8 +397,24 @@ impl Node {
             };
             crate::source::spawn(spec.clone(), intake, self.handle.stop.clone()).map_err(NodeError::Setup)?;
         }
+        // Durable mode: the log thread, answering loop 0 through its waker.
+        let log = match &self.cfg.durable {
+            Some(spec) => {
+                let (tx, answers) = crossbeam_channel::unbounded();
+                let waker = self.handle.waker.clone();
+                let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                    let _ = waker.wake();
+                });
+                let name = format!("{}.{}", self.cfg.node_id, common.incarnation);
+                log::info!("herald node {}: durable mode, log {}", self.cfg.node_id, spec.url);
+                let log = crate::durable::log::Log::start(spec.clone(), &name, tx, wake)
+                    .map_err(NodeError::Durable)?;
+                Some(super::service::LogLink { log, answers })
+            }
+            None => None,
+        };
         let control = Control { tx: ctl_tx, rx: ctl_rx, waker: self.handle.waker.clone() };
-        let roles = self.roles(0, &common, role, Some(hb), Some(control), replies);
+        let roles = self.roles(0, &common, role, Some(hb), Some(control), replies, log);
         let id = &self.cfg.node_id;
         for (what, tls, addr) in [
             ("client", &self.tls, Some(self.client_addr())),

@@ -24,6 +24,7 @@ use super::duty::Duties;
 use super::http::{self, Request};
 use super::http_publish::{self, Gate};
 use super::intake::{self, Intake};
+use super::journal::{Journal, Parked};
 use super::link::Mesh;
 use super::metrics::Metrics;
 use super::publish;
@@ -44,9 +45,18 @@ pub struct Control {
     pub waker: Arc<mio::Waker>,
 }
 
+/// Durable mode: the way to the log thread and back.
+pub struct LogLink {
+    /// The log thread.
+    pub log: crate::durable::log::Log,
+    /// Its answers (it wakes this loop after each).
+    pub answers: Receiver<crate::durable::Answer>,
+}
+
 /// What a caller of [`NodeLoop::split`] may need beside the route.
 struct Beside<'a> {
     confirms: &'a mut Confirms,
+    journal: Option<&'a mut Journal>,
     intake: &'a mut Intake,
     cfg: &'a Config,
     unix: u64,
@@ -90,6 +100,10 @@ pub struct NodeLoop {
     /// Loop 0: connectors' batches, and the ids of queue messages appended
     /// here (also for FORWARDs that carry one).
     pub intake: Intake,
+    /// Durable mode (loop 0, the only one): what waits on the log.
+    pub journal: Option<Journal>,
+    /// Durable mode: the log thread.
+    pub log: Option<LogLink>,
 }
 
 impl NodeLoop {
@@ -110,7 +124,8 @@ impl NodeLoop {
     /// need beside it.
     #[inline]
     fn split<'a>(&'a mut self, conns: &'a mut Conns<Peer>) -> (Route<'a>, Beside<'a>) {
-        let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, confirms, intake, .. } = self;
+        let NodeLoop { cfg, sessions, m, mesh, role, shared, turn, unix, confirms, intake, journal, .. } =
+            self;
         let route = Route {
             conns,
             sessions,
@@ -120,7 +135,7 @@ impl NodeLoop {
             loops: shared.n,
             turn,
         };
-        (route, Beside { confirms, intake, cfg, unix: *unix })
+        (route, Beside { confirms, journal: journal.as_mut(), intake, cfg, unix: *unix })
     }
 
     /// Closes (ERROR IDLE_TIMEOUT) every mesh link that left a confirmation
@@ -162,7 +177,7 @@ impl NodeLoop {
         }
         let gate = self.gate(conns);
         let (mut route, b) = self.split(conns);
-        b.intake.run(&mut route, b.confirms, gate, now);
+        b.intake.run(&mut route, b.confirms, b.journal, gate, now);
     }
 
     /// Runs `f` with what an HTTP API request needs (http_publish).
@@ -173,8 +188,13 @@ impl NodeLoop {
     ) -> R {
         let gate = self.gate(conns);
         let (mut route, b) = self.split(conns);
-        let mut cx =
-            http_publish::Cx { confirms: b.confirms, secret: &b.cfg.publisher_secret, unix: b.unix, gate };
+        let mut cx = http_publish::Cx {
+            confirms: b.confirms,
+            secret: &b.cfg.publisher_secret,
+            unix: b.unix,
+            gate,
+            journal: b.journal,
+        };
         f(&mut route, &mut cx)
     }
 
@@ -192,7 +212,7 @@ impl NodeLoop {
         let (api, ingest): (Vec<_>, Vec<_>) = ready
             .into_iter()
             .partition(|(id, _)| conns.get(*id).is_some_and(|c| matches!(c.state, Peer::Api(_))));
-        publish::results(conns, &ingest);
+        publish::results(conns, &ingest, now);
         for (id, d) in api {
             self.with_api(conns, |route, cx| http_publish::done(route, cx, id, &d, now));
         }
@@ -261,10 +281,18 @@ impl NodeLoop {
             }
         }
         let draining = self.draining();
+        if !draining && self.park(conns, id, h, bytes, now) {
+            return Flow::Continue;
+        }
         let Some(w) = self.sessions.hello(conns, id, h, &self.cfg, draining, self.unix, &mut self.m, now)
         else {
             return Flow::Stop;
         };
+        if let Some(j) = &mut self.journal {
+            // Messages appended elsewhere before the peers heard the user
+            // is online here are in the log: read it again shortly.
+            j.recheck(&w.user, now);
+        }
         match &mut self.role {
             // Reported here, before anything later in the same read can
             // close the session again (its Detached must follow this).
@@ -275,6 +303,185 @@ impl NodeLoop {
             _ => {}
         }
         Flow::Continue
+    }
+
+    /// Durable mode: parks a HELLO whose user's stream this node cannot
+    /// serve from its ring (unknown here, or a position beyond or before
+    /// what the ring holds) until the log's copy is read (§13). True if
+    /// parked; false to run it now (also for one that fails anyway, so that
+    /// it fails the usual way; strangers make no reads).
+    fn park(
+        &mut self,
+        conns: &mut Conns<Peer>,
+        id: ConnId,
+        h: &f::Hello<'_>,
+        bytes: &[u8],
+        now: Instant,
+    ) -> bool {
+        let Some(j) = &mut self.journal else { return false };
+        let cred = super::auth::Credential::Client { token: h.token, secret: &self.cfg.client_secret };
+        let Ok(a) = super::auth::authenticate(h.min_version, h.max_version, cred, self.unix) else {
+            return false;
+        };
+        let user = a.user.unwrap_or_default();
+        if let Some(u) = self.sessions.reg.find(&user) {
+            if !j.is_reading(&user) && self.sessions.reg.can_serve(u, h.resume) {
+                return false;
+            }
+        }
+        let Some(c) = conns.get(id) else { return false };
+        let opened = c.opened;
+        if !j.healthy && !j.is_reading(&user) {
+            conns.fail(id, Code::LogUnavailable, "the replicated log is unavailable; try again later", now);
+            return true;
+        }
+        let epoch = j.epoch(&user);
+        let after = h.resume.filter(|p| p.epoch == epoch).map(|p| p.seq);
+        j.read(&user, after);
+        j.park(&user, Parked { id, opened, bytes: bytes.to_vec() });
+        true
+    }
+
+    /// Durable mode: what the log thread answered.
+    fn log_answers(&mut self, conns: &mut Conns<Peer>, now: Instant) {
+        let Some(link) = &self.log else { return };
+        let answers: Vec<crate::durable::Answer> = link.answers.try_iter().collect();
+        let mut ready = Vec::new();
+        for a in answers {
+            use crate::durable::Answer;
+            let Some(j) = self.journal.as_mut() else { return };
+            match a {
+                Answer::Appended { token, user, key, payload, seq } => {
+                    let (mut route, b) = self.split(conns);
+                    let (local, forwarded) = route.deliver_seq(&user, &key, &payload, seq);
+                    if let Some(j) = b.journal {
+                        ready.extend(j.appended(token, local, forwarded));
+                    }
+                }
+                Answer::NotAppended { token, user, why } => {
+                    if j.refused < 10 || j.refused.is_multiple_of(1000) {
+                        log::warn!(
+                            "herald node {}: a message for {} was not kept: {why} ({} so far)",
+                            self.cfg.node_id,
+                            String::from_utf8_lossy(&user),
+                            j.refused + 1
+                        );
+                    }
+                    ready.extend(j.not_appended(token));
+                }
+                Answer::Read { token, head, msgs, .. } => {
+                    let Some(user) = j.read_done(token) else { continue };
+                    self.loaded(conns, &user, head, msgs, now);
+                }
+                Answer::ReadFailed { token, why, .. } => {
+                    let Some(user) = j.read_done(token) else { continue };
+                    log::warn!(
+                        "herald node {}: cannot read the stream of {}: {why}",
+                        self.cfg.node_id,
+                        String::from_utf8_lossy(&user)
+                    );
+                    for p in j.parked.remove(&user).unwrap_or_default() {
+                        if conns.get(p.id).is_some_and(|c| c.opened == p.opened) {
+                            let msg = format!("cannot read the stream from the replicated log: {why}");
+                            conns.fail(p.id, Code::LogUnavailable, &msg, now);
+                        }
+                    }
+                }
+                Answer::Health(ok) => {
+                    j.healthy = ok;
+                    self.duties.log_down = !ok;
+                    if ok {
+                        log::info!(
+                            "herald node {}: the replicated log takes appends again",
+                            self.cfg.node_id
+                        );
+                    } else {
+                        log::warn!(
+                            "herald node {}: the replicated log cannot keep messages; confirming nothing",
+                            self.cfg.node_id
+                        );
+                    }
+                }
+            }
+        }
+        self.results(conns, ready, now);
+    }
+
+    /// Durable mode: `user`'s stream as the log has it (up to `head`; `msgs`
+    /// the messages after what was asked for). Applied in order; then the
+    /// HELLOs that waited for it run.
+    fn loaded(
+        &mut self,
+        conns: &mut Conns<Peer>,
+        user: &[u8],
+        head: u64,
+        msgs: Vec<crate::durable::Entry>,
+        now: Instant,
+    ) {
+        let Some(j) = self.journal.as_mut() else { return };
+        let epoch = j.epoch(user);
+        let parked = j.parked.remove(user).unwrap_or_default();
+        if self.sessions.reg.find(user).is_none() {
+            let start = msgs.first().map_or(head, |e| e.seq - 1);
+            self.sessions.reg.insert_durable(user, epoch, start, now);
+        }
+        {
+            let mut route = self.route(conns);
+            for e in &msgs {
+                route.local_at(user, &e.key, &e.payload, e.seq, true);
+            }
+        }
+        if let Some(u) = self.sessions.reg.find(user) {
+            let rec = self.sessions.reg.user(u);
+            if rec.is_some_and(|r| r.want > r.head || r.head < head) {
+                self.sessions.gaps.push(user.into());
+            }
+        }
+        for p in parked {
+            let live = conns
+                .get(p.id)
+                .is_some_and(|c| c.opened == p.opened && matches!(c.state, Peer::ClientHandshake { .. }));
+            if !live {
+                continue;
+            }
+            if let Ok(crate::protocol::Decoded::Frame(Frame::Hello(h), _)) =
+                crate::protocol::decode(&p.bytes, crate::protocol::Channel::ToNode)
+            {
+                let draining = self.draining();
+                let Some(w) =
+                    self.sessions.hello(conns, p.id, &h, &self.cfg, draining, self.unix, &mut self.m, now)
+                else {
+                    continue;
+                };
+                if w.first_session {
+                    self.mesh.presence_out.push((PresenceOp::Online, w.user.clone().into_boxed_slice()));
+                }
+                if let Some(j) = &mut self.journal {
+                    j.recheck(&w.user, now);
+                }
+            }
+        }
+    }
+
+    /// Durable mode, at the end of a turn: the reads the sessions and the
+    /// rechecks want, then everything for the log thread.
+    fn send_to_log(&mut self, now: Instant) {
+        let Some(j) = self.journal.as_mut() else { return };
+        for user in j.due(now).into_iter().chain(self.sessions.gaps.drain(..)) {
+            if let Some(u) = self.sessions.reg.find(&user).and_then(|u| self.sessions.reg.user(u)) {
+                j.read(&user, Some(u.head));
+            }
+        }
+        if j.out.is_empty() {
+            return;
+        }
+        let Some(link) = &self.log else { return };
+        for r in j.out.drain(..) {
+            if !link.log.send(r) {
+                log::error!("herald node {}: the log thread has gone", self.cfg.node_id);
+                break;
+            }
+        }
     }
 
     /// Whether publishers must wait: a mesh link or another loop is behind.
@@ -361,6 +568,11 @@ impl NodeLoop {
                 self.m.source_msgs = self.intake.msgs;
                 self.m.source_dups = self.intake.dups;
                 self.m.dedup_ids = self.intake.dedup.len() as u64;
+                if let Some(j) = &self.journal {
+                    self.m.durable_appended = j.appended;
+                    self.m.durable_refused = j.refused;
+                    self.m.durable_healthy = j.healthy as u64;
+                }
                 let (m, q, users) = self.duties.node_stats(&self.m, conns, &self.sessions, &self.shared);
                 ("200 OK", m.render(&self.cfg.node_id, q, users))
             }
@@ -436,13 +648,19 @@ impl Service for NodeLoop {
         // the frame alone says which room it is for.
         match frame {
             Frame::Publish(p) => {
-                let (mut route, confirms) = self.route_confirms(conns);
-                publish::publish(&mut route, confirms, id, &p);
+                let (mut route, b) = self.split(conns);
+                publish::publish(&mut route, b.confirms, b.journal, id, &p);
                 Flow::Continue
             }
-            Frame::PublishBatch(b) => {
-                let (mut route, confirms) = self.route_confirms(conns);
-                publish::batch(&mut route, confirms, id, &b);
+            Frame::PublishBatch(pb) => {
+                let (mut route, b) = self.split(conns);
+                publish::batch(&mut route, b.confirms, b.journal, id, &pb);
+                Flow::Continue
+            }
+            Frame::Forward(fw) if fw.flags & f::FORWARD_SEQ != 0 && self.journal.is_some() => {
+                // Durable mode: appended by the log at fw.seq (§13).
+                self.m.msgs_in += 1;
+                self.route(conns).local_at(fw.user, fw.key, fw.payload, fw.seq, false);
                 Flow::Continue
             }
             Frame::Forward(fw) if fw.id.is_empty() => {
@@ -574,6 +792,9 @@ impl Service for NodeLoop {
                     self.results(conns, ready, now);
                 } else {
                     self.confirms.publisher_gone(id);
+                    if let Some(j) = &mut self.journal {
+                        j.requester_gone(id);
+                    }
                 }
             }
         }
@@ -587,6 +808,7 @@ impl Service for NodeLoop {
             self.inbox(conns, now);
         } else {
             self.control(conns, now);
+            self.log_answers(conns, now);
         }
         false
     }
@@ -597,6 +819,7 @@ impl Service for NodeLoop {
             self.inbox(conns, now);
         }
         self.sources(conns, now);
+        self.send_to_log(now);
         self.mesh.send_presence(conns);
         for (link, nonce) in self.confirms.pings(now) {
             if let Some(out) = conns.queue(link) {
@@ -631,6 +854,9 @@ impl Service for NodeLoop {
         if self.intake.waiting() {
             // Connector batches wait for the mesh to catch up.
             return Duration::from_millis(1);
+        }
+        if let Some(t) = self.journal.as_ref().and_then(|j| j.next_due()) {
+            return self.duties.timeout(now).min(t.saturating_duration_since(now));
         }
         if !self.parked.is_empty() && matches!(self.role, Role::Router(_)) {
             // Publishers wait for another loop to catch up; it does not

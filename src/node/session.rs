@@ -42,6 +42,9 @@ pub struct Sessions {
     /// Scratch for [`cut_largest`] (kept: the scan runs only when over
     /// budget, but then may run again soon).
     victims: Vec<(usize, ConnId)>,
+    /// Durable mode: users with messages to read from the log (a seq was
+    /// heard of beyond their head + 1); the loop asks the log.
+    pub gaps: Vec<Box<[u8]>>,
 }
 
 /// A HELLO that established a session.
@@ -95,6 +98,7 @@ impl Sessions {
             // Shared out among the loops, as the retention ring is.
             output_budget: cfg.output_budget / loops,
             victims: Vec::new(),
+            gaps: Vec::new(),
         }
     }
 
@@ -248,6 +252,45 @@ impl Sessions {
             dirty.mark(c, s);
         }
         true
+    }
+
+    /// Durable mode: [`Sessions::deliver`] at `seq`, the message's place in
+    /// the user's stream as the log assigned it (protocol.md §13). A seq at
+    /// or below the head is there already (nothing is queued); one beyond
+    /// head + 1 is not queued either, and the user is listed in
+    /// [`Sessions::gaps`] so the loop reads the messages between from the
+    /// log (with `skip`, read from the log: the ones between are gone from
+    /// it, and the stream goes on at `seq`). Returns whether the user has a
+    /// session here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn deliver_at(
+        &mut self,
+        conns: &mut Conns<Peer>,
+        m: &mut Metrics,
+        user: &[u8],
+        key: &[u8],
+        payload: &[u8],
+        seq: u64,
+        skip: bool,
+    ) -> bool {
+        let Some(u) = self.reg.find(user) else { return false };
+        let Some(rec) = self.reg.user(u) else { return false };
+        let (head, online) = (rec.head, !rec.sessions.is_empty());
+        if seq <= head {
+            return online;
+        }
+        if seq > head + 1 {
+            if !skip {
+                let first = rec.want <= head + 1;
+                self.reg.want(u, seq);
+                if first {
+                    self.gaps.push(user.into());
+                }
+                return online;
+            }
+            self.reg.skip_to(u, seq - 1);
+        }
+        self.deliver(conns, m, user, key, payload)
     }
 
     /// Bookkeeping for a connection that is closing: detaches a session

@@ -47,6 +47,9 @@ pub enum Code {
     /// The user already has the maximum number of sessions on this node
     /// (protocol version 2; sent to version-1 clients too, §4.1).
     SessionLimit,
+    /// Durable mode (protocol.md §13): the log cannot keep messages now, so
+    /// the node confirms nothing and admits no session it cannot serve.
+    LogUnavailable,
     /// A code this implementation does not know.
     Other(u16),
 }
@@ -73,6 +76,7 @@ impl Code {
             Code::Rebalance => 16,
             Code::Internal => 17,
             Code::SessionLimit => 18,
+            Code::LogUnavailable => 19,
             Code::Other(n) => n,
         }
     }
@@ -98,6 +102,7 @@ impl Code {
             16 => Code::Rebalance,
             17 => Code::Internal,
             18 => Code::SessionLimit,
+            19 => Code::LogUnavailable,
             n => Code::Other(n),
         }
     }
@@ -123,6 +128,7 @@ impl Code {
             Code::Rebalance => "rebalance",
             Code::Internal => "internal",
             Code::SessionLimit => "session_limit",
+            Code::LogUnavailable => "log_unavailable",
             Code::Other(_) => "other",
         }
     }

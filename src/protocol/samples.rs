@@ -218,7 +218,14 @@ pub fn all() -> Vec<Sample> {
     add(
         "forward-seq",
         Channel::Ingest,
-        Frame::Forward(Forward { flags: FORWARD_SEQ, user: b"alice", key: b"", id: b"", seq: 7, payload: b"hi" }),
+        Frame::Forward(Forward {
+            flags: FORWARD_SEQ,
+            user: b"alice",
+            key: b"",
+            id: b"",
+            seq: 7,
+            payload: b"hi",
+        }),
     );
     add(
         "assign-request",

@@ -59,15 +59,19 @@ pub enum Fate {
     NoRoute,
     /// Already appended here (a redelivery); not delivered again.
     Duplicate,
-    /// Not taken (the node is draining): give it to another node.
+    /// Not taken (the node is draining, or in durable mode the log could
+    /// not keep it): give it to another node.
     Refused,
+    /// Durable mode: kept in the log; the user had no session anywhere the
+    /// node knew of, and gets it when it next connects (protocol.md §13).
+    Kept,
 }
 
 impl Fate {
     /// Whether the queue may forget it (acknowledge it).
     pub fn taken(self, no_route: NoRoute) -> bool {
         match self {
-            Fate::Local | Fate::Forwarded | Fate::Duplicate => true,
+            Fate::Local | Fate::Forwarded | Fate::Duplicate | Fate::Kept => true,
             Fate::NoRoute => no_route == NoRoute::Drop,
             Fate::Refused => false,
         }
@@ -416,5 +420,6 @@ mod tests {
         assert!(Fate::NoRoute.taken(NoRoute::Drop));
         assert!(!Fate::NoRoute.taken(NoRoute::Retry));
         assert!(!Fate::Refused.taken(NoRoute::Drop));
+        assert!(Fate::Kept.taken(NoRoute::Retry));
     }
 }

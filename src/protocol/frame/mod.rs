@@ -31,7 +31,9 @@ mod wire;
 
 pub use super::channel::{ty, Channel};
 pub use decode::{decode, decode_in, max_frame_len, peek_header, Decoded};
-pub use encode::{deliver_len, encode_deliver, encode_forward, encode_forward_seq, encode_publish, BatchWriter};
+pub use encode::{
+    deliver_len, encode_deliver, encode_forward, encode_forward_seq, encode_publish, BatchWriter,
+};
 pub use entries::{
     encode_entries, AssignEntry, BatchEntry, Entry, KeyEntry, List, ListIter, NodeEntry, PresenceEntry,
     StatusEntry, NODE_DRAINING,
@@ -40,7 +42,7 @@ pub use types::{
     negotiate, Admin, AdminResult, AdminStatus, AssignRequest, Assignment, Conflated, Deliver, ErrorFrame,
     Forward, Frame, Goodbye, Heartbeat, Hello, NoCapacity, Nodes, NodesRequest, PeerAuth, PeerHello,
     PeerWelcome, Position, Presence, PubHello, PubResult, PubWelcome, Publish, PublishBatch, Welcome,
-    FORWARD_ID, FORWARD_SEQ, HELLO_RESUME, MAX_CONFLATED_KEYS, PRESENCE_SNAPSHOT_BEGIN, PRESENCE_SNAPSHOT_END,
-    PUBLISH_WANT_RESULT,
+    FORWARD_ID, FORWARD_SEQ, HELLO_RESUME, MAX_CONFLATED_KEYS, PRESENCE_SNAPSHOT_BEGIN,
+    PRESENCE_SNAPSHOT_END, PUBLISH_WANT_RESULT,
 };
 pub use wire::{Reader, HEADER_LEN};
