@@ -251,6 +251,7 @@ impl NodeLoop {
         id: ConnId,
         h: &f::Hello<'_>,
         bytes: &[u8],
+        len: usize,
         now: Instant,
     ) -> Flow {
         // Several loops: a client belongs on its user's loop. (Not once the
@@ -281,7 +282,7 @@ impl NodeLoop {
             }
         }
         let draining = self.draining();
-        if !draining && self.park(conns, id, h, bytes, now) {
+        if !draining && self.park(conns, id, h, &bytes[..len.min(bytes.len())], now) {
             return Flow::Continue;
         }
         let Some(w) = self.sessions.hello(conns, id, h, &self.cfg, draining, self.unix, &mut self.m, now)
@@ -641,7 +642,7 @@ impl Service for NodeLoop {
         id: ConnId,
         frame: Frame<'_>,
         bytes: &[u8],
-        _len: usize,
+        len: usize,
         now: Instant,
     ) -> Flow {
         // The event loop has checked the type against the state (§2.4), so
@@ -700,7 +701,7 @@ impl Service for NodeLoop {
                 conns.peer_gone(id, CloseReason::PeerGoodbye);
                 Flow::Stop
             }
-            Frame::Hello(h) => self.hello(conns, id, &h, bytes, now),
+            Frame::Hello(h) => self.hello(conns, id, &h, bytes, len, now),
             Frame::PubHello(h) => publish::hello(conns, id, &h, &self.cfg, self.unix, now),
             Frame::PeerHello(h) => self.mesh.peer_hello(conns, id, &h, &self.cfg, now),
             Frame::PeerWelcome(w) => {
