@@ -27,6 +27,10 @@ pub const H_SEQ: &str = "Herald-Seq";
 pub const H_PREV: &str = "Herald-Prev";
 /// Header: the conflation key, if not empty (base64url: keys are bytes).
 pub const H_KEY: &str = "Herald-Key";
+/// Header: the message's identity as the appender gave it
+/// ([`Request::Append`]'s `msg_id`, base64url; absent if empty). The log's
+/// own `Nats-Msg-Id` names the message's slot instead (see [`log`]).
+pub const H_ID: &str = "Herald-Id";
 
 /// `--durable jetstream://HOST:PORT[,HOST:PORT…]/STREAM[?replicas=3&max_age=24h&per_user=1024&timeout=2s]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod herd;
+pub mod jscluster;
 pub mod netns;
 pub mod proc;
 pub mod queues;
