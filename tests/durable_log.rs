@@ -44,6 +44,11 @@ fn start(hosts: &str, stream: &str, query: &str, node: &str) -> Result<Node, Str
 
 impl Node {
     fn append(&mut self, user: &str, key: &[u8], payload: &[u8], msg_id: &[u8]) -> u64 {
+        self.append_as(user, key, payload, msg_id, false)
+    }
+
+    /// [`Node::append`], as a queue's redelivery if `redelivered`.
+    fn append_as(&mut self, user: &str, key: &[u8], payload: &[u8], msg_id: &[u8], redelivered: bool) -> u64 {
         self.token += 1;
         assert!(self.log.send(Request::Append {
             token: self.token,
@@ -51,6 +56,7 @@ impl Node {
             key: key.into(),
             payload: payload.to_vec(),
             msg_id: msg_id.into(),
+            redelivered,
         }));
         self.token
     }
@@ -241,9 +247,22 @@ fn appends_reads_concurrent_nodes_and_duplicates() {
     let (head, msgs) = a.read("dup", Some(0)).unwrap();
     assert_eq!(head, 2);
     assert_eq!(msgs.iter().map(|e| e.payload.as_slice()).collect::<Vec<_>>(), [&b"once"[..], b"two"]);
+    // A queue's redelivery through another node (the first appended it and
+    // died before acknowledging it) is found in the log: its first seq.
+    let t = b.append_as("dup", b"", b"once", b"m-1", true);
+    match b.answer() {
+        Answer::Appended { token, seq, .. } => assert_eq!((token, seq), (t, 1), "found at its first seq"),
+        other => panic!("unexpected {other:?}"),
+    }
+    let t = b.append_as("dup", b"", b"new", b"m-3", true);
+    match b.answer() {
+        Answer::Appended { token, seq, .. } => assert_eq!((token, seq), (t, 3), "not there: appended"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(a.read("dup", Some(0)).unwrap().0, 3);
     // Without an id nothing is de-duplicated.
-    assert_eq!(a.append_wait("dup", b"", b"anon", b""), Ok(3));
     assert_eq!(a.append_wait("dup", b"", b"anon", b""), Ok(4));
+    assert_eq!(a.append_wait("dup", b"", b"anon", b""), Ok(5));
 
     // Dropping the handle: what was sent is still answered, then the thread ends.
     let tokens: Vec<u64> = (0..50).map(|i| b.append("late", b"", &payload("late", i), b"")).collect();

@@ -40,7 +40,10 @@ impl Client {
             return Ok(vec![r]);
         }
         if let Some(c) = self.cached.clone() {
-            if self.cached_failures < CACHED_TRIES || self.cfg.decision.is_empty() {
+            // Without decision servers the cached node is kept, unless the
+            // static list names another one to fail over to.
+            let nowhere_else = self.cfg.decision.is_empty() && self.cfg.nodes.len() < 2;
+            if self.cached_failures < CACHED_TRIES || nowhere_else {
                 return Ok(vec![c]);
             }
             self.last_failed = Some(c);

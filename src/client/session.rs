@@ -71,7 +71,9 @@ pub enum Event {
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Node addresses (`host:port`), tried in order.
+    /// Node addresses (`host:port`), tried in order: the client stays on
+    /// the one that last worked, and after two failed tries there moves to
+    /// the next.
     pub nodes: Vec<String>,
     /// The client token (protocol.md §9).
     pub token: String,

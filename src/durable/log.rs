@@ -69,7 +69,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::{Answer, Entry, LogError, Request, Spec, HEALTH_SUBJECT, H_ID, H_KEY, H_PREV, H_SEQ};
 
 /// Appends refused because another node took the slot, before giving up.
-const MAX_CONFLICTS: usize = 50;
+const MAX_CONFLICTS: usize = 200;
 /// Users whose last message is cached (cleared when full: a miss costs a read).
 const CACHE_MAX: usize = 1_000_000;
 /// Message ids remembered for de-duplication.
@@ -84,8 +84,9 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// The event loop's handle on the log thread.
 pub struct Log {
     tx: tokio::sync::mpsc::UnboundedSender<Request>,
-    /// The stream's creation time (ns since the Unix epoch): the base of
-    /// every user's durable epoch ([`super::epoch`]).
+    /// The base of every user's durable epoch ([`super::epoch`]): chosen at
+    /// random by the node that made the stream and kept in its description,
+    /// so the same on every node and server for as long as the stream exists.
     pub created: u64,
 }
 
@@ -230,8 +231,28 @@ fn stream_config(spec: &Spec) -> stream::Config {
         discard: stream::DiscardPolicy::Old,
         allow_direct: true,
         duplicate_window: DUPLICATE_WINDOW.min(spec.max_age),
+        // The base of every user's epoch, chosen by the node that makes the
+        // stream: the config is the same on every server, while each
+        // replica reports its own creation time.
+        description: Some(format!("{EPOCH_TAG}{:016x}", fresh_base())),
         ..Default::default()
     }
+}
+
+/// A stream's description starts with this, then the epoch base in hex.
+const EPOCH_TAG: &str = "herald durable log; epoch base ";
+
+/// A new epoch base: the clock and the process, never 0.
+fn fresh_base() -> u64 {
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    (t ^ (std::process::id() as u64) << 40).max(1)
+}
+
+/// The epoch base a stream's description names, if it names one.
+fn epoch_base(description: Option<&str>) -> Option<u64> {
+    let hex = description?.strip_prefix(EPOCH_TAG)?;
+    u64::from_str_radix(hex.trim(), 16).ok().filter(|&b| b != 0)
 }
 
 /// Finds or creates the stream; it and its creation time (ns since the
@@ -297,7 +318,12 @@ async fn ensure_stream(js: &jetstream::Context, spec: &Spec) -> Result<(stream::
             c.max_messages_per_subject
         );
     }
-    let created = u64::try_from(info.created.unix_timestamp_nanos()).unwrap_or(1).max(1);
+    let Some(created) = epoch_base(c.description.as_deref()) else {
+        return Err(Ensure::Refused(format!(
+            "stream {} was not made by herald (its description names no epoch base); delete it or name another stream",
+            spec.stream
+        )));
+    };
     Ok((stream, created))
 }
 
@@ -520,6 +546,32 @@ struct Pending {
     key: Box<[u8]>,
     payload: Vec<u8>,
     msg_id: Box<[u8]>,
+    redelivered: bool,
+}
+
+/// How far back a redelivered message is looked for among its user's
+/// messages (a queue redelivers within its ack wait, seconds; a user gets a
+/// few messages a second).
+const LOOKBACK: usize = 256;
+
+/// Looks for the message with `Herald-Id` `id` among the last [`LOOKBACK`]
+/// of `subject`'s messages (read backwards from the leader's latest);
+/// its seq if found.
+async fn find_id(ctx: &Ctx, subject: &str, id: &str) -> Result<Option<u64>, LogError> {
+    let mut m = ctx.last(subject, false).await?;
+    for _ in 0..LOOKBACK {
+        let Some(msg) = m else { return Ok(None) };
+        let s = parse_headers(&msg.headers)
+            .map_err(|e| LogError::Invalid(format!("{subject} at {}: {e}", msg.sequence)))?;
+        if s.id.as_deref() == Some(id) {
+            return Ok(Some(s.seq));
+        }
+        if s.prev == 0 {
+            return Ok(None);
+        }
+        m = ctx.by_seq(s.prev).await?;
+    }
+    Ok(None)
 }
 
 /// How an append ended.
@@ -565,6 +617,15 @@ async fn append_one(
     // Slots this message may already hold.
     let mut tried: Vec<u64> = Vec::new();
     let mut sent = uncertain;
+    if let (true, Some(id)) = (p.redelivered, id.as_deref()) {
+        // A queue's redelivery: another node may have appended it and died
+        // before acknowledging it to the queue. Then it is there already.
+        match find_id(ctx, &subject, id).await {
+            Ok(Some(seq)) => return Outcome::Appended { seq, last: None },
+            Ok(None) => {}
+            Err(why) => return Outcome::Failed { why, sent },
+        }
+    }
     if let Some(u) = uncertain {
         // The attempt could only have been stored as the first message after
         // the one it expected.
@@ -590,7 +651,13 @@ async fn append_one(
             Err(why) => return Outcome::Failed { why, sent },
         },
     };
-    for _ in 0..MAX_CONFLICTS {
+    for round in 0..MAX_CONFLICTS {
+        if round >= 3 {
+            // Losing again and again to another appender of this user: wait
+            // a random 0–2 ms, so the two stop racing in lock step.
+            let jitter = (fresh_base() ^ round as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 53;
+            tokio::time::sleep(Duration::from_micros(jitter)).await;
+        }
         let seq = last.seq + 1;
         let headers = append_headers(seq, last, &subject, &p.key, id.as_deref());
         let attempt = Sent { slot: seq, expected: last.sseq };
@@ -790,8 +857,8 @@ impl State {
             let probe_due = !self.healthy && probe.is_none();
             tokio::select! {
                 r = rx.recv(), if open => match r {
-                    Some(Request::Append { token, user, key, payload, msg_id }) => {
-                        let p = Pending { token, key, payload, msg_id };
+                    Some(Request::Append { token, user, key, payload, msg_id, redelivered }) => {
+                        let p = Pending { token, key, payload, msg_id, redelivered };
                         match self.users.get_mut(&user) {
                             Some((_, q)) => q.push_back(p),
                             None => self.begin(user, p, &mut appends),
@@ -942,6 +1009,16 @@ async fn poll_opt<T>(f: &mut Option<Task<T>>) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_epoch_base_is_read_back_from_the_description() {
+        let d = stream_config(&Spec::parse("jetstream://h:1/S").unwrap()).description;
+        let b = epoch_base(d.as_deref()).unwrap();
+        assert_ne!(b, 0);
+        assert_eq!(epoch_base(Some(&format!("{EPOCH_TAG}00000000000000ff"))), Some(255));
+        assert_eq!(epoch_base(Some("some other stream")), None);
+        assert_eq!(epoch_base(None), None);
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

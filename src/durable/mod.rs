@@ -151,8 +151,8 @@ pub fn un_b64url(s: &str) -> Option<Vec<u8>> {
 }
 
 /// The epoch of `user`'s durable stream: the same on every node for as long
-/// as the log's stream exists (`created`: its creation time, ns since the
-/// Unix epoch), never 0.
+/// as the log's stream exists (`created`: the epoch base kept in the
+/// stream's description, [`log::Log::created`]), never 0.
 pub fn epoch(created: u64, user: &[u8]) -> u64 {
     // FNV-1a over (created, user), then a splitmix64 finish.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -181,6 +181,10 @@ pub enum Request {
         /// Its identity for the log's de-duplication (`Nats-Msg-Id`):
         /// a connector message's queue id, else unique to this node's run.
         msg_id: Box<[u8]>,
+        /// A queue's redelivery: the user's recent messages are searched
+        /// for `msg_id` first (another node may have appended it and died
+        /// before acknowledging it to the queue).
+        redelivered: bool,
     },
     /// Read `user`'s stream: its head and, with `after`, every retained
     /// message whose seq is greater, in order.

@@ -142,8 +142,11 @@ fn handle(
         let Some(Peer::Api(a)) = route.conns.get_mut(id).map(|c| &mut c.state) else { return None };
         a.next_request = a.next_request.wrapping_add(1);
         let rid = a.next_request;
-        let ready =
-            j.request(id, rid, msgs.iter().map(|m| (&m.user[..], &m.key[..], &m.payload[..], &b""[..])));
+        let ready = j.request(
+            id,
+            rid,
+            msgs.iter().map(|m| (&m.user[..], &m.key[..], &m.payload[..], &b""[..], false)),
+        );
         if let Some((_, d)) = ready.into_iter().next() {
             return Some(published(&d, batch));
         }

@@ -105,7 +105,10 @@ impl Intake {
                 // at its first seq, which the user's node drops.
                 self.msgs += b.msgs.len() as u64;
                 self.held[b.source].push_back((b.seq, vec![false; b.msgs.len()]));
-                let msgs = b.msgs.iter().map(|m| (&m.user[..], &m.key[..], &m.payload[..], &m.id[..]));
+                let msgs = b
+                    .msgs
+                    .iter()
+                    .map(|m| (&m.user[..], &m.key[..], &m.payload[..], &m.id[..], m.redelivered));
                 for (_, d) in j.request(requester(b.source), b.seq as u32, msgs) {
                     self.done(b.source, &d);
                 }

@@ -22,8 +22,9 @@ use super::confirm::Done;
 /// after this, for messages appended before the peers heard it is online.
 pub const RECHECK: Duration = Duration::from_millis(500);
 
-/// One message of a request: (user, key, payload, queue id or empty).
-pub type Msg<'m> = (&'m [u8], &'m [u8], &'m [u8], &'m [u8]);
+/// One message of a request: (user, key, payload, queue id or empty,
+/// whether the queue redelivered it).
+pub type Msg<'m> = (&'m [u8], &'m [u8], &'m [u8], &'m [u8], bool);
 
 /// Who waits on an append.
 #[derive(Debug, Clone, Copy)]
@@ -110,7 +111,8 @@ impl Journal {
         crate::durable::epoch(self.created, user)
     }
 
-    fn append(&mut self, origin: Origin, user: &[u8], key: &[u8], payload: &[u8], id: &[u8]) {
+    fn append(&mut self, origin: Origin, m: Msg<'_>) {
+        let (user, key, payload, id, redelivered) = m;
         let token = self.next_token;
         self.next_token += 1;
         let msg_id: Box<[u8]> =
@@ -122,6 +124,7 @@ impl Journal {
             key: key.into(),
             payload: payload.to_vec(),
             msg_id,
+            redelivered,
         });
     }
 
@@ -131,7 +134,7 @@ impl Journal {
             self.refused += 1;
             return;
         }
-        self.append(Origin::Nobody, user, key, payload, b"");
+        self.append(Origin::Nobody, (user, key, payload, b"", false));
     }
 
     /// A request of `requester` with these messages (user, key, payload,
@@ -153,8 +156,8 @@ impl Journal {
             req.missing = 0;
             req.refused = true;
         } else {
-            for (index, (user, key, payload, id)) in msgs.enumerate() {
-                self.append(Origin::Request { requester, serial, index }, user, key, payload, id);
+            for (index, m) in msgs.enumerate() {
+                self.append(Origin::Request { requester, serial, index }, m);
             }
         }
         self.reqs.entry(requester).or_default().push_back(req);
@@ -282,7 +285,7 @@ mod tests {
     fn answers_wait_for_every_append_and_keep_request_order() {
         let mut j = journal();
         let p = ConnId(3);
-        let m: [Msg<'_>; 2] = [(b"u1", b"", b"a", b""), (b"u2", b"", b"b", b"")];
+        let m: [Msg<'_>; 2] = [(b"u1", b"", b"a", b"", false), (b"u2", b"", b"b", b"", false)];
         assert!(j.request(p, 10, m.into_iter()).is_empty());
         assert!(j.request(p, 11, m[..1].iter().copied()).is_empty());
         let t = tokens(&mut j);
@@ -303,7 +306,7 @@ mod tests {
     fn a_message_not_kept_refuses_its_request_and_a_down_log_refuses_at_once() {
         let mut j = journal();
         let p = ConnId(1);
-        let m: [Msg<'_>; 2] = [(b"u1", b"", b"a", b""), (b"u1", b"", b"b", b"")];
+        let m: [Msg<'_>; 2] = [(b"u1", b"", b"a", b"", false), (b"u1", b"", b"b", b"", false)];
         j.request(p, 1, m.into_iter());
         let t = tokens(&mut j);
         assert!(j.appended(t[0], true, false).is_empty());
@@ -320,7 +323,7 @@ mod tests {
     #[test]
     fn a_gone_requester_gets_nothing_and_one_read_per_user_is_in_flight() {
         let mut j = journal();
-        let m: [Msg<'_>; 1] = [(b"u1", b"", b"a", b"q:1")];
+        let m: [Msg<'_>; 1] = [(b"u1", b"", b"a", b"q:1", true)];
         j.request(ConnId(1), 1, m.into_iter());
         let out = std::mem::take(&mut j.out);
         let Request::Append { token, msg_id, .. } = &out[0] else { panic!() };

@@ -63,7 +63,8 @@ pub fn publish(
         if p.flags & PUBLISH_WANT_RESULT == 0 {
             j.publish(p.user, p.key, p.payload);
         } else {
-            let ready = j.request(id, p.request_id, std::iter::once((p.user, p.key, p.payload, &b""[..])));
+            let ready =
+                j.request(id, p.request_id, std::iter::once((p.user, p.key, p.payload, &b""[..], false)));
             results(route.conns, &ready, route.turn.start);
         }
         return;
@@ -93,7 +94,8 @@ pub fn batch(
                 j.publish(e.user, e.key, e.payload);
             }
         } else {
-            let msgs: Vec<_> = b.entries.iter().map(|e| (e.user, e.key, e.payload, &b""[..])).collect();
+            let msgs: Vec<_> =
+                b.entries.iter().map(|e| (e.user, e.key, e.payload, &b""[..], false)).collect();
             let ready = j.request(id, b.request_id, msgs.into_iter());
             results(route.conns, &ready, route.turn.start);
         }

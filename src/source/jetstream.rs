@@ -181,8 +181,10 @@ impl Connector {
                 |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().as_bytes());
             let user = header("Herald-User")
                 .or_else(|| m.subject.as_str().strip_prefix(prefix.as_str()).map(str::as_bytes));
+            let redelivered = m.info().is_ok_and(|i| i.delivered > 1);
             match map(user, header("Herald-Key"), &m.payload, id.as_bytes()) {
-                Ok(msg) => {
+                Ok(mut msg) => {
+                    msg.redelivered = redelivered;
                     batch.push(msg);
                     keep.push(m);
                 }

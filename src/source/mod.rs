@@ -35,6 +35,9 @@ pub struct Msg {
     pub payload: Box<[u8]>,
     /// Its identity in the queue, for de-duplication (1..=64 bytes).
     pub id: Box<[u8]>,
+    /// The queue has handed it out before (a redelivery, or a claim of a
+    /// pending entry): in durable mode the log is searched for it first.
+    pub redelivered: bool,
 }
 
 /// Messages handed to the node together.
@@ -323,7 +326,7 @@ pub fn map(user: Option<&[u8]>, key: Option<&[u8]>, payload: &[u8], id: &[u8]) -
         return Err(Malformed::PayloadTooLarge);
     }
     let id = &id[..id.len().min(MAX_FORWARD_ID_LEN)];
-    Ok(Msg { user: user.into(), key: key.into(), payload: payload.into(), id: id.into() })
+    Ok(Msg { user: user.into(), key: key.into(), payload: payload.into(), id: id.into(), redelivered: false })
 }
 
 /// Starts the connector for `spec` on a thread of its own; it stops when

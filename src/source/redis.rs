@@ -213,7 +213,7 @@ impl Connector {
                 .arg(">")
                 .query(&mut conn)?;
             let entries = read_reply(v)?;
-            self.hand(&mut conn, entries)?;
+            self.hand(&mut conn, entries, false)?;
         }
     }
 
@@ -241,7 +241,7 @@ impl Connector {
             let entries = read_reply(v)?;
             let Some(last) = entries.last() else { return Ok(()) };
             after = last.id.clone();
-            self.hand(conn, entries)?;
+            self.hand(conn, entries, true)?;
         }
         Ok(())
     }
@@ -267,11 +267,13 @@ impl Connector {
             // The scan is done; the next one in a while.
             self.claim_at = Instant::now() + self.claim_every;
         }
-        self.hand(conn, entries)
+        self.hand(conn, entries, true)
     }
 
     /// Maps `entries` and hands the good ones to the node as one batch.
-    fn hand(&mut self, conn: &mut Connection, entries: Vec<Entry>) -> Result<(), Error> {
+    /// `redelivered`: they were handed out before (this consumer's own
+    /// pending entries, or claimed ones).
+    fn hand(&mut self, conn: &mut Connection, entries: Vec<Entry>, redelivered: bool) -> Result<(), Error> {
         let mut ids = Vec::with_capacity(entries.len());
         let mut msgs = Vec::with_capacity(entries.len());
         let mut failed = Ok(());
@@ -291,7 +293,8 @@ impl Connector {
             let id = format!("redis:{}:{}", self.spec.stream, e.id);
             let data = field(fields, b"data").unwrap_or(b"");
             match map(field(fields, b"user"), field(fields, b"key"), data, id.as_bytes()) {
-                Ok(m) => {
+                Ok(mut m) => {
+                    m.redelivered = redelivered;
                     msgs.push(m);
                     self.mine.insert(e.id.clone());
                     ids.push(e.id);

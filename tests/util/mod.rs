@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod herd;
+pub mod js;
 pub mod jscluster;
 pub mod netns;
 pub mod proc;
