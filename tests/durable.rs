@@ -257,3 +257,100 @@ fn a_consuming_node_killed_mid_stream_loses_nothing_and_the_log_keeps_each_queue
     );
     assert!(taken_by_c1 > 0, "c1 was consuming when it was killed");
 }
+
+#[test]
+fn the_logs_stream_leader_killed_mid_stream_loses_nothing_and_confirmations_resume_within_an_election() {
+    use herald::client::ClientError;
+    let Some(mut js) = JsCluster::start("dur-leader") else { return };
+    let mut herd = Herd::new("dur-leader");
+    herd.start_node("l1", &[durable_flag(&js)]);
+    herd.wait_listed(1);
+    let users: Vec<String> = (0..4).map(|i| format!("lu{i}")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for u in &users {
+        let mut cfg = ClientConfig::new(herd.nodes[0].client.clone(), util::token_for(u));
+        cfg.user = Some(u.clone());
+        readers.push(reader(cfg, stop.clone()));
+    }
+    for u in &users {
+        herd.until_routed(0, u, b"probe");
+    }
+    // Confirmed publishes, each payload new; a refused one is not retried
+    // (it may or may not have been kept) and is noted.
+    let ingest = herd.nodes[0].ingest.clone();
+    let cred = util::pub_credential();
+    let names = users.clone();
+    let run = move |stop_at: Instant| {
+        let users = names;
+        let mut confirmed: Vec<(String, Instant)> = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
+        let mut p = Publisher::connect(&ingest, &cred).ok();
+        let mut i = 0;
+        while Instant::now() < stop_at {
+            let u = &users[i % users.len()];
+            let m = format!("{u}:{i}");
+            i += 1;
+            let Some(pp) = p.as_mut() else {
+                std::thread::sleep(Duration::from_millis(50));
+                p = Publisher::connect(&ingest, &cred).ok();
+                refused.push(m);
+                continue;
+            };
+            match pp.publish_confirmed(u.as_bytes(), m.as_bytes()) {
+                Ok(_) => confirmed.push((m, Instant::now())),
+                Err(ClientError::Rejected { .. }) | Err(_) => {
+                    refused.push(m);
+                    std::thread::sleep(Duration::from_millis(50));
+                    p = Publisher::connect(&ingest, &cred).ok();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        (confirmed, refused)
+    };
+    let t0 = Instant::now();
+    let publisher = std::thread::spawn(move || run(t0 + Duration::from_secs(16)));
+    std::thread::sleep(Duration::from_secs(2));
+    let leader = js.wait_stream_leader("HERALD", Duration::from_secs(10));
+    let killed = Instant::now();
+    js.kill(leader);
+    let (confirmed, refused) = publisher.join().unwrap();
+    // Confirmations stop at the kill (or soon after) and resume within one election.
+    let before = confirmed.iter().filter(|(_, t)| *t < killed).count();
+    let resumed =
+        confirmed.iter().find(|(_, t)| *t > killed + Duration::from_millis(50)).map(|(_, t)| *t - killed);
+    let longest_pause = confirmed.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap_or_default();
+    eprintln!(
+        "stream leader (server {leader}) killed: {before} confirmed before, {} after, {} refused; confirmations back {resumed:?} after the kill (longest pause between confirmations {longest_pause:?})",
+        confirmed.len() - before,
+        refused.len()
+    );
+    assert!(before > 0);
+    let back = resumed.expect("confirmations never resumed");
+    assert!(longest_pause <= Duration::from_secs(10), "confirmations paused {longest_pause:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let want: Vec<&String> = confirmed.iter().map(|(m, _)| m).collect();
+    while readers.iter().map(|(s, _)| s.lock().unwrap().msgs.len()).sum::<usize>() < want.len()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    for (u, (seen, t)) in users.iter().zip(readers) {
+        t.join().unwrap();
+        let s = seen.lock().unwrap();
+        let got: Vec<String> = s.msgs.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect();
+        let mine: Vec<&String> = want.iter().copied().filter(|m| m.starts_with(&format!("{u}:"))).collect();
+        let lost: Vec<&&String> = mine.iter().filter(|m| !got.contains(m)).collect();
+        assert!(lost.is_empty(), "{u}: confirmed and lost: {lost:?}");
+        let kept: Vec<&String> = got.iter().filter(|m| mine.contains(m)).collect();
+        assert_eq!(kept, mine, "{u}: each confirmed message once, in order");
+        let mut sorted = got.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), got.len(), "{u}: a message arrived twice");
+        assert_eq!(s.gaps, 0, "{u}: {s:?}");
+    }
+    eprintln!("LEADER_FAILOVER_CONFIRMS_MS={}", back.as_millis());
+}
