@@ -211,9 +211,7 @@ fn without_a_quorum_nothing_is_confirmed_and_service_comes_back_with_it() {
 
 #[test]
 fn a_consuming_node_killed_mid_stream_loses_nothing_and_the_log_keeps_each_queue_message_once() {
-    use std::sync::atomic::AtomicUsize;
-    use util::herd::assert_exactly_once;
-    use util::js::{publisher, source};
+    use util::js::{kill_a_consumer_mid_stream, source};
     use util::queues::{Kind, Server};
     let Some(js) = JsCluster::start("dur-src") else { return };
     let Some(nats) = Server::start(Kind::Nats, "dur-src-q") else { return };
@@ -230,32 +228,12 @@ fn a_consuming_node_killed_mid_stream_loses_nothing_and_the_log_keeps_each_queue
     herd.start_node("c2", &with_source(""));
     herd.wait_listed(3);
     let users: Vec<String> = (0..8).map(|i| format!("dk{i}")).collect();
-    let mut clients: Vec<(String, Client)> =
-        users.iter().map(|u| (u.clone(), herd.client_on(0, u))).collect();
-    for u in &users {
-        herd.until_routed(1, u, b"probe");
-        herd.until_routed(2, u, b"probe");
-    }
-    let per_user = 200;
-    let sent = Arc::new(AtomicUsize::new(0));
-    let p = publisher(nats.addr(), users.clone(), per_user, 1200, sent.clone());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sent.load(Ordering::SeqCst) < users.len() * per_user / 3
-        || herd.nodes[1].metric("herald_source_messages_total") == 0
-    {
-        assert!(Instant::now() < deadline, "the publisher is stuck, or c1 never consumed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let taken_by_c1 = herd.nodes[1].metric("herald_source_messages_total");
-    herd.nodes[1].proc.kill9();
-    p.join().unwrap();
-    assert_exactly_once(&mut clients, vec![Vec::new(); users.len()], per_user, Duration::from_secs(30));
+    let taken_by_c1 = kill_a_consumer_mid_stream(&mut herd, &nats, &users, 200, 1200);
     eprintln!(
         "c1 had taken {taken_by_c1} when killed; c2 took {}; the home node h appended {} messages to the log itself",
         herd.nodes[2].metric("herald_source_messages_total"),
         herd.nodes[0].metric("herald_durable_appended_total"),
     );
-    assert!(taken_by_c1 > 0, "c1 was consuming when it was killed");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use herald::client::Client;
 use util::herd::{assert_exactly_once, collect, Herd};
-use util::js::{jetstream, publish, publisher, rt, source};
+use util::js::{jetstream, kill_a_consumer_mid_stream, publish, publisher, rt, source};
 use util::queues::{Kind, Server};
 
 #[test]
@@ -81,34 +81,12 @@ fn a_consuming_node_killed_mid_stream_loses_nothing_and_duplicates_nothing() {
     herd.start_node("c2", &source(&nats, ""));
     herd.wait_listed(3);
     let users: Vec<String> = (0..10).map(|i| format!("ku{i}")).collect();
-    let mut clients: Vec<(String, Client)> =
-        users.iter().map(|u| (u.clone(), herd.client_on(0, u))).collect();
-    for u in &users {
-        herd.until_routed(1, u, b"probe");
-        herd.until_routed(2, u, b"probe");
-    }
-    let per_user = 300;
-    let sent = Arc::new(AtomicUsize::new(0));
-    let p = publisher(nats.addr(), users.clone(), per_user, 1500, sent.clone());
-    // Kill c1 a third of the way in, once it has taken messages (on a
-    // loaded machine c2 may have taken the first ones alone).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sent.load(Ordering::SeqCst) < users.len() * per_user / 3
-        || herd.nodes[1].metric("herald_source_messages_total") == 0
-    {
-        assert!(Instant::now() < deadline, "the publisher is stuck, or c1 never consumed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let taken_by_c1 = herd.nodes[1].metric("herald_source_messages_total");
-    herd.nodes[1].proc.kill9();
-    p.join().unwrap();
-    assert_exactly_once(&mut clients, vec![Vec::new(); users.len()], per_user, Duration::from_secs(30));
+    let taken_by_c1 = kill_a_consumer_mid_stream(&mut herd, &nats, &users, 300, 1500);
     eprintln!(
         "c1 had taken {taken_by_c1} when killed; c2 took {}; h dropped {} redelivered copies",
         herd.nodes[2].metric("herald_source_messages_total"),
         herd.nodes[0].metric("herald_source_duplicates_total")
     );
-    assert!(taken_by_c1 > 0, "c1 was consuming when it was killed");
 }
 
 #[test]

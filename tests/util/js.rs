@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use herald::client::Client;
+
+use super::herd::{assert_exactly_once, Herd};
 use super::queues::Server;
 
 pub fn rt() -> tokio::runtime::Runtime {
@@ -95,4 +98,42 @@ pub fn publisher(
             }
         })
     })
+}
+
+/// The consuming-node kill both modes are tested with: `users`' clients on
+/// node 0 (h, their home), nodes 1 (c1) and 2 (c2) sharing the consumer;
+/// `per_user` messages each are published to the queue at `rate` a second,
+/// c1 is SIGKILLed a third of the way in once it has taken some, and every
+/// client must get each of its messages exactly once. Returns what c1 had
+/// taken when it was killed.
+pub fn kill_a_consumer_mid_stream(
+    herd: &mut Herd,
+    nats: &Server,
+    users: &[String],
+    per_user: usize,
+    rate: u64,
+) -> u64 {
+    let mut clients: Vec<(String, Client)> =
+        users.iter().map(|u| (u.clone(), herd.client_on(0, u))).collect();
+    for u in users {
+        herd.until_routed(1, u, b"probe");
+        herd.until_routed(2, u, b"probe");
+    }
+    let sent = Arc::new(AtomicUsize::new(0));
+    let p = publisher(nats.addr(), users.to_vec(), per_user, rate, sent.clone());
+    // Kill c1 a third of the way in, once it has taken messages (on a
+    // loaded machine c2 may have taken the first ones alone).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent.load(Ordering::SeqCst) < users.len() * per_user / 3
+        || herd.nodes[1].metric("herald_source_messages_total") == 0
+    {
+        assert!(Instant::now() < deadline, "the publisher is stuck, or c1 never consumed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let taken_by_c1 = herd.nodes[1].metric("herald_source_messages_total");
+    herd.nodes[1].proc.kill9();
+    p.join().unwrap();
+    assert_exactly_once(&mut clients, vec![Vec::new(); users.len()], per_user, Duration::from_secs(30));
+    assert!(taken_by_c1 > 0, "c1 was consuming when it was killed");
+    taken_by_c1
 }
