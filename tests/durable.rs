@@ -143,8 +143,17 @@ fn without_a_quorum_nothing_is_confirmed_and_service_comes_back_with_it() {
     use herald::protocol::Code;
     let Some(mut js) = JsCluster::start("dur-quorum") else { return };
     let mut herd = Herd::new("dur-quorum");
-    herd.start_node("q1", &[format!("--durable=jetstream://{}/HERALD?replicas=3&timeout=1s", js.addrs())]);
+    let http = format!("127.0.0.1:{}", util::queues::free_port());
+    herd.start_node(
+        "q1",
+        &[
+            format!("--durable=jetstream://{}/HERALD?replicas=3&timeout=1s", js.addrs()),
+            "--http".into(),
+            http.clone(),
+        ],
+    );
     herd.wait_listed(1);
+    let http_url = format!("http://{http}");
     let stop = Arc::new(AtomicBool::new(false));
     let mut cfg = ClientConfig::new(herd.nodes[0].client.clone(), util::token_for("qa"));
     cfg.user = Some("qa".into());
@@ -157,6 +166,11 @@ fn without_a_quorum_nothing_is_confirmed_and_service_comes_back_with_it() {
         p.publish_confirmed(b"qa", m.as_bytes()).unwrap();
         confirmed.push(m);
     }
+    // The HTTP API answers once the log has it, too.
+    let mut hp = herald::client::HttpPublisher::connect(&http_url, &util::pub_credential(), None).unwrap();
+    let r = hp.publish("qa", b"before:http").unwrap();
+    assert_eq!((r.accepted, r.local), (1, 1));
+    confirmed.push("before:http".into());
     // Two of three servers die: the log has no quorum.
     js.kill(0);
     js.kill(1);
@@ -174,7 +188,15 @@ fn without_a_quorum_nothing_is_confirmed_and_service_comes_back_with_it() {
     let again = p2.publish_confirmed(b"qa", b"during:1");
     assert!(matches!(again, Err(ClientError::Rejected { code: Code::LogUnavailable, .. })), "{again:?}");
     eprintln!("no quorum: first refusal after {took:?}, the next after {:?}", t1.elapsed());
-    assert!(herd.nodes[0].metric("herald_durable_refused_total") >= 2);
+    let mut hp = herald::client::HttpPublisher::connect(&http_url, &util::pub_credential(), None).unwrap();
+    match hp.publish("qa", b"during:http") {
+        Err(ClientError::Http { status: 503, message }) => {
+            assert!(message.contains("log_unavailable"), "{message}")
+        }
+        other => panic!("the HTTP API confirmed what the log cannot keep: {other:?}"),
+    }
+    assert!(herd.nodes[0].metric("herald_durable_refused_total") >= 3);
+    assert_eq!(herd.nodes[0].metric("herald_durable_log_healthy"), 0);
     // Quorum returns: publishes are confirmed again.
     js.restart(0);
     js.restart(1);
