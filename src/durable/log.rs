@@ -78,6 +78,9 @@ const SEEN_MAX: usize = 65_536;
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
 /// How often an unhealthy log is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How often a healthy log is probed (so a node that appends nothing still
+/// notices when it cannot reach the log).
+const IDLE_PROBE_EVERY: Duration = Duration::from_secs(2);
 /// How long a stopping thread finishes what it has.
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
@@ -847,14 +850,14 @@ impl State {
         let mut appends: FuturesUnordered<Task<Done>> = FuturesUnordered::new();
         let mut reads: FuturesUnordered<Task<Answer>> = FuturesUnordered::new();
         let mut probe: Option<Task<bool>> = None;
-        let mut next_probe = tokio::time::Instant::now();
+        let mut next_probe = tokio::time::Instant::now() + IDLE_PROBE_EVERY;
         let mut open = true;
         let mut stop_at = tokio::time::Instant::now();
         loop {
             if !open && appends.is_empty() && reads.is_empty() {
                 break;
             }
-            let probe_due = !self.healthy && probe.is_none();
+            let probe_due = probe.is_none() && open;
             tokio::select! {
                 r = rx.recv(), if open => match r {
                     Some(Request::Append { token, user, key, payload, msg_id, redelivered }) => {
@@ -888,10 +891,12 @@ impl State {
                 }
                 ok = poll_opt(&mut probe) => {
                     probe = None;
-                    next_probe = tokio::time::Instant::now() + PROBE_EVERY;
-                    if ok {
-                        self.health(true);
-                    }
+                    // Also while all is well, now and then: a node that
+                    // publishes nothing still notices it cannot reach the
+                    // log (a partition), and its clients move (§13).
+                    self.health(ok);
+                    let every = if self.healthy { IDLE_PROBE_EVERY } else { PROBE_EVERY };
+                    next_probe = tokio::time::Instant::now() + every;
                 }
                 _ = tokio::time::sleep_until(next_probe), if probe_due => {
                     let ctx = self.ctx.clone();
