@@ -53,8 +53,10 @@ use crate::protocol::frame::BatchWriter;
 use crate::protocol::AdminOp;
 use crate::swarm::{mono_ns, user_name, SlowReaders, Stamp, Swarm, SwarmConfig, Tally, Unkeyed};
 
+pub mod log_cluster;
 pub mod queue;
 
+pub use log_cluster::{LogCluster, LogClusterError};
 pub use queue::{Backend, Queue, QueueError, QueueState, Source};
 
 /// Demo settings.

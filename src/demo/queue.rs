@@ -158,7 +158,7 @@ const GROUP: &str = "herald";
 
 /// Finds `bin` on `PATH` or in the sbin directories (Debian installs
 /// `nats-server` in `/usr/sbin`, which a user's `PATH` may lack).
-fn find_bin(bin: &str) -> Option<PathBuf> {
+pub(crate) fn find_bin(bin: &str) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -271,7 +271,7 @@ impl Drop for Server {
 }
 
 /// The last line or two of a server's log, for an error message.
-fn log_tail(path: &Path) -> String {
+pub(crate) fn log_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(2)..].join(" / ")
