@@ -49,9 +49,15 @@ fn within(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
     }
 }
 
+/// The host of the durable log's three JetStream servers, when there is one.
+const LOG: usize = 5;
+
 /// The cluster: its processes (killed before the namespaces go) and its net.
 struct Cluster {
     procs: Vec<Proc>,
+    /// Durable mode: the log's servers, on host [`LOG`] (stopped before the
+    /// namespaces go).
+    log: Option<herald::demo::LogCluster>,
     dir: PathBuf,
     net: Net,
 }
@@ -61,7 +67,15 @@ impl Cluster {
     /// keepalive interval `node_heartbeat`); None (after printing
     /// `SKIP: …`) where namespaces are not permitted.
     fn start(tag: &str, node_heartbeat: &str) -> Option<Cluster> {
-        let net = match Net::new(tag, 5) {
+        Cluster::start_with(tag, node_heartbeat, false)
+    }
+
+    /// [`Cluster::start`], with `durable`: a sixth host runs a 3-server
+    /// JetStream cluster and every node keeps its streams there
+    /// (`--durable`, protocol.md §13). None (after `SKIP: …`) also where
+    /// nats-server is missing.
+    fn start_with(tag: &str, node_heartbeat: &str, durable: bool) -> Option<Cluster> {
+        let net = match Net::new(tag, if durable { 6 } else { 5 }) {
             Ok(n) => n,
             Err(e) => {
                 // Straight to the process's stderr: the test harness
@@ -72,7 +86,26 @@ impl Cluster {
             }
         };
         let dir = secrets_dir(&format!("part-{tag}"), CLUSTER_SECRET, ADMIN_SECRET);
-        let mut c = Cluster { procs: Vec::new(), dir, net };
+        let mut c = Cluster { procs: Vec::new(), log: None, dir, net };
+        let mut node_extra = Vec::new();
+        if durable {
+            let wrap = c.net.exec_words(LOG);
+            let wrap: Vec<&str> = wrap.iter().map(String::as_str).collect();
+            match herald::demo::LogCluster::start_at(tag, &c.net.addr(LOG), &wrap) {
+                Ok(l) => {
+                    node_extra =
+                        vec![format!("--durable=jetstream://{}/HERALD?replicas=3&timeout=1s", l.addrs())];
+                    c.log = Some(l);
+                }
+                Err(herald::demo::LogClusterError::NotInstalled) => {
+                    let msg =
+                        "SKIP: nats-server is not installed (apt-get install -y nats-server; .ci/run does)\n";
+                    let _ = std::io::Write::write_all(&mut std::io::stderr(), msg.as_bytes());
+                    return None;
+                }
+                Err(e) => panic!("the log's servers did not start: {e}"),
+            }
+        }
         for h in DECISIONS {
             let a = format!("{}:7300", c.net.addr(h));
             c.spawn(
@@ -111,7 +144,11 @@ impl Cluster {
                     "1s",
                     "--log-every",
                     "0",
-                ],
+                ]
+                .iter()
+                .copied()
+                .chain(node_extra.iter().map(String::as_str))
+                .collect::<Vec<_>>(),
                 &NODE_SECRETS,
             );
         }
@@ -174,6 +211,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.procs.clear();
+        self.log.take();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -549,4 +587,92 @@ fn a_publish_forwarded_into_a_silent_mesh_cut_is_not_reported_as_forwarded() {
         "PUB_RESULT said forwarded ({r:?}) but {payload} never arrived"
     );
     ledger.check(&us);
+}
+
+/// Durable mode (protocol.md §13): n1 cut from the log's servers (and from
+/// nothing else). It stops confirming, tells the decision servers it is
+/// draining, and moves its clients to n2 and n3, which resume them from the
+/// log (no restart, no loss); healed, it confirms and is assigned again.
+#[test]
+fn durable_a_node_cut_from_the_log_stops_confirming_and_moves_its_clients() {
+    use herald::client::ClientError;
+    use herald::protocol::Code;
+    let Some(c) = Cluster::start_with("dlog", "1s", true) else { return };
+    let net = &c.net;
+    report("start", "both decision servers list 3 nodes", within(Duration::from_secs(20), || all_listed(&c)));
+    let us = users(&c, 2);
+    let mut ledger = Ledger::default();
+    delivered("start", "a publish via n2 reaches n1", &c, &mut ledger, 1, &us[0]);
+    delivered("start", "a publish via n1 reaches n2", &c, &mut ledger, 0, &us[2]);
+
+    net.isolate(&[NODES[0], LOG], true);
+    let t0 = Instant::now();
+    // n1 notices by itself (its probe of the log) and refuses: a confirmed
+    // publish through it is never confirmed.
+    let mut p1 = c.publisher(0);
+    let refused = within(Duration::from_secs(10), || {
+        match p1.publish_confirmed(us[2].name.as_bytes(), format!("for:{}:refused", us[2].name).as_bytes()) {
+            Err(ClientError::Rejected { code: Code::LogUnavailable, .. }) => true,
+            Ok(r) => panic!("n1 confirmed a publish it cannot keep: {r:?}"),
+            Err(_) => {
+                p1 = c.publisher(0);
+                false
+            }
+        }
+    });
+    report("n1-log cut", "n1 refuses confirmed publishes (LOG_UNAVAILABLE)", refused);
+    // Its clients move to n2 and n3 and resume there from the log.
+    let moved = || us[..2].iter().all(|u| !u.node().is_empty() && u.node() != "n1");
+    report("n1-log cut", "n1's clients are on other nodes", within(Duration::from_secs(20), moved));
+    failovers("n1-log cut", &us[..2], t0);
+    for i in 0..10 {
+        for d in 0..2 {
+            let r = c.ranked(d, &format!("cut{i}")).unwrap();
+            assert!(!r.contains(&"n1".to_owned()), "n1 assigned while cut from the log: {r:?}");
+        }
+    }
+    let mut p2 = c.publisher(1);
+    for u in &us {
+        ledger.publish(&mut p2, &u.name);
+    }
+    for u in &us[..2] {
+        delivered(
+            "n1-log cut",
+            &format!("a publish via n2 reaches {} on {}", u.name, u.node()),
+            &c,
+            &mut ledger,
+            1,
+            u,
+        );
+    }
+
+    net.isolate(&[NODES[0], LOG], false);
+    let back = || (0..2).all(|d| c.ranked(d, "again").is_some_and(|r| r.contains(&"n1".to_owned())));
+    report("n1-log heal", "n1 is assigned again", within(Duration::from_secs(20), back));
+    let mut p1 = c.publisher(0);
+    let confirms = within(Duration::from_secs(10), || {
+        p1.publish_confirmed(us[2].name.as_bytes(), format!("for:{}:again", us[2].name).as_bytes()).is_ok()
+    });
+    report("n1-log heal", "n1 confirms again", confirms);
+    within(Duration::from_secs(5), || {
+        ledger
+            .sent
+            .iter()
+            .filter(|(_, _, q)| *q)
+            .all(|(who, p, _)| us.iter().any(|u| u.name == *who && u.has(p)))
+    });
+    // Nothing confirmed was lost, and no stream restarted: the moved
+    // clients resumed from the log.
+    for u in &us {
+        let s = u.seen.lock().unwrap();
+        assert_eq!((s.restarts, s.lost), (0, 0), "{}: restarts {} lost {}", u.name, s.restarts, s.lost);
+        assert!(s.misrouted.is_empty());
+        let missing: Vec<&String> = ledger
+            .sent
+            .iter()
+            .filter(|(who, p, q)| *who == u.name && *q && !s.got.contains(p))
+            .map(|(_, p, _)| p)
+            .collect();
+        assert!(missing.is_empty(), "{}: confirmed and never arrived: {missing:?}", u.name);
+    }
 }

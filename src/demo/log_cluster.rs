@@ -104,6 +104,10 @@ pub struct LogCluster {
     members: Vec<Member>,
     dir: PathBuf,
     bin: PathBuf,
+    /// The address every server listens on.
+    ip: String,
+    /// A command the servers are started under (e.g. `ip netns exec NS`).
+    wrap: Vec<String>,
 }
 
 /// A loopback port free just now.
@@ -115,6 +119,14 @@ impl LogCluster {
     /// Starts the three servers (data under a temporary directory named
     /// after `tag`) and waits until JetStream is ready.
     pub fn start(tag: &str) -> Result<LogCluster, LogClusterError> {
+        LogCluster::start_at(tag, "127.0.0.1", &[])
+    }
+
+    /// [`LogCluster::start`] with the servers listening on `ip` and started
+    /// under the command `wrap` (which must exec them, keeping the pid):
+    /// e.g. a host's address in a network namespace and `ip netns exec NS`,
+    /// for partition tests. Ports are chosen free on this host's loopback.
+    pub fn start_at(tag: &str, ip: &str, wrap: &[&str]) -> Result<LogCluster, LogClusterError> {
         let bin = find_bin(BIN).ok_or(LogClusterError::NotInstalled)?;
         let mut last = None;
         for attempt in 0..3 {
@@ -123,7 +135,8 @@ impl LogCluster {
                 std::process::id(),
                 crate::swarm::mono_ns()
             ));
-            let mut c = LogCluster::configure(bin.clone(), dir)?;
+            let wrap = wrap.iter().map(|w| w.to_string()).collect();
+            let mut c = LogCluster::configure(bin.clone(), dir, ip.to_owned(), wrap)?;
             match c.start_all() {
                 Ok(()) => return Ok(c),
                 Err(e) => {
@@ -143,13 +156,17 @@ impl LogCluster {
     }
 
     /// Writes the config files (fresh ports) in `dir`.
-    fn configure(bin: PathBuf, dir: PathBuf) -> Result<LogCluster, LogClusterError> {
+    fn configure(
+        bin: PathBuf,
+        dir: PathBuf,
+        ip: String,
+        wrap: Vec<String>,
+    ) -> Result<LogCluster, LogClusterError> {
         let routes: Vec<u16> =
             (0..SERVERS).map(|_| free_port()).collect::<io::Result<_>>().map_err(LogClusterError::Start)?;
-        let route_list =
-            routes.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
+        let route_list = routes.iter().map(|p| format!("nats://{ip}:{p}")).collect::<Vec<_>>().join(", ");
         // From here on, a failure removes what was made (on drop).
-        let mut c = LogCluster { members: Vec::new(), dir, bin };
+        let mut c = LogCluster { members: Vec::new(), dir, bin, ip, wrap };
         for (i, route) in routes.iter().enumerate() {
             let mdir = c.dir.join(format!("s{i}"));
             std::fs::create_dir_all(&mdir).map_err(LogClusterError::Start)?;
@@ -157,10 +174,11 @@ impl LogCluster {
                 (free_port().map_err(LogClusterError::Start)?, free_port().map_err(LogClusterError::Start)?);
             let name = format!("h{i}");
             let conf = format!(
-                "server_name: {name}\nlisten: 127.0.0.1:{port}\nhttp: 127.0.0.1:{http}\n\
+                "server_name: {name}\nlisten: {ip}:{port}\nhttp: {ip}:{http}\n\
                  jetstream {{ store_dir: {:?} }}\n\
-                 cluster {{\n  name: herald\n  listen: 127.0.0.1:{route}\n  routes: [{route_list}]\n}}\n",
-                mdir.join("js")
+                 cluster {{\n  name: herald\n  listen: {ip}:{route}\n  routes: [{route_list}]\n}}\n",
+                mdir.join("js"),
+                ip = c.ip
             );
             std::fs::write(mdir.join("nats.conf"), conf).map_err(LogClusterError::Start)?;
             c.members.push(Member { name, port, http, dir: mdir, child: None });
@@ -190,7 +208,7 @@ impl LogCluster {
 
     /// `host:port` of server `i`.
     pub fn addr(&self, i: usize) -> String {
-        format!("127.0.0.1:{}", self.members[i].port)
+        format!("{}:{}", self.ip, self.members[i].port)
     }
 
     /// The pid of server `i`, if it is running.
@@ -239,7 +257,7 @@ impl LogCluster {
     /// server's monitoring port), if one is known.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
         for m in self.members.iter().filter(|m| m.child.is_some()) {
-            let Some(v) = jsz(m.http, "/jsz?accounts=true&streams=true") else { continue };
+            let Some(v) = jsz(&self.ip, m.http, "/jsz?accounts=true&streams=true") else { continue };
             let accounts = v["account_details"].as_array().cloned().unwrap_or_default();
             for a in accounts {
                 for s in a["stream_detail"].as_array().cloned().unwrap_or_default() {
@@ -262,7 +280,7 @@ impl LogCluster {
         let deadline = Instant::now() + within;
         loop {
             let ready = self.members.iter().filter(|m| m.child.is_some()).all(|m| {
-                jsz(m.http, "/jsz").is_some_and(|v| {
+                jsz(&self.ip, m.http, "/jsz").is_some_and(|v| {
                     v["meta_cluster"]["leader"].as_str().is_some_and(|l| !l.is_empty())
                         && v["meta_cluster"]["cluster_size"] == SERVERS
                 })
@@ -290,7 +308,15 @@ impl LogCluster {
             .append(true)
             .open(m.dir.join("server.log"))
             .map_err(LogClusterError::Start)?;
-        let child = Command::new(&self.bin)
+        let mut cmd = match self.wrap.split_first() {
+            Some((w, args)) => {
+                let mut c = Command::new(w);
+                c.args(args).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .arg("-c")
             .arg(m.dir.join("nats.conf"))
             .stdin(Stdio::null())
@@ -332,8 +358,8 @@ impl LogCluster {
 }
 
 /// GET `path` on the monitoring port `port`, parsed as JSON.
-fn jsz(port: u16, path: &str) -> Option<serde_json::Value> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+fn jsz(ip: &str, port: u16, path: &str) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect((ip, port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: herald\r\n\r\n").ok()?;
     let mut out = String::new();

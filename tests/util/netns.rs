@@ -102,6 +102,11 @@ impl Net {
         format!("10.77.{}.{last}", self.subnet)
     }
 
+    /// `["ip", "netns", "exec", NS]` for host `i`: the words of [`Net::exec`].
+    pub fn exec_words(&self, i: usize) -> Vec<String> {
+        ["ip", "netns", "exec", &self.hosts[i]].iter().map(|w| w.to_string()).collect()
+    }
+
     /// `ip netns exec NS` for host `i`; append the program and its arguments.
     pub fn exec(&self, i: usize) -> Command {
         let mut c = Command::new("ip");
