@@ -11,7 +11,8 @@
 #           which threads of the node and the servers used the CPU.
 # Durable runs use a 3-server JetStream cluster on loopback (nats-server,
 # config files in a temp dir, store on disk), started once for the script
-# when a durable run is asked for, each run on a stream of its own
+# when a durable run is asked for (idle in the embedded runs after that:
+# about 1 % of a core), each run on a stream of its own
 # (HERALD_<scenario>_<n>, R=3), deleted after the run. Everything shares the
 # machine's cores: the "cpu" line of each run gives % of a core for each
 # process (js0..js2: the servers; the node(s) by thread, herald-log being
