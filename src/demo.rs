@@ -37,6 +37,15 @@
 //! `published` then counts what the queue acknowledged storing, and the
 //! latency runs from the moment the backend meant to publish into the
 //! queue, so it includes the queue's hop.
+//!
+//! With `--durable` the nodes run in durable mode (protocol.md §13): the
+//! demo starts a 3-server JetStream cluster on loopback ([`LogCluster`])
+//! and every node keeps every user's stream in it (stream `HERALD`, R=3).
+//! `--chaos` then loses nothing: the killed node's clients resume on
+//! another node with their last position and are replayed from the log
+//! (WELCOME RESUMED). The demo fails in durable mode if any message was
+//! lost, announced or not, or a resume was RESTARTED or GAP
+//! ([`DemoReport::durable_ok`]).
 
 use std::fmt::Write as _;
 use std::io;
@@ -83,6 +92,11 @@ pub struct DemoConfig {
     /// With `source`: the queue server already running at `HOST:PORT` to
     /// use (`--source-server`); None: the demo starts one.
     pub source_server: Option<String>,
+    /// Durable mode (`--durable`, protocol.md §13): the demo starts a
+    /// 3-server JetStream cluster ([`LogCluster`]) and every node keeps
+    /// every user's stream in it (R=3), so the node `--chaos` kills loses
+    /// nothing: its clients resume on another node, replayed from the log.
+    pub durable: bool,
 }
 
 /// The demo's throwaway TLS: a dev CA and certificates in a temporary
@@ -148,6 +162,11 @@ pub struct DemoReport {
     pub queue: Option<QueueReport>,
     /// The slow desk.
     pub slow: SlowReport,
+    /// Whether the nodes ran in durable mode.
+    pub durable: bool,
+    /// With `--chaos`: the node killed and the clients it held then (as its
+    /// last heartbeat told the decision servers).
+    pub killed: Option<(String, u32)>,
 }
 
 /// What the slow desk (a client reading a quarter of its stream) saw.
@@ -208,13 +227,26 @@ impl DemoReport {
         self.tally.silent_gaps.saturating_sub(self.tally.late)
     }
 
-    /// True when nothing went to the wrong user and nothing was lost silently.
+    /// Messages lost, announced or not (durable mode's count, which must be 0).
+    pub fn lost(&self) -> u64 {
+        self.unannounced_loss.max(0) as u64 + self.tally.announced_gaps
+    }
+
+    /// In durable mode: nothing lost, announced or not, and no resume
+    /// RESTARTED or GAP (true without durable mode).
+    pub fn durable_ok(&self) -> bool {
+        !self.durable || (self.lost() == 0 && self.tally.restarted == 0 && self.tally.gapped == 0)
+    }
+
+    /// True when nothing went to the wrong user and nothing was lost
+    /// silently (in durable mode: nothing lost at all, [`Self::durable_ok`]).
     pub fn ok(&self) -> bool {
         self.tally.wrong_user == 0
             && self.tally.dups == 0
             && self.silent_loss() == 0
             && self.unannounced_loss == 0
             && self.slow.ok()
+            && self.durable_ok()
     }
 }
 
@@ -336,15 +368,24 @@ struct NodeRun {
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
 }
 
+/// Where the nodes' traffic comes from and where it is kept.
+struct Backing<'a> {
+    /// `--source`: the queue the nodes pull from.
+    source: Option<&'a crate::source::Spec>,
+    /// `--durable`: the log every node keeps the users' streams in.
+    durable: Option<&'a crate::durable::Spec>,
+}
+
 fn start_cluster(
     n_nodes: usize,
     client_secret: &[u8],
     publisher_secret: &[u8],
     per_node: usize,
     tls: Option<&DemoTls>,
-    source: Option<&crate::source::Spec>,
+    backing: Backing<'_>,
     chaos: bool,
 ) -> io::Result<Cluster> {
+    let Backing { source, durable } = backing;
     let cluster_secret = secret("cluster");
     let admin_secret = secret("admin");
     let mut decisions = Vec::new();
@@ -404,6 +445,7 @@ fn start_cluster(
             // in herald's queue, where that works.
             slow_policy: node::SlowPolicy::Conflate,
             client_sndbuf: CLIENT_SNDBUF,
+            durable: durable.cloned(),
             ..node::Config::default()
         })?;
         let client = node.client_addr().to_string();
@@ -689,6 +731,19 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         }
         None => None,
     };
+    // Then the log: without nats-server, --durable fails at once too.
+    let log = if cfg.durable {
+        Some(LogCluster::start("demo").map_err(|e| io::Error::other(format!("--durable: {e}")))?)
+    } else {
+        None
+    };
+    let durable = match &log {
+        Some(l) => Some(
+            crate::durable::Spec::parse(&format!("jetstream://{}/HERALD?replicas=3&timeout=2s", l.addrs()))
+                .map_err(io::Error::other)?,
+        ),
+        None => None,
+    };
     let client_secret = secret("client");
     let publisher_secret = secret("publisher");
     let n_nodes = cfg.nodes.max(if cfg.chaos { 2 } else { 1 });
@@ -705,7 +760,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         &publisher_secret,
         cfg.clients,
         tls.as_ref(),
-        spec.as_ref(),
+        Backing { source: spec.as_ref(), durable: durable.as_ref() },
         cfg.chaos,
     )?;
     println!(
@@ -720,6 +775,13 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
             t.dir.display()
         ),
         None => println!("plaintext: no TLS (--plaintext)"),
+    }
+    if let Some(l) = &log {
+        println!(
+            "durable: every stream kept in a 3-server JetStream cluster (R=3) on loopback: nats-server ×3 started by the demo on {} (data in {}, removed at the end); stream HERALD, a subject per user",
+            l.addrs(),
+            l.dir().display()
+        );
     }
     let consumers: Vec<&str> = cluster.nodes.iter().filter(|n| n.consumes).map(|n| n.id.as_str()).collect();
     if let Some(q) = &queue {
@@ -898,6 +960,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     let mut last_print = Instant::now();
     let mut last_received = 0u64;
     let mut killed_at: Option<Instant> = None;
+    let mut killed: Option<(String, u32)> = None;
     let mut rehomed_reported = false;
     let mut tail_until: Option<Instant> = None;
     let (mut seen, mut progress_at, mut done_at) = (0u64, Instant::now(), None);
@@ -918,6 +981,7 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
                     println!("chaos: killing node {v} (holding {held} clients)");
                     n.handle.kill();
                     killed_at = Some(now);
+                    killed = Some((v.clone(), held));
                 }
             }
         }
@@ -960,12 +1024,12 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
             slow.unthrottle();
         }
         if tail_until.is_some_and(|t| now >= t) {
-            // Through a queue a backlog may still be on its way: wait while
-            // it keeps coming (for up to 15 s).
+            // Through a queue (or the log) a backlog may still be on its
+            // way: wait while it keeps coming (for up to 15 s).
             let short = received < published.load(Ordering::SeqCst);
             let coming = now.saturating_duration_since(progress_at) < Duration::from_secs(2);
             let within = done_at.is_some_and(|d| now.saturating_duration_since(d) < Duration::from_secs(15));
-            if queue.is_some() && short && coming && within {
+            if (queue.is_some() || log.is_some()) && short && coming && within {
                 tail_until = Some(now + Duration::from_millis(100));
                 continue;
             }
@@ -986,6 +1050,8 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         // Its server (if the demo started it) is stopped here.
         drop(q);
     }
+    // The log's servers, once no node uses them.
+    drop(log);
     pub_result?;
     // The slow desk's messages are reported apart.
     let slow_sent = slow_sent.load(Ordering::SeqCst);
@@ -1010,6 +1076,8 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
         unannounced_loss: published as i64 - t.received as i64 - t.announced_gaps as i64,
         queue: queue_report,
         slow,
+        durable: cfg.durable,
+        killed,
     })
 }
 
@@ -1162,6 +1230,34 @@ mod tests {
             let key = broker_payload(&mut buf, stamp, 3, slow_kind(n));
             assert_eq!(key.is_empty(), SLOW_UNKEYED.is_unkeyed(n), "message {n}");
         }
+    }
+
+    #[test]
+    fn durable_mode_fails_the_demo_on_any_loss_or_a_restarted_resume() {
+        let ok = DemoReport {
+            published: 10,
+            tally: Tally { received: 10, resumed: 3, reconnects: 3, ..Tally::default() },
+            latency_us: [0.0; 5],
+            unannounced_loss: 0,
+            queue: None,
+            slow: SlowReport::default(),
+            durable: true,
+            killed: Some(("n1".into(), 3)),
+        };
+        assert!(ok.ok());
+        let announced = Tally { received: 8, announced_gaps: 2, ..ok.tally };
+        let r = DemoReport { tally: announced, ..ok.clone() };
+        assert_eq!(r.lost(), 2);
+        assert!(!r.ok(), "durable: an announced loss fails");
+        assert!(
+            DemoReport { durable: false, ..r }.ok(),
+            "without durable mode it is announced, not a failure"
+        );
+        let restarted = Tally { resumed: 2, restarted: 1, ..ok.tally };
+        assert!(!DemoReport { tally: restarted, ..ok.clone() }.ok(), "a RESTARTED resume fails");
+        let gap = Tally { resumed: 2, gapped: 1, ..ok.tally };
+        assert!(!DemoReport { tally: gap, ..ok.clone() }.ok(), "a GAP resume fails");
+        assert!(!DemoReport { unannounced_loss: 1, ..ok }.ok());
     }
 
     #[test]

@@ -330,13 +330,22 @@ pub struct Tally {
     /// Messages conflated away (the seqs CONFLATED frames covered):
     /// replaced by a later message of the same key, not lost.
     pub conflated: u64,
+    /// Reconnections welcomed RESUMED: the stream went on from the
+    /// client's position (with a replay of what it had missed).
+    pub resumed: u64,
+    /// Reconnections welcomed RESTARTED: the client's stream is gone (its
+    /// node died without durable mode); what it missed is lost, announced.
+    pub restarted: u64,
+    /// Reconnections welcomed GAP: some of what the client missed is no
+    /// longer held; lost, announced.
+    pub gapped: u64,
 }
 
 impl Tally {
     /// The worker protocol's `RESULT …` line (see [`run_worker`]).
     pub fn result_line(&self) -> String {
         format!(
-            "RESULT {} {} {} {} {} {} {} {} {} {}",
+            "RESULT {} {} {} {} {} {} {} {} {} {} {} {} {}",
             self.received,
             self.wrong_user,
             self.dups,
@@ -346,7 +355,10 @@ impl Tally {
             self.reconnects,
             self.welcomed,
             self.late,
-            self.conflated
+            self.conflated,
+            self.resumed,
+            self.restarted,
+            self.gapped
         )
     }
 
@@ -357,11 +369,14 @@ impl Tally {
             return None;
         }
         let n: Vec<u64> = p.map(|x| x.parse().ok()).collect::<Option<_>>()?;
-        let (late, conflated, n) = match n.len() {
-            10 => (n[8], n[9], &n[..8]),
-            9 => (n[8], 0, &n[..8]),
-            _ => (0, 0, &n[..]),
+        // Older workers wrote 8, 9 or 10 numbers.
+        let (late, conflated, welcomes, n) = match n.len() {
+            13 => (n[8], n[9], [n[10], n[11], n[12]], &n[..8]),
+            10 => (n[8], n[9], [0; 3], &n[..8]),
+            9 => (n[8], 0, [0; 3], &n[..8]),
+            _ => (0, 0, [0; 3], &n[..]),
         };
+        let [resumed, restarted, gapped] = welcomes;
         let [received, wrong_user, dups, silent_gaps, announced_gaps, closed, reconnects, welcomed] = n[..]
         else {
             return None;
@@ -377,6 +392,9 @@ impl Tally {
             reconnects,
             welcomed,
             conflated,
+            resumed,
+            restarted,
+            gapped,
         })
     }
 
@@ -392,6 +410,9 @@ impl Tally {
         self.reconnects += o.reconnects;
         self.welcomed += o.welcomed;
         self.conflated += o.conflated;
+        self.resumed += o.resumed;
+        self.restarted += o.restarted;
+        self.gapped += o.gapped;
     }
 }
 
@@ -1098,6 +1119,12 @@ impl Swarm {
                     self.live += 1;
                     if c.ever_welcomed {
                         self.tally.reconnects += 1;
+                        match w.resume {
+                            ResumeResult::Resumed => self.tally.resumed += 1,
+                            ResumeResult::Restarted => self.tally.restarted += 1,
+                            ResumeResult::Gap => self.tally.gapped += 1,
+                            _ => {}
+                        }
                         if c.slow.is_some() {
                             self.slow.reconnects += 1;
                         }
@@ -1442,12 +1469,18 @@ mod tests {
             reconnects: 7,
             welcomed: 8,
             conflated: 10,
+            resumed: 11,
+            restarted: 12,
+            gapped: 13,
         };
         assert_eq!(Tally::parse_result_line(&t.result_line()), Some(t));
         let old = Tally::parse_result_line("RESULT 1 2 3 4 5 6 7 8").unwrap();
-        assert_eq!(old, Tally { late: 0, conflated: 0, ..t });
+        let none = Tally { resumed: 0, restarted: 0, gapped: 0, ..t };
+        assert_eq!(old, Tally { late: 0, conflated: 0, ..none });
         let nine = Tally::parse_result_line("RESULT 1 2 3 4 5 6 7 8 9").unwrap();
-        assert_eq!(nine, Tally { conflated: 0, ..t });
+        assert_eq!(nine, Tally { conflated: 0, ..none });
+        let ten = Tally::parse_result_line("RESULT 1 2 3 4 5 6 7 8 9 10").unwrap();
+        assert_eq!(ten, none);
         assert_eq!(Tally::parse_result_line("RESULT 1 2 3"), None);
         assert_eq!(Tally::parse_result_line("H 1 2"), None);
     }

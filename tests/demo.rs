@@ -4,7 +4,9 @@
 //! queue server the demo starts (skipped, saying so, when it is not
 //! installed). In every form its slow client (a quarter of its stream's
 //! bandwidth, on nodes run with `--slow-policy conflate`) has quotes
-//! conflated, loses no fill or balance change and is never cut off.
+//! conflated, loses no fill or balance change and is never cut off. With
+//! `--durable --chaos` (a 3-server JetStream cluster the demo starts) the
+//! killed node's clients resume elsewhere and nothing is lost.
 
 use std::io::Write as _;
 use std::process::Command;
@@ -130,6 +132,50 @@ fn demo_with_chaos_rehomes_the_killed_nodes_clients() {
     assert!(out.contains("lost, unannounced  0"), "{out}");
     // On the node --chaos does not kill: never cut off.
     assert_slow_client(&out, true);
+}
+
+#[test]
+fn demo_durable_with_chaos_loses_nothing_and_the_killed_nodes_clients_resume() {
+    if !installed("nats-server") {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let (ok, out, err) = demo_err(&["--clients", "200", "--duration", "4s", "--durable", "--chaos"]);
+    println!("demo --durable --chaos ran {:.1}s", t0.elapsed().as_secs_f64());
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        out.contains("durable: every stream kept in a 3-server JetStream cluster (R=3) on loopback"),
+        "{out}"
+    );
+    assert!(out.contains("OK: every message reached its own user, none lost"), "{out}");
+    assert!(out.contains("wrong user         0"), "{out}");
+    assert!(out.contains("duplicates         0"), "{out}");
+    assert!(
+        out.contains(
+            "lost               0  (durable: streams kept in the log; n1's clients resumed elsewhere)"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("lost, announced"), "{out}");
+    assert_eq!(summary(&out, "received"), summary(&out, "published"), "{out}");
+    // The killed node's clients: every one back, every one RESUMED.
+    let held: u64 = out
+        .split("chaos: killing node n1 (holding ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no kill line: {out}"));
+    assert!(held > 0, "{out}");
+    assert!(out.contains("chaos: all 200 clients live again"), "{out}");
+    let resumes = out
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("resumes            "))
+        .unwrap_or_else(|| panic!("no resumes line: {out}"));
+    let resumed: u64 = resumes.split(" RESUMED").next().unwrap().parse().unwrap();
+    assert!(resumes.contains(" RESUMED, 0 RESTARTED, 0 GAP"), "{resumes}");
+    assert!(resumed >= held, "every client of the killed node resumed: {resumes} (held {held})");
+    assert_slow_client(&out, true);
+    let dir = out.split("(data in ").nth(1).and_then(|r| r.split(',').next()).expect("names its data dir");
+    assert!(!std::path::Path::new(dir).exists(), "the log's data {dir} is removed at the end");
 }
 
 #[test]

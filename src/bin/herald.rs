@@ -59,11 +59,30 @@ fn run_demo(cfg: herald::demo::DemoConfig) -> ExitCode {
             println!("  received           {}", t.received);
             println!("  wrong user         {}", t.wrong_user);
             println!("  duplicates         {}", t.dups);
-            println!("  lost, unannounced  {}", r.unannounced_loss);
-            println!(
-                "  lost, announced    {}  (stream restarted on another node: the client was told)",
-                t.announced_gaps
-            );
+            if r.durable {
+                let lost = r.lost();
+                if lost == 0 {
+                    let why = match &r.killed {
+                        Some((id, _)) => {
+                            format!("durable: streams kept in the log; {id}'s clients resumed elsewhere")
+                        }
+                        None => "durable: streams kept in the log".to_owned(),
+                    };
+                    println!("  lost               0  ({why})");
+                } else {
+                    println!(
+                        "  lost               {lost}  ({} unannounced, {} announced by RESTARTED/GAP: durable mode must lose none)",
+                        r.unannounced_loss.max(0),
+                        t.announced_gaps
+                    );
+                }
+            } else {
+                println!("  lost, unannounced  {}", r.unannounced_loss);
+                println!(
+                    "  lost, announced    {}  (stream restarted on another node: the client was told)",
+                    t.announced_gaps
+                );
+            }
             if r.queue.is_some() || t.late > 0 {
                 let why = if r.queue.is_some() {
                     "nodes sharing a queue consumer, protocol.md §12"
@@ -76,6 +95,21 @@ fn run_demo(cfg: herald::demo::DemoConfig) -> ExitCode {
                 );
             }
             println!("  reconnects         {}", t.reconnects);
+            if t.reconnects > 0 || r.killed.is_some() {
+                let held = match &r.killed {
+                    Some((id, n)) => format!("; {id} held {n} clients when it was killed"),
+                    None => String::new(),
+                };
+                let what = if r.durable {
+                    "RESUMED: on another node, replayed from the log"
+                } else {
+                    "RESTARTED: the stream was only in the dead node's memory"
+                };
+                println!(
+                    "  resumes            {} RESUMED, {} RESTARTED, {} GAP  ({what}{held})",
+                    t.resumed, t.restarted, t.gapped
+                );
+            }
             println!(
                 "  latency (µs)       p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
                 r.latency_us[0], r.latency_us[1], r.latency_us[2], r.latency_us[3], r.latency_us[4]
@@ -118,11 +152,23 @@ fn run_demo(cfg: herald::demo::DemoConfig) -> ExitCode {
                 sl.stale_ms[2]
             );
             if r.ok() {
-                println!("OK: every message reached its own user, none lost silently");
+                if r.durable {
+                    println!("OK: every message reached its own user, none lost");
+                } else {
+                    println!("OK: every message reached its own user, none lost silently");
+                }
                 ExitCode::SUCCESS
             } else if !sl.ok() {
                 println!(
                     "FAIL: the slow client lost an unkeyed message, was disconnected, or was not sent what it got"
+                );
+                ExitCode::from(1)
+            } else if !r.durable_ok() {
+                println!(
+                    "FAIL: durable mode lost {} messages ({} clients RESTARTED, {} GAP): the log should have kept them",
+                    r.lost(),
+                    t.restarted,
+                    t.gapped
                 );
                 ExitCode::from(1)
             } else {
@@ -260,6 +306,13 @@ enum Cmd {
         /// starting one.
         #[arg(long, requires = "source", value_name = "HOST:PORT")]
         source_server: Option<String>,
+        /// Durable mode (protocol.md §13): the demo starts a 3-server
+        /// JetStream cluster (nats-server) on loopback and the nodes keep
+        /// every user's stream in it (R=3); with --chaos the killed node's
+        /// clients resume elsewhere, replayed from the log, and nothing is
+        /// lost (the demo fails if anything is).
+        #[arg(long)]
+        durable: bool,
         /// Least severe messages logged: error, warn, info, debug or trace.
         #[arg(long, default_value = "info", value_parser = logging::parse_level)]
         log_level: LevelFilter,
@@ -525,7 +578,18 @@ fn run(cmd: Cmd) -> ExitCode {
         }
         Cmd::Decision(a) => herald::decision::cli::run_decision(a),
         Cmd::Admin(a) => herald::decision::cli::run_admin(a),
-        Cmd::Demo { clients, rate, nodes, duration, chaos, plaintext, source, source_server, log_level } => {
+        Cmd::Demo {
+            clients,
+            rate,
+            nodes,
+            duration,
+            chaos,
+            plaintext,
+            source,
+            source_server,
+            durable,
+            log_level,
+        } => {
             logging::init(log_level);
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             run_demo(herald::demo::DemoConfig {
@@ -538,6 +602,7 @@ fn run(cmd: Cmd) -> ExitCode {
                 plaintext,
                 source,
                 source_server,
+                durable,
             })
         }
         Cmd::SwarmWorker { first, count, decision, record_after, tls_ca } => {

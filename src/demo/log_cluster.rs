@@ -60,7 +60,7 @@ impl std::fmt::Display for LogClusterError {
         match self {
             LogClusterError::NotInstalled => write!(
                 f,
-                "{BIN} is not installed (Debian: apt-get install {BIN}); the durable log is a 3-server JetStream cluster it runs"
+                "{BIN} is not installed (Debian: apt-get install {BIN}): the durable log is three {BIN} processes, a JetStream cluster"
             ),
             LogClusterError::Start(e) => write!(f, "cannot start the {BIN} cluster: {e}"),
             LogClusterError::NotReady { what, log } => {
@@ -372,5 +372,25 @@ impl Drop for LogCluster {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_server_names_its_package() {
+        let e = LogClusterError::NotInstalled.to_string();
+        assert!(e.contains("nats-server is not installed"), "{e}");
+        assert!(e.contains("apt-get install nats-server"), "{e}");
+        let e = LogClusterError::NotReady {
+            what: "server h1 at 127.0.0.1:1 exited".into(),
+            log: "bind: in use".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "nats-server cluster: server h1 at 127.0.0.1:1 exited; its log ends: bind: in use"
+        );
     }
 }
