@@ -737,9 +737,12 @@ pub fn run(cfg: DemoConfig) -> io::Result<DemoReport> {
     } else {
         None
     };
+    // The servers share this machine's cores with the demo's nodes and
+    // clients: a generous append timeout, so that a busy moment is not
+    // taken for a log that cannot keep messages.
     let durable = match &log {
         Some(l) => Some(
-            crate::durable::Spec::parse(&format!("jetstream://{}/HERALD?replicas=3&timeout=2s", l.addrs()))
+            crate::durable::Spec::parse(&format!("jetstream://{}/HERALD?replicas=3&timeout=5s", l.addrs()))
                 .map_err(io::Error::other)?,
         ),
         None => None,

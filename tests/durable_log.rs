@@ -103,7 +103,7 @@ impl Node {
     fn read(&mut self, user: &str, after: Option<u64>) -> Result<(u64, Vec<Entry>), LogError> {
         self.token += 1;
         let t = self.token;
-        assert!(self.log.send(Request::Read { token: t, user: user.as_bytes().into(), after }));
+        assert!(self.log.send(Request::Read { token: t, user: user.as_bytes().into(), after, quick: false }));
         match self.answer() {
             Answer::Read { token, head, msgs, user: u } => {
                 assert_eq!((token, &*u), (t, user.as_bytes()));

@@ -714,12 +714,29 @@ async fn append_one(
 }
 
 /// Reads `user`'s head and, with `after`, the messages after it.
-async fn read(ctx: &Ctx, user: &[u8], after: Option<u64>) -> Result<(u64, Vec<Entry>), LogError> {
+async fn read(
+    ctx: &Ctx,
+    user: &[u8],
+    after: Option<u64>,
+    quick: bool,
+) -> Result<(u64, Vec<Entry>), LogError> {
     if user.is_empty() {
         return Err(LogError::Invalid("empty user id".into()));
     }
     let subject = super::subject(user);
-    let Some(m) = ctx.last(&subject, false).await? else { return Ok((0, Vec::new())) };
+    // A quick read asks any replica (direct get: the servers share the
+    // load of a burst of resumes), unless what it says cannot be the whole
+    // story: nothing, or a head before the position asked about (a replica
+    // that is behind). Then, and for every other read, the leader.
+    let mut m = if quick { ctx.last(&subject, true).await? } else { None };
+    let short = |m: &Option<StreamMessage>| match m {
+        None => true,
+        Some(m) => parse_headers(&m.headers).map_or(true, |s| after.is_some_and(|a| s.seq < a)),
+    };
+    if !quick || short(&m) {
+        m = ctx.last(&subject, false).await?;
+    }
+    let Some(m) = m else { return Ok((0, Vec::new())) };
     let bad = |sseq: u64, e: String| LogError::Invalid(format!("{subject} at {sseq}: {e}"));
     let top = parse_headers(&m.headers).map_err(|e| bad(m.sequence, e))?;
     let head = top.seq;
@@ -867,11 +884,11 @@ impl State {
                             None => self.begin(user, p, &mut appends),
                         }
                     }
-                    Some(Request::Read { token, user, after }) => {
+                    Some(Request::Read { token, user, after, quick }) => {
                         self.reading.insert(token, user.clone());
                         let ctx = self.ctx.clone();
                         reads.push(Box::pin(async move {
-                            match read(&ctx, &user, after).await {
+                            match read(&ctx, &user, after, quick).await {
                                 Ok((head, msgs)) => Answer::Read { token, user, head, msgs },
                                 Err(why) => Answer::ReadFailed { token, user, why },
                             }

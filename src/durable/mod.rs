@@ -195,6 +195,10 @@ pub enum Request {
         user: Box<[u8]>,
         /// Messages after this seq are wanted (`None`: only the head).
         after: Option<u64>,
+        /// Any replica's answer will do (a read at a session's start, which
+        /// is repeated shortly): it may be a little behind the leader, but
+        /// never before `after`.
+        quick: bool,
     },
 }
 

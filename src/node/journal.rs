@@ -212,7 +212,7 @@ impl Journal {
 
     /// Asks the log for `user`'s stream after `after` (`None`: the head
     /// only), unless a read of it is in flight. True if one was sent.
-    pub fn read(&mut self, user: &[u8], after: Option<u64>) -> bool {
+    pub fn read(&mut self, user: &[u8], after: Option<u64>, quick: bool) -> bool {
         if self.reading.contains_key(user) {
             return false;
         }
@@ -220,7 +220,7 @@ impl Journal {
         self.next_token += 1;
         self.reads.insert(token, user.into());
         self.reading.insert(user.into(), token);
-        self.out.push(Request::Read { token, user: user.into(), after });
+        self.out.push(Request::Read { token, user: user.into(), after, quick });
         true
     }
 
@@ -330,10 +330,10 @@ mod tests {
         assert_eq!(&**msg_id, b"q:1", "a queue id is the log's de-duplication id");
         j.requester_gone(ConnId(1));
         assert!(j.appended(*token, true, false).is_empty());
-        assert!(j.read(b"u1", None));
-        assert!(!j.read(b"u1", Some(3)));
+        assert!(j.read(b"u1", None, true));
+        assert!(!j.read(b"u1", Some(3), false));
         let Request::Read { token, .. } = j.out[0] else { panic!() };
         assert_eq!(j.read_done(token).as_deref(), Some(&b"u1"[..]));
-        assert!(j.read(b"u1", Some(3)));
+        assert!(j.read(b"u1", Some(3), false));
     }
 }

@@ -338,7 +338,8 @@ impl NodeLoop {
         }
         let epoch = j.epoch(&user);
         let after = h.resume.filter(|p| p.epoch == epoch).map(|p| p.seq);
-        j.read(&user, after);
+        // A replica's answer will do: the session's recheck follows.
+        j.read(&user, after, true);
         j.park(&user, Parked { id, opened, bytes: bytes.to_vec() });
         true
     }
@@ -470,7 +471,7 @@ impl NodeLoop {
         let Some(j) = self.journal.as_mut() else { return };
         for user in j.due(now).into_iter().chain(self.sessions.gaps.drain(..)) {
             if let Some(u) = self.sessions.reg.find(&user).and_then(|u| self.sessions.reg.user(u)) {
-                j.read(&user, Some(u.head));
+                j.read(&user, Some(u.head), false);
             }
         }
         if j.out.is_empty() {
