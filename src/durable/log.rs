@@ -848,7 +848,12 @@ struct State {
 impl State {
     fn answer(&self, a: Answer) {
         let _ = self.answers.send(a);
-        (self.wake)();
+        // One wake per batch, not per answer: if the channel held answers
+        // already, their wake is pending, and the loop takes everything the
+        // channel holds when it comes.
+        if self.answers.len() == 1 {
+            (self.wake)();
+        }
     }
 
     fn health(&mut self, ok: bool) {

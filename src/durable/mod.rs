@@ -178,8 +178,8 @@ pub enum Request {
         key: Box<[u8]>,
         /// The message.
         payload: Vec<u8>,
-        /// Its identity for the log's de-duplication (`Nats-Msg-Id`):
-        /// a connector message's queue id, else unique to this node's run.
+        /// Its identity (`Herald-Id`, and this thread's memory of what it
+        /// appended): a connector message's queue id; empty for a publish.
         msg_id: Box<[u8]>,
         /// A queue's redelivery: the user's recent messages are searched
         /// for `msg_id` first (another node may have appended it and died

@@ -22,6 +22,13 @@ use super::confirm::Done;
 /// after this, for messages appended before the peers heard it is online.
 pub const RECHECK: Duration = Duration::from_millis(500);
 
+/// Stop reading publishers (and answer HTTP and connectors busy) while
+/// this many payload bytes wait on the log (§5.6: the node never buffers
+/// without bound).
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
+/// ... or this many messages.
+pub const MAX_PENDING: usize = 1 << 17;
+
 /// One message of a request: (user, key, payload, queue id or empty,
 /// whether the queue redelivered it).
 pub type Msg<'m> = (&'m [u8], &'m [u8], &'m [u8], &'m [u8], bool);
@@ -63,10 +70,12 @@ pub struct Journal {
     /// Whether the log takes appends (false from a failed append until the
     /// log thread's probe succeeds).
     pub healthy: bool,
-    node: String,
     next_token: u64,
     next_serial: u64,
-    appends: HashMap<u64, Origin>,
+    /// Appends in flight: who waits on each, and its payload's length.
+    appends: HashMap<u64, (Origin, usize)>,
+    /// The payload bytes of the appends in flight.
+    pending_bytes: usize,
     reqs: HashMap<ConnId, VecDeque<Req>>,
     /// Read tokens → user.
     reads: HashMap<u64, Box<[u8]>>,
@@ -85,16 +94,15 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Waits on the log (whose stream was made at `created`) for
-    /// node `node` (its id and incarnation make message ids unique).
-    pub fn new(created: u64, node: String) -> Journal {
+    /// Waits on the log, whose users' epochs derive from `created`.
+    pub fn new(created: u64) -> Journal {
         Journal {
             created,
             healthy: true,
-            node,
             next_token: 1,
             next_serial: 1,
             appends: HashMap::new(),
+            pending_bytes: 0,
             reqs: HashMap::new(),
             reads: HashMap::new(),
             reading: HashMap::new(),
@@ -115,15 +123,16 @@ impl Journal {
         let (user, key, payload, id, redelivered) = m;
         let token = self.next_token;
         self.next_token += 1;
-        let msg_id: Box<[u8]> =
-            if id.is_empty() { format!("{}.{token}", self.node).into_bytes().into() } else { id.into() };
-        self.appends.insert(token, origin);
+        self.appends.insert(token, (origin, payload.len()));
+        self.pending_bytes += payload.len();
         self.out.push(Request::Append {
             token,
             user: user.into(),
             key: key.into(),
             payload: payload.to_vec(),
-            msg_id,
+            // A publish has no identity of its own (§13); a queue message
+            // has its queue's.
+            msg_id: id.into(),
             redelivered,
         });
     }
@@ -177,9 +186,9 @@ impl Journal {
     }
 
     fn settle(&mut self, token: u64, f: impl FnOnce(&mut Req, usize)) -> Vec<(ConnId, Done)> {
-        let Some(Origin::Request { requester, serial, index }) = self.appends.remove(&token) else {
-            return Vec::new();
-        };
+        let Some((origin, len)) = self.appends.remove(&token) else { return Vec::new() };
+        self.pending_bytes -= len;
+        let Origin::Request { requester, serial, index } = origin else { return Vec::new() };
         let Some(r) = self.reqs.get_mut(&requester).and_then(|q| q.iter_mut().find(|r| r.serial == serial))
         else {
             return Vec::new();
@@ -208,6 +217,11 @@ impl Journal {
     /// still deliver).
     pub fn requester_gone(&mut self, requester: ConnId) {
         self.reqs.remove(&requester);
+    }
+
+    /// Whether so much waits on the log that publishers must wait.
+    pub fn backlogged(&self) -> bool {
+        self.appends.len() >= MAX_PENDING || self.pending_bytes >= MAX_PENDING_BYTES
     }
 
     /// Asks the log for `user`'s stream after `after` (`None`: the head
@@ -268,7 +282,7 @@ mod tests {
     use super::*;
 
     fn journal() -> Journal {
-        Journal::new(1, "n1.1".into())
+        Journal::new(1)
     }
 
     fn tokens(j: &mut Journal) -> Vec<u64> {
@@ -318,6 +332,22 @@ mod tests {
         j.publish(b"u1", b"", b"x");
         assert!(j.out.is_empty());
         assert_eq!(j.refused, 4);
+    }
+
+    #[test]
+    fn what_waits_on_the_log_is_bounded_in_bytes() {
+        let mut j = journal();
+        let big = vec![0u8; 1 << 16];
+        let n = MAX_PENDING_BYTES / big.len();
+        for _ in 0..n - 1 {
+            j.publish(b"u1", b"", &big);
+        }
+        assert!(!j.backlogged());
+        j.publish(b"u1", b"", &big);
+        assert!(j.backlogged(), "{n} payloads of 64 KiB wait: publishers must wait");
+        let t = tokens(&mut j);
+        assert!(j.appended(t[0], true, false).is_empty());
+        assert!(!j.backlogged(), "one answered: room again");
     }
 
     #[test]

@@ -277,12 +277,7 @@ impl Node {
                 i.durable = log.is_some();
                 i
             },
-            journal: log.as_ref().map(|l| {
-                super::journal::Journal::new(
-                    l.log.created,
-                    format!("{}.{}", self.cfg.node_id, shared.incarnation),
-                )
-            }),
+            journal: log.as_ref().map(|l| super::journal::Journal::new(l.log.created)),
             log,
         }
     }

@@ -488,7 +488,8 @@ impl NodeLoop {
 
     /// Whether publishers must wait: a mesh link or another loop is behind.
     fn backlogged(&mut self, conns: &Conns<Peer>) -> bool {
-        self.mesh.backlogged(conns, self.cfg.peer_backlog)
+        self.journal.as_ref().is_some_and(Journal::backlogged)
+            || self.mesh.backlogged(conns, self.cfg.peer_backlog)
             || self.role.router().is_some_and(|r| r.backlogged(ROUTE_BACKLOG))
     }
 
@@ -857,15 +858,17 @@ impl Service for NodeLoop {
             // Connector batches wait for the mesh to catch up.
             return Duration::from_millis(1);
         }
-        if let Some(t) = self.journal.as_ref().and_then(|j| j.next_due()) {
-            return self.duties.timeout(now).min(t.saturating_duration_since(now));
-        }
         if !self.parked.is_empty() && matches!(self.role, Role::Router(_)) {
             // Publishers wait for another loop to catch up; it does not
             // wake us when it does, so look again soon.
             return Duration::from_millis(1);
         }
-        self.duties.timeout(now)
+        let d = self.duties.timeout(now);
+        // Durable mode: a session's recheck of the log may be due sooner.
+        self.journal
+            .as_ref()
+            .and_then(Journal::next_due)
+            .map_or(d, |t| d.min(t.saturating_duration_since(now)))
     }
 
     fn timers(&mut self, conns: &mut Conns<Peer>, now: Instant) -> Tick {
