@@ -494,6 +494,7 @@ fn flags_table_matches_the_codec() {
         ("PRESENCE", "SNAPSHOT_BEGIN", frame::PRESENCE_SNAPSHOT_BEGIN),
         ("PRESENCE", "SNAPSHOT_END", frame::PRESENCE_SNAPSHOT_END),
         ("NODES entry", "DRAINING", frame::NODE_DRAINING),
+        ("NODES entry", "DRAINED", frame::NODE_DRAINED),
         ("ADMIN_STATUS entry", "DRAINING", frame::NODE_DRAINING),
         ("HEARTBEAT", "DRAINING", frame::NODE_DRAINING),
     ];

@@ -25,7 +25,8 @@
 #   shared with the three servers keeps with p99 under 100 ms), RATES (cost:
 #   "10000"; each is run in both modes), KILL_AFTER (5), N1CAP (19000),
 #   N23CAP (0.7 × CLIENTS), DURABLE_OPTS ("replicas=3&timeout=2s"),
-#   PROBE_ARGS (extra probe flags), OUT (bench-out). A small validation run:
+#   PROBE_ARGS (extra probe flags), OUT (bench-out), BIN (a directory of
+#   another build's herald and herald-probe to run instead of this tree's). A small validation run:
 #   CLIENTS=1000 DUR=10 RATES="2000 5000" RATE=4000 DURABLE_RATE=4000 tools/bench-durable.sh
 # Output: every run's probe output, a REHOME / COST line each, and a table
 # of medians, also in $OUT/durable-<UTC time>.txt.
@@ -34,8 +35,12 @@
 # the script started are stopped, by pid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --bins -q
-R=$PWD/target/release
+if [ -n "${BIN:-}" ]; then
+  R=$BIN # another build's binaries (herald, herald-probe), for an A/B run
+else
+  cargo build --release --bins -q
+  R=$PWD/target/release
+fi
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT"
 CLIENTS=${CLIENTS:-10000}
@@ -359,7 +364,7 @@ modes_for() { # rep
   if [ $(($1 % 2)) -eq 1 ]; then echo $MODES; else echo $MODES | tr ' ' '\n' | tac | tr '\n' ' '; fi
 }
 exec > >(tee "$OUT/durable-$stamp.txt") 2>&1
-echo "# tools/bench-durable.sh $scenarios, $(date -u '+%F %T') UTC, $(git log -1 --format=%h), CLIENTS=$CLIENTS DUR=$DUR REPS=$REPS MODES='$MODES' RATE=$RATE DURABLE_RATE=$DURABLE_RATE RATES='$RATES' load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# tools/bench-durable.sh $scenarios, $(date -u '+%F %T') UTC, $(git log -1 --format=%h), CLIENTS=$CLIENTS DUR=$DUR REPS=$REPS MODES='$MODES' RATE=$RATE DURABLE_RATE=$DURABLE_RATE RATES='$RATES'${BIN:+ BIN=$BIN} load $(cut -d' ' -f1-3 /proc/loadavg)"
 for s in $scenarios; do
   case $s in
     rehome) for i in $(seq "$REPS"); do for m in $(modes_for "$i"); do rehome "$m"; done; done ;;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::table::Rng;
-use crate::protocol::frame::{self as f, Frame, NODE_DRAINING};
+use crate::protocol::frame::{self as f, Frame, NODE_DRAINED, NODE_DRAINING};
 use crate::protocol::{decode, limits, AdminOp, Channel, Code, DecodeError, Decoded};
 
 /// The version of NODES_REQUEST and ADMIN: their layout is the same in
@@ -86,6 +86,9 @@ pub struct NodeInfo {
     pub ingest_endpoint: String,
     /// Draining, by its own report or by an admin: take no new work there.
     pub draining: bool,
+    /// Drained by an admin (a node follows an admin drain of itself by this;
+    /// `draining` may only echo its own heartbeats).
+    pub drained: bool,
 }
 
 /// The answer to an ADMIN request.
@@ -279,6 +282,7 @@ pub fn nodes(servers: &[String], dial: &Dial) -> Result<Vec<NodeInfo>, DecisionE
                 client_endpoint: lossy(e.client_endpoint),
                 ingest_endpoint: lossy(e.ingest_endpoint),
                 draining: e.flags & NODE_DRAINING != 0,
+                drained: e.flags & NODE_DRAINED != 0,
             })
             .collect()),
         other => Err(unexpected(other)),

@@ -17,7 +17,7 @@ use std::fmt;
 use std::time::Duration;
 use std::time::Instant;
 
-use crate::protocol::frame::{self as f, Entry, Frame, List, NODE_DRAINING};
+use crate::protocol::frame::{self as f, Entry, Frame, List, NODE_DRAINED, NODE_DRAINING};
 use crate::protocol::{decode, limits, sign, AdminOp, Channel, Code, DecodeError, Decoded};
 
 use super::state::{escape, Settings};
@@ -394,7 +394,21 @@ impl Table {
 
     /// Draining by its own heartbeat flag or by an admin.
     pub fn is_draining(&self, n: &NodeState) -> bool {
-        n.flags & NODE_DRAINING != 0 || self.settings.drained.contains(&n.node_id)
+        n.flags & NODE_DRAINING != 0 || self.is_drained(n)
+    }
+
+    /// Drained by an admin.
+    pub fn is_drained(&self, n: &NodeState) -> bool {
+        self.settings.drained.contains(&n.node_id)
+    }
+
+    /// The flags of `n` in NODES.
+    fn entry_flags(&self, n: &NodeState) -> u8 {
+        let mut flags = if self.is_draining(n) { NODE_DRAINING } else { 0 };
+        if self.is_drained(n) {
+            flags |= NODE_DRAINED;
+        }
+        flags
     }
 
     /// The ceiling in force for one node, percent.
@@ -580,8 +594,9 @@ impl Table {
     // ------------------------------------------------------------ NODES
 
     /// Appends NODES (protocol.md §7.2): every live node, draining ones
-    /// (by heartbeat or by admin) flagged [`NODE_DRAINING`]. Nodes learn of
-    /// an admin drain from this flag. Entries that would take the frame past
+    /// (by heartbeat or by admin) flagged [`NODE_DRAINING`], and those an
+    /// admin drained [`NODE_DRAINED`] too: nodes learn of an admin drain
+    /// from that flag (the other may echo their own heartbeats). Entries that would take the frame past
     /// the 1 MiB limit are left out.
     pub fn encode_nodes(&mut self, now: Instant, out: &mut Vec<u8>) {
         let mut e = std::mem::take(&mut self.entries);
@@ -594,7 +609,7 @@ impl Table {
                 incarnation: n.incarnation,
                 client_endpoint: &n.client_endpoint,
                 ingest_endpoint: &n.ingest_endpoint,
-                flags: if self.is_draining(n) { NODE_DRAINING } else { 0 },
+                flags: self.entry_flags(n),
             }
             .write(&mut e);
             if count == usize::from(u16::MAX) || e.len() + 3 > limits::MAX_FROM_DECISION as usize {
@@ -1111,7 +1126,9 @@ mod tests {
         assert_eq!(flags(&mut t), [("a".into(), NODE_DRAINING), ("b".into(), 0)]);
         assert_eq!(first(&mut t, now).as_deref(), Some("b"), "the draining node has more headroom");
         assert_eq!(status_of(&admin(&mut t, T0, 1, AdminOp::Drain, "b", 0)), 0);
-        assert_eq!(flags(&mut t), [("a".into(), NODE_DRAINING), ("b".into(), NODE_DRAINING)]);
+        // An admin's drain says so apart: a node follows that bit, not its
+        // own heartbeat's flag coming back.
+        assert_eq!(flags(&mut t), [("a".into(), NODE_DRAINING), ("b".into(), NODE_DRAINING | NODE_DRAINED)]);
         assert!(t.status(now).iter().all(|r| r.draining));
         assert_eq!(first(&mut t, now), None);
         assert_eq!(status_of(&admin(&mut t, T0, 2, AdminOp::Undrain, "b", 0)), 0);

@@ -28,6 +28,9 @@ use super::shard::{Change, Role, Shared};
 const MAX_PINGS_PER_TICK: usize = 100;
 /// How often a finishing drain looks whether its last frames are out.
 const FINISH_POLL: Duration = Duration::from_millis(5);
+/// Durable mode: a node whose log has been down this long moves its clients
+/// to a node that is up (protocol.md §13).
+pub const LOG_MOVE_AFTER: Duration = Duration::from_secs(2);
 
 /// The parts of a loop the duties act on, borrowed for one tick.
 pub struct Parts<'a> {
@@ -62,9 +65,10 @@ pub struct Duties {
     failure_seen: bool,
     /// Loop 0 in a cluster: heartbeats to the decision servers.
     hb: Option<Heartbeater>,
-    /// Durable mode: the log cannot keep messages now (§13). Heartbeats
-    /// say DRAINING, and while another node is up its clients move there.
-    pub log_down: bool,
+    /// Durable mode: since when the log cannot keep messages (§13).
+    /// Heartbeats say DRAINING, and once that has lasted [`LOG_MOVE_AFTER`],
+    /// while another node is up, its clients move there.
+    log_down: Option<Instant>,
     /// The decision servers list a node other than this one that is not
     /// draining.
     others_up: bool,
@@ -82,8 +86,17 @@ impl Duties {
             next_log: now + cfg.log_every,
             failure_seen: false,
             hb,
-            log_down: false,
+            log_down: None,
             others_up: false,
+        }
+    }
+
+    /// Durable mode: whether the log keeps messages, as of `now`.
+    pub fn log_health(&mut self, ok: bool, now: Instant) {
+        if ok {
+            self.log_down = None;
+        } else if self.log_down.is_none() {
+            self.log_down = Some(now);
         }
     }
 
@@ -220,11 +233,15 @@ impl Duties {
     pub fn follow_admin(&mut self, list: &[crate::decision::client::NodeInfo], shared: &Shared, me: &str) {
         self.others_up = list.iter().any(|n| n.node_id != me && !n.draining);
         let Some(mine) = list.iter().find(|n| n.node_id == me) else { return };
-        let was = shared.admin_draining.swap(mine.draining, Ordering::Relaxed);
-        if mine.draining && !was && self.drain.is_none() {
+        // By the admin's flag only: DRAINING may be this node's own
+        // heartbeats coming back (a log it cannot reach), and taking that for
+        // an admin drain would move every client even where the other nodes
+        // cannot take them, and keep moving them after the log is back.
+        let was = shared.admin_draining.swap(mine.drained, Ordering::Relaxed);
+        if mine.drained && !was && self.drain.is_none() {
             let clients = shared.clients.load(Ordering::Relaxed);
             log::info!("herald node {me}: drained by an admin; moving {clients} clients away");
-        } else if !mine.draining && was {
+        } else if !mine.drained && was {
             log::info!("herald node {me}: undrained by an admin; accepting clients again");
         }
     }
@@ -234,7 +251,11 @@ impl Duties {
         // Durable mode: a node that cannot reach the log moves its clients
         // to one that can (never when no other node is up: they would have
         // nowhere to go).
-        let flagged = p.shared.admin_draining.load(Ordering::Relaxed) || (self.log_down && self.others_up);
+        // Only once the log has been down a while: an overloaded log that
+        // misses an ack now and then (for every node alike) must not send
+        // clients around the cluster, each move a resume that reads it.
+        let log_gone = self.log_down.is_some_and(|t| now.saturating_duration_since(t) >= LOG_MOVE_AFTER);
+        let flagged = p.shared.admin_draining.load(Ordering::Relaxed) || (log_gone && self.others_up);
         if flagged && self.admin_drain.is_none() && self.drain.is_none() {
             self.admin_drain = Some(AdminDrain::new(p.m.clients as usize));
             withdraw_grace(p, PresenceOp::Offline);
@@ -299,7 +320,7 @@ impl Duties {
 
     fn heartbeat(&mut self, now: Instant, p: &Parts<'_>) {
         let Some(hb) = self.hb.as_mut() else { return };
-        let flags = if self.drain.is_some() || self.log_down { f::NODE_DRAINING } else { 0 };
+        let flags = if self.drain.is_some() || self.log_down.is_some() { f::NODE_DRAINING } else { 0 };
         let (m, shared) = (&*p.m, p.shared);
         hb.maybe_send(
             now,

@@ -19,8 +19,10 @@ use crate::net::ConnId;
 use super::confirm::Done;
 
 /// A read of a user's stream after a session opened here is repeated once
-/// after this, for messages appended before the peers heard it is online.
-pub const RECHECK: Duration = Duration::from_millis(500);
+/// after this (from any replica), for what the first read may have missed:
+/// a replica that was behind, an append that reached nobody and was not
+/// kept ([`super::unrouted`]). Late enough to be out of a storm of resumes.
+pub const RECHECK: Duration = Duration::from_secs(2);
 
 /// Stop reading publishers (and answer HTTP and connectors busy) while
 /// this many payload bytes wait on the log (§5.6: the node never buffers
@@ -91,6 +93,8 @@ pub struct Journal {
     pub refused: u64,
     /// Appends the log acknowledged.
     pub appended: u64,
+    /// Appends that reached no session, kept for a user coming online.
+    pub unrouted: super::unrouted::Unrouted,
 }
 
 impl Journal {
@@ -111,6 +115,7 @@ impl Journal {
             out: Vec::new(),
             refused: 0,
             appended: 0,
+            unrouted: super::unrouted::Unrouted::new(),
         }
     }
 

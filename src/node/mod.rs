@@ -75,6 +75,7 @@ pub(crate) mod service;
 pub(crate) mod session;
 #[doc(hidden)]
 pub mod shard;
+pub(crate) mod unrouted;
 
 pub use cluster::decision_endpoints;
 pub use config::{default_capacity, Config, SlowPolicy, TlsPorts, MAX_THREADS};

@@ -358,6 +358,10 @@ impl NodeLoop {
                     let (local, forwarded) = route.deliver_seq(&user, &key, &payload, seq);
                     if let Some(j) = b.journal {
                         ready.extend(j.appended(token, local, forwarded));
+                        if !local && !forwarded {
+                            // Its user may be coming online somewhere now.
+                            j.unrouted.put(&user, seq, key, payload, now);
+                        }
                     }
                 }
                 Answer::NotAppended { token, user, why } => {
@@ -391,7 +395,7 @@ impl NodeLoop {
                 }
                 Answer::Health(ok) => {
                     j.healthy = ok;
-                    self.duties.log_down = !ok;
+                    self.duties.log_health(ok, now);
                     if ok {
                         log::info!(
                             "herald node {}: the replicated log takes appends again",
@@ -427,10 +431,16 @@ impl NodeLoop {
             let start = msgs.first().map_or(head, |e| e.seq - 1);
             self.sessions.reg.insert_durable(user, epoch, start, now);
         }
+        let kept = j.unrouted.take(user);
         {
             let mut route = self.route(conns);
             for e in &msgs {
                 route.local_at(user, &e.key, &e.payload, e.seq, true);
+            }
+            // Appended here meanwhile, for a user not here yet: what the read
+            // has already is dropped, what is beyond it reads the gap.
+            for k in &kept {
+                route.local_at(user, &k.key, &k.payload, k.seq, false);
             }
         }
         if let Some(u) = self.sessions.reg.find(user) {
@@ -465,11 +475,36 @@ impl NodeLoop {
         }
     }
 
+    /// Durable mode: a peer says users are online there; forwards it what
+    /// this node appended for them that reached nobody (§13, *Resume*).
+    fn forward_unrouted(&mut self, conns: &mut Conns<Peer>, id: ConnId, p: &f::Presence<'_>) {
+        let Some(j) = self.journal.as_mut().filter(|j| !j.unrouted.is_empty()) else { return };
+        for e in p.entries.iter().filter(|e| e.op == PresenceOp::Online) {
+            for k in j.unrouted.take(e.user) {
+                let Some((c, mut dirty)) = conns.get_mut_dirty(id) else { return };
+                if c.is_closing() {
+                    return;
+                }
+                f::encode_forward_seq(&mut c.out.buf, e.user, &k.key, k.seq, &k.payload);
+                self.m.forwarded += 1;
+                dirty.mark(c, id);
+            }
+        }
+    }
+
     /// Durable mode, at the end of a turn: the reads the sessions and the
     /// rechecks want, then everything for the log thread.
     fn send_to_log(&mut self, now: Instant) {
         let Some(j) = self.journal.as_mut() else { return };
-        for user in j.due(now).into_iter().chain(self.sessions.gaps.drain(..)) {
+        j.unrouted.expire(now);
+        // A recheck may ask any replica (one that is behind is told apart
+        // when it can be, §13): it comes seconds after the read it checks.
+        for user in j.due(now) {
+            if let Some(u) = self.sessions.reg.find(&user).and_then(|u| self.sessions.reg.user(u)) {
+                j.read(&user, Some(u.head), true);
+            }
+        }
+        for user in self.sessions.gaps.drain(..) {
             if let Some(u) = self.sessions.reg.find(&user).and_then(|u| self.sessions.reg.user(u)) {
                 j.read(&user, Some(u.head), false);
             }
@@ -663,7 +698,12 @@ impl Service for NodeLoop {
             Frame::Forward(fw) if fw.flags & f::FORWARD_SEQ != 0 && self.journal.is_some() => {
                 // Durable mode: appended by the log at fw.seq (§13).
                 self.m.msgs_in += 1;
-                self.route(conns).local_at(fw.user, fw.key, fw.payload, fw.seq, false);
+                if !self.route(conns).local_at(fw.user, fw.key, fw.payload, fw.seq, false) {
+                    // The user has just left: it may come online elsewhere.
+                    if let Some(j) = &mut self.journal {
+                        j.unrouted.put(fw.user, fw.seq, fw.key.into(), fw.payload.to_vec(), now);
+                    }
+                }
                 Flow::Continue
             }
             Frame::Forward(fw) if fw.id.is_empty() => {
@@ -730,7 +770,11 @@ impl Service for NodeLoop {
                     now,
                 )
             }
-            Frame::Presence(p) => self.mesh.presence_frame(conns, id, &p, now),
+            Frame::Presence(p) => {
+                let flow = self.mesh.presence_frame(conns, id, &p, now);
+                self.forward_unrouted(conns, id, &p);
+                flow
+            }
             other => {
                 let msg = format!("frame type 0x{:02x} is not allowed now", other.frame_type());
                 conns.fail(id, Code::UnexpectedFrame, &msg, now);

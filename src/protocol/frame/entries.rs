@@ -44,6 +44,10 @@ pub struct AssignEntry<'a> {
 
 /// Node flag: the node is draining and takes no new clients.
 pub const NODE_DRAINING: u8 = 0x01;
+/// Node flag in NODES: an admin drained the node (set with
+/// [`NODE_DRAINING`]). A node follows an admin drain of itself by this bit
+/// alone: [`NODE_DRAINING`] may only echo its own heartbeats.
+pub const NODE_DRAINED: u8 = 0x02;
 
 /// One node in NODES.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +60,7 @@ pub struct NodeEntry<'a> {
     pub client_endpoint: &'a [u8],
     /// `host:port` for publishers and peers.
     pub ingest_endpoint: &'a [u8],
-    /// [`NODE_DRAINING`].
+    /// [`NODE_DRAINING`], [`NODE_DRAINED`].
     pub flags: u8,
 }
 

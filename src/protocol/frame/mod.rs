@@ -36,7 +36,7 @@ pub use encode::{
 };
 pub use entries::{
     encode_entries, AssignEntry, BatchEntry, Entry, KeyEntry, List, ListIter, NodeEntry, PresenceEntry,
-    StatusEntry, NODE_DRAINING,
+    StatusEntry, NODE_DRAINED, NODE_DRAINING,
 };
 pub use types::{
     negotiate, Admin, AdminResult, AdminStatus, AssignRequest, Assignment, Conflated, Deliver, ErrorFrame,
