@@ -30,7 +30,7 @@ const MAX_PINGS_PER_TICK: usize = 100;
 const FINISH_POLL: Duration = Duration::from_millis(5);
 /// Durable mode: a node whose log has been down this long moves its clients
 /// to a node that is up (protocol.md §13).
-pub const LOG_MOVE_AFTER: Duration = Duration::from_secs(2);
+const LOG_MOVE_AFTER: Duration = Duration::from_secs(2);
 
 /// The parts of a loop the duties act on, borrowed for one tick.
 pub struct Parts<'a> {

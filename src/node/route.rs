@@ -139,21 +139,27 @@ impl Route<'_> {
         self.m.msgs_in += 1;
         let mut forwarded = false;
         for &peer in self.presence.peers_of(user) {
-            let peer = ConnId(peer);
-            let Some((c, mut dirty)) = self.conns.get_mut_dirty(peer) else { continue };
-            if c.is_closing() {
-                continue;
-            }
-            f::encode_forward_seq(&mut c.out.buf, user, key, seq, payload);
-            self.m.forwarded += 1;
-            forwarded = true;
-            dirty.mark(c, peer);
+            forwarded |= self.forward_seq(ConnId(peer), user, key, payload, seq);
         }
         let local = self.local_at(user, key, payload, seq, false);
         if !local && !forwarded {
             self.m.no_route += 1;
         }
         (local, forwarded)
+    }
+
+    /// Durable mode: one FORWARD with SEQ to `peer`; false if its link is
+    /// gone or closing.
+    #[inline]
+    pub fn forward_seq(&mut self, peer: ConnId, user: &[u8], key: &[u8], payload: &[u8], seq: u64) -> bool {
+        let Some((c, mut dirty)) = self.conns.get_mut_dirty(peer) else { return false };
+        if c.is_closing() {
+            return false;
+        }
+        f::encode_forward_seq(&mut c.out.buf, user, key, seq, payload);
+        self.m.forwarded += 1;
+        dirty.mark(c, peer);
+        true
     }
 
     /// Durable mode: delivers to this loop's sessions of `user` at `seq`

@@ -478,16 +478,14 @@ impl NodeLoop {
     /// Durable mode: a peer says users are online there; forwards it what
     /// this node appended for them that reached nobody (§13, *Resume*).
     fn forward_unrouted(&mut self, conns: &mut Conns<Peer>, id: ConnId, p: &f::Presence<'_>) {
-        let Some(j) = self.journal.as_mut().filter(|j| !j.unrouted.is_empty()) else { return };
+        if conns.get(id).is_none_or(|c| c.is_closing()) {
+            return; // kept for another peer, or for the recheck
+        }
+        let (mut route, b) = self.split(conns);
+        let Some(j) = b.journal.filter(|j| !j.unrouted.is_empty()) else { return };
         for e in p.entries.iter().filter(|e| e.op == PresenceOp::Online) {
             for k in j.unrouted.take(e.user) {
-                let Some((c, mut dirty)) = conns.get_mut_dirty(id) else { return };
-                if c.is_closing() {
-                    return;
-                }
-                f::encode_forward_seq(&mut c.out.buf, e.user, &k.key, k.seq, &k.payload);
-                self.m.forwarded += 1;
-                dirty.mark(c, id);
+                route.forward_seq(id, e.user, &k.key, &k.payload, k.seq);
             }
         }
     }
@@ -772,7 +770,9 @@ impl Service for NodeLoop {
             }
             Frame::Presence(p) => {
                 let flow = self.mesh.presence_frame(conns, id, &p, now);
-                self.forward_unrouted(conns, id, &p);
+                if matches!(flow, Flow::Continue) {
+                    self.forward_unrouted(conns, id, &p);
+                }
                 flow
             }
             other => {
